@@ -1,0 +1,92 @@
+"""`python -m launch [train|prepare] ...`; bare `python -m launch [flags]` trains
+configs/default.toml.  Errors are one line on stderr: exit 2 for bad input,
+1 for a failed run, 130 for Ctrl-C."""
+import argparse
+import sys
+
+from launch.config import SETTINGS, ConfigError, default_config_path, resolve
+
+COMMANDS = ("train", "prepare")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(f"{message} (see `python -m launch {self.prog.split()[-1]} --help`)")
+
+
+def train_parser():
+    p = Parser(prog="launch train", description="Train or fine-tune a GPT-2 on CPU workers.",
+               argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="TOML file of settings (keys as below, with underscores)")
+    for name, (kind, default, help_text) in SETTINGS.items():
+        flag = "--" + name.replace("_", "-")
+        shown = f"{help_text} [default: {default}]" if default is not None else help_text
+        if kind is bool:
+            p.add_argument(flag, dest=name, action="store_true", help=help_text)
+        else:
+            p.add_argument(flag, dest=name, type=kind, metavar=kind.__name__.upper(), help=shown)
+    return p
+
+
+def prepare_parser():
+    p = Parser(prog="launch prepare", description="Tokenize a corpus into llm.c token files "
+               "(train.bin, val.bin: the last 10%% of tokens).")
+    p.add_argument("corpus", nargs="?", choices=["shakespeare"], help="a named corpus")
+    p.add_argument("--text", help="a UTF-8 text file to tokenize instead")
+    p.add_argument("--out", help="output directory (default: the coregpt cache, or TEXT's name)")
+    return p
+
+
+def cmd_train(argv):
+    args = vars(train_parser().parse_args(argv))
+    config = args.pop("config", None)
+    settings = resolve(config, args)
+    from trainer.train import train
+    train(settings, given=set(args))
+    return 0
+
+
+def cmd_prepare(argv):
+    import os
+    from trainer.corpus import prepare_shakespeare, prepare_text
+    args = prepare_parser().parse_args(argv)
+    if bool(args.corpus) == bool(args.text):
+        raise ConfigError("prepare takes either 'shakespeare' or --text FILE")
+    if args.corpus:
+        print(prepare_shakespeare(args.out))
+        return 0
+    out = args.out or os.path.splitext(os.path.basename(args.text))[0] + "_tokens"
+    train, val = prepare_text(args.text, out)
+    print(f"{out}: {train} train tokens, {val} val tokens")
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["train", "--config", default_config_path()] + argv
+    if argv[0] in ("-h", "--help"):
+        print(f"usage: python -m launch [{'|'.join(COMMANDS)}] [flags]\n"
+              f"  bare `python -m launch [flags]` trains configs/default.toml\n"
+              f"  `python -m launch COMMAND --help` lists a command's flags")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        return fail(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}", 2)
+    from trainer.data import DataError
+    from trainer.train import RunError
+    from trainer.weights import WeightsError
+    from workers.pool import WorkerError
+    try:
+        return {"train": cmd_train, "prepare": cmd_prepare}[command](rest)
+    except (ConfigError, DataError, WeightsError) as e:
+        return fail(str(e), 2)
+    except (WorkerError, RunError) as e:
+        return fail(str(e), 1)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+
+
+def fail(message, code):
+    print(f"coregpt: error: {message}", file=sys.stderr)
+    return code

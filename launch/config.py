@@ -1,0 +1,138 @@
+"""Training settings: one table of keys, read from a TOML config and then from
+flags (flags win).  Every flag `--batch-size` is also the TOML key `batch_size`."""
+import os
+import tomllib
+from importlib import resources
+from types import SimpleNamespace
+
+LR_SCHEDULES = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """A bad setting or config file; the message says what to change."""
+
+
+# key: (type, default, help).  None as default means "derived" (see resolve).
+SETTINGS = {
+    "model": (str, "small", "preset when training from scratch: small, gpt2, gpt2-medium, gpt2-large, gpt2-xl"),
+    "n_layer": (int, None, "override the preset's layers"),
+    "n_head": (int, None, "override the preset's heads"),
+    "n_embd": (int, None, "override the preset's channels"),
+    "block_size": (int, None, "override the preset's context length"),
+    "init_from": (str, None, "start from weights: HF GPT-2 dir or .safetensors, llm.c .bin, "
+                             "coregpt run or checkpoint, or gpt2[-medium|-large|-xl]"),
+    "data": (str, "shakespeare", "'shakespeare', a prepared directory (train.bin, val.bin) or a token file"),
+    "val_data": (str, None, "validation token file (default: val.bin beside the training data)"),
+    "batch_size": (int, 8, "global batch in rows, split evenly across workers"),
+    "seq_len": (int, 64, "tokens per row (T)"),
+    "steps": (int, 100, "optimizer steps"),
+    "lr": (float, 6e-4, "peak learning rate"),
+    "lr_schedule": (str, "cosine", "cosine (to --min-lr) or constant, both after --warmup"),
+    "warmup": (int, 0, "linear warmup steps"),
+    "min_lr": (float, None, "final LR of the cosine schedule (default lr/10)"),
+    "weight_decay": (float, 0.1, "AdamW decoupled weight decay on 2-D tensors"),
+    "grad_clip": (float, 1.0, "clip the global gradient L2 norm (0 disables)"),
+    "beta1": (float, 0.9, "AdamW beta1"),
+    "beta2": (float, 0.95, "AdamW beta2"),
+    "eps": (float, 1e-8, "AdamW epsilon"),
+    "workers": (int, 1, "worker processes"),
+    "threads_per_worker": (int, None, "BLAS threads per worker (default: cores / workers)"),
+    "oversubscribe": (bool, False, "allow workers × threads above the available cores"),
+    "out_dir": (str, None, "run directory (default runs/<UTC timestamp>)"),
+    "eval_every": (int, 100, "validation loss every N steps and at the end (0 disables)"),
+    "eval_steps": (int, 10, "batches per validation"),
+    "sample_every": (int, 0, "print a sample every N steps (0 disables)"),
+    "ckpt_every": (int, 0, "checkpoint every N steps (0: only at the end)"),
+    "no_checkpoint": (bool, False, "write no checkpoint"),
+    "resume": (bool, False, "continue the run in --out-dir from its latest checkpoint"),
+    "seed": (int, 1337, "seed for initialisation and sampling"),
+}
+
+
+def default_config_path():
+    return str(resources.files("configs") / "default.toml")
+
+
+def read_toml(path):
+    """-> {key: value} with keys checked and types coerced."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config {path} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        table = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        message = str(e)
+        line = _line_of(message, raw)
+        raise ConfigError(f"config {path} is not valid TOML: {message}{line}") from None
+    values = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in SETTINGS:
+            raise ConfigError(f"config {path}: unknown key '{key}'")
+        values[name] = coerce(name, value, f"config {path}: key '{key}'")
+    return values
+
+
+def _line_of(message, raw):
+    import re
+    match = re.search(r"line (\d+)", message)
+    if not match:
+        return ""
+    lines = raw.decode("utf-8", "replace").splitlines()
+    n = int(match.group(1))
+    return f": {lines[n - 1].strip()!r}" if 0 < n <= len(lines) else ""
+
+
+def coerce(name, value, where):
+    kind = SETTINGS[name][0]
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where} must be {kind.__name__}, got {value!r}")
+
+
+def resolve(config_path, flags):
+    """Defaults < TOML config < flags -> a checked SimpleNamespace."""
+    values = {name: spec[1] for name, spec in SETTINGS.items()}
+    if config_path:
+        values.update(read_toml(config_path))
+    values.update(flags)
+    s = SimpleNamespace(**values)
+    check(s)
+    return s
+
+
+def check(s):
+    def need(ok, message):
+        if not ok:
+            raise ConfigError(message)
+    need(s.workers >= 1, f"--workers must be at least 1, got {s.workers}")
+    need(s.batch_size >= 1, f"--batch-size must be at least 1, got {s.batch_size}")
+    need(s.batch_size % s.workers == 0,
+         f"--batch-size {s.batch_size} is not divisible by --workers {s.workers}")
+    need(s.seq_len >= 1, f"--seq-len must be at least 1, got {s.seq_len}")
+    need(s.steps >= 0, f"--steps must not be negative, got {s.steps}")
+    need(s.lr >= 0, f"--lr must not be negative, got {s.lr}")
+    need(s.min_lr is None or s.min_lr >= 0, f"--min-lr must not be negative, got {s.min_lr}")
+    need(s.lr_schedule in LR_SCHEDULES,
+         f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {s.lr_schedule!r}")
+    for name in ("warmup", "eval_every", "eval_steps", "sample_every", "ckpt_every"):
+        need(getattr(s, name) >= 0, f"--{name.replace('_', '-')} must not be negative")
+    need(s.weight_decay >= 0 and s.grad_clip >= 0, "--weight-decay and --grad-clip must not be negative")
+    need(0 <= s.beta1 < 1 and 0 <= s.beta2 < 1 and s.eps > 0, "AdamW needs 0 <= beta < 1 and eps > 0")
+    cores = len(os.sched_getaffinity(0))
+    if s.threads_per_worker is None:
+        s.threads_per_worker = max(1, cores // s.workers)
+    need(s.threads_per_worker >= 1, f"--threads-per-worker must be at least 1, got {s.threads_per_worker}")
+    need(s.oversubscribe or s.workers * s.threads_per_worker <= cores,
+         f"--workers {s.workers} × --threads-per-worker {s.threads_per_worker} exceeds the "
+         f"{cores} available cores; lower them or pass --oversubscribe")
+    if s.min_lr is None:
+        s.min_lr = s.lr / 10
+    need(not (s.resume and s.out_dir is None), "--resume needs --out-dir naming the run to continue")

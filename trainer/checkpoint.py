@@ -1,0 +1,84 @@
+"""Run checkpoints: RUN/checkpoints/step_NNNNNN/ with model.safetensors (HF GPT-2
+names), config.json, optimizer.safetensors and state.json.
+
+A checkpoint is written under a temporary name, every file fsynced, then
+renamed into place; `checkpoints/latest` is replaced last.  A crash at any
+point leaves the previous latest checkpoint whole.
+"""
+import json
+import os
+import shutil
+
+from trainer.weights import WeightsError, read_safetensors, save_model
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir, step, cfg, params, m, v, state):
+    """params, m, v: {hf_name: array}; state: JSON-able run state -> checkpoint path."""
+    from safetensors.numpy import save_file
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step_{step:06d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_model(tmp, cfg, params)
+        optimizer = {f"m.{k}": a for k, a in m.items()} | {f"v.{k}": a for k, a in v.items()}
+        save_file(optimizer, os.path.join(tmp, "optimizer.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(dict(state, step=step), f, indent=2)
+        for file in os.listdir(tmp):
+            with open(os.path.join(tmp, file), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if os.path.exists(final):  # rewriting a step after a resume: swap it out whole
+            old = os.path.join(root, f".old-{name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(root)
+        write_atomic(os.path.join(root, "latest"), name + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir):
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        path = os.path.join(run_dir, "checkpoints", f.read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def load_optimizer(ckpt_dir):
+    """-> ({name: m}, {name: v}, state dict)"""
+    tensors = read_safetensors(os.path.join(ckpt_dir, "optimizer.safetensors"))
+    m = {k[2:]: a for k, a in tensors.items() if k.startswith("m.")}
+    v = {k[2:]: a for k, a in tensors.items() if k.startswith("v.")}
+    try:
+        with open(os.path.join(ckpt_dir, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{ckpt_dir}: unreadable state.json ({e})") from None
+    return m, v, state

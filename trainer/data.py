@@ -1,0 +1,88 @@
+"""llm.c token files and the batch order.
+
+A token file is 256 int32 header words (magic 20240520, version 1, token
+count) followed by the tokens as uint16.  Step s reads the B·T+1 tokens that
+start at window s·B·T, wrapping to the start of the file when the next window
+would run past its end.
+"""
+import os
+
+import numpy as np
+
+MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
+
+
+class DataError(ValueError):
+    """A token file or corpus that cannot be used; the message says why."""
+
+
+def write_tokens(path, tokens):
+    """Atomically write an llm.c token file (temp name, fsync, rename)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16):
+        raise DataError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(np.uint16).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def open_tokens(path):
+    """Memory-map a token file after checking its header -> uint16 array."""
+    if not os.path.isfile(path):
+        raise DataError(f"token file {path} does not exist (run `python -m launch prepare` first)")
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise DataError(f"{path} is not an llm.c token file: {size} bytes is shorter than the header")
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    if header[0] != MAGIC:
+        raise DataError(f"{path} is not an llm.c token file: magic {header[0]}, expected {MAGIC}")
+    if header[1] != VERSION:
+        raise DataError(f"{path}: unsupported token file version {header[1]}, expected {VERSION}")
+    count = int(header[2])
+    if count <= 0:
+        raise DataError(f"{path} holds no tokens")
+    if HEADER_BYTES + 2 * count > size:
+        raise DataError(f"{path} is truncated: header says {count} tokens, "
+                        f"file holds {(size - HEADER_BYTES) // 2}")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def check_tokens(tokens, path, batch_tokens, vocab_size):
+    """Reject files too short for one batch or holding ids outside the vocabulary."""
+    if tokens.size < batch_tokens + 1:
+        raise DataError(f"{path} holds {tokens.size} tokens, fewer than one batch needs "
+                        f"({batch_tokens + 1}); use a smaller --batch-size or --seq-len")
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise DataError(f"{path} holds token id {top}, outside the model's vocabulary of {vocab_size}")
+
+
+def window_start(window, n_tokens, batch_tokens):
+    """First token of batch window `window` (0-based) in a file of n_tokens."""
+    windows_per_pass = (n_tokens - 1) // batch_tokens
+    return (window % windows_per_pass) * batch_tokens
+
+
+def resolve_data(spec, prepare_shakespeare):
+    """--data: 'shakespeare', a prepared directory, or a token file -> (train, val or None)."""
+    if spec == "shakespeare":
+        directory = prepare_shakespeare()
+        return os.path.join(directory, "train.bin"), os.path.join(directory, "val.bin")
+    if os.path.isdir(spec):
+        train, val = os.path.join(spec, "train.bin"), os.path.join(spec, "val.bin")
+        if not os.path.isfile(train):
+            raise DataError(f"data directory {spec} has no train.bin (run `python -m launch prepare`)")
+        return train, val if os.path.isfile(val) else None
+    if not os.path.exists(spec):
+        raise DataError(f"data {spec} does not exist: pass 'shakespeare', a prepared directory or a token file")
+    return spec, None

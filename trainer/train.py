@@ -1,0 +1,186 @@
+"""The coordinator's training loop.  It decides, the workers compute:
+
+    for each step:  STEP (forward+backward of each worker's rows)
+                    REDUCE (each worker sums its shard of all gradients)
+                    UPDATE (each worker applies AdamW to its shard)
+"""
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from trainer.checkpoint import latest_checkpoint, load_optimizer, save_checkpoint
+from trainer.corpus import prepare_shakespeare
+from trainer.data import DataError, check_tokens, open_tokens, resolve_data
+from trainer.optim import clip_scale, lr_at
+from trainer.params import GPT2_VOCAB, init_gpt2
+from trainer.weights import WeightsError, check_tensors, load_weights, preset_config
+from workers.pool import WorkerPool
+
+RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every", "no_checkpoint",
+                "workers", "threads_per_worker", "oversubscribe")
+
+
+class RunError(RuntimeError):
+    """The run stopped for a reason the user must see (non-finite loss, ...)."""
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_out_dir(s):
+    if s.out_dir is None:
+        s.out_dir = os.path.join("runs", datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):
+        raise DataError(f"--out-dir {s.out_dir} is a file, not a directory")
+    if not s.resume and os.path.isdir(s.out_dir) and (
+            os.path.exists(os.path.join(s.out_dir, "metrics.jsonl"))
+            or os.path.exists(os.path.join(s.out_dir, "checkpoints"))):
+        raise DataError(f"--out-dir {s.out_dir} already holds a run; pass --resume to continue it "
+                        f"or choose another --out-dir")
+    os.makedirs(s.out_dir, exist_ok=True)
+
+
+def resume_settings(s, given):
+    """Settings of the run being resumed, with the flags this invocation gave
+    for what may change between sessions (steps, logging, workers)."""
+    ckpt = latest_checkpoint(s.out_dir) if os.path.isdir(s.out_dir) else None
+    if ckpt is None:
+        raise DataError(f"--resume: {s.out_dir} has no checkpoint to resume from")
+    _, _, state = load_optimizer(ckpt)
+    saved = dict(state["config"])
+    saved.update({k: v for k, v in vars(s).items() if k in given and k in RESUME_KEEPS})
+    saved.update(resume=True, out_dir=s.out_dir)
+    return saved, ckpt, state
+
+
+def build_model(s, ckpt):
+    """-> (GPTConfig, tensors or None).  None means: GPT-2 initialisation."""
+    if ckpt is not None:
+        cfg, tensors = load_weights(ckpt)
+    elif s.init_from:
+        cfg, tensors = load_weights(s.init_from)
+    else:
+        overrides = dict(n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
+        return preset_config(s.model, overrides, GPT2_VOCAB), None
+    check_tensors(cfg, tensors, ckpt or s.init_from)
+    return cfg, tensors
+
+
+def open_data(s, cfg):
+    train_path, val_path = resolve_data(s.data, prepare_shakespeare)
+    train = open_tokens(train_path)
+    check_tokens(train, train_path, s.batch_size * s.seq_len, cfg.vocab_size)
+    if s.val_data:
+        val_path = s.val_data
+    if val_path and s.eval_every:
+        try:
+            check_tokens(open_tokens(val_path), val_path, s.batch_size * s.seq_len, cfg.vocab_size)
+        except DataError as e:
+            if s.val_data:
+                raise
+            log(f"coregpt: evaluation disabled: {e}")
+            val_path = None
+    return os.path.abspath(train_path), os.path.abspath(val_path) if val_path else None
+
+
+class Metrics:
+    """metrics.jsonl, one JSON object a line; on resume rows past the checkpoint are dropped."""
+
+    def __init__(self, out_dir, keep_through_step):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        rows = []
+        if keep_through_step is not None and os.path.isfile(self.path):
+            with open(self.path) as f:
+                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_through_step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(self.path + ".tmp", self.path)
+        self.file = open(self.path, "a")
+
+    def write(self, row):
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def train(s, given=()):
+    """Run training for settings `s`; `given` names the settings set by flags."""
+    ckpt, state = None, None
+    if s.resume:
+        saved, ckpt, state = resume_settings(s, given)
+        vars(s).update(saved)
+    cfg, tensors = build_model(s, ckpt)
+    if s.seq_len > cfg.block_size:
+        raise DataError(f"--seq-len {s.seq_len} is above the model's context of {cfg.block_size}")
+    train_path, val_path = open_data(s, cfg)
+    prepare_out_dir(s)
+    start = state["step"] if state else 0
+    metrics = Metrics(s.out_dir, start)
+    rows = s.batch_size // s.workers
+    log(f"coregpt: {cfg.n_layer} layers, {cfg.n_embd} channels, {cfg.n_head} heads; "
+        f"batch {s.batch_size}x{s.seq_len} on {s.workers} worker(s) x {s.threads_per_worker} thread(s); "
+        f"run dir {s.out_dir}")
+    pool = WorkerPool(cfg, s.workers, s.threads_per_worker, rows=rows, seq_len=s.seq_len,
+                      batch_rows=s.batch_size, train=train_path, val=val_path,
+                      optim=dict(beta1=s.beta1, beta2=s.beta2, eps=s.eps, weight_decay=s.weight_decay))
+    try:
+        params, m, v = (pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))
+        if tensors is None:
+            init_gpt2(cfg, params, s.seed)
+        else:
+            for name, view in params.items():
+                view[...] = tensors[name]
+        if ckpt is not None:
+            saved_m, saved_v, _ = load_optimizer(ckpt)
+            for name in params:
+                m[name][...], v[name][...] = saved_m[name], saved_v[name]
+        del tensors
+        run_steps(s, cfg, pool, metrics, start, val_path, (params, m, v))
+    finally:
+        metrics.close()
+        pool.close()
+    return s.out_dir
+
+
+def run_steps(s, cfg, pool, metrics, start, val_path, arrays):
+    batch_tokens = s.batch_size * s.seq_len
+    step = start
+    for step in range(start + 1, s.steps + 1):
+        t0 = time.perf_counter()
+        loss = sum(r["loss"] for r in pool.request({"op": "step", "window": step - 1})) / batch_tokens
+        grad_norm = math.sqrt(sum(r["sumsq"] for r in pool.request({"op": "reduce"})))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise RunError(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; "
+                           f"the step was not applied (lower --lr?)")
+        lr = lr_at(step, s.lr, s.lr_schedule, s.warmup, s.steps, s.min_lr)
+        pool.request({"op": "update", "lr": lr, "scale": clip_scale(grad_norm, s.grad_clip), "t": step})
+        dt = time.perf_counter() - t0
+        metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "step_ms": round(dt * 1000, 3), "tokens_per_s": round(batch_tokens / dt, 1)})
+        log(f"step {step:>6}/{s.steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} "
+            f"| {dt * 1000:.0f} ms | {batch_tokens / dt:,.0f} tok/s")
+        if val_path and s.eval_every and (step % s.eval_every == 0 or step == s.steps):
+            val = sum(r["loss"] for r in pool.request({"op": "eval", "windows": s.eval_steps}))
+            val /= s.eval_steps * batch_tokens
+            metrics.write({"step": step, "val_loss": val})
+            log(f"step {step:>6}/{s.steps} | val loss {val:.4f}")
+        if s.ckpt_every and step % s.ckpt_every == 0 and step != s.steps and not s.no_checkpoint:
+            checkpoint(s, cfg, step, arrays)
+    if not s.no_checkpoint and step > start:
+        path = checkpoint(s, cfg, step, arrays)
+        log(f"coregpt: checkpoint {path}")
+
+
+def checkpoint(s, cfg, step, arrays):
+    params, m, v = arrays
+    config = {k: v for k, v in vars(s).items() if k not in ("resume", "config")}
+    state = {"data_window": step, "config": config}
+    return save_checkpoint(s.out_dir, step, cfg, params, m, v, state)

@@ -1,0 +1,133 @@
+"""The coordinator's side of the workers: shared arenas, worker processes, and
+request/reply rounds over pyzmq (ROUTER here, one DEALER per worker, ipc://
+inside a private 0700 directory)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import zmq
+
+from trainer.params import param_layout
+from workers.shm import SharedArena
+
+POLL_MS = 200
+START_TIMEOUT_S = 120
+
+
+class WorkerError(RuntimeError):
+    """A worker died or failed; the message says which and how."""
+
+
+def core_groups(n_workers, threads):
+    """Worker r gets `threads` cores of this process's affinity set, in order."""
+    cores = sorted(os.sched_getaffinity(0))
+    return [[cores[(r * threads + i) % len(cores)] for i in range(threads)] for r in range(n_workers)]
+
+
+class WorkerPool:
+    def __init__(self, cfg, n_workers, threads, *, rows, seq_len, batch_rows, train, val, optim):
+        self.n = n_workers
+        self.layout = param_layout(cfg)
+        self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
+        try:
+            for _ in range(3 + n_workers):  # appended one by one so close() frees any made
+                self.arenas.append(SharedArena.create(self.layout.size))
+            self.params, self.m, self.v = self.arenas[:3]
+            self.grads = self.arenas[3:]
+            self.tmpdir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
+            endpoint = f"ipc://{self.tmpdir}/control"
+            self.ctx = zmq.Context()
+            self.router = self.ctx.socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.LINGER, 0)
+            self.router.bind(endpoint)
+            self._start(endpoint, threads)
+            self._gather(timeout=START_TIMEOUT_S)  # hello
+            groups = core_groups(n_workers, threads)
+            self.request([{
+                "op": "init", "rank": r, "n_workers": n_workers, "config": cfg.__dict__,
+                "rows": rows, "seq_len": seq_len, "batch_rows": batch_rows,
+                "train": train, "val": val, "optim": optim, "threads": threads, "cores": groups[r],
+                "arenas": {"params": self.params.name, "m": self.m.name, "v": self.v.name,
+                           "grads": [g.name for g in self.grads]},
+            } for r in range(n_workers)], timeout=START_TIMEOUT_S)
+            for arena in self.arenas:  # every worker maps them now: drop the names
+                arena.unlink()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, endpoint, threads):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                   MKL_NUM_THREADS=str(threads),
+                   PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        for r in range(self.n):
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "workers", endpoint, str(r)],
+                                               env=env, stdin=subprocess.DEVNULL))
+
+    def request(self, msgs, timeout=None):
+        """Send one message to every worker (a dict, or a list by rank) -> replies by rank."""
+        for r in range(self.n):
+            msg = msgs[r] if isinstance(msgs, list) else msgs
+            self.router.send_multipart([str(r).encode(), json.dumps(msg).encode()])
+        return self._gather(timeout)
+
+    def _gather(self, timeout=None):
+        replies, pending = [None] * self.n, self.n
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            if self.router.poll(POLL_MS):
+                ident, data = self.router.recv_multipart()
+                rank, msg = int(ident), json.loads(data)
+                if msg.get("op") == "error":
+                    raise WorkerError(f"worker {rank} failed: {msg['error']}")
+                replies[rank] = msg
+                pending -= 1
+            else:
+                self.check_alive()
+                if deadline and time.monotonic() > deadline:
+                    raise WorkerError(f"workers did not answer within {timeout} s")
+        return replies
+
+    def check_alive(self):
+        for r, proc in enumerate(self.procs):
+            code = proc.poll()
+            if code is not None:
+                how = (f"was killed by {signal.Signals(-code).name}" if code < 0
+                       else f"exited with status {code}")
+                raise WorkerError(f"worker {r} (pid {proc.pid}) {how}")
+
+    def close(self):
+        """Stop the workers (kill any that do not stop), remove the socket
+        directory and any segment name still linked.  Safe to call twice."""
+        alive = [r for r, p in enumerate(self.procs) if p.poll() is None]
+        if self.router is not None:
+            for r in alive:
+                try:
+                    self.router.send_multipart([str(r).encode(), b'{"op": "stop"}'], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+        if self.router is not None:
+            self.router.close(linger=0)
+            self.ctx.term()
+            self.router = None
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+        for arena in self.arenas:
+            arena.unlink()
+            arena.close()
+        self.arenas = []

@@ -1,0 +1,57 @@
+"""Shared-memory float32 arenas (POSIX shm, names `coregpt-<random>`, mode 0600).
+
+The coordinator creates every segment, workers attach, and the coordinator
+unlinks the names as soon as all workers hold a mapping: from then on no
+/dev/shm entry exists that a crash could leak, and the memory is freed when
+the last process that maps it exits, however it exits.
+"""
+import secrets
+import sys
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+PREFIX = "coregpt-"
+
+
+class SharedArena:
+    def __init__(self, shm, n_floats):
+        self.shm = shm
+        self.name = shm.name
+        self.array = np.ndarray((n_floats,), dtype=np.float32, buffer=shm.buf)
+        self.linked = True
+
+    @classmethod
+    def create(cls, n_floats):
+        # SharedMemory creates with O_CREAT|O_EXCL and mode 0600
+        shm = shared_memory.SharedMemory(name=PREFIX + secrets.token_hex(12), create=True,
+                                         size=max(4, 4 * n_floats))
+        return cls(shm, n_floats)
+
+    @classmethod
+    def attach(cls, name, n_floats):
+        if sys.version_info >= (3, 13):
+            shm = shared_memory.SharedMemory(name=name, track=False)
+        else:
+            shm = shared_memory.SharedMemory(name=name)
+            # before 3.13 attaching registers the segment with this process's
+            # resource tracker, which would unlink it when this worker exits
+            resource_tracker.unregister(shm._name, "shared_memory")
+        arena = cls(shm, n_floats)
+        arena.linked = False  # the coordinator owns the name
+        return arena
+
+    def unlink(self):
+        if self.linked:
+            self.linked = False
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+
+    def close(self):
+        self.array = None
+        try:
+            self.shm.close()
+        except BufferError:
+            pass  # a view is still alive; the mapping goes with the process

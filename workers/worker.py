@@ -1,0 +1,142 @@
+"""One worker process: pinned to its cores, it runs forward/backward of its rows
+of each batch on the shared parameters, reduces its shard of the gradients,
+and applies AdamW to that shard.  Started by the coordinator as
+`python -m workers ENDPOINT RANK`; every instruction arrives over pyzmq.
+"""
+import os
+import signal
+import sys
+import traceback
+
+import numpy as np
+import zmq
+
+from trainer.data import open_tokens, window_start
+from trainer.model import GPT
+from trainer.optim import BLOCK, adamw_update
+from trainer.params import GPTConfig, decay_segments, param_layout, shard_bounds
+from workers.shm import SharedArena
+
+PARENT_POLL_MS = 500
+
+
+class Worker:
+    def __init__(self, init):
+        from threadpoolctl import threadpool_limits
+        self.rank, self.n_workers = init["rank"], init["n_workers"]
+        if init["cores"]:
+            os.sched_setaffinity(0, init["cores"])
+        self.blas_limits = threadpool_limits(limits=init["threads"])
+        cfg = GPTConfig(**init["config"])
+        layout = param_layout(cfg)
+        names = init["arenas"]
+        attach = lambda name: SharedArena.attach(name, layout.size)  # noqa: E731
+        self.params, self.m, self.v = attach(names["params"]), attach(names["m"]), attach(names["v"])
+        self.grads = [attach(name) for name in names["grads"]]
+        self.rows, self.T, self.batch_rows = init["rows"], init["seq_len"], init["batch_rows"]
+        self.model = GPT(cfg, self.rows, self.T, layout.views(self.params.array),
+                         layout.views(self.grads[self.rank].array))
+        self.train = open_tokens(init["train"])
+        self.val = open_tokens(init["val"]) if init["val"] else None
+        self.lo, self.hi = shard_bounds(layout.size, self.n_workers)[self.rank]
+        self.segments = [(max(s, self.lo), min(e, self.hi), decays)
+                         for s, e, decays in decay_segments(cfg, layout) if s < self.hi and e > self.lo]
+        self.optim = init["optim"]
+        self.tmp = np.empty(BLOCK, dtype=np.float32)
+
+    def load_rows(self, tokens, window):
+        batch_tokens = self.batch_rows * self.T
+        start = window_start(window, tokens.size, batch_tokens) + self.rank * self.rows * self.T
+        self.model.load_batch(tokens[start:start + self.rows * self.T + 1])
+
+    def step(self, window):
+        """Forward + backward of this worker's rows; gradients of the global mean loss."""
+        self.load_rows(self.train, window)
+        loss = self.model.forward()
+        self.model.backward(1.0 / (self.batch_rows * self.T))
+        return {"loss": loss}
+
+    def evaluate(self, windows):
+        loss = 0.0
+        for window in range(windows):
+            self.load_rows(self.val, window)
+            loss += self.model.forward()
+        return {"loss": loss}
+
+    def reduce(self):
+        """Sum shard `rank` of every worker's gradients into worker 0's arena, in
+        rank order so the result never depends on timing; -> Σ g² of the shard."""
+        total = self.grads[0].array
+        sumsq = 0.0
+        for s in range(self.lo, self.hi, BLOCK):
+            e = min(s + BLOCK, self.hi)
+            block = total[s:e]
+            for other in self.grads[1:]:
+                block += other.array[s:e]
+            sumsq += float(np.dot(block, block))
+        return {"sumsq": sumsq}
+
+    def update(self, lr, scale, t):
+        p, g, m, v = self.params.array, self.grads[0].array, self.m.array, self.v.array
+        o = self.optim
+        for s, e, decays in self.segments:
+            adamw_update(p[s:e], g[s:e], m[s:e], v[s:e], self.tmp, lr=lr, t=t,
+                         beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"],
+                         weight_decay=o["weight_decay"] if decays else 0.0, grad_scale=scale)
+        return {}
+
+    def handle(self, msg):
+        op = msg["op"]
+        if op == "step":
+            return self.step(msg["window"])
+        if op == "eval":
+            return self.evaluate(msg["windows"])
+        if op == "reduce":
+            return self.reduce()
+        if op == "update":
+            return self.update(msg["lr"], msg["scale"], msg["t"])
+        raise ValueError(f"unknown instruction {op!r}")
+
+
+def serve(sock, parent):
+    """Answer instructions until 'stop', or until the coordinator is gone."""
+    worker = None
+    while True:
+        if not sock.poll(PARENT_POLL_MS):
+            if os.getppid() != parent:
+                return 1  # the coordinator died: exit, our mappings go with us
+            continue
+        msg = sock.recv_json()
+        if msg["op"] == "stop":
+            sock.send_json({"op": "stopped"})
+            return 0
+        try:
+            if msg["op"] == "init":
+                worker = Worker(msg)
+                reply = {}
+            else:
+                reply = worker.handle(msg)
+        except Exception as e:  # report to the coordinator, which explains and stops the run
+            detail = traceback.format_exc(limit=-1).strip().splitlines()[-1]
+            sock.send_json({"op": "error", "error": f"{type(e).__name__}: {e}", "detail": detail})
+            return 1
+        reply["op"] = "done"
+        sock.send_json(reply)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    endpoint, rank = argv[0], int(argv[1])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    parent = os.getppid()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.IDENTITY, str(rank).encode())
+    sock.connect(endpoint)
+    sock.send_json({"op": "hello"})
+    try:
+        return serve(sock, parent)
+    finally:
+        sock.close()
+        ctx.term()
