@@ -1,0 +1,77 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+# the tiny parity model of the core issue
+TINY = dict(n_layer=2, n_embd=64, n_head=4, vocab=50257, n_ctx=64)
+
+
+def write_token_file(path, tokens):
+    """llm.c token file, written here independently of trainer.data."""
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = 20240520, 1, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+def write_hf_dir(directory, state, n_layer, n_head, n_embd, n_ctx, vocab):
+    """A Hugging Face GPT-2 directory: model.safetensors + config.json."""
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()},
+              os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({"model_type": "gpt2", "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,
+                   "n_positions": n_ctx, "vocab_size": vocab}, f)
+
+
+def launch(*args, cwd=None, env=None, timeout=600):
+    """Run `python -m launch ARGS` -> CompletedProcess (text)."""
+    full_env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "launch", *map(str, args)], cwd=cwd or REPO,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def coregpt_segments():
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("coregpt-"))
+
+
+def worker_processes():
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"-m" in argv and b"workers" in argv:
+            found.append(int(pid))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Every test must leave no coregpt segment in /dev/shm and no worker process."""
+    before = coregpt_segments()
+    yield
+    assert coregpt_segments() == before, "a test left coregpt- segments in /dev/shm"
+    assert worker_processes() == [], "a test left worker processes running"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """The Shakespeare corpus is prepared once per session in a private cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))

@@ -1,0 +1,69 @@
+"""Tokenizer offline, corpus preparation, token files and the batch order."""
+import os
+
+import numpy as np
+import pytest
+
+from conftest import launch, write_token_file
+from trainer.corpus import gpt2_encoding
+from trainer.data import DataError, open_tokens, window_start
+
+
+def test_gpt2_bpe_offline():
+    enc = gpt2_encoding()
+    assert enc.encode("Hello world") == [15496, 995]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert enc.n_vocab == 50257
+    text = "To be, or not to be: that is the question.\n"
+    assert enc.decode(enc.encode(text)) == text
+
+
+def test_prepare_shakespeare_offline(tmp_path):
+    done = launch("prepare", "shakespeare", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    directory = tmp_path / "coregpt" / "shakespeare"
+    assert done.stdout.strip() == str(directory)
+    train, val = open_tokens(directory / "train.bin"), open_tokens(directory / "val.bin")
+    total = train.size + val.size
+    assert 1_500_000 < total < 1_650_000  # DESIGN.md: ≈1.57M GPT-2 tokens
+    assert val.size == int(total * 0.1)
+    assert train[0] == 50256  # every play starts with <|endoftext|>
+    head = gpt2_encoding().decode(train[1:40].tolist())
+    assert "Shakespeare" in head
+    again = launch("prepare", "shakespeare", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert again.returncode == 0 and "downloading" not in again.stderr  # cached
+
+
+def test_prepare_text_split(tmp_path):
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time there was a tiny GPT. " * 50, encoding="utf-8")
+    done = launch("prepare", "--text", text, "--out", tmp_path / "story")
+    assert done.returncode == 0, done.stderr
+    train, val = open_tokens(tmp_path / "story" / "train.bin"), open_tokens(tmp_path / "story" / "val.bin")
+    expected = [50256] + gpt2_encoding().encode("Once upon a time there was a tiny GPT. " * 50)
+    assert list(train) + list(val) == expected
+    assert val.size == int(len(expected) * 0.1)
+
+
+def test_token_file_checks(tmp_path):
+    good = tmp_path / "good.bin"
+    write_token_file(good, np.arange(100))
+    assert list(open_tokens(good)[:3]) == [0, 1, 2]
+    bad_magic = tmp_path / "magic.bin"
+    bad_magic.write_bytes(b"\0" * 2048)
+    with pytest.raises(DataError, match="magic"):
+        open_tokens(bad_magic)
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(good.read_bytes()[:-10])
+    with pytest.raises(DataError, match="truncated"):
+        open_tokens(truncated)
+    with pytest.raises(DataError, match="does not exist"):
+        open_tokens(tmp_path / "missing.bin")
+
+
+def test_window_order_wraps_before_running_past_the_end():
+    n, bt = 5 * 12 + 7, 12
+    starts = [window_start(s, n, bt) for s in range(8)]
+    assert starts == [0, 12, 24, 36, 48, 0, 12, 24]
+    # a window whose B·T+1 tokens end exactly at the file's end is still used
+    assert [window_start(s, 3 * bt + 1, bt) for s in range(4)] == [0, 12, 24, 0]

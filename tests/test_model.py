@@ -1,0 +1,80 @@
+"""Gradients of every parameter against PyTorch autograd, and GPT-2 initialisation."""
+import numpy as np
+import pytest
+import torch
+
+from torch_gpt2 import TorchGPT2, random_state
+from trainer.model import GPT
+from trainer.params import PRESETS, GPTConfig, init_gpt2, param_layout
+
+
+def compare_gradients(n_layer, n_head, n_embd, n_ctx, B, T, seed=0):
+    """-> (loss ours, loss torch, {name: max|Δg| / max|g_torch|})"""
+    cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=n_ctx)
+    state = random_state(n_layer, n_embd, cfg.vocab_size, n_ctx, seed)
+    layout = param_layout(cfg)
+    _, params = layout.allocate()
+    _, grads = layout.allocate()
+    for name, value in state.items():
+        params[name][...] = value.numpy()
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, B * T + 1)
+    model = GPT(cfg, B, T, params, grads)
+    model.load_batch(tokens)
+    loss = model.forward() / (B * T)
+    model.backward(1.0 / (B * T))
+    reference = TorchGPT2(state, n_layer, n_head)
+    t = torch.from_numpy(tokens)
+    torch_loss = reference(t[:-1].view(B, T), t[1:].view(B, T))
+    torch_loss.backward()
+    rel = {name: float(np.abs(grads[name] - g).max() / np.abs(g).max())
+           for name, g in reference.grads().items()}
+    return loss, torch_loss.item(), rel
+
+
+def test_tiny_gradients_match_pytorch():
+    loss, torch_loss, rel = compare_gradients(2, 4, 64, 64, B=4, T=32)
+    assert abs(loss - torch_loss) < 1e-5
+    assert len(rel) == 2 + 12 * 2 + 2
+    worst = max(rel, key=rel.get)
+    assert rel[worst] <= 1e-5, (worst, rel[worst])
+
+
+@pytest.mark.slow
+def test_gpt2_124m_gradients_match_pytorch():
+    p = PRESETS["gpt2"]
+    loss, torch_loss, rel = compare_gradients(p["n_layer"], p["n_head"], p["n_embd"],
+                                              p["block_size"], B=2, T=64)
+    assert abs(loss - torch_loss) < 1e-4
+    worst = max(rel, key=rel.get)
+    assert rel[worst] <= 1e-3, (worst, rel[worst])
+
+
+def test_forward_is_causal():
+    """Changing a later token never changes the loss terms of earlier positions."""
+    cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
+    _, params = param_layout(cfg).allocate()
+    init_gpt2(cfg, params, seed=1)
+    model = GPT(cfg, 1, 16, params)
+    tokens = np.arange(17) * 101
+    model.load_batch(tokens)
+    model.forward()
+    first = model.a["logits"][:8].copy()
+    tokens[12] = 7
+    model.load_batch(tokens)
+    model.forward()
+    np.testing.assert_array_equal(model.a["logits"][:8], first)
+
+
+def test_gpt2_init_statistics_and_seed():
+    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)
+    _, a = param_layout(cfg).allocate()
+    _, b = param_layout(cfg).allocate()
+    init_gpt2(cfg, a, seed=3)
+    init_gpt2(cfg, b, seed=3)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert abs(a["wte.weight"].std() - 0.02) < 1e-3
+    assert abs(a["h.0.mlp.c_proj.weight"].std() - 0.02 / np.sqrt(2 * 4)) < 1e-3
+    assert np.all(a["h.1.ln_2.weight"] == 1) and np.all(a["h.1.attn.c_attn.bias"] == 0)
+    init_gpt2(cfg, b, seed=4)
+    assert not np.array_equal(a["wte.weight"], b["wte.weight"])
