@@ -1,4 +1,4 @@
-"""`python -m launch [train|prepare] ...`; bare `python -m launch [flags]` trains
+"""`python -m launch [train|prepare|sample|export|plot] ...`; bare `python -m launch [flags]` trains
 configs/default.toml.  Errors are one line on stderr: exit 2 for bad input,
 1 for a failed run, 130 for Ctrl-C."""
 import argparse
@@ -6,7 +6,7 @@ import sys
 
 from launch.config import SETTINGS, ConfigError, default_config_path, resolve
 
-COMMANDS = ("train", "prepare")
+COMMANDS = ("train", "prepare", "sample", "export", "plot")
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,6 +61,58 @@ def cmd_prepare(argv):
     return 0
 
 
+def load_checked(source):
+    from trainer.weights import check_tensors, load_weights
+    cfg, tensors = load_weights(source)
+    check_tensors(cfg, tensors, source)
+    return cfg, tensors
+
+
+def cmd_sample(argv):
+    p = Parser(prog="launch sample", description="Generate text from a model (KV-cached).")
+    p.add_argument("--checkpoint", required=True, help="anything --init-from takes")
+    p.add_argument("--prompt", default="", help="text to continue (default: <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=40, help="0 keeps the whole vocabulary")
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
+        raise ConfigError("--max-new-tokens, --temperature and --top-k must not be negative")
+    from trainer.sample import sample_text
+    cfg, tensors = load_checked(args.checkpoint)
+    text = sample_text(cfg, tensors, args.prompt, args.max_new_tokens, args.temperature,
+                       args.top_k, args.seed)
+    print(args.prompt + text)
+    return 0
+
+
+def cmd_export(argv):
+    p = Parser(prog="launch export", description="Export weights for transformers or llm.c.")
+    p.add_argument("--checkpoint", required=True, help="a run, a checkpoint, or anything --init-from takes")
+    p.add_argument("--format", required=True, help="hf (a GPT2LMHeadModel directory) or llmc (a v3 fp32 .bin)")
+    p.add_argument("--out", required=True, help="output directory (hf) or file (llmc); must not exist")
+    args = p.parse_args(argv)
+    from trainer.export import FORMATS, export
+    if args.format not in FORMATS:
+        raise ConfigError(f"unknown --format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    cfg, tensors = load_checked(args.checkpoint)
+    print(export(cfg, tensors, args.format, args.out))
+    return 0
+
+
+def cmd_plot(argv):
+    import os
+    p = Parser(prog="launch plot", description="Write RUN/loss.png from RUN/metrics.jsonl.")
+    p.add_argument("run", help="a run directory")
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.run, "metrics.jsonl")):
+        raise ConfigError(f"{args.run} is not a run directory (no metrics.jsonl)")
+    from trainer.plot import plot_run
+    print(plot_run(args.run))
+    return 0
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
@@ -74,15 +126,20 @@ def main(argv=None):
     if command not in COMMANDS:
         return fail(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}", 2)
     from trainer.data import DataError
-    from trainer.train import RunError
+    from trainer.train import Interrupted, RunError
     from trainer.weights import WeightsError
     from workers.pool import WorkerError
     try:
-        return {"train": cmd_train, "prepare": cmd_prepare}[command](rest)
+        commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample,
+                    "export": cmd_export, "plot": cmd_plot}
+        return commands[command](rest)
     except (ConfigError, DataError, WeightsError) as e:
         return fail(str(e), 2)
     except (WorkerError, RunError) as e:
         return fail(str(e), 1)
+    except Interrupted as e:
+        print(f"coregpt: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         return fail("interrupted", 130)
 

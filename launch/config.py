@@ -26,6 +26,7 @@ SETTINGS = {
     "batch_size": (int, 8, "global batch in rows, split evenly across workers"),
     "seq_len": (int, 64, "tokens per row (T)"),
     "steps": (int, 100, "optimizer steps"),
+    "grad_accum": (int, 1, "micro-batches per optimizer step (batch order continues through the file)"),
     "lr": (float, 6e-4, "peak learning rate"),
     "lr_schedule": (str, "cosine", "cosine (to --min-lr) or constant, both after --warmup"),
     "warmup": (int, 0, "linear warmup steps"),
@@ -43,6 +44,7 @@ SETTINGS = {
     "eval_steps": (int, 10, "batches per validation"),
     "sample_every": (int, 0, "print a sample every N steps (0 disables)"),
     "ckpt_every": (int, 0, "checkpoint every N steps (0: only at the end)"),
+    "keep_last": (int, 0, "keep only the K newest checkpoints (0 keeps all)"),
     "no_checkpoint": (bool, False, "write no checkpoint"),
     "resume": (bool, False, "continue the run in --out-dir from its latest checkpoint"),
     "seed": (int, 1337, "seed for initialisation and sampling"),
@@ -122,7 +124,8 @@ def check(s):
     need(s.min_lr is None or s.min_lr >= 0, f"--min-lr must not be negative, got {s.min_lr}")
     need(s.lr_schedule in LR_SCHEDULES,
          f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {s.lr_schedule!r}")
-    for name in ("warmup", "eval_every", "eval_steps", "sample_every", "ckpt_every"):
+    need(s.grad_accum >= 1, f"--grad-accum must be at least 1, got {s.grad_accum}")
+    for name in ("warmup", "eval_every", "eval_steps", "sample_every", "ckpt_every", "keep_last"):
         need(getattr(s, name) >= 0, f"--{name.replace('_', '-')} must not be negative")
     need(s.weight_decay >= 0 and s.grad_clip >= 0, "--weight-decay and --grad-clip must not be negative")
     need(0 <= s.beta1 < 1 and 0 <= s.beta2 < 1 and s.eps > 0, "AdamW needs 0 <= beta < 1 and eps > 0")

@@ -49,6 +49,10 @@ class TorchGPT2(torch.nn.Module):
         return self.p[name.replace(".", "__")]
 
     def forward(self, idx, targets):
+        logits = self.logits(idx)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def logits(self, idx):
         B, T = idx.shape
         C = self.w("wte.weight").shape[1]
         x = self.w("wte.weight")[idx] + self.w("wpe.weight")[:T]
@@ -67,8 +71,7 @@ class TorchGPT2(torch.nn.Module):
             m = F.gelu(m @ self.w(h + "mlp.c_fc.weight") + self.w(h + "mlp.c_fc.bias"), approximate="tanh")
             x = x + m @ self.w(h + "mlp.c_proj.weight") + self.w(h + "mlp.c_proj.bias")
         x = F.layer_norm(x, (C,), self.w("ln_f.weight"), self.w("ln_f.bias"), 1e-5)
-        logits = x @ self.w("wte.weight").T
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return x @ self.w("wte.weight").T
 
     def optimizer(self, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8):
         decay = [p for p in self.p.values() if p.dim() == 2]

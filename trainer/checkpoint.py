@@ -62,6 +62,15 @@ def save_checkpoint(run_dir, step, cfg, params, m, v, state):
     return final
 
 
+def prune_checkpoints(run_dir, keep):
+    """Delete all but the `keep` newest step_* checkpoints (never the latest)."""
+    root = os.path.join(run_dir, "checkpoints")
+    latest = os.path.basename(latest_checkpoint(run_dir) or "")
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_") and d != latest)
+    for name in steps[:max(0, len(steps) - (keep - 1))]:
+        shutil.rmtree(os.path.join(root, name))
+
+
 def latest_checkpoint(run_dir):
     latest = os.path.join(run_dir, "checkpoints", "latest")
     if not os.path.isfile(latest):

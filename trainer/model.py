@@ -85,10 +85,13 @@ def split_heads(x, n_head, parts):
     return [x[:, :, i].transpose(0, 2, 1, 3) for i in range(parts)]
 
 
-def attention_forward(out, att, qkv, mask, rowtmp, n_head):
-    """qkv (B,T,3C) -> out (B,T,C); saves att (B,NH,T,T) probabilities.
-    mask (T,T) holds 0 on and below the diagonal, -inf above; rowtmp (B,NH,T,1)."""
-    q, k, v = split_heads(qkv, n_head, 3)
+def attention_forward(out, att, qkv, mask, rowtmp, n_head, start=0):
+    """qkv (B,T,3C) -> out (B,T−start,C): positions start… attend to 0…T−1 (start > 0
+    when earlier keys and values are cached).  Saves att (B,NH,T−start,T)
+    probabilities; mask (T−start,T) holds 0 where a query may look, -inf after
+    it; rowtmp (B,NH,T−start,1)."""
+    _, k, v = split_heads(qkv, n_head, 3)
+    q = split_heads(qkv[:, start:], n_head, 3)[0]
     np.matmul(q, k.swapaxes(-1, -2), out=att)
     att *= np.float32(1.0 / np.sqrt(q.shape[-1]))
     att += mask

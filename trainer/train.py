@@ -7,22 +7,22 @@
 import json
 import math
 import os
+import signal
 import sys
 import time
 from datetime import datetime, timezone
 
-import numpy as np
-
-from trainer.checkpoint import latest_checkpoint, load_optimizer, save_checkpoint
+from trainer.checkpoint import latest_checkpoint, load_optimizer, prune_checkpoints, save_checkpoint
 from trainer.corpus import prepare_shakespeare
 from trainer.data import DataError, check_tokens, open_tokens, resolve_data
 from trainer.optim import clip_scale, lr_at
 from trainer.params import GPT2_VOCAB, init_gpt2
-from trainer.weights import WeightsError, check_tensors, load_weights, preset_config
+from trainer.sample import sample_text
+from trainer.weights import check_tensors, load_weights, preset_config
 from workers.pool import WorkerPool
 
-RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every", "no_checkpoint",
-                "workers", "threads_per_worker", "oversubscribe")
+RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every", "keep_last",
+                "no_checkpoint", "workers", "threads_per_worker", "oversubscribe")
 
 
 class RunError(RuntimeError):
@@ -111,6 +111,38 @@ class Metrics:
         self.file.close()
 
 
+class StopRequest:
+    """First Ctrl-C / SIGTERM: finish the step, checkpoint it, exit 130 / 143.
+    A second signal aborts at once (the workers are still stopped cleanly)."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log(f"coregpt: {signal.Signals(signum).name}: stopping after this step "
+            f"(press Ctrl-C again to abort now)")
+
+
+class Interrupted(Exception):
+    def __init__(self, signum, step, out_dir):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
+                         f"continue with --resume --out-dir {out_dir}")
+        self.exit_code = 128 + signum
+
+
 def train(s, given=()):
     """Run training for settings `s`; `given` names the settings set by flags."""
     ckpt, state = None, None
@@ -122,40 +154,62 @@ def train(s, given=()):
         raise DataError(f"--seq-len {s.seq_len} is above the model's context of {cfg.block_size}")
     train_path, val_path = open_data(s, cfg)
     prepare_out_dir(s)
+    with open(os.path.join(s.out_dir, "run.json"), "w") as f:
+        json.dump(run_settings(s), f, indent=2)
     start = state["step"] if state else 0
+    if start >= s.steps and s.resume:
+        log(f"coregpt: {s.out_dir} is already at step {start} of {s.steps}; raise --steps to continue")
+        return s.out_dir
     metrics = Metrics(s.out_dir, start)
     rows = s.batch_size // s.workers
     log(f"coregpt: {cfg.n_layer} layers, {cfg.n_embd} channels, {cfg.n_head} heads; "
-        f"batch {s.batch_size}x{s.seq_len} on {s.workers} worker(s) x {s.threads_per_worker} thread(s); "
-        f"run dir {s.out_dir}")
-    pool = WorkerPool(cfg, s.workers, s.threads_per_worker, rows=rows, seq_len=s.seq_len,
-                      batch_rows=s.batch_size, train=train_path, val=val_path,
-                      optim=dict(beta1=s.beta1, beta2=s.beta2, eps=s.eps, weight_decay=s.weight_decay))
+        f"batch {s.batch_size}x{s.seq_len}"
+        + (f"x{s.grad_accum} accumulated" if s.grad_accum > 1 else "")
+        + f" on {s.workers} worker(s) x {s.threads_per_worker} thread(s); run dir {s.out_dir}")
+    pool = None
     try:
-        params, m, v = (pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))
-        if tensors is None:
-            init_gpt2(cfg, params, s.seed)
-        else:
-            for name, view in params.items():
-                view[...] = tensors[name]
-        if ckpt is not None:
-            saved_m, saved_v, _ = load_optimizer(ckpt)
-            for name in params:
-                m[name][...], v[name][...] = saved_m[name], saved_v[name]
-        del tensors
-        run_steps(s, cfg, pool, metrics, start, val_path, (params, m, v))
+        with StopRequest() as stop:
+            pool = WorkerPool(cfg, s.workers, s.threads_per_worker, rows=rows, seq_len=s.seq_len,
+                              batch_rows=s.batch_size, train=train_path, val=val_path,
+                              optim=dict(beta1=s.beta1, beta2=s.beta2, eps=s.eps,
+                                         weight_decay=s.weight_decay))
+            arrays = tuple(pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))
+            load_state(cfg, s, arrays, tensors, ckpt)
+            del tensors
+            run_steps(s, cfg, pool, metrics, start, val_path, arrays, stop)
     finally:
         metrics.close()
-        pool.close()
+        if pool is not None:
+            pool.close()
+    plot_quietly(s.out_dir)
     return s.out_dir
 
 
-def run_steps(s, cfg, pool, metrics, start, val_path, arrays):
+def load_state(cfg, s, arrays, tensors, ckpt):
+    params, m, v = arrays
+    if tensors is None:
+        init_gpt2(cfg, params, s.seed)
+    else:
+        for name, view in params.items():
+            view[...] = tensors[name]
+    if ckpt is not None:
+        saved_m, saved_v, _ = load_optimizer(ckpt)
+        for name in params:
+            m[name][...], v[name][...] = saved_m[name], saved_v[name]
+
+
+def run_steps(s, cfg, pool, metrics, start, val_path, arrays, stop):
     batch_tokens = s.batch_size * s.seq_len
+    step_tokens = batch_tokens * s.grad_accum
     step = start
     for step in range(start + 1, s.steps + 1):
         t0 = time.perf_counter()
-        loss = sum(r["loss"] for r in pool.request({"op": "step", "window": step - 1})) / batch_tokens
+        loss = 0.0
+        for micro in range(s.grad_accum):
+            replies = pool.request({"op": "step", "window": (step - 1) * s.grad_accum + micro,
+                                    "scale": 1.0 / step_tokens, "accumulate": micro > 0})
+            loss += sum(r["loss"] for r in replies)
+        loss /= step_tokens
         grad_norm = math.sqrt(sum(r["sumsq"] for r in pool.request({"op": "reduce"})))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise RunError(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; "
@@ -164,23 +218,45 @@ def run_steps(s, cfg, pool, metrics, start, val_path, arrays):
         pool.request({"op": "update", "lr": lr, "scale": clip_scale(grad_norm, s.grad_clip), "t": step})
         dt = time.perf_counter() - t0
         metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "step_ms": round(dt * 1000, 3), "tokens_per_s": round(batch_tokens / dt, 1)})
+                       "step_ms": round(dt * 1000, 3), "tokens_per_s": round(step_tokens / dt, 1)})
         log(f"step {step:>6}/{s.steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} "
-            f"| {dt * 1000:.0f} ms | {batch_tokens / dt:,.0f} tok/s")
-        if val_path and s.eval_every and (step % s.eval_every == 0 or step == s.steps):
+            f"| {dt * 1000:.0f} ms | {step_tokens / dt:,.0f} tok/s")
+        last = step == s.steps
+        if val_path and s.eval_every and (step % s.eval_every == 0 or last):
             val = sum(r["loss"] for r in pool.request({"op": "eval", "windows": s.eval_steps}))
             val /= s.eval_steps * batch_tokens
             metrics.write({"step": step, "val_loss": val})
             log(f"step {step:>6}/{s.steps} | val loss {val:.4f}")
-        if s.ckpt_every and step % s.ckpt_every == 0 and step != s.steps and not s.no_checkpoint:
+        if s.sample_every and (step % s.sample_every == 0 or last):
+            text = sample_text(cfg, arrays[0], "\n", max_new_tokens=64, seed=s.seed)
+            log(f"step {step:>6}/{s.steps} | sample:\n{text}\n")
+        if stop.signum is not None:
+            if not s.no_checkpoint:
+                log(f"coregpt: checkpoint {checkpoint(s, cfg, step, arrays)}")
+            raise Interrupted(stop.signum, step, s.out_dir)
+        if s.ckpt_every and step % s.ckpt_every == 0 and not last and not s.no_checkpoint:
             checkpoint(s, cfg, step, arrays)
     if not s.no_checkpoint and step > start:
-        path = checkpoint(s, cfg, step, arrays)
-        log(f"coregpt: checkpoint {path}")
+        log(f"coregpt: checkpoint {checkpoint(s, cfg, step, arrays)}")
 
 
 def checkpoint(s, cfg, step, arrays):
     params, m, v = arrays
-    config = {k: v for k, v in vars(s).items() if k not in ("resume", "config")}
-    state = {"data_window": step, "config": config}
-    return save_checkpoint(s.out_dir, step, cfg, params, m, v, state)
+    state = {"seed": s.seed, "data_window": step * s.grad_accum, "config": run_settings(s)}
+    path = save_checkpoint(s.out_dir, step, cfg, params, m, v, state)
+    if s.keep_last:
+        prune_checkpoints(s.out_dir, s.keep_last)
+    return path
+
+
+def run_settings(s):
+    return {k: v for k, v in vars(s).items() if k not in ("resume", "config")}
+
+
+def plot_quietly(run_dir):
+    """The loss plot is a convenience: a failure to draw it never fails the run."""
+    try:
+        from trainer.plot import plot_run
+        plot_run(run_dir)
+    except Exception as e:  # noqa: BLE001
+        log(f"coregpt: no loss plot ({type(e).__name__}: {e})")

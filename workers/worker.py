@@ -28,7 +28,8 @@ class Worker:
             os.sched_setaffinity(0, init["cores"])
         self.blas_limits = threadpool_limits(limits=init["threads"])
         cfg = GPTConfig(**init["config"])
-        layout = param_layout(cfg)
+        self.layout = layout = param_layout(cfg)
+        self.scratch = None  # (flat, views) gradient scratch, made on first accumulation
         names = init["arenas"]
         attach = lambda name: SharedArena.attach(name, layout.size)  # noqa: E731
         self.params, self.m, self.v = attach(names["params"]), attach(names["m"]), attach(names["v"])
@@ -49,11 +50,24 @@ class Worker:
         start = window_start(window, tokens.size, batch_tokens) + self.rank * self.rows * self.T
         self.model.load_batch(tokens[start:start + self.rows * self.T + 1])
 
-    def step(self, window):
-        """Forward + backward of this worker's rows; gradients of the global mean loss."""
+    def step(self, window, scale, accumulate):
+        """Forward + backward of this worker's rows; gradients of scale · Σ loss.
+        The first micro-batch of a step writes this worker's gradient arena, later
+        ones (gradient accumulation) go through a private scratch and are added."""
         self.load_rows(self.train, window)
         loss = self.model.forward()
-        self.model.backward(1.0 / (self.batch_rows * self.T))
+        if not accumulate:
+            self.model.backward(scale)
+            return {"loss": loss}
+        own = self.model.grads
+        if self.scratch is None:
+            self.scratch = self.layout.allocate()
+        self.model.grads = self.scratch[1]
+        try:
+            self.model.backward(scale)
+        finally:
+            self.model.grads = own
+        self.grads[self.rank].array += self.scratch[0]
         return {"loss": loss}
 
     def evaluate(self, windows):
@@ -88,7 +102,7 @@ class Worker:
     def handle(self, msg):
         op = msg["op"]
         if op == "step":
-            return self.step(msg["window"])
+            return self.step(msg["window"], msg["scale"], msg["accumulate"])
         if op == "eval":
             return self.evaluate(msg["windows"])
         if op == "reduce":

