@@ -10,8 +10,27 @@ COMMANDS = ("train", "prepare", "sample", "export", "plot")
 
 
 class Parser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):
+        return super().parse_args(join_negative_numbers(args), namespace)
+
     def error(self, message):
         raise ConfigError(f"{message} (see `python -m launch {self.prog.split()[-1]} --help`)")
+
+
+def join_negative_numbers(argv):
+    """`--lr -1e-3` -> `--lr=-1e-3`: argparse would take -1e-3 for an option."""
+    out = []
+    for arg in argv or []:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-"):
+            try:
+                float(arg)
+            except ValueError:
+                pass
+            else:
+                out[-1] += "=" + arg
+                continue
+        out.append(arg)
+    return out
 
 
 def train_parser():

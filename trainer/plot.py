@@ -10,7 +10,7 @@ def plot_run(run_dir):
 
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train:
         raise ValueError(f"{run_dir}/metrics.jsonl has no training steps to plot")
@@ -25,11 +25,10 @@ def plot_run(run_dir):
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(title=os.path.basename(os.path.normpath(run_dir)))
     top = ax.secondary_xaxis("top", functions=(lambda x: x * tokens_per_step,
                                                  lambda t: t / tokens_per_step))
     top.set_xlabel("tokens")
-    ax.set_title(os.path.basename(os.path.normpath(run_dir)), fontsize=9)
     fig.tight_layout()
     path = os.path.join(run_dir, "loss.png")
     tmp = path + ".tmp.png"

@@ -22,7 +22,7 @@ from trainer.weights import check_tensors, load_weights, preset_config
 from workers.pool import WorkerPool
 
 RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every", "keep_last",
-                "no_checkpoint", "workers", "threads_per_worker", "oversubscribe")
+                "no_checkpoint", "workers", "threads_per_worker", "oversubscribe", "skip_nonfinite")
 
 
 class RunError(RuntimeError):
@@ -176,7 +176,7 @@ def train(s, given=()):
             arrays = tuple(pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))
             load_state(cfg, s, arrays, tensors, ckpt)
             del tensors
-            run_steps(s, cfg, pool, metrics, start, val_path, arrays, stop)
+            run_steps(s, cfg, pool, metrics, start, state or {}, val_path, arrays, stop)
     finally:
         metrics.close()
         if pool is not None:
@@ -198,7 +198,8 @@ def load_state(cfg, s, arrays, tensors, ckpt):
             m[name][...], v[name][...] = saved_m[name], saved_v[name]
 
 
-def run_steps(s, cfg, pool, metrics, start, val_path, arrays, stop):
+def run_steps(s, cfg, pool, metrics, start, state, val_path, arrays, stop):
+    counts = {"updates": state.get("adam_steps", start), "skipped": state.get("skipped_nonfinite", 0)}
     batch_tokens = s.batch_size * s.seq_len
     step_tokens = batch_tokens * s.grad_accum
     step = start
@@ -211,16 +212,25 @@ def run_steps(s, cfg, pool, metrics, start, val_path, arrays, stop):
             loss += sum(r["loss"] for r in replies)
         loss /= step_tokens
         grad_norm = math.sqrt(sum(r["sumsq"] for r in pool.request({"op": "reduce"})))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise RunError(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; "
-                           f"the step was not applied (lower --lr?)")
         lr = lr_at(step, s.lr, s.lr_schedule, s.warmup, s.steps, s.min_lr)
-        pool.request({"op": "update", "lr": lr, "scale": clip_scale(grad_norm, s.grad_clip), "t": step})
-        dt = time.perf_counter() - t0
-        metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "step_ms": round(dt * 1000, 3), "tokens_per_s": round(step_tokens / dt, 1)})
-        log(f"step {step:>6}/{s.steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} "
-            f"| {dt * 1000:.0f} ms | {step_tokens / dt:,.0f} tok/s")
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            counts["updates"] += 1  # AdamW's own step count: skipped steps do not advance it
+            pool.request({"op": "update", "lr": lr, "scale": clip_scale(grad_norm, s.grad_clip),
+                          "t": counts["updates"]})
+            dt = time.perf_counter() - t0
+            metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "step_ms": round(dt * 1000, 3), "tokens_per_s": round(step_tokens / dt, 1)})
+            log(f"step {step:>6}/{s.steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} "
+                f"| {dt * 1000:.0f} ms | {step_tokens / dt:,.0f} tok/s")
+        elif s.skip_nonfinite:
+            counts["skipped"] += 1
+            metrics.write({"step": step, "loss": None, "lr": lr, "grad_norm": None,
+                           "skipped_nonfinite": counts["skipped"]})
+            log(f"step {step:>6}/{s.steps} | loss {loss} / grad norm {grad_norm} not finite: "
+                f"step skipped ({counts['skipped']} so far)")
+        else:
+            raise RunError(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; "
+                           f"the step was not applied (lower --lr, or pass --skip-nonfinite)")
         last = step == s.steps
         if val_path and s.eval_every and (step % s.eval_every == 0 or last):
             val = sum(r["loss"] for r in pool.request({"op": "eval", "windows": s.eval_steps}))
@@ -232,17 +242,18 @@ def run_steps(s, cfg, pool, metrics, start, val_path, arrays, stop):
             log(f"step {step:>6}/{s.steps} | sample:\n{text}\n")
         if stop.signum is not None:
             if not s.no_checkpoint:
-                log(f"coregpt: checkpoint {checkpoint(s, cfg, step, arrays)}")
+                log(f"coregpt: checkpoint {checkpoint(s, cfg, step, arrays, counts)}")
             raise Interrupted(stop.signum, step, s.out_dir)
         if s.ckpt_every and step % s.ckpt_every == 0 and not last and not s.no_checkpoint:
-            checkpoint(s, cfg, step, arrays)
+            checkpoint(s, cfg, step, arrays, counts)
     if not s.no_checkpoint and step > start:
-        log(f"coregpt: checkpoint {checkpoint(s, cfg, step, arrays)}")
+        log(f"coregpt: checkpoint {checkpoint(s, cfg, step, arrays, counts)}")
 
 
-def checkpoint(s, cfg, step, arrays):
+def checkpoint(s, cfg, step, arrays, counts):
     params, m, v = arrays
-    state = {"seed": s.seed, "data_window": step * s.grad_accum, "config": run_settings(s)}
+    state = {"seed": s.seed, "data_window": step * s.grad_accum, "adam_steps": counts["updates"],
+             "skipped_nonfinite": counts["skipped"], "config": run_settings(s)}
     path = save_checkpoint(s.out_dir, step, cfg, params, m, v, state)
     if s.keep_last:
         prune_checkpoints(s.out_dir, s.keep_last)

@@ -123,13 +123,25 @@ def load_weights(source):
         directory = checkpoint_dir(source)
         model = os.path.join(directory, "model.safetensors")
         if not os.path.isfile(model):
-            raise WeightsError(f"{source} holds no model.safetensors (nor a coregpt checkpoint)")
+            pickled = " (only pytorch_model.bin, a pickle coregpt never loads)" if os.path.isfile(
+                os.path.join(directory, "pytorch_model.bin")) else ""
+            raise WeightsError(f"{source} holds no model.safetensors{pickled}")
         config = os.path.join(directory, "config.json")
         return load_safetensors(model, config if os.path.isfile(config) else None)
+    refuse_pickle(source)
     if source.endswith(".bin"):
         return load_llmc(source)
     config = os.path.join(os.path.dirname(source), "config.json")
     return load_safetensors(source, config if os.path.isfile(config) else None)
+
+
+def refuse_pickle(path):
+    """PyTorch .bin/.pt files are pickles (zip or raw), which can run code when loaded."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise WeightsError(f"{path} is a pickle (PyTorch) file; coregpt never unpickles. "
+                           f"Convert it to .safetensors or pass an llm.c .bin")
 
 
 def download_hf(name):

@@ -4,6 +4,7 @@ and applies AdamW to that shard.  Started by the coordinator as
 `python -m workers ENDPOINT RANK`; every instruction arrives over pyzmq.
 """
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -112,13 +113,16 @@ class Worker:
         raise ValueError(f"unknown instruction {op!r}")
 
 
-def serve(sock, parent):
+def serve(sock, parent, socket_dir):
     """Answer instructions until 'stop', or until the coordinator is gone."""
     worker = None
     while True:
         if not sock.poll(PARENT_POLL_MS):
             if os.getppid() != parent:
-                return 1  # the coordinator died: exit, our mappings go with us
+                # the coordinator died (even SIGKILL): tidy what it cannot, and exit;
+                # the shared memory goes with the last mapping
+                shutil.rmtree(socket_dir, ignore_errors=True)
+                return 1
             continue
         msg = sock.recv_json()
         if msg["op"] == "stop":
@@ -150,7 +154,7 @@ def main(argv=None):
     sock.connect(endpoint)
     sock.send_json({"op": "hello"})
     try:
-        return serve(sock, parent)
+        return serve(sock, parent, os.path.dirname(endpoint.removeprefix("ipc://")))
     finally:
         sock.close()
         ctx.term()
