@@ -1,4 +1,4 @@
-"""`python -m launch [train|prepare|sample|export|plot] ...`; bare `python -m launch [flags]` trains
+"""`python -m launch [train|prepare|sample|export|plot|sweep] ...`; bare `python -m launch [flags]` trains
 configs/default.toml.  Errors are one line on stderr: exit 2 for bad input,
 1 for a failed run, 130 for Ctrl-C."""
 import argparse
@@ -6,7 +6,7 @@ import sys
 
 from launch.config import SETTINGS, ConfigError, default_config_path, resolve
 
-COMMANDS = ("train", "prepare", "sample", "export", "plot")
+COMMANDS = ("train", "prepare", "sample", "export", "plot", "sweep")
 
 
 class Parser(argparse.ArgumentParser):
@@ -149,8 +149,9 @@ def main(argv=None):
     from trainer.weights import WeightsError
     from workers.pool import WorkerError
     try:
+        from launch.sweep import sweep
         commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample,
-                    "export": cmd_export, "plot": cmd_plot}
+                    "export": cmd_export, "plot": cmd_plot, "sweep": sweep}
         return commands[command](rest)
     except (ConfigError, DataError, WeightsError) as e:
         return fail(str(e), 2)

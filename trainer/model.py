@@ -65,16 +65,25 @@ def layernorm_backward(dx, dw, db, dout, x, mean, rstd, w, norm, dnorm, rowtmp):
 def matmul_forward(out, inp, w, b):
     """out (N,OC) = inp (N,C) @ w (C,OC) + b (OC)"""
     np.matmul(inp, w, out=out)
-    if b is not None:
-        out += b
+    out += b
 
 
 def matmul_backward(dinp, dw, db, dout, inp, w):
     """dout (N,OC) -> dinp (N,C), dw (C,OC), db (OC), all overwritten."""
     np.matmul(dout, w.T, out=dinp)
     np.matmul(inp.T, dout, out=dw)
-    if db is not None:
-        np.sum(dout, axis=0, out=db)
+    np.sum(dout, axis=0, out=db)
+
+
+def lmhead_forward(logits, x, wte):
+    """x (N,C) -> logits (N,V) = x @ wte.T: the head is tied to the token embedding."""
+    np.matmul(x, wte.T, out=logits)
+
+
+def lmhead_backward(dx, dwte, dlogits, x, wte):
+    """dlogits (N,V) -> dx (N,C), dwte (V,C), both overwritten."""
+    np.matmul(dlogits.T, x, out=dwte)
+    np.matmul(dlogits, wte, out=dx)
 
 
 def split_heads(x, n_head, parts):
@@ -241,7 +250,7 @@ class GPT:
             out += resid2
         layernorm_forward(a["lnf"], a["lnf_mean"], a["lnf_rstd"], a["residual"][cfg.n_layer],
                           p["ln_f.weight"], p["ln_f.bias"])
-        matmul_forward(a["logits"], a["lnf"], p["wte.weight"].T, None)
+        lmhead_forward(a["logits"], a["lnf"], p["wte.weight"])
         return crossentropy_forward(a["logits"], self.targets, a["rowtmp"], self.rows)
 
     def backward(self, loss_scale):
@@ -251,9 +260,7 @@ class GPT:
         ln_scratch = (a["norm"], a["dnorm"], a["rowtmp"])
         dlogits = a["logits"]
         crossentropy_backward(dlogits, self.targets, self.rows, loss_scale)
-        # lm head: logits = lnf @ wte.T, so dwte = dlogits.T @ lnf
-        np.matmul(dlogits.T, a["lnf"], out=g["wte.weight"])
-        np.matmul(dlogits, p["wte.weight"], out=a["dln"])
+        lmhead_backward(a["dln"], g["wte.weight"], dlogits, a["lnf"], p["wte.weight"])
         dres = a["dres"]
         dres[...] = 0
         layernorm_backward(dres, g["ln_f.weight"], g["ln_f.bias"], a["dln"], a["residual"][L],

@@ -17,12 +17,15 @@ from trainer.corpus import prepare_shakespeare
 from trainer.data import DataError, check_tokens, open_tokens, resolve_data
 from trainer.optim import clip_scale, lr_at
 from trainer.params import GPT2_VOCAB, init_gpt2
+from trainer.profile import layer_table
 from trainer.sample import sample_text
 from trainer.weights import check_tensors, load_weights, preset_config
 from workers.pool import WorkerPool
 
+PHASES = ("forward", "backward", "reduce", "update", "waiting")
 RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every", "keep_last",
-                "no_checkpoint", "workers", "threads_per_worker", "oversubscribe", "skip_nonfinite")
+                "no_checkpoint", "workers", "threads_per_worker", "oversubscribe", "skip_nonfinite",
+                "profile")
 
 
 class RunError(RuntimeError):
@@ -172,7 +175,7 @@ def train(s, given=()):
             pool = WorkerPool(cfg, s.workers, s.threads_per_worker, rows=rows, seq_len=s.seq_len,
                               batch_rows=s.batch_size, train=train_path, val=val_path,
                               optim=dict(beta1=s.beta1, beta2=s.beta2, eps=s.eps,
-                                         weight_decay=s.weight_decay))
+                                         weight_decay=s.weight_decay), profile=s.profile)
             arrays = tuple(pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))
             load_state(cfg, s, arrays, tensors, ckpt)
             del tensors
@@ -205,21 +208,30 @@ def run_steps(s, cfg, pool, metrics, start, state, val_path, arrays, stop):
     step = start
     for step in range(start + 1, s.steps + 1):
         t0 = time.perf_counter()
-        loss = 0.0
+        loss, phases = 0.0, dict.fromkeys(PHASES, 0.0)
         for micro in range(s.grad_accum):
             replies = pool.request({"op": "step", "window": (step - 1) * s.grad_accum + micro,
                                     "scale": 1.0 / step_tokens, "accumulate": micro > 0})
             loss += sum(r["loss"] for r in replies)
+            phases["forward"] += max(r["forward_s"] for r in replies)
+            phases["backward"] += max(r["backward_s"] for r in replies)
         loss /= step_tokens
-        grad_norm = math.sqrt(sum(r["sumsq"] for r in pool.request({"op": "reduce"})))
+        replies = pool.request({"op": "reduce"})
+        grad_norm = math.sqrt(sum(r["sumsq"] for r in replies))
+        phases["reduce"] = max(r["seconds"] for r in replies)
         lr = lr_at(step, s.lr, s.lr_schedule, s.warmup, s.steps, s.min_lr)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             counts["updates"] += 1  # AdamW's own step count: skipped steps do not advance it
-            pool.request({"op": "update", "lr": lr, "scale": clip_scale(grad_norm, s.grad_clip),
-                          "t": counts["updates"]})
+            replies = pool.request({"op": "update", "lr": lr, "t": counts["updates"],
+                                    "scale": clip_scale(grad_norm, s.grad_clip)})
+            phases["update"] = max(r["seconds"] for r in replies)
             dt = time.perf_counter() - t0
-            metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "step_ms": round(dt * 1000, 3), "tokens_per_s": round(step_tokens / dt, 1)})
+            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "step_ms": round(dt * 1000, 3), "tokens_per_s": round(step_tokens / dt, 1)}
+            if s.profile:
+                phases["waiting"] = dt - sum(phases.values())  # messages, imbalance, coordinator
+                row["profile_ms"] = {k: round(1000 * v, 3) for k, v in phases.items()}
+            metrics.write(row)
             log(f"step {step:>6}/{s.steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} "
                 f"| {dt * 1000:.0f} ms | {step_tokens / dt:,.0f} tok/s")
         elif s.skip_nonfinite:
@@ -246,6 +258,10 @@ def run_steps(s, cfg, pool, metrics, start, state, val_path, arrays, stop):
             raise Interrupted(stop.signum, step, s.out_dir)
         if s.ckpt_every and step % s.ckpt_every == 0 and not last and not s.no_checkpoint:
             checkpoint(s, cfg, step, arrays, counts)
+    if s.profile and step > start:
+        layers = [r["layers"] for r in pool.request({"op": "profile"})]
+        log("coregpt: time inside each worker by layer type (mean over workers)\n"
+            + layer_table(layers, step - start))
     if not s.no_checkpoint and step > start:
         log(f"coregpt: checkpoint {checkpoint(s, cfg, step, arrays, counts)}")
 

@@ -30,7 +30,8 @@ def core_groups(n_workers, threads):
 
 
 class WorkerPool:
-    def __init__(self, cfg, n_workers, threads, *, rows, seq_len, batch_rows, train, val, optim):
+    def __init__(self, cfg, n_workers, threads, *, rows, seq_len, batch_rows, train, val, optim,
+                 profile=False):
         self.n = n_workers
         self.layout = param_layout(cfg)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
@@ -52,6 +53,7 @@ class WorkerPool:
                 "op": "init", "rank": r, "n_workers": n_workers, "config": cfg.__dict__,
                 "rows": rows, "seq_len": seq_len, "batch_rows": batch_rows,
                 "train": train, "val": val, "optim": optim, "threads": threads, "cores": groups[r],
+                "profile": profile,
                 "arenas": {"params": self.params.name, "m": self.m.name, "v": self.v.name,
                            "grads": [g.name for g in self.grads]},
             } for r in range(n_workers)], timeout=START_TIMEOUT_S)

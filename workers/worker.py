@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -15,6 +16,7 @@ import zmq
 from trainer.data import open_tokens, window_start
 from trainer.model import GPT
 from trainer.optim import BLOCK, adamw_update
+from trainer.profile import LayerTimes
 from trainer.params import GPTConfig, decay_segments, param_layout, shard_bounds
 from workers.shm import SharedArena
 
@@ -44,6 +46,10 @@ class Worker:
         self.segments = [(max(s, self.lo), min(e, self.hi), decays)
                          for s, e, decays in decay_segments(cfg, layout) if s < self.hi and e > self.lo]
         self.optim = init["optim"]
+        self.layer_times = None
+        if init["profile"]:
+            self.layer_times = LayerTimes()
+            self.layer_times.install()
         self.tmp = np.empty(BLOCK, dtype=np.float32)
 
     def load_rows(self, tokens, window):
@@ -55,21 +61,23 @@ class Worker:
         """Forward + backward of this worker's rows; gradients of scale · Σ loss.
         The first micro-batch of a step writes this worker's gradient arena, later
         ones (gradient accumulation) go through a private scratch and are added."""
+        t0 = time.perf_counter()
         self.load_rows(self.train, window)
         loss = self.model.forward()
+        t1 = time.perf_counter()
         if not accumulate:
             self.model.backward(scale)
-            return {"loss": loss}
-        own = self.model.grads
-        if self.scratch is None:
-            self.scratch = self.layout.allocate()
-        self.model.grads = self.scratch[1]
-        try:
-            self.model.backward(scale)
-        finally:
-            self.model.grads = own
-        self.grads[self.rank].array += self.scratch[0]
-        return {"loss": loss}
+        else:
+            own = self.model.grads
+            if self.scratch is None:
+                self.scratch = self.layout.allocate()
+            self.model.grads = self.scratch[1]
+            try:
+                self.model.backward(scale)
+            finally:
+                self.model.grads = own
+            self.grads[self.rank].array += self.scratch[0]
+        return {"loss": loss, "forward_s": t1 - t0, "backward_s": time.perf_counter() - t1}
 
     def evaluate(self, windows):
         loss = 0.0
@@ -102,14 +110,17 @@ class Worker:
 
     def handle(self, msg):
         op = msg["op"]
+        t0 = time.perf_counter()
+        if op == "reduce":
+            return dict(self.reduce(), seconds=time.perf_counter() - t0)
+        if op == "update":
+            return dict(self.update(msg["lr"], msg["scale"], msg["t"]), seconds=time.perf_counter() - t0)
         if op == "step":
             return self.step(msg["window"], msg["scale"], msg["accumulate"])
         if op == "eval":
             return self.evaluate(msg["windows"])
-        if op == "reduce":
-            return self.reduce()
-        if op == "update":
-            return self.update(msg["lr"], msg["scale"], msg["t"])
+        if op == "profile":
+            return {"layers": self.layer_times.seconds if self.layer_times else {}}
         raise ValueError(f"unknown instruction {op!r}")
 
 

@@ -1,0 +1,44 @@
+"""The built-in profiler: per-layer-type times inside a worker, and the
+per-step phase split the coordinator logs.
+
+Timing wraps model.py's layer functions only while profiling is on, so the
+normal path pays nothing."""
+import time
+
+from trainer import model
+
+LAYER_FUNCTIONS = [name for name in dir(model)
+                   if name.endswith(("_forward", "_backward")) and callable(getattr(model, name))]
+
+
+class LayerTimes:
+    def __init__(self):
+        self.seconds = {name: 0.0 for name in LAYER_FUNCTIONS}
+        self.calls = {name: 0 for name in LAYER_FUNCTIONS}
+
+    def install(self):
+        for name in LAYER_FUNCTIONS:
+            setattr(model, name, self._timed(name, getattr(model, name)))
+
+    def _timed(self, name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+        return timed
+
+
+def layer_table(per_worker, steps):
+    """Text table of ms per step by layer type, averaged over workers."""
+    names = sorted(per_worker[0], key=lambda n: -sum(w[n] for w in per_worker))
+    total = sum(sum(w.values()) for w in per_worker) / len(per_worker)
+    lines = [f"{'layer':<22} {'ms/step':>9} {'share':>7}"]
+    for name in names:
+        ms = sum(w[name] for w in per_worker) / len(per_worker)
+        if ms:
+            lines.append(f"{name:<22} {1000 * ms / steps:9.1f} {ms / total:7.1%}")
+    lines.append(f"{'all layers':<22} {1000 * total / steps:9.1f}")
+    return "\n".join(lines)
