@@ -118,7 +118,7 @@ def coregpt_step_times(model_name, B, T, steps, workers, data, extra):
         def watch():
             while proc.poll() is None:
                 peak[0] = max(peak[0], sum(pss_kb(p) for p in process_tree(proc.pid)))
-                time.sleep(0.2)
+                time.sleep(1.0)
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         _, err = proc.communicate()
@@ -139,9 +139,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-torch-1", action="store_true", help="skip PyTorch with 1 thread")
     ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt (after --)")
+    ap.add_argument("--torch-only", type=int, metavar="THREADS", help=argparse.SUPPRESS)
     args = ap.parse_args()
     B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
     tokens = np.random.default_rng(0).integers(0, GPT2_VOCAB, n * B * T + 1).astype(np.uint16)
+    if args.torch_only:
+        print(json.dumps(torch_step_times(args.model, B, T, n, args.torch_only, tokens)))
+        return
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
         data = os.path.join(tmp, "tokens.bin")
         header = np.zeros(256, dtype=np.int32)
@@ -150,7 +154,12 @@ def main():
             f.write(header.tobytes() + tokens.tobytes())
         results = {}
         for threads in ([2] if args.skip_torch_1 else [1, 2]):
-            results[f"pytorch {threads} thread(s)"] = (torch_step_times(args.model, B, T, n, threads, tokens), None)
+            # its own process: an idle PyTorch thread pool must not share the cores with coregpt
+            done = subprocess.run([sys.executable, __file__, "--torch-only", str(threads), "--model",
+                                   args.model, "--batch-size", str(B), "--seq-len", str(T),
+                                   "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                  capture_output=True, text=True, check=True)
+            results[f"pytorch {threads} thread(s)"] = (json.loads(done.stdout), None)
         for workers in (2, 1):
             results[f"coregpt {workers} worker(s) x 1 thread"] = coregpt_step_times(
                 args.model, B, T, n, workers, data, args.extra)

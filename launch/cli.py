@@ -4,7 +4,7 @@ configs/default.toml.  Errors are one line on stderr: exit 2 for bad input,
 import argparse
 import sys
 
-from launch.config import SETTINGS, ConfigError, default_config_path, resolve
+from launch.config import SETTINGS, ConfigError, check, default_config_path, merge
 
 COMMANDS = ("train", "prepare", "sample", "export", "plot", "sweep")
 
@@ -56,12 +56,20 @@ def prepare_parser():
     return p
 
 
+class Session:
+    """The MPI group of this process, once there is one (errors are reported by it)."""
+    group = None
+
+
 def cmd_train(argv):
     args = vars(train_parser().parse_args(argv))
     config = args.pop("config", None)
-    settings = resolve(config, args)
+    settings = merge(config, args)
+    from workers.comm import make_group
+    Session.group = make_group(settings.backend)
+    check(settings, Session.group if settings.backend == "mpi" else None)
     from trainer.train import train
-    train(settings, given=set(args))
+    train(settings, given=set(args), group=Session.group)
     return 0
 
 
@@ -154,9 +162,16 @@ def main(argv=None):
                     "export": cmd_export, "plot": cmd_plot, "sweep": sweep}
         return commands[command](rest)
     except (ConfigError, DataError, WeightsError) as e:
-        return fail(str(e), 2)
+        # the same on every rank (settings) or already agreed by all ranks (setup)
+        group = Session.group
+        return fail(str(e), 2) if group is None or group.is_root else 2
     except (WorkerError, RunError) as e:
-        return fail(str(e), 1)
+        group = Session.group
+        where = f"rank {group.rank}: " if group is not None and group.size > 1 else ""
+        code = fail(where + str(e), 1)
+        if group is not None and group.size > 1:
+            group.abort(code)  # the other ranks would wait for us forever
+        return code
     except Interrupted as e:
         print(f"coregpt: {e}", file=sys.stderr)
         return e.exit_code

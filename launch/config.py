@@ -36,7 +36,8 @@ SETTINGS = {
     "beta1": (float, 0.9, "AdamW beta1"),
     "beta2": (float, 0.95, "AdamW beta2"),
     "eps": (float, 1e-8, "AdamW epsilon"),
-    "workers": (int, 1, "worker processes"),
+    "backend": (str, "shm", "shm (one machine) or mpi (run under mpiexec; --workers is per rank)"),
+    "workers": (int, 1, "worker processes (per rank with --backend mpi)"),
     "threads_per_worker": (int, None, "BLAS threads per worker (default: cores / workers)"),
     "oversubscribe": (bool, False, "allow workers × threads above the available cores"),
     "out_dir": (str, None, "run directory (default runs/<UTC timestamp>)"),
@@ -103,25 +104,34 @@ def coerce(name, value, where):
     raise ConfigError(f"{where} must be {kind.__name__}, got {value!r}")
 
 
-def resolve(config_path, flags):
-    """Defaults < TOML config < flags -> a checked SimpleNamespace."""
+def merge(config_path, flags):
+    """Defaults < TOML config < flags -> an unchecked SimpleNamespace."""
     values = {name: spec[1] for name, spec in SETTINGS.items()}
     if config_path:
         values.update(read_toml(config_path))
     values.update(flags)
-    s = SimpleNamespace(**values)
+    return SimpleNamespace(**values)
+
+
+def resolve(config_path, flags):
+    s = merge(config_path, flags)
     check(s)
     return s
 
 
-def check(s):
+def check(s, group=None):
+    """Validate and fill derived settings; `group` is the MPI group under
+    --backend mpi (ranks sharing this machine change what fits on it)."""
+    ranks, local_ranks = (group.size, group.local_size) if group else (1, 1)
     def need(ok, message):
         if not ok:
             raise ConfigError(message)
     need(s.workers >= 1, f"--workers must be at least 1, got {s.workers}")
     need(s.batch_size >= 1, f"--batch-size must be at least 1, got {s.batch_size}")
-    need(s.batch_size % s.workers == 0,
-         f"--batch-size {s.batch_size} is not divisible by --workers {s.workers}")
+    need(s.backend in ("shm", "mpi"), f"--backend must be shm or mpi, got {s.backend!r}")
+    need(s.batch_size % (ranks * s.workers) == 0,
+         f"--batch-size {s.batch_size} is not divisible by --workers {s.workers}"
+         + (f" x {ranks} MPI ranks" if ranks > 1 else ""))
     need(s.seq_len >= 1, f"--seq-len must be at least 1, got {s.seq_len}")
     need(s.steps >= 0, f"--steps must not be negative, got {s.steps}")
     need(s.lr >= 0, f"--lr must not be negative, got {s.lr}")
@@ -134,12 +144,14 @@ def check(s):
     need(s.weight_decay >= 0 and s.grad_clip >= 0, "--weight-decay and --grad-clip must not be negative")
     need(0 <= s.beta1 < 1 and 0 <= s.beta2 < 1 and s.eps > 0, "AdamW needs 0 <= beta < 1 and eps > 0")
     cores = len(os.sched_getaffinity(0))
+    local_workers = local_ranks * s.workers  # every worker on this machine
     if s.threads_per_worker is None:
-        s.threads_per_worker = max(1, cores // s.workers)
+        s.threads_per_worker = max(1, cores // local_workers)
     need(s.threads_per_worker >= 1, f"--threads-per-worker must be at least 1, got {s.threads_per_worker}")
-    need(s.oversubscribe or s.workers * s.threads_per_worker <= cores,
-         f"--workers {s.workers} × --threads-per-worker {s.threads_per_worker} exceeds the "
-         f"{cores} available cores; lower them or pass --oversubscribe")
+    need(s.oversubscribe or local_workers * s.threads_per_worker <= cores,
+         f"--workers {s.workers} × --threads-per-worker {s.threads_per_worker}"
+         + (f" × {local_ranks} ranks on this machine" if local_ranks > 1 else "")
+         + f" exceeds the {cores} available cores; lower them or pass --oversubscribe")
     if s.min_lr is None:
         s.min_lr = s.lr / 10
     need(not (s.resume and s.out_dir is None), "--resume needs --out-dir naming the run to continue")

@@ -19,21 +19,28 @@ from trainer.optim import clip_scale, lr_at
 from trainer.params import GPT2_VOCAB, init_gpt2
 from trainer.profile import layer_table
 from trainer.sample import sample_text
-from trainer.weights import check_tensors, load_weights, preset_config
+from trainer.weights import WeightsError, check_tensors, load_weights, preset_config
+from workers.comm import LocalGroup
 from workers.pool import WorkerPool
 
 PHASES = ("forward", "backward", "reduce", "update", "waiting")
 RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every", "keep_last",
                 "no_checkpoint", "workers", "threads_per_worker", "oversubscribe", "skip_nonfinite",
-                "profile")
+                "profile", "backend")
 
 
 class RunError(RuntimeError):
     """The run stopped for a reason the user must see (non-finite loss, ...)."""
 
 
+class Console:
+    """Progress goes to stderr from one process only (MPI rank 0)."""
+    quiet = False
+
+
 def log(message):
-    print(message, file=sys.stderr, flush=True)
+    if not Console.quiet:
+        print(message, file=sys.stderr, flush=True)
 
 
 def prepare_out_dir(s):
@@ -92,6 +99,16 @@ def open_data(s, cfg):
     return os.path.abspath(train_path), os.path.abspath(val_path) if val_path else None
 
 
+class NoMetrics:
+    """What ranks other than 0 write."""
+
+    def write(self, row):
+        pass
+
+    def close(self):
+        pass
+
+
 class Metrics:
     """metrics.jsonl, one JSON object a line; on resume rows past the checkpoint are dropped."""
 
@@ -146,8 +163,8 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
-def train(s, given=()):
-    """Run training for settings `s`; `given` names the settings set by flags."""
+def setup(s, given, group):
+    """Everything that can fail on bad input, before any worker starts."""
     ckpt, state = None, None
     if s.resume:
         saved, ckpt, state = resume_settings(s, given)
@@ -156,35 +173,54 @@ def train(s, given=()):
     if s.seq_len > cfg.block_size:
         raise DataError(f"--seq-len {s.seq_len} is above the model's context of {cfg.block_size}")
     train_path, val_path = open_data(s, cfg)
-    prepare_out_dir(s)
-    with open(os.path.join(s.out_dir, "run.json"), "w") as f:
-        json.dump(run_settings(s), f, indent=2)
+    if group.is_root:
+        prepare_out_dir(s)
+        with open(os.path.join(s.out_dir, "run.json"), "w") as f:
+            json.dump(run_settings(s), f, indent=2)
+    return cfg, tensors, ckpt, state, train_path, val_path
+
+
+def train(s, given=(), group=None):
+    """Run training for settings `s`; `given` names the settings set by flags;
+    `group` is the MPI group under --backend mpi."""
+    group = group or LocalGroup()
+    Console.quiet = not group.is_root
+    try:
+        cfg, tensors, ckpt, state, train_path, val_path = setup(s, given, group)
+        error = None
+    except (DataError, WeightsError, ValueError) as e:
+        error = e
+    group.agree(error)  # under MPI: every rank stops on any rank's bad input
     start = state["step"] if state else 0
     if start >= s.steps and s.resume:
         log(f"coregpt: {s.out_dir} is already at step {start} of {s.steps}; raise --steps to continue")
         return s.out_dir
-    metrics = Metrics(s.out_dir, start)
-    rows = s.batch_size // s.workers
+    metrics = Metrics(s.out_dir, start) if group.is_root else NoMetrics()
+    workers = group.size * s.workers
     log(f"coregpt: {cfg.n_layer} layers, {cfg.n_embd} channels, {cfg.n_head} heads; "
         f"batch {s.batch_size}x{s.seq_len}"
         + (f"x{s.grad_accum} accumulated" if s.grad_accum > 1 else "")
-        + f" on {s.workers} worker(s) x {s.threads_per_worker} thread(s); run dir {s.out_dir}")
+        + (f" on {group.size} MPI ranks x" if group.size > 1 else " on")
+        + f" {s.workers} worker(s) x {s.threads_per_worker} thread(s); run dir {s.out_dir}")
     pool = None
     try:
         with StopRequest() as stop:
-            pool = WorkerPool(cfg, s.workers, s.threads_per_worker, rows=rows, seq_len=s.seq_len,
-                              batch_rows=s.batch_size, train=train_path, val=val_path,
-                              optim=dict(beta1=s.beta1, beta2=s.beta2, eps=s.eps,
-                                         weight_decay=s.weight_decay), profile=s.profile)
+            pool = WorkerPool(cfg, s.workers, s.threads_per_worker, rows=s.batch_size // workers,
+                              seq_len=s.seq_len, batch_rows=s.batch_size, train=train_path,
+                              val=val_path, optim=dict(beta1=s.beta1, beta2=s.beta2, eps=s.eps,
+                                                       weight_decay=s.weight_decay),
+                              profile=s.profile, worker_offset=group.rank * s.workers,
+                              core_offset=group.local_rank * s.workers)
             arrays = tuple(pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))
             load_state(cfg, s, arrays, tensors, ckpt)
             del tensors
-            run_steps(s, cfg, pool, metrics, start, state or {}, val_path, arrays, stop)
+            run_steps(s, cfg, pool, group, metrics, start, state or {}, val_path, arrays, stop)
     finally:
         metrics.close()
         if pool is not None:
             pool.close()
-    plot_quietly(s.out_dir)
+    if group.is_root:
+        plot_quietly(s.out_dir)
     return s.out_dir
 
 
@@ -201,7 +237,7 @@ def load_state(cfg, s, arrays, tensors, ckpt):
             m[name][...], v[name][...] = saved_m[name], saved_v[name]
 
 
-def run_steps(s, cfg, pool, metrics, start, state, val_path, arrays, stop):
+def run_steps(s, cfg, pool, group, metrics, start, state, val_path, arrays, stop):
     counts = {"updates": state.get("adam_steps", start), "skipped": state.get("skipped_nonfinite", 0)}
     batch_tokens = s.batch_size * s.seq_len
     step_tokens = batch_tokens * s.grad_accum
@@ -215,10 +251,15 @@ def run_steps(s, cfg, pool, metrics, start, state, val_path, arrays, stop):
             loss += sum(r["loss"] for r in replies)
             phases["forward"] += max(r["forward_s"] for r in replies)
             phases["backward"] += max(r["backward_s"] for r in replies)
-        loss /= step_tokens
-        replies = pool.request({"op": "reduce"})
-        grad_norm = math.sqrt(sum(r["sumsq"] for r in replies))
+        loss = group.sum(loss) / step_tokens
+        t_reduce = time.perf_counter()
+        replies = pool.request({"op": "reduce", "add": True})  # inside this machine first
         phases["reduce"] = max(r["seconds"] for r in replies)
+        if group.size > 1:  # then across machines; the norm is of the global sum
+            group.allreduce(pool.grads[0].array)
+            replies = pool.request({"op": "reduce", "add": False})
+            phases["reduce"] = time.perf_counter() - t_reduce
+        grad_norm = math.sqrt(sum(r["sumsq"] for r in replies))
         lr = lr_at(step, s.lr, s.lr_schedule, s.warmup, s.steps, s.min_lr)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             counts["updates"] += 1  # AdamW's own step count: skipped steps do not advance it
@@ -245,24 +286,25 @@ def run_steps(s, cfg, pool, metrics, start, state, val_path, arrays, stop):
                            f"the step was not applied (lower --lr, or pass --skip-nonfinite)")
         last = step == s.steps
         if val_path and s.eval_every and (step % s.eval_every == 0 or last):
-            val = sum(r["loss"] for r in pool.request({"op": "eval", "windows": s.eval_steps}))
+            val = group.sum(sum(r["loss"] for r in pool.request({"op": "eval", "windows": s.eval_steps})))
             val /= s.eval_steps * batch_tokens
             metrics.write({"step": step, "val_loss": val})
             log(f"step {step:>6}/{s.steps} | val loss {val:.4f}")
-        if s.sample_every and (step % s.sample_every == 0 or last):
+        if s.sample_every and (step % s.sample_every == 0 or last) and group.is_root:
             text = sample_text(cfg, arrays[0], "\n", max_new_tokens=64, seed=s.seed)
             log(f"step {step:>6}/{s.steps} | sample:\n{text}\n")
-        if stop.signum is not None:
-            if not s.no_checkpoint:
+        if group.any(stop.signum is not None):  # every rank stops after the same step
+            if not s.no_checkpoint and group.is_root:
                 log(f"coregpt: checkpoint {checkpoint(s, cfg, step, arrays, counts)}")
-            raise Interrupted(stop.signum, step, s.out_dir)
-        if s.ckpt_every and step % s.ckpt_every == 0 and not last and not s.no_checkpoint:
+            raise Interrupted(stop.signum or signal.SIGINT, step, s.out_dir)
+        if s.ckpt_every and step % s.ckpt_every == 0 and not last and not s.no_checkpoint \
+                and group.is_root:
             checkpoint(s, cfg, step, arrays, counts)
     if s.profile and step > start:
         layers = [r["layers"] for r in pool.request({"op": "profile"})]
         log("coregpt: time inside each worker by layer type (mean over workers)\n"
             + layer_table(layers, step - start))
-    if not s.no_checkpoint and step > start:
+    if not s.no_checkpoint and step > start and group.is_root:
         log(f"coregpt: checkpoint {checkpoint(s, cfg, step, arrays, counts)}")
 
 

@@ -23,15 +23,19 @@ class WorkerError(RuntimeError):
     """A worker died or failed; the message says which and how."""
 
 
-def core_groups(n_workers, threads):
-    """Worker r gets `threads` cores of this process's affinity set, in order."""
+def core_groups(n_workers, threads, offset=0):
+    """Worker r gets `threads` cores of this process's affinity set, in order,
+    after the `offset` workers that other ranks on this machine placed first."""
     cores = sorted(os.sched_getaffinity(0))
-    return [[cores[(r * threads + i) % len(cores)] for i in range(threads)] for r in range(n_workers)]
+    return [[cores[((offset + r) * threads + i) % len(cores)] for i in range(threads)]
+            for r in range(n_workers)]
 
 
 class WorkerPool:
     def __init__(self, cfg, n_workers, threads, *, rows, seq_len, batch_rows, train, val, optim,
-                 profile=False):
+                 profile=False, worker_offset=0, core_offset=0):
+        """rows: batch rows per worker; worker r reads rows from (worker_offset + r)·rows
+        of each batch (worker_offset > 0 for the workers of later MPI ranks)."""
         self.n = n_workers
         self.layout = param_layout(cfg)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
@@ -48,10 +52,11 @@ class WorkerPool:
             self.router.bind(endpoint)
             self._start(endpoint, threads)
             self._gather(timeout=START_TIMEOUT_S)  # hello
-            groups = core_groups(n_workers, threads)
+            groups = core_groups(n_workers, threads, core_offset)
             self.request([{
                 "op": "init", "rank": r, "n_workers": n_workers, "config": cfg.__dict__,
-                "rows": rows, "seq_len": seq_len, "batch_rows": batch_rows,
+                "rows": rows, "first_row": (worker_offset + r) * rows, "seq_len": seq_len,
+                "batch_rows": batch_rows,
                 "train": train, "val": val, "optim": optim, "threads": threads, "cores": groups[r],
                 "profile": profile,
                 "arenas": {"params": self.params.name, "m": self.m.name, "v": self.v.name,

@@ -38,6 +38,7 @@ class Worker:
         self.params, self.m, self.v = attach(names["params"]), attach(names["m"]), attach(names["v"])
         self.grads = [attach(name) for name in names["grads"]]
         self.rows, self.T, self.batch_rows = init["rows"], init["seq_len"], init["batch_rows"]
+        self.first_row = init["first_row"]
         self.model = GPT(cfg, self.rows, self.T, layout.views(self.params.array),
                          layout.views(self.grads[self.rank].array))
         self.train = open_tokens(init["train"])
@@ -54,7 +55,7 @@ class Worker:
 
     def load_rows(self, tokens, window):
         batch_tokens = self.batch_rows * self.T
-        start = window_start(window, tokens.size, batch_tokens) + self.rank * self.rows * self.T
+        start = window_start(window, tokens.size, batch_tokens) + self.first_row * self.T
         self.model.load_batch(tokens[start:start + self.rows * self.T + 1])
 
     def step(self, window, scale, accumulate):
@@ -86,15 +87,17 @@ class Worker:
             loss += self.model.forward()
         return {"loss": loss}
 
-    def reduce(self):
+    def reduce(self, add):
         """Sum shard `rank` of every worker's gradients into worker 0's arena, in
-        rank order so the result never depends on timing; -> Σ g² of the shard."""
+        rank order so the result never depends on timing (add=False: it is summed
+        already, by MPI); -> Σ g² of the shard."""
         total = self.grads[0].array
+        others = self.grads[1:] if add else []
         sumsq = 0.0
         for s in range(self.lo, self.hi, BLOCK):
             e = min(s + BLOCK, self.hi)
             block = total[s:e]
-            for other in self.grads[1:]:
+            for other in others:
                 block += other.array[s:e]
             sumsq += float(np.dot(block, block))
         return {"sumsq": sumsq}
@@ -112,7 +115,7 @@ class Worker:
         op = msg["op"]
         t0 = time.perf_counter()
         if op == "reduce":
-            return dict(self.reduce(), seconds=time.perf_counter() - t0)
+            return dict(self.reduce(msg["add"]), seconds=time.perf_counter() - t0)
         if op == "update":
             return dict(self.update(msg["lr"], msg["scale"], msg["t"]), seconds=time.perf_counter() - t0)
         if op == "step":

@@ -1,0 +1,133 @@
+"""The MPI backend under `mpiexec -n 2` on this machine: same numerics as the
+shared-memory backend and PyTorch, hierarchical workers, a dying rank.
+CI installs the [mpi] extra (mpi4py + the mpich wheel), so these always run."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import REPO, launch, read_metrics, worker_processes
+from test_parity import B, CLIP, LR, STEPS, T, WD, case  # noqa: F401  (the parity fixture)
+
+
+def mpiexec():
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    found = beside if os.path.exists(beside) else shutil.which("mpiexec")
+    assert found, "mpiexec not found: install the [mpi] extra (pip install '.[mpi]')"
+    return found
+
+
+def mpi_launch(n, *args, timeout=600):
+    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "launch", *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def parity_flags(root, out, *extra):
+    return ["train", "--init-from", root / "init", "--data", root / "tokens.bin", "--batch-size", B,
+            "--seq-len", T, "--steps", STEPS, "--lr", LR, "--lr-schedule", "constant", "--warmup", 0,
+            "--weight-decay", WD, "--grad-clip", CLIP, "--threads-per-worker", 1, "--eval-every", 0,
+            "--out-dir", out, *extra]
+
+
+def losses(run):
+    return [r["loss"] for r in read_metrics(run) if "loss" in r]
+
+
+def test_mpi_two_ranks_match_pytorch(case):  # noqa: F811
+    root, expected_losses, expected_weights = case
+    out = root / "mpi2"
+    done = mpi_launch(2, *parity_flags(root, out, "--backend", "mpi"))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("step      8/8") == 1  # only rank 0 reports
+    np.testing.assert_allclose(losses(out), expected_losses, rtol=0, atol=1e-4)
+    weights = load_file(out / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors")
+    for name, value in expected_weights.items():
+        np.testing.assert_allclose(weights[name], value, rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_hierarchical_matches_shared_memory(case):  # noqa: F811
+    root = case[0]
+    mpi, shm = root / "mpi2x2", root / "shm4"
+    done = mpi_launch(2, *parity_flags(root, mpi, "--backend", "mpi", "--workers", 2, "--oversubscribe"))
+    assert done.returncode == 0, done.stderr
+    assert "2 MPI ranks x 2 worker(s)" in done.stderr
+    done = launch(*parity_flags(root, shm, "--workers", 4, "--oversubscribe"))
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(losses(mpi), losses(shm), rtol=0, atol=1e-5)
+
+
+def test_bad_input_under_mpi_is_one_line(case, tmp_path):  # noqa: F811
+    root = case[0]
+    done = mpi_launch(2, *parity_flags(root, tmp_path / "run", "--backend", "mpi",
+                                       "--data", tmp_path / "missing.bin"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.bin does not exist" in lines[0], done.stderr
+    done = mpi_launch(2, *parity_flags(root, tmp_path / "run", "--backend", "mpi", "--workers", 4))
+    assert done.returncode == 2 and "not divisible by --workers 4 x 2 MPI ranks" in done.stderr
+
+
+def rank_pids(mpiexec_pid):
+    """-> {rank: pid} of the python ranks started under this mpiexec."""
+    ranks = {}
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"launch" in argv and b"--backend" in argv and b"PMI_RANK" in env:
+            ranks[int(env[b"PMI_RANK"])] = int(pid)
+    return ranks
+
+
+def test_killed_rank_ends_the_job_and_resume_works(case, tmp_path):  # noqa: F811
+    root = case[0]
+    run = tmp_path / "run"
+    args = parity_flags(root, run, "--backend", "mpi", "--ckpt-every", 2)
+    args[args.index("--steps") + 1] = 100000
+    proc = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "launch", *map(str, args)],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 5:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    ranks = rank_pids(proc.pid)
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 15
+    assert proc.returncode != 0
+    assert "BAD TERMINATION" in out and "signal 9" in out, out  # mpiexec names the signal
+    while worker_processes() and time.monotonic() - t0 < 15:
+        time.sleep(0.1)
+    assert worker_processes() == []
+    k = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert k >= 2
+    done = mpi_launch(2, "train", "--resume", "--out-dir", run, "--steps", k + 2)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in read_metrics(run)][-2:] == [k + 1, k + 2]
+
+
+@pytest.mark.parametrize("steps", [4])
+def test_mpi_runs_repeat_bitwise(case, tmp_path, steps):  # noqa: F811
+    root = case[0]
+    runs = []
+    for name in ("a", "b"):
+        args = parity_flags(root, tmp_path / name, "--backend", "mpi")
+        args[args.index("--steps") + 1] = steps
+        done = mpi_launch(2, *args)
+        assert done.returncode == 0, done.stderr
+        runs.append(losses(tmp_path / name))
+    assert runs[0] == runs[1]
