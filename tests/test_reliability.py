@@ -174,6 +174,9 @@ def test_killed_coordinator_leaves_nothing_behind(tmp_path, files):
     wait_for_steps(proc, run, 5)
     workers = children(proc.pid)
     assert len(workers) == 2
+    with open(f"/proc/{workers[0]}/cmdline", "rb") as f:
+        endpoint = f.read().split(b"\0")[3].decode()
+    socket_dir = os.path.dirname(endpoint.removeprefix("ipc://"))
     proc.kill()
     proc.communicate()
     t0 = time.monotonic()
@@ -181,9 +184,7 @@ def test_killed_coordinator_leaves_nothing_behind(tmp_path, files):
         time.sleep(0.1)
     assert worker_processes() == [], "workers outlived the coordinator by 15 s"
     assert coregpt_segments() == []
-    sockets = [n for n in os.listdir("/tmp") if n.startswith("coregpt-")]
-    time.sleep(0.5)
-    assert not [n for n in sockets if os.path.exists(f"/tmp/{n}/control")]
+    assert not os.path.exists(socket_dir)
     assert resume_works(run) >= 2
 
 
@@ -232,10 +233,11 @@ def test_shared_memory_and_socket_permissions(files):
     pool = WorkerPool(cfg, 1, 1, rows=4, seq_len=32, batch_rows=4, train=str(files / "tokens.bin"),
                       val=None, optim=dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1))
     try:
-        assert stat.S_IMODE(os.stat(pool.tmpdir).st_mode) == 0o700
-        assert os.listdir(pool.tmpdir) == ["control"]
-        assert coregpt_segments() == []  # unlinked as soon as the workers mapped them
-        tmpdir = pool.tmpdir
+        assert pool.socket_dir_mode == 0o700
+        assert os.path.basename(pool.socket_dir).startswith("coregpt-")
+        # both removed as soon as every worker had mapped / connected
+        assert coregpt_segments() == []
+        assert not os.path.exists(pool.socket_dir)
+        assert pool.request({"op": "reduce", "add": True})[0]["sumsq"] == 0.0  # still talking
     finally:
         pool.close()
-    assert not os.path.exists(tmpdir)

@@ -1,6 +1,6 @@
 """The coordinator's side of the workers: shared arenas, worker processes, and
 request/reply rounds over pyzmq (ROUTER here, one DEALER per worker, ipc://
-inside a private 0700 directory)."""
+inside a private 0700 directory that is removed as soon as all are connected)."""
 import json
 import os
 import shutil
@@ -44,7 +44,8 @@ class WorkerPool:
                 self.arenas.append(SharedArena.create(self.layout.size))
             self.params, self.m, self.v = self.arenas[:3]
             self.grads = self.arenas[3:]
-            self.tmpdir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
+            self.tmpdir = self.socket_dir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
+            self.socket_dir_mode = os.stat(self.tmpdir).st_mode & 0o777
             endpoint = f"ipc://{self.tmpdir}/control"
             self.ctx = zmq.Context()
             self.router = self.ctx.socket(zmq.ROUTER)
@@ -64,6 +65,10 @@ class WorkerPool:
             } for r in range(n_workers)], timeout=START_TIMEOUT_S)
             for arena in self.arenas:  # every worker maps them now: drop the names
                 arena.unlink()
+            # every worker is connected too: the socket file is no longer needed, and a
+            # directory that no longer exists cannot be left behind by a kill
+            shutil.rmtree(self.tmpdir)
+            self.tmpdir = None
         except BaseException:
             self.close()
             raise

@@ -4,7 +4,6 @@ and applies AdamW to that shard.  Started by the coordinator as
 `python -m workers ENDPOINT RANK`; every instruction arrives over pyzmq.
 """
 import os
-import shutil
 import signal
 import sys
 import time
@@ -127,16 +126,13 @@ class Worker:
         raise ValueError(f"unknown instruction {op!r}")
 
 
-def serve(sock, parent, socket_dir):
+def serve(sock, parent):
     """Answer instructions until 'stop', or until the coordinator is gone."""
     worker = None
     while True:
         if not sock.poll(PARENT_POLL_MS):
             if os.getppid() != parent:
-                # the coordinator died (even SIGKILL): tidy what it cannot, and exit;
-                # the shared memory goes with the last mapping
-                shutil.rmtree(socket_dir, ignore_errors=True)
-                return 1
+                return 1  # the coordinator died (even SIGKILL): exit; shared memory goes with us
             continue
         msg = sock.recv_json()
         if msg["op"] == "stop":
@@ -168,7 +164,7 @@ def main(argv=None):
     sock.connect(endpoint)
     sock.send_json({"op": "hello"})
     try:
-        return serve(sock, parent, os.path.dirname(endpoint.removeprefix("ipc://")))
+        return serve(sock, parent)
     finally:
         sock.close()
         ctx.term()
