@@ -218,3 +218,13 @@ def test_presets_are_valid_configs(name):
         assert (settings.model, settings.batch_size, settings.seq_len) == ("gpt2", 4, 64)
     if name == "gpt2-shakespeare.toml":
         assert settings.init_from == "gpt2"
+
+
+def test_resume_rechecks_workers_and_names_ignored_flags(tmp_path, tiny):
+    run = tmp_path / "run"
+    train_ok(*flags(tiny, steps=2, workers=1, threads_per_worker=2), "--out-dir", run)
+    # 2 workers x the saved 2 threads would oversubscribe: threads are derived again
+    done = train_ok("--resume", "--out-dir", run, "--steps", 3, "--workers", 2, "--lr", 0.5)
+    assert "on 2 worker(s) x 1 thread(s)" in done.stderr
+    assert "ignored: --lr" in done.stderr
+    assert [r["lr"] for r in read_metrics(run)][-1] != 0.5

@@ -94,6 +94,7 @@ def test_killed_rank_ends_the_job_and_resume_works(case, tmp_path):  # noqa: F81
     root = case[0]
     run = tmp_path / "run"
     tmp_before = [d for d in os.listdir("/tmp") if d.startswith("coregpt-")]
+    shm_before = [n for n in os.listdir("/dev/shm") if n.startswith("mpich_shm_")]
     args = parity_flags(root, run, "--backend", "mpi", "--ckpt-every", 2)
     args[args.index("--steps") + 1] = 100000
     proc = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "launch", *map(str, args)],
@@ -115,6 +116,7 @@ def test_killed_rank_ends_the_job_and_resume_works(case, tmp_path):  # noqa: F81
         time.sleep(0.1)
     assert worker_processes() == []
     assert not [d for d in os.listdir("/tmp") if d.startswith("coregpt-") and d not in tmp_before]
+    assert [n for n in os.listdir("/dev/shm") if n.startswith("mpich_shm_")] == shm_before
     k = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert k >= 2
     done = mpi_launch(2, "train", "--resume", "--out-dir", run, "--steps", k + 2)

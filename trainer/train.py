@@ -12,6 +12,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
+from launch.config import ConfigError, check
 from trainer.checkpoint import latest_checkpoint, load_optimizer, prune_checkpoints, save_checkpoint
 from trainer.corpus import prepare_shakespeare
 from trainer.data import DataError, check_tokens, open_tokens, resolve_data
@@ -24,9 +25,10 @@ from workers.comm import LocalGroup
 from workers.pool import WorkerPool
 
 PHASES = ("forward", "backward", "reduce", "update", "waiting")
+# what a resumed run may change; everything else is the run's own
 RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every", "keep_last",
                 "no_checkpoint", "workers", "threads_per_worker", "oversubscribe", "skip_nonfinite",
-                "profile", "backend")
+                "profile")
 
 
 class RunError(RuntimeError):
@@ -65,7 +67,13 @@ def resume_settings(s, given):
     _, _, state = load_optimizer(ckpt)
     saved = dict(state["config"])
     saved.update({k: v for k, v in vars(s).items() if k in given and k in RESUME_KEEPS})
-    saved.update(resume=True, out_dir=s.out_dir)
+    if "workers" in given and "threads_per_worker" not in given:
+        saved["threads_per_worker"] = None  # derive it again for the new worker count
+    saved.update(resume=True, out_dir=s.out_dir, backend=s.backend)
+    ignored = sorted(k for k in given if k not in RESUME_KEEPS and k not in ("resume", "out_dir"))
+    if ignored:
+        log("coregpt: --resume keeps the run's settings; ignored: "
+            + " ".join("--" + k.replace("_", "-") for k in ignored))
     return saved, ckpt, state
 
 
@@ -169,6 +177,7 @@ def setup(s, given, group):
     if s.resume:
         saved, ckpt, state = resume_settings(s, given)
         vars(s).update(saved)
+        check(s, group if s.backend == "mpi" else None)  # e.g. the new worker count vs cores
     cfg, tensors = build_model(s, ckpt)
     if s.seq_len > cfg.block_size:
         raise DataError(f"--seq-len {s.seq_len} is above the model's context of {cfg.block_size}")
@@ -188,7 +197,7 @@ def train(s, given=(), group=None):
     try:
         cfg, tensors, ckpt, state, train_path, val_path = setup(s, given, group)
         error = None
-    except (DataError, WeightsError, ValueError) as e:
+    except (ConfigError, DataError, WeightsError) as e:
         error = e
     group.agree(error)  # under MPI: every rank stops on any rank's bad input
     start = state["step"] if state else 0

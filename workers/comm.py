@@ -3,6 +3,8 @@ is just this process; under `mpiexec` (`--backend mpi`) each rank runs its own
 shared-memory workers, and ranks sum their node-reduced gradients with MPI.
 Every rank keeps full parameters and Adam moments and applies the same update,
 so they stay bit-identical without an all-gather."""
+import os
+
 import numpy as np
 
 MESSAGE_BYTES = 4096
@@ -49,6 +51,7 @@ class MPIGroup:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        unlink_mpich_segments(node)
         node.Free()
         self.is_root = self.rank == 0
 
@@ -90,6 +93,21 @@ class MPIGroup:
     def abort(self, code):
         """A rank that cannot go on takes the whole job down: no rank hangs."""
         self.comm.Abort(code)
+
+
+def unlink_mpich_segments(node):
+    """MPICH's own /dev/shm segments survive a killed rank.  Like ours, they can
+    lose their names once every rank on the machine has them mapped."""
+    node.Barrier()
+    if node.Get_rank() == 0:
+        with open("/proc/self/maps") as f:
+            mapped = {line.split()[-1] for line in f if "/dev/shm/mpich_shm_" in line}
+        for path in mapped:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    node.Barrier()
 
 
 def make_group(backend):

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 
 import numpy as np
 import zmq
@@ -145,8 +144,7 @@ def serve(sock, parent):
             else:
                 reply = worker.handle(msg)
         except Exception as e:  # report to the coordinator, which explains and stops the run
-            detail = traceback.format_exc(limit=-1).strip().splitlines()[-1]
-            sock.send_json({"op": "error", "error": f"{type(e).__name__}: {e}", "detail": detail})
+            sock.send_json({"op": "error", "error": f"{type(e).__name__}: {e}"})
             return 1
         reply["op"] = "done"
         sock.send_json(reply)
