@@ -1,6 +1,7 @@
-"""`python -m launch [train|prepare|sample|export|plot|sweep] ...`; bare `python -m launch [flags]` trains
-configs/default.toml.  Errors are one line on stderr: exit 2 for bad input,
-1 for a failed run, 130 for Ctrl-C."""
+"""`python -m launch COMMAND ...` (train, prepare, sample, export, plot, sweep);
+bare `python -m launch [flags]` trains configs/default.toml.  Errors are one
+line on stderr: exit 2 for bad input, 1 for a failed run, 130 / 143 after
+Ctrl-C / SIGTERM."""
 import argparse
 import sys
 
@@ -173,7 +174,8 @@ def main(argv=None):
             group.abort(code)  # the other ranks would wait for us forever
         return code
     except Interrupted as e:
-        print(f"coregpt: {e}", file=sys.stderr)
+        if Session.group is None or Session.group.is_root:
+            print(f"coregpt: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return fail("interrupted", 130)
