@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+from trainer.files import atomic_write
 from trainer.weights import WeightsError, read_safetensors, save_model
 
 
@@ -18,15 +19,6 @@ def fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir, step, cfg, params, m, v, state):
@@ -56,7 +48,8 @@ def save_checkpoint(run_dir, step, cfg, params, m, v, state):
         else:
             os.replace(tmp, final)
         fsync_dir(root)
-        write_atomic(os.path.join(root, "latest"), name + "\n")
+        with atomic_write(os.path.join(root, "latest"), "w") as f:
+            f.write(name + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

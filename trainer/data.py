@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from trainer.files import atomic_write
+
 MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
 
 
@@ -23,17 +25,9 @@ def write_tokens(path, tokens):
         raise DataError(f"{path}: token ids must fit in uint16")
     header = np.zeros(256, dtype=np.int32)
     header[:3] = (MAGIC, VERSION, tokens.size)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype(np.uint16).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
 
 
 def open_tokens(path):

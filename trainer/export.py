@@ -7,6 +7,7 @@ from importlib import resources
 
 import numpy as np
 
+from trainer.files import atomic_write
 from trainer.weights import LLMC_MAGIC, WeightsError, llmc_order, save_model
 
 FORMATS = ("hf", "llmc")
@@ -21,25 +22,17 @@ def export_llmc(path, cfg, tensors):
     header = np.zeros(256, dtype=np.int32)
     header[:8] = (LLMC_MAGIC, 3, cfg.block_size, cfg.vocab_size, cfg.n_layer, cfg.n_head,
                   cfg.n_embd, Vp)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            for name, shape, transposed, layered in llmc_order(cfg, Vp):
-                if name == "wte.weight":
-                    f.write(tensors[name].tobytes())
-                    f.write(np.zeros((Vp - cfg.vocab_size, cfg.n_embd), dtype=np.float32).tobytes())
-                    continue
-                for i in range(cfg.n_layer) if layered else [None]:
-                    tensor = tensors[name if i is None else f"h.{i}.{name}"]
-                    f.write(np.ascontiguousarray(tensor.T if transposed else tensor,
-                                                 dtype=np.float32).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as f:
+        f.write(header.tobytes())
+        for name, shape, transposed, layered in llmc_order(cfg, Vp):
+            if name == "wte.weight":
+                f.write(tensors[name].tobytes())
+                f.write(np.zeros((Vp - cfg.vocab_size, cfg.n_embd), dtype=np.float32).tobytes())
+                continue
+            for i in range(cfg.n_layer) if layered else [None]:
+                tensor = tensors[name if i is None else f"h.{i}.{name}"]
+                f.write(np.ascontiguousarray(tensor.T if transposed else tensor,
+                                             dtype=np.float32).tobytes())
 
 
 def export_hf(directory, cfg, tensors):

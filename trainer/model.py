@@ -129,14 +129,19 @@ def attention_backward(dqkv, datt, dout, qkv, att, rowtmp, n_head):
     np.matmul(datt.swapaxes(-1, -2), q, out=dk)
 
 
-def gelu_forward(out, x):
-    """tanh-approximate GELU: out = ½x(1 + tanh(√(2/π)(x + 0.044715x³)))"""
+def gelu_tanh(out, x):
+    """out = tanh(√(2/π)(x + 0.044715x³)), the tanh of GELU's approximation"""
     np.multiply(x, x, out=out)
     out *= x
     out *= GELU_K
     out += x
     out *= GELU_S
     np.tanh(out, out=out)
+
+
+def gelu_forward(out, x):
+    """tanh-approximate GELU: out = ½x(1 + tanh(√(2/π)(x + 0.044715x³)))"""
+    gelu_tanh(out, x)
     out += 1
     out *= x
     out *= np.float32(0.5)
@@ -145,12 +150,7 @@ def gelu_forward(out, x):
 def gelu_backward(dout, x, th, slope):
     """dout (N,4C) *= GELU'(x) in place; th, slope (N,4C) scratch.
     GELU' = (1 + th)(½ + ½·s·x(1 + 3k·x²)(1 − th)), th = tanh(s(x + k·x³))"""
-    np.multiply(x, x, out=th)
-    th *= x
-    th *= GELU_K
-    th += x
-    th *= GELU_S
-    np.tanh(th, out=th)
+    gelu_tanh(th, x)
     np.multiply(x, x, out=slope)
     slope *= np.float32(3) * GELU_K
     slope += 1

@@ -2,6 +2,8 @@
 import json
 import os
 
+from trainer.files import atomic_write
+
 
 def plot_run(run_dir):
     import matplotlib
@@ -31,8 +33,7 @@ def plot_run(run_dir):
     top.set_xlabel("tokens")
     fig.tight_layout()
     path = os.path.join(run_dir, "loss.png")
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

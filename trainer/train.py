@@ -16,6 +16,7 @@ from launch.config import ConfigError, check
 from trainer.checkpoint import latest_checkpoint, load_optimizer, prune_checkpoints, save_checkpoint
 from trainer.corpus import prepare_shakespeare
 from trainer.data import DataError, check_tokens, open_tokens, resolve_data
+from trainer.files import atomic_write
 from trainer.optim import clip_scale, lr_at
 from trainer.params import GPT2_VOCAB, init_gpt2
 from trainer.profile import layer_table
@@ -126,9 +127,8 @@ class Metrics:
         if keep_through_step is not None and os.path.isfile(self.path):
             with open(self.path) as f:
                 rows = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_through_step]
-        with open(self.path + ".tmp", "w") as f:
+        with atomic_write(self.path, "w") as f:
             f.writelines(rows)
-        os.replace(self.path + ".tmp", self.path)
         self.file = open(self.path, "a")
 
     def write(self, row):

@@ -14,8 +14,8 @@ import zmq
 from trainer.data import open_tokens, window_start
 from trainer.model import GPT
 from trainer.optim import BLOCK, adamw_update
-from trainer.profile import LayerTimes
 from trainer.params import GPTConfig, decay_segments, param_layout, shard_bounds
+from trainer.profile import LayerTimes
 from workers.shm import SharedArena
 
 PARENT_POLL_MS = 500
