@@ -105,6 +105,13 @@ def test_bad_train_input(tmp_path, files, flags, message):
     assert (files / "a_file").read_text() == "keep me"
 
 
+def test_named_gpt2_offline_says_to_pass_a_local_path(tmp_path, files):
+    done = launch(*train_args(files, "--init-from", "gpt2", "--out-dir", tmp_path / "run"),
+                  env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=60)
+    check_rejected(done, "cannot download 'gpt2': no network")
+    assert "pass a local path" in done.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["sample", "--checkpoint", "{d}/nope"], "--init-from {d}/nope does not exist"),
     (["prepare", "--text", "{d}/nope.txt", "--out", "{d}/p1"], "text file {d}/nope.txt does not exist"),

@@ -4,7 +4,9 @@ Everything is read as plain arrays (safetensors, raw binary, JSON); nothing is
 ever unpickled.  Loaders return (GPTConfig, {hf_name: float32 array}).
 """
 import json
+import logging
 import os
+import socket
 
 import numpy as np
 
@@ -116,7 +118,8 @@ def checkpoint_dir(path):
 def load_weights(source):
     """--init-from: HF directory or .safetensors, llm.c .bin, coregpt checkpoint or run."""
     if source in HF_NAMES and not os.path.exists(source):
-        return load_safetensors(*download_hf(source))
+        model, config = download_hf(source)
+        return load_safetensors(model, config)
     if not os.path.exists(source):
         raise WeightsError(f"--init-from {source} does not exist")
     if os.path.isdir(source):
@@ -145,13 +148,30 @@ def refuse_pickle(path):
 
 
 def download_hf(name):
+    """gpt2 … gpt2-xl from the Hugging Face hub: a cached copy if there is one,
+    else a download, failing at once (not after retries) when offline."""
+    advice = "pass a local path: a GPT-2 directory, .safetensors or llm.c .bin"
     try:
         from huggingface_hub import hf_hub_download
-        model = hf_hub_download(name, "model.safetensors")
-        return model, hf_hub_download(name, "config.json")
-    except Exception:
-        raise WeightsError(f"cannot download '{name}' (no network or no huggingface_hub); "
-                           f"pass a local path: a GPT-2 directory, .safetensors or llm.c .bin") from None
+    except ImportError:
+        raise WeightsError(f"--init-from {name} needs huggingface_hub to download; {advice}") from None
+    files = ("model.safetensors", "config.json")
+    try:
+        return tuple(hf_hub_download(name, f, local_files_only=True) for f in files)
+    except Exception:  # noqa: BLE001 - not cached: try the network below
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        if offline:
+            raise OSError("HF_HUB_OFFLINE is set")
+        socket.getaddrinfo("huggingface.co", 443)
+    except OSError as e:
+        raise WeightsError(f"cannot download '{name}': no network ({e}); {advice}") from None
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    try:
+        return tuple(hf_hub_download(name, f) for f in files)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"cannot download '{name}' ({type(e).__name__}); {advice}") from None
 
 
 def check_tensors(cfg, tensors, source):
