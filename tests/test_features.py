@@ -142,7 +142,7 @@ def test_export_llmc_header_values_and_loss(tmp_path, tiny, trained):
 
 
 def test_export_hf_loads_in_transformers(tmp_path, trained):
-    transformers = pytest.importorskip("transformers")  # installed by the [test] extra
+    import transformers  # the [test] extra installs it; a missing one must fail, not skip
     out = tmp_path / "hf"
     done = launch("export", "--checkpoint", trained, "--format", "hf", "--out", out)
     assert done.returncode == 0, done.stderr
