@@ -33,6 +33,17 @@ def write_hf_dir(directory, state, n_layer, n_head, n_embd, n_ctx, vocab):
                    "n_positions": n_ctx, "vocab_size": vocab}, f)
 
 
+def tiny_state(seed):
+    """Random weights of the tiny parity model (torch tensors by HF name)."""
+    from torch_gpt2 import random_state
+    return random_state(TINY["n_layer"], TINY["n_embd"], TINY["vocab"], TINY["n_ctx"], seed)
+
+
+def write_tiny_dir(directory, state):
+    write_hf_dir(directory, state, TINY["n_layer"], TINY["n_head"], TINY["n_embd"], TINY["n_ctx"],
+                 TINY["vocab"])
+
+
 def launch(*args, cwd=None, env=None, timeout=600):
     """Run `python -m launch ARGS` -> CompletedProcess (text)."""
     full_env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))

@@ -1,6 +1,4 @@
 """Tokenizer offline, corpus preparation, token files and the batch order."""
-import os
-
 import numpy as np
 import pytest
 

@@ -12,15 +12,14 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import REPO, TINY, launch, read_metrics, write_hf_dir, write_token_file
-from torch_gpt2 import TorchGPT2, random_state
+from conftest import REPO, TINY, launch, read_metrics, tiny_state, write_tiny_dir, write_token_file
+from torch_gpt2 import TorchGPT2
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("features")
-    state = random_state(TINY["n_layer"], TINY["n_embd"], TINY["vocab"], TINY["n_ctx"], seed=4)
-    write_hf_dir(root / "init", state, TINY["n_layer"], TINY["n_head"], TINY["n_embd"],
-                 TINY["n_ctx"], TINY["vocab"])
+    state = tiny_state(seed=4)
+    write_tiny_dir(root / "init", state)
     write_token_file(root / "tokens.bin", np.random.default_rng(4).integers(0, 50257, 4000))
     return root, state
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import TINY, launch, read_metrics, write_hf_dir, write_token_file
-from torch_gpt2 import TorchGPT2, random_state
+from conftest import TINY, launch, read_metrics, tiny_state, write_tiny_dir, write_token_file
+from torch_gpt2 import TorchGPT2
 
 B, T, STEPS, LR, WD, CLIP = 4, 32, 8, 1e-3, 0.1, 1.0
 # 5 whole windows and a few tokens more: steps 6-8 wrap to the start of the file
@@ -38,9 +38,8 @@ def torch_reference(state, tokens):
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
-    state = random_state(TINY["n_layer"], TINY["n_embd"], TINY["vocab"], TINY["n_ctx"], seed=0)
-    write_hf_dir(root / "init", state, TINY["n_layer"], TINY["n_head"], TINY["n_embd"],
-                 TINY["n_ctx"], TINY["vocab"])
+    state = tiny_state(seed=0)
+    write_tiny_dir(root / "init", state)
     tokens = np.random.default_rng(0).integers(0, TINY["vocab"], N_TOKENS).astype(np.uint16)
     write_token_file(root / "tokens.bin", tokens)
     losses, weights = torch_reference(state, tokens)

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (REPO, TINY, coregpt_segments, launch, read_metrics, worker_processes,
-                      write_hf_dir, write_token_file)
-from torch_gpt2 import random_state
+from conftest import (REPO, coregpt_segments, launch, read_metrics, tiny_state, worker_processes,
+                      write_hf_dir, write_tiny_dir, write_token_file)
 
 BATCH = ["--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1, "--eval-every", 0]
 
@@ -21,9 +20,8 @@ BATCH = ["--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1, "--eval-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
-    state = random_state(TINY["n_layer"], TINY["n_embd"], TINY["vocab"], TINY["n_ctx"], seed=9)
-    write_hf_dir(d / "init", state, TINY["n_layer"], TINY["n_head"], TINY["n_embd"], TINY["n_ctx"],
-                 TINY["vocab"])
+    state = tiny_state(seed=9)
+    write_tiny_dir(d / "init", state)
     write_token_file(d / "tokens.bin", np.random.default_rng(9).integers(0, 50257, 4000))
     write_token_file(d / "short.bin", np.arange(100))
     write_token_file(d / "big_ids.bin", np.full(500, 60000))
@@ -197,9 +195,9 @@ def test_killed_coordinator_leaves_nothing_behind(tmp_path, files):
 
 @pytest.mark.parametrize("skip", [False, True])
 def test_nonfinite_loss(tmp_path, files, skip):
-    state = random_state(TINY["n_layer"], TINY["n_embd"], TINY["vocab"], TINY["n_ctx"], seed=9)
+    state = tiny_state(seed=9)
     state["h.0.ln_1.weight"][3] = float("nan")
-    write_hf_dir(tmp_path / "nan", state, 2, 4, 64, 64, 50257)
+    write_tiny_dir(tmp_path / "nan", state)
     run = tmp_path / "run"
     done = launch("train", "--init-from", tmp_path / "nan", "--data", files / "tokens.bin", *BATCH,
                   "--steps", 3, "--workers", 2, "--out-dir", run, *(["--skip-nonfinite"] if skip else []))
