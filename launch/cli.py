@@ -3,6 +3,7 @@ bare `python -m launch [flags]` trains configs/default.toml.  Errors are one
 line on stderr: exit 2 for bad input, 1 for a failed run, 130 / 143 after
 Ctrl-C / SIGTERM."""
 import argparse
+import os
 import sys
 
 from launch.config import SETTINGS, ConfigError, check, default_config_path, merge
@@ -62,10 +63,24 @@ class Session:
     group = None
 
 
+def mpi_world_size():
+    """Ranks started by mpiexec (MPICH's PMI, or Open MPI), from the environment."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
 def cmd_train(argv):
     args = vars(train_parser().parse_args(argv))
     config = args.pop("config", None)
     settings = merge(config, args)
+    if settings.resume and "backend" not in args and settings.out_dir:
+        from trainer.checkpoint import saved_setting
+        settings.backend = saved_setting(settings.out_dir, "backend") or settings.backend
+    if settings.backend == "shm" and mpi_world_size() > 1:
+        raise ConfigError(f"started by mpiexec as {mpi_world_size()} ranks with --backend shm, which "
+                          f"would train {mpi_world_size()} separate copies; pass --backend mpi")
     from workers.comm import make_group
     Session.group = make_group(settings.backend)
     check(settings, Session.group if settings.backend == "mpi" else None)
@@ -75,7 +90,6 @@ def cmd_train(argv):
 
 
 def cmd_prepare(argv):
-    import os
     from trainer.corpus import prepare_shakespeare, prepare_text
     args = prepare_parser().parse_args(argv)
     if bool(args.corpus) == bool(args.text):
@@ -130,7 +144,6 @@ def cmd_export(argv):
 
 
 def cmd_plot(argv):
-    import os
     p = Parser(prog="launch plot", description="Write RUN/loss.png from RUN/metrics.jsonl.")
     p.add_argument("run", help="a run directory")
     args = p.parse_args(argv)
@@ -165,7 +178,8 @@ def main(argv=None):
     except (ConfigError, DataError, WeightsError) as e:
         # the same on every rank (settings) or already agreed by all ranks (setup)
         group = Session.group
-        return fail(str(e), 2) if group is None or group.is_root else 2
+        root = group.is_root if group is not None else os.environ.get("PMI_RANK", "0") == "0"
+        return fail(str(e), 2) if root else 2
     except (WorkerError, RunError) as e:
         group = Session.group
         where = f"rank {group.rank}: " if group is not None and group.size > 1 else ""

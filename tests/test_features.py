@@ -76,10 +76,13 @@ def test_resume_is_bit_identical(tmp_path, tiny, schedule):
 def test_resume_extends_steps(tmp_path, tiny):
     run = tmp_path / "run"
     train_ok(*flags(tiny, steps=3, lr_schedule="constant"), "--out-dir", run)
+    # what a writer killed mid-checkpoint leaves behind is cleared by the next checkpoint
+    (run / "checkpoints" / ".tmp-step_000004-99999").mkdir()
     done = train_ok("--resume", "--out-dir", run, "--steps", 5)
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
     assert "step      4/5" in done.stderr
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000005"
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_000003", "step_000005"]
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -72,6 +72,10 @@ def test_bad_input_under_mpi_is_one_line(case, tmp_path):  # noqa: F811
     assert len(lines) == 1 and "missing.bin does not exist" in lines[0], done.stderr
     done = mpi_launch(2, *parity_flags(root, tmp_path / "run", "--backend", "mpi", "--workers", 4))
     assert done.returncode == 2 and "not divisible by --workers 4 x 2 MPI ranks" in done.stderr
+    # without --backend mpi, two ranks would train two copies into one directory
+    done = mpi_launch(2, *parity_flags(root, tmp_path / "run"))
+    assert done.returncode == 2 and done.stderr.count("pass --backend mpi") == 1
+    assert not (tmp_path / "run").exists()
 
 
 def rank_pids(mpiexec_pid):
@@ -121,7 +125,8 @@ def test_killed_rank_ends_the_job_and_resume_works(case, tmp_path):  # noqa: F81
     assert k >= 2
     done = mpi_launch(2, "train", "--resume", "--out-dir", run, "--steps", k + 2)
     assert done.returncode == 0, done.stderr
-    assert [r["step"] for r in read_metrics(run)][-2:] == [k + 1, k + 2]
+    assert "on 2 MPI ranks" in done.stderr  # the run's own backend, without --backend mpi
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, k + 3))
 
 
 @pytest.mark.parametrize("steps", [4])

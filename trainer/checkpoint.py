@@ -10,7 +10,7 @@ import os
 import shutil
 
 from trainer.files import atomic_write
-from trainer.weights import WeightsError, read_safetensors, save_model
+from trainer.weights import WeightsError, latest_checkpoint, read_safetensors, save_model
 
 
 def fsync_dir(path):
@@ -26,9 +26,11 @@ def save_checkpoint(run_dir, step, cfg, params, m, v, state):
     from safetensors.numpy import save_file
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
+    for leftover in os.listdir(root):  # from a writer killed mid-checkpoint
+        if leftover.startswith((".tmp-", ".old-")):
+            shutil.rmtree(os.path.join(root, leftover), ignore_errors=True)
     name = f"step_{step:06d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         save_model(tmp, cfg, params)
@@ -64,13 +66,19 @@ def prune_checkpoints(run_dir, keep):
         shutil.rmtree(os.path.join(root, name))
 
 
-def latest_checkpoint(run_dir):
-    latest = os.path.join(run_dir, "checkpoints", "latest")
-    if not os.path.isfile(latest):
-        return None
-    with open(latest) as f:
-        path = os.path.join(run_dir, "checkpoints", f.read().strip())
-    return path if os.path.isdir(path) else None
+
+def read_state(ckpt_dir):
+    try:
+        with open(os.path.join(ckpt_dir, "state.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{ckpt_dir}: unreadable state.json ({e})") from None
+
+
+def saved_setting(run_dir, key):
+    """A setting of the run in run_dir, from its latest checkpoint (None if none)."""
+    ckpt = latest_checkpoint(run_dir)
+    return read_state(ckpt)["config"].get(key) if ckpt else None
 
 
 def load_optimizer(ckpt_dir):
@@ -78,9 +86,4 @@ def load_optimizer(ckpt_dir):
     tensors = read_safetensors(os.path.join(ckpt_dir, "optimizer.safetensors"))
     m = {k[2:]: a for k, a in tensors.items() if k.startswith("m.")}
     v = {k[2:]: a for k, a in tensors.items() if k.startswith("v.")}
-    try:
-        with open(os.path.join(ckpt_dir, "state.json")) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{ckpt_dir}: unreadable state.json ({e})") from None
-    return m, v, state
+    return m, v, read_state(ckpt_dir)

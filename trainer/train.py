@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 
 from launch.config import ConfigError, check
-from trainer.checkpoint import latest_checkpoint, load_optimizer, prune_checkpoints, save_checkpoint
+from trainer.checkpoint import load_optimizer, prune_checkpoints, save_checkpoint
 from trainer.corpus import prepare_shakespeare
 from trainer.data import DataError, check_tokens, open_tokens, resolve_data
 from trainer.files import atomic_write
@@ -21,7 +21,8 @@ from trainer.optim import clip_scale, lr_at
 from trainer.params import GPT2_VOCAB, init_gpt2
 from trainer.profile import layer_table
 from trainer.sample import sample_text
-from trainer.weights import WeightsError, check_tensors, load_weights, preset_config
+from trainer.weights import (WeightsError, check_tensors, latest_checkpoint, load_weights,
+                             preset_config)
 from workers.comm import LocalGroup
 from workers.pool import WorkerPool
 

@@ -106,13 +106,19 @@ def load_safetensors(path, hf_config=None):
     return cfg, tensors
 
 
+def latest_checkpoint(run_dir):
+    """The checkpoint directory RUN/checkpoints/latest names, or None."""
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        path = os.path.join(run_dir, "checkpoints", f.read().strip())
+    return path if os.path.isdir(path) else None
+
+
 def checkpoint_dir(path):
     """A coregpt run directory -> its latest checkpoint directory; else path itself."""
-    latest = os.path.join(path, "checkpoints", "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, "checkpoints", f.read().strip())
-    return path
+    return latest_checkpoint(path) or path
 
 
 def load_weights(source):
