@@ -69,7 +69,7 @@ def sweep(argv):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out-dir {out_dir} is a file")
     cores = len(os.sched_getaffinity(0))
-    rows, base = [], None
+    rows = []
     for w in workers:
         for t in threads:
             row = dict(workers=w, threads=t, cores_used=w * t)

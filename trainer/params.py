@@ -101,7 +101,7 @@ def param_layout(cfg):
     return Layout(param_shapes(cfg))
 
 
-def decay_segments(cfg, layout):
+def decay_segments(layout):
     """[(start, end, decays)] covering the arena: weight decay on 2-D tensors only."""
     segments = []
     for name, shape in layout.shapes.items():

@@ -125,7 +125,7 @@ class Metrics:
     def __init__(self, out_dir, keep_through_step):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         rows = []
-        if keep_through_step is not None and os.path.isfile(self.path):
+        if os.path.isfile(self.path):
             with open(self.path) as f:
                 rows = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_through_step]
         with atomic_write(self.path, "w") as f:

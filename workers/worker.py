@@ -43,7 +43,7 @@ class Worker:
         self.val = open_tokens(init["val"]) if init["val"] else None
         self.lo, self.hi = shard_bounds(layout.size, self.n_workers)[self.rank]
         self.segments = [(max(s, self.lo), min(e, self.hi), decays)
-                         for s, e, decays in decay_segments(cfg, layout) if s < self.hi and e > self.lo]
+                         for s, e, decays in decay_segments(layout) if s < self.hi and e > self.lo]
         self.optim = init["optim"]
         self.layer_times = None
         if init["profile"]:
