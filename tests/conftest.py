@@ -44,6 +44,16 @@ def write_tiny_dir(directory, state):
                  TINY["vocab"])
 
 
+def write_tiny_inputs(directory, seed, n_tokens=4000):
+    """directory/init (random tiny GPT-2) and directory/tokens.bin (random ids)
+    -> (state, tokens)."""
+    state = tiny_state(seed)
+    write_tiny_dir(directory / "init", state)
+    tokens = np.random.default_rng(seed).integers(0, TINY["vocab"], n_tokens).astype(np.uint16)
+    write_token_file(directory / "tokens.bin", tokens)
+    return state, tokens
+
+
 def launch(*args, cwd=None, env=None, timeout=600):
     """Run `python -m launch ARGS` -> CompletedProcess (text)."""
     full_env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))

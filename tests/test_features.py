@@ -12,15 +12,13 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import REPO, TINY, launch, read_metrics, tiny_state, write_tiny_dir, write_token_file
+from conftest import REPO, TINY, launch, read_metrics, write_tiny_inputs
 from torch_gpt2 import TorchGPT2
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("features")
-    state = tiny_state(seed=4)
-    write_tiny_dir(root / "init", state)
-    write_token_file(root / "tokens.bin", np.random.default_rng(4).integers(0, 50257, 4000))
+    state, _ = write_tiny_inputs(root, seed=4)
     return root, state
 
 

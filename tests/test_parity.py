@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import TINY, launch, read_metrics, tiny_state, write_tiny_dir, write_token_file
+from conftest import TINY, launch, read_metrics, write_tiny_inputs
 from torch_gpt2 import TorchGPT2
 
 B, T, STEPS, LR, WD, CLIP = 4, 32, 8, 1e-3, 0.1, 1.0
@@ -38,10 +38,7 @@ def torch_reference(state, tokens):
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
-    state = tiny_state(seed=0)
-    write_tiny_dir(root / "init", state)
-    tokens = np.random.default_rng(0).integers(0, TINY["vocab"], N_TOKENS).astype(np.uint16)
-    write_token_file(root / "tokens.bin", tokens)
+    state, tokens = write_tiny_inputs(root, seed=0, n_tokens=N_TOKENS)
     losses, weights = torch_reference(state, tokens)
     return root, losses, weights
 

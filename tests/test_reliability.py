@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import (REPO, coregpt_segments, launch, read_metrics, tiny_state, worker_processes,
-                      write_hf_dir, write_tiny_dir, write_token_file)
+                      write_hf_dir, write_tiny_dir, write_tiny_inputs, write_token_file)
 
 BATCH = ["--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1, "--eval-every", 0]
 
@@ -20,9 +20,7 @@ BATCH = ["--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1, "--eval-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
-    state = tiny_state(seed=9)
-    write_tiny_dir(d / "init", state)
-    write_token_file(d / "tokens.bin", np.random.default_rng(9).integers(0, 50257, 4000))
+    state, _ = write_tiny_inputs(d, seed=9)
     write_token_file(d / "short.bin", np.arange(100))
     write_token_file(d / "big_ids.bin", np.full(500, 60000))
     write_token_file(d / "zero.bin", [])
@@ -149,6 +147,15 @@ def wait_for_steps(proc, run, n):
         time.sleep(0.05)
 
 
+def two_workers_running(files, run):
+    """A 2-worker run past its fifth step -> (coordinator process, worker pids)."""
+    proc = start_run(files, run)
+    wait_for_steps(proc, run, 5)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    return proc, workers
+
+
 def resume_works(run):
     k = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
     done = launch("train", "--resume", "--out-dir", run, "--steps", k + 1)
@@ -159,10 +166,7 @@ def resume_works(run):
 
 def test_killed_worker_is_reported_and_run_resumes(tmp_path, files):
     run = tmp_path / "run"
-    proc = start_run(files, run)
-    wait_for_steps(proc, run, 5)
-    workers = children(proc.pid)
-    assert len(workers) == 2
+    proc, workers = two_workers_running(files, run)
     os.kill(workers[1], signal.SIGKILL)
     t0 = time.monotonic()
     _, stderr = proc.communicate(timeout=30)
@@ -175,10 +179,7 @@ def test_killed_worker_is_reported_and_run_resumes(tmp_path, files):
 
 def test_killed_coordinator_leaves_nothing_behind(tmp_path, files):
     run = tmp_path / "run"
-    proc = start_run(files, run)
-    wait_for_steps(proc, run, 5)
-    workers = children(proc.pid)
-    assert len(workers) == 2
+    proc, workers = two_workers_running(files, run)
     with open(f"/proc/{workers[0]}/cmdline", "rb") as f:
         endpoint = f.read().split(b"\0")[3].decode()
     socket_dir = os.path.dirname(endpoint.removeprefix("ipc://"))
