@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from torch_gpt2 import TorchGPT2, random_state
-from trainer.model import GPT
+from trainer.model import GPT, task_params, weight_grad_tasks
 from trainer.params import PRESETS, GPTConfig, init_gpt2, param_layout
 
 
@@ -78,3 +78,28 @@ def test_gpt2_init_statistics_and_seed():
     assert np.all(a["h.1.ln_2.weight"] == 1) and np.all(a["h.1.attn.c_attn.bias"] == 0)
     init_gpt2(cfg, b, seed=4)
     assert not np.array_equal(a["wte.weight"], b["wte.weight"])
+
+
+@pytest.mark.parametrize("n_parts", [1, 2, 3, 4])
+def test_weight_gradient_tasks_cover_every_parameter_once(n_parts):
+    """Workers split the weight gradients by task: together they must write every
+    gradient element exactly once, and no worker may get much more than its share."""
+    cfg = GPTConfig(**PRESETS["gpt2"], vocab_size=50257)
+    layout = param_layout(cfg)
+    written = np.zeros(layout.size, dtype=np.int64)
+    loads = []
+    for tasks in weight_grad_tasks(cfg, n_parts):
+        load = 0
+        for task in tasks:
+            for name, lo, hi in task_params(task):
+                start, rows = layout.offsets[name], layout.shapes[name]
+                width = int(np.prod(rows[1:]))
+                hi = rows[0] if hi is None else hi
+                written[start + lo * width:start + hi * width] += 1
+                load += (hi - lo) * width
+        loads.append(load)
+    covered = np.concatenate([written[o:o + int(np.prod(layout.shapes[n]))]
+                              for n, o in layout.offsets.items()])
+    assert covered.min() == covered.max() == 1
+    biggest_matrix = 4 * cfg.n_embd ** 2
+    assert max(loads) - min(loads) <= biggest_matrix + 4 * cfg.n_embd + cfg.block_size * cfg.n_embd

@@ -31,8 +31,9 @@ def test_profile_logs_phases_and_layer_table(tmp_path, tokens):
         # measured inside the workers, so it fits in the coordinator's wall time for the step
         assert sum(work) <= row["step_ms"] and phases["waiting"] >= 0
     table = done.stderr.split("by layer type")[1]
-    for layer in ("matmul_forward", "matmul_backward", "attention_forward", "layernorm_backward",
-                  "lmhead_backward", "crossentropy_forward", "all layers"):
+    for layer in ("matmul_forward", "matmul_backward", "matmul_weights_backward",
+                  "attention_forward", "layernorm_backward", "lmhead_backward",
+                  "lmhead_weights_backward", "crossentropy_forward", "all layers"):
         assert layer in table
 
 

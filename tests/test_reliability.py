@@ -244,6 +244,6 @@ def test_shared_memory_and_socket_permissions(files):
         # both removed as soon as every worker had mapped / connected
         assert coregpt_segments() == []
         assert not os.path.exists(pool.socket_dir)
-        assert pool.request({"op": "reduce", "add": True})[0]["sumsq"] == 0.0  # still talking
+        assert pool.request({"op": "sumsq"})[0]["sumsq"] == 0.0  # still talking
     finally:
         pool.close()

@@ -20,12 +20,20 @@ def encoder_forward(out, idx, wte, wpe):
     out += wpe[:idx.shape[1]]
 
 
-def encoder_backward(dwte, dwpe, dout, idx):
-    """dout (B,T,C); dwte accumulates (the lm head wrote it first), dwpe is overwritten."""
-    T = idx.shape[1]
-    np.sum(dout, axis=0, out=dwpe[:T])
-    dwpe[T:] = 0
-    np.add.at(dwte, idx.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+def encoder_backward(dwte, dwpe, dout, idx, vocab_lo=0):
+    """dout (B,T,C) -> adds each row into the dwte row of its token, for the tokens in
+    dwte's slice of the vocabulary (ids vocab_lo…); dwte accumulates (the lm head
+    wrote it first).  dwpe, when given, is overwritten."""
+    if dwpe is not None:
+        T = idx.shape[1]
+        np.sum(dout, axis=0, out=dwpe[:T])
+        dwpe[T:] = 0
+    ids, rows = idx.reshape(-1), dout.reshape(-1, dout.shape[-1])
+    if vocab_lo == 0 and dwte.shape[0] > ids.max():
+        np.add.at(dwte, ids, rows)
+    else:
+        mine = (ids >= vocab_lo) & (ids < vocab_lo + dwte.shape[0])
+        np.add.at(dwte, ids[mine] - vocab_lo, rows[mine])
 
 
 def layernorm_forward(out, mean, rstd, x, w, b):
@@ -42,24 +50,33 @@ def layernorm_forward(out, mean, rstd, x, w, b):
     out += b
 
 
-def layernorm_backward(dx, dw, db, dout, x, mean, rstd, w, norm, dnorm, rowtmp):
-    """dout (N,C) -> dx (N,C) accumulated, dw and db (C) overwritten.
-    norm, dnorm (N,C) and rowtmp (N,1) are scratch; dout is destroyed."""
+def layernorm_backward(dx, dres, dout, x, mean, rstd, w, norm, dnorm, rowtmp):
+    """dout (N,C) -> dx (N,C) = dres + ∂/∂x (dres None: 0); dout is kept for
+    layernorm_weights_backward.  norm, dnorm (N,C) and rowtmp (N,1) are scratch."""
     np.subtract(x, mean, out=norm)
     norm *= rstd
-    np.sum(dout, axis=0, out=db)
-    np.multiply(dout, norm, out=dnorm)
-    np.sum(dnorm, axis=0, out=dw)
     np.multiply(dout, w, out=dnorm)
     # dx = rstd · (dnorm − mean(dnorm) − norm · mean(dnorm · norm))
-    np.multiply(dnorm, norm, out=dout)
-    np.mean(dout, axis=1, keepdims=True, out=rowtmp)
+    np.einsum("nc,nc->n", dnorm, norm, out=rowtmp[:, 0])
+    rowtmp /= np.float32(x.shape[1])
     norm *= rowtmp
     np.mean(dnorm, axis=1, keepdims=True, out=rowtmp)
     dnorm -= rowtmp
     dnorm -= norm
     dnorm *= rstd
-    dx += dnorm
+    if dres is None:
+        np.copyto(dx, dnorm)
+    else:
+        np.add(dres, dnorm, out=dx)
+
+
+def layernorm_weights_backward(dw, db, dout, x, mean, rstd, norm):
+    """dout, x (N,C) -> dw, db (C) overwritten; norm (N,C) scratch."""
+    np.subtract(x, mean, out=norm)
+    norm *= rstd
+    norm *= dout
+    np.sum(norm, axis=0, out=dw)
+    np.sum(dout, axis=0, out=db)
 
 
 def matmul_forward(out, inp, w, b):
@@ -68,9 +85,13 @@ def matmul_forward(out, inp, w, b):
     out += b
 
 
-def matmul_backward(dinp, dw, db, dout, inp, w):
-    """dout (N,OC) -> dinp (N,C), dw (C,OC), db (OC), all overwritten."""
+def matmul_backward(dinp, dout, w):
+    """dout (N,OC) -> dinp (N,C) = dout @ w.T, overwritten."""
     np.matmul(dout, w.T, out=dinp)
+
+
+def matmul_weights_backward(dw, db, dout, inp):
+    """dout (N,OC), inp (N,C) -> dw (C,OC) = inp.T @ dout and db (OC), overwritten."""
     np.matmul(inp.T, dout, out=dw)
     np.sum(dout, axis=0, out=db)
 
@@ -80,10 +101,15 @@ def lmhead_forward(logits, x, wte):
     np.matmul(x, wte.T, out=logits)
 
 
-def lmhead_backward(dx, dwte, dlogits, x, wte):
-    """dlogits (N,V) -> dx (N,C), dwte (V,C), both overwritten."""
-    np.matmul(dlogits.T, x, out=dwte)
+def lmhead_backward(dx, dlogits, wte):
+    """dlogits (N,V) -> dx (N,C) = dlogits @ wte, overwritten."""
     np.matmul(dlogits, wte, out=dx)
+
+
+def lmhead_weights_backward(dwte, dlogits, x):
+    """dlogits (N,V'), x (N,C) -> dwte (V',C) = dlogits.T @ x, overwritten; V' may be a
+    slice of the vocabulary (then dlogits is the matching column slice)."""
+    np.matmul(dlogits.T, x, out=dwte)
 
 
 def split_heads(x, n_head, parts):
@@ -184,47 +210,107 @@ def crossentropy_backward(probs, targets, rows, scale):
     probs *= np.float32(scale)
 
 
-class GPT:
-    """The whole model for a fixed (B, T): the activation arena and the
-    forward / backward passes over parameter and gradient views."""
+def activation_shapes(cfg, B, T, training):
+    """[(name, shape, row axis)] of every activation of B batch rows: the row axis is
+    the one that runs over the batch (B or N = B·T), after the layer axis if any."""
+    L, C, NH, V, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B * T
+    shapes = [
+        ("residual", (L + 1, N, C), 1),
+        ("ln1", (L, N, C), 1), ("ln1_mean", (L, N, 1), 1), ("ln1_rstd", (L, N, 1), 1),
+        ("qkv", (L, B, T, 3 * C), 1), ("att", (L, B, NH, T, T), 1), ("atty", (L, B, T, C), 1),
+        ("resid2", (L, N, C), 1),
+        ("ln2", (L, N, C), 1), ("ln2_mean", (L, N, 1), 1), ("ln2_rstd", (L, N, 1), 1),
+        ("fch", (L, N, 4 * C), 1), ("fch_gelu", (L, N, 4 * C), 1),
+        ("lnf", (N, C), 0), ("lnf_mean", (N, 1), 0), ("lnf_rstd", (N, 1), 0),
+        ("logits", (N, V), 0), ("rowtmp", (N, 1), 0), ("att_rowtmp", (B, NH, T, 1), 0),
+    ]
+    if training:  # gradients of every matmul output and layernorm input are kept for the weights
+        shapes += [
+            ("dresidual", (L + 1, N, C), 1), ("dresid2", (L, N, C), 1),
+            ("dln1", (L, N, C), 1), ("dln2", (L, N, C), 1), ("dlnf", (N, C), 0),
+            ("dqkv", (L, B, T, 3 * C), 1), ("dfch", (L, N, 4 * C), 1),
+            ("norm", (N, C), 0), ("dnorm", (N, C), 0), ("datt", (B, NH, T, T), 0),
+            ("datty", (B, T, C), 0), ("gelu_th", (N, 4 * C), 0), ("gelu_slope", (N, 4 * C), 0),
+        ]
+    return shapes
 
-    def __init__(self, cfg, B, T, params, grads=None):
+
+def activation_layout(cfg, B, T, training):
+    return Layout([(name, shape) for name, shape, _ in activation_shapes(cfg, B, T, training)])
+
+
+MATRIX_SIZE = {"attn.c_attn": 3, "attn.c_proj": 1, "mlp.c_fc": 4, "mlp.c_proj": 4}  # × C²
+LAYERNORM_OF = {"attn.c_attn": "ln_1", "mlp.c_fc": "ln_2"}  # its input's layernorm
+
+
+def weight_grad_tasks(cfg, n_parts):
+    """The step's weight gradients cut into tasks for n_parts workers -> [[task] by part].
+    A task is one whole matrix (name, layer), so each GEMM runs once over the rows of
+    every worker, or a slice ("wte", lo, hi) of the tied embedding; greedy, longest
+    first to the least loaded part, which balances them to within one matrix."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    cuts = [V * k // n_parts for k in range(n_parts + 1)]
+    tasks = [(("wte", lo, hi), (hi - lo) * C) for lo, hi in zip(cuts, cuts[1:])]
+    tasks += [((name, l), size * C * C) for l in range(cfg.n_layer) for name, size in MATRIX_SIZE.items()]
+    parts, load = [[] for _ in range(n_parts)], [0] * n_parts
+    for task, cost in sorted(tasks, key=lambda t: -t[1]):
+        r = load.index(min(load))
+        parts[r].append(task)
+        load[r] += cost
+    return parts
+
+
+def task_params(task):
+    """-> [(parameter name, first row, end row or None)] a task's gradients cover."""
+    if task[0] == "wte":
+        _, lo, hi = task
+        rest = [("wpe.weight", 0, None), ("ln_f.weight", 0, None), ("ln_f.bias", 0, None)]
+        return [("wte.weight", lo, hi)] + (rest if lo == 0 else [])
+    name, l = task
+    names = [name] + ([LAYERNORM_OF[name]] if name in LAYERNORM_OF else [])
+    return [(f"h.{l}.{n}.{kind}", 0, None) for n in names for kind in ("weight", "bias")]
+
+
+def rows_of(full, axis, part, n_parts):
+    """The view of worker `part`'s batch rows (a contiguous 1/n_parts of `axis`)."""
+    n = full.shape[axis] // n_parts
+    return full[(slice(None),) * axis + (slice(part * n, (part + 1) * n),)]
+
+
+class GPT:
+    """The model for B rows of T tokens: the activation arena and the passes over
+    parameter and gradient views.  In a worker pool, `arena` is shared by n_parts
+    workers (worker `part` owns rows part·B…); the weight gradients then read
+    every worker's rows, so each GEMM sees the whole batch of the pool."""
+
+    def __init__(self, cfg, B, T, params, grads=None, arena=None, part=0, n_parts=1):
         if T > cfg.block_size:
             raise ValueError(f"seq-len {T} is above the model's context of {cfg.block_size}")
         self.cfg, self.B, self.T, self.params, self.grads = cfg, B, T, params, grads
-        L, C, NH, V, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B * T
-        shapes = [
-            ("residual", (L + 1, N, C)),
-            ("ln1", (L, N, C)), ("ln1_mean", (L, N, 1)), ("ln1_rstd", (L, N, 1)),
-            ("qkv", (L, B, T, 3 * C)), ("att", (L, B, NH, T, T)), ("atty", (L, B, T, C)),
-            ("resid2", (L, N, C)),
-            ("ln2", (L, N, C)), ("ln2_mean", (L, N, 1)), ("ln2_rstd", (L, N, 1)),
-            ("fch", (L, N, 4 * C)), ("fch_gelu", (L, N, 4 * C)),
-            ("lnf", (N, C)), ("lnf_mean", (N, 1)), ("lnf_rstd", (N, 1)),
-            ("logits", (N, V)), ("rowtmp", (N, 1)), ("att_rowtmp", (B, NH, T, 1)),
-            ("mask", (T, T)),
-        ]
-        if grads is not None:
-            shapes += [
-                ("dres", (N, C)), ("dln", (N, C)), ("norm", (N, C)), ("dnorm", (N, C)),
-                ("dqkv", (B, T, 3 * C)), ("datt", (B, NH, T, T)), ("datty", (B, T, C)),
-                ("dfch", (N, 4 * C)), ("gelu_th", (N, 4 * C)), ("gelu_slope", (N, 4 * C)),
-            ]
-        self.layout = Layout(shapes)
-        self.arena, self.a = self.layout.allocate()
-        self.a["mask"][...] = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
-        self.rows = np.arange(N)
-        self.idx = np.zeros((B, T), dtype=np.int64)
-        self.targets = np.zeros(N, dtype=np.int64)
+        training = grads is not None
+        shapes = activation_shapes(cfg, B * n_parts, T, training)
+        self.layout = Layout([(name, shape) for name, shape, _ in shapes])
+        if arena is None:
+            arena = np.zeros(self.layout.size, dtype=np.float32)
+        self.full = self.layout.views(arena)
+        self.a = {name: rows_of(self.full[name], axis, part, n_parts) for name, _, axis in shapes}
+        self.mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
+        if training:  # layernorm weight gradients normalise the rows of all workers
+            self.norm_all = np.zeros((B * n_parts * T, cfg.n_embd), dtype=np.float32)
+        self.rows = np.arange(B * T)
+        self.idx_all = np.zeros((B * n_parts, T), dtype=np.int64)
+        self.idx = rows_of(self.idx_all, 0, part, n_parts)
+        self.targets = np.zeros(B * T, dtype=np.int64)
+        self.first_token = part * B * T
 
     def load_batch(self, tokens):
-        """tokens: B·T+1 consecutive token ids (any int dtype)."""
-        n = self.B * self.T
-        self.idx.reshape(-1)[...] = tokens[:n]
-        self.targets[...] = tokens[1:n + 1]
+        """tokens: the B·n_parts·T+1 consecutive token ids of the pool's rows (any int dtype)."""
+        self.idx_all.reshape(-1)[...] = tokens[:self.idx_all.size]
+        first = self.first_token
+        self.targets[...] = tokens[first + 1:first + self.targets.size + 1]
 
     def forward(self):
-        """-> Σ over the B·T targets of −log p(target); leaves probabilities in logits."""
+        """-> Σ over this worker's B·T targets of −log p(target); leaves probabilities in logits."""
         cfg, p, a = self.cfg, self.params, self.a
         B, T, C = self.B, self.T, cfg.n_embd
         encoder_forward(a["residual"][0].reshape(B, T, C), self.idx, p["wte.weight"], p["wpe.weight"])
@@ -235,7 +321,7 @@ class GPT:
                               p[h + "ln_1.weight"], p[h + "ln_1.bias"])
             matmul_forward(a["qkv"][l].reshape(-1, 3 * C), a["ln1"][l],
                            p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
-            attention_forward(a["atty"][l], a["att"][l], a["qkv"][l], a["mask"],
+            attention_forward(a["atty"][l], a["att"][l], a["qkv"][l], self.mask,
                               a["att_rowtmp"], cfg.n_head)
             resid2 = a["resid2"][l]
             matmul_forward(resid2, a["atty"][l].reshape(-1, C),
@@ -254,37 +340,64 @@ class GPT:
         return crossentropy_forward(a["logits"], self.targets, a["rowtmp"], self.rows)
 
     def backward(self, loss_scale):
-        """Gradients of loss_scale · Σ −log p into self.grads (overwritten, not accumulated)."""
-        cfg, p, g, a = self.cfg, self.params, self.grads, self.a
+        """Every gradient of loss_scale · Σ −log p into self.grads (overwritten), for a
+        model that is not part of a pool."""
+        self.backward_inputs(loss_scale)
+        for task in weight_grad_tasks(self.cfg, 1)[0]:
+            self.backward_weights(task, self.grads)
+
+    def backward_inputs(self, loss_scale):
+        """This worker's rows: the gradient of every activation, kept for backward_weights."""
+        cfg, p, a = self.cfg, self.params, self.a
         L, C = cfg.n_layer, cfg.n_embd
         ln_scratch = (a["norm"], a["dnorm"], a["rowtmp"])
         dlogits = a["logits"]
         crossentropy_backward(dlogits, self.targets, self.rows, loss_scale)
-        lmhead_backward(a["dln"], g["wte.weight"], dlogits, a["lnf"], p["wte.weight"])
-        dres = a["dres"]
-        dres[...] = 0
-        layernorm_backward(dres, g["ln_f.weight"], g["ln_f.bias"], a["dln"], a["residual"][L],
+        lmhead_backward(a["dlnf"], dlogits, p["wte.weight"])
+        layernorm_backward(a["dresidual"][L], None, a["dlnf"], a["residual"][L],
                            a["lnf_mean"], a["lnf_rstd"], p["ln_f.weight"], *ln_scratch)
         for l in reversed(range(L)):
             h = f"h.{l}."
-            dfch = a["dfch"]
-            matmul_backward(dfch, g[h + "mlp.c_proj.weight"], g[h + "mlp.c_proj.bias"], dres,
-                            a["fch_gelu"][l], p[h + "mlp.c_proj.weight"])
+            dfch = a["dfch"][l]
+            matmul_backward(dfch, a["dresidual"][l + 1], p[h + "mlp.c_proj.weight"])
             gelu_backward(dfch, a["fch"][l], a["gelu_th"], a["gelu_slope"])
-            matmul_backward(a["dln"], g[h + "mlp.c_fc.weight"], g[h + "mlp.c_fc.bias"], dfch,
-                            a["ln2"][l], p[h + "mlp.c_fc.weight"])
-            layernorm_backward(dres, g[h + "ln_2.weight"], g[h + "ln_2.bias"], a["dln"],
-                               a["resid2"][l], a["ln2_mean"][l], a["ln2_rstd"][l],
-                               p[h + "ln_2.weight"], *ln_scratch)
+            matmul_backward(a["dln2"][l], dfch, p[h + "mlp.c_fc.weight"])
+            layernorm_backward(a["dresid2"][l], a["dresidual"][l + 1], a["dln2"][l], a["resid2"][l],
+                               a["ln2_mean"][l], a["ln2_rstd"][l], p[h + "ln_2.weight"], *ln_scratch)
             datty = a["datty"]
-            matmul_backward(datty.reshape(-1, C), g[h + "attn.c_proj.weight"],
-                            g[h + "attn.c_proj.bias"], dres, a["atty"][l].reshape(-1, C),
-                            p[h + "attn.c_proj.weight"])
-            attention_backward(a["dqkv"], a["datt"], datty, a["qkv"][l], a["att"][l],
+            matmul_backward(datty.reshape(-1, C), a["dresid2"][l], p[h + "attn.c_proj.weight"])
+            attention_backward(a["dqkv"][l], a["datt"], datty, a["qkv"][l], a["att"][l],
                                a["att_rowtmp"], cfg.n_head)
-            matmul_backward(a["dln"], g[h + "attn.c_attn.weight"], g[h + "attn.c_attn.bias"],
-                            a["dqkv"].reshape(-1, 3 * C), a["ln1"][l], p[h + "attn.c_attn.weight"])
-            layernorm_backward(dres, g[h + "ln_1.weight"], g[h + "ln_1.bias"], a["dln"],
-                               a["residual"][l], a["ln1_mean"][l], a["ln1_rstd"][l],
-                               p[h + "ln_1.weight"], *ln_scratch)
-        encoder_backward(g["wte.weight"], g["wpe.weight"], dres.reshape(self.B, self.T, C), self.idx)
+            matmul_backward(a["dln1"][l], a["dqkv"][l].reshape(-1, 3 * C), p[h + "attn.c_attn.weight"])
+            layernorm_backward(a["dresidual"][l], a["dresid2"][l], a["dln1"][l], a["residual"][l],
+                               a["ln1_mean"][l], a["ln1_rstd"][l], p[h + "ln_1.weight"], *ln_scratch)
+
+    def backward_weights(self, task, g):
+        """One task's weight gradients into the views g (overwritten), from the rows of
+        every worker; run after backward_inputs has finished on all of them."""
+        C, f, norm = self.cfg.n_embd, self.full, self.norm_all
+        if task[0] == "wte":
+            _, lo, hi = task
+            lmhead_weights_backward(g["wte.weight"][lo:hi], f["logits"][:, lo:hi], f["lnf"])
+            dres0 = f["dresidual"][0].reshape(*self.idx_all.shape, C)
+            encoder_backward(g["wte.weight"][lo:hi], g["wpe.weight"] if lo == 0 else None,
+                             dres0, self.idx_all, lo)
+            if lo == 0:
+                layernorm_weights_backward(g["ln_f.weight"], g["ln_f.bias"], f["dlnf"],
+                                           f["residual"][self.cfg.n_layer], f["lnf_mean"], f["lnf_rstd"], norm)
+            return
+        name, l = task
+        h = f"h.{l}.{name}."
+        dw, db = g[h + "weight"], g[h + "bias"]
+        if name == "attn.c_attn":
+            matmul_weights_backward(dw, db, f["dqkv"][l].reshape(-1, 3 * C), f["ln1"][l])
+            layernorm_weights_backward(g[f"h.{l}.ln_1.weight"], g[f"h.{l}.ln_1.bias"], f["dln1"][l],
+                                       f["residual"][l], f["ln1_mean"][l], f["ln1_rstd"][l], norm)
+        elif name == "attn.c_proj":
+            matmul_weights_backward(dw, db, f["dresid2"][l], f["atty"][l].reshape(-1, C))
+        elif name == "mlp.c_fc":
+            matmul_weights_backward(dw, db, f["dfch"][l], f["ln2"][l])
+            layernorm_weights_backward(g[f"h.{l}.ln_2.weight"], g[f"h.{l}.ln_2.bias"], f["dln2"][l],
+                                       f["resid2"][l], f["ln2_mean"][l], f["ln2_rstd"][l], norm)
+        else:  # mlp.c_proj
+            matmul_weights_backward(dw, db, f["dresidual"][l + 1], f["fch_gelu"][l])

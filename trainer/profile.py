@@ -35,10 +35,11 @@ def layer_table(per_worker, steps):
     """Text table of ms per step by layer type, averaged over workers."""
     names = sorted(per_worker[0], key=lambda n: -sum(w[n] for w in per_worker))
     total = sum(sum(w.values()) for w in per_worker) / len(per_worker)
-    lines = [f"{'layer':<22} {'ms/step':>9} {'share':>7}"]
+    width = max(map(len, names))
+    lines = [f"{'layer':<{width}} {'ms/step':>9} {'share':>7}"]
     for name in names:
         ms = sum(w[name] for w in per_worker) / len(per_worker)
         if ms:
-            lines.append(f"{name:<22} {1000 * ms / steps:9.1f} {ms / total:7.1%}")
-    lines.append(f"{'all layers':<22} {1000 * total / steps:9.1f}")
+            lines.append(f"{name:<{width}} {1000 * ms / steps:9.1f} {ms / total:7.1%}")
+    lines.append(f"{'all layers':<{width}} {1000 * total / steps:9.1f}")
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """The coordinator's training loop.  It decides, the workers compute:
 
-    for each step:  STEP (forward+backward of each worker's rows)
-                    REDUCE (each worker sums its shard of all gradients)
+    for each step:  STEP (forward and activation gradients of each worker's rows)
+                    GRADS (each worker computes whole weight gradients over the rows
+                           of all workers, through the shared activations)
+                    [under MPI: all-reduce of the gradients across ranks]
                     UPDATE (each worker applies AdamW to its shard)
 """
 import json
@@ -257,18 +259,20 @@ def run_steps(s, cfg, pool, group, metrics, start, state, val_path, arrays, stop
         loss, phases = 0.0, dict.fromkeys(PHASES, 0.0)
         for micro in range(s.grad_accum):
             replies = pool.request({"op": "step", "window": (step - 1) * s.grad_accum + micro,
-                                    "scale": 1.0 / step_tokens, "accumulate": micro > 0})
+                                    "scale": 1.0 / step_tokens})
             loss += sum(r["loss"] for r in replies)
             phases["forward"] += max(r["forward_s"] for r in replies)
             phases["backward"] += max(r["backward_s"] for r in replies)
+            # every worker's activation gradients are in: the weight gradients can read them all
+            replies = pool.request({"op": "grads", "accumulate": micro > 0})
+            phases["backward"] += max(r["seconds"] - r["sum_s"] for r in replies)
+            phases["reduce"] += max(r["sum_s"] for r in replies)
         loss = group.sum(loss) / step_tokens
-        t_reduce = time.perf_counter()
-        replies = pool.request({"op": "reduce", "add": True})  # inside this machine first
-        phases["reduce"] = max(r["seconds"] for r in replies)
-        if group.size > 1:  # then across machines; the norm is of the global sum
-            group.allreduce(pool.grads[0].array)
-            replies = pool.request({"op": "reduce", "add": False})
-            phases["reduce"] = time.perf_counter() - t_reduce
+        if group.size > 1:  # across machines; the norm is of the global sum
+            t_reduce = time.perf_counter()
+            group.allreduce(pool.grads.array)
+            replies = pool.request({"op": "sumsq"})
+            phases["reduce"] += time.perf_counter() - t_reduce
         grad_norm = math.sqrt(sum(r["sumsq"] for r in replies))
         lr = lr_at(step, s.lr, s.lr_schedule, s.warmup, s.steps, s.min_lr)
         if math.isfinite(loss) and math.isfinite(grad_norm):

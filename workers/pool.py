@@ -12,6 +12,7 @@ import time
 
 import zmq
 
+from trainer.model import activation_layout
 from trainer.params import param_layout
 from workers.shm import SharedArena
 
@@ -35,15 +36,17 @@ class WorkerPool:
     def __init__(self, cfg, n_workers, threads, *, rows, seq_len, batch_rows, train, val, optim,
                  profile=False, worker_offset=0, core_offset=0):
         """rows: batch rows per worker; worker r reads rows from (worker_offset + r)·rows
-        of each batch (worker_offset > 0 for the workers of later MPI ranks)."""
+        of each batch (worker_offset > 0 for the workers of later MPI ranks).
+        Shared: parameters, AdamW m and v, one gradient arena, and the activations of
+        all the pool's rows."""
         self.n = n_workers
         self.layout = param_layout(cfg)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
-            for _ in range(3 + n_workers):  # appended one by one so close() frees any made
-                self.arenas.append(SharedArena.create(self.layout.size))
-            self.params, self.m, self.v = self.arenas[:3]
-            self.grads = self.arenas[3:]
+            activation_floats = activation_layout(cfg, rows * n_workers, seq_len, training=True).size
+            for size in [self.layout.size] * 4 + [activation_floats]:  # one by one, so close() frees any made
+                self.arenas.append(SharedArena.create(size))
+            self.params, self.m, self.v, self.grads, activations = self.arenas
             self.tmpdir = self.socket_dir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
             self.socket_dir_mode = os.stat(self.tmpdir).st_mode & 0o777
             endpoint = f"ipc://{self.tmpdir}/control"
@@ -56,12 +59,13 @@ class WorkerPool:
             groups = core_groups(n_workers, threads, core_offset)
             self.request([{
                 "op": "init", "rank": r, "n_workers": n_workers, "config": cfg.__dict__,
-                "rows": rows, "first_row": (worker_offset + r) * rows, "seq_len": seq_len,
+                "rows": rows, "first_row": worker_offset * rows, "seq_len": seq_len,
                 "batch_rows": batch_rows,
                 "train": train, "val": val, "optim": optim, "threads": threads, "cores": groups[r],
                 "profile": profile,
                 "arenas": {"params": self.params.name, "m": self.m.name, "v": self.v.name,
-                           "grads": [g.name for g in self.grads]},
+                           "grads": self.grads.name, "activations": activations.name},
+                "activation_floats": activation_floats,
             } for r in range(n_workers)], timeout=START_TIMEOUT_S)
             for arena in self.arenas:  # every worker maps them now: drop the names
                 arena.unlink()

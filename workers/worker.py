@@ -1,6 +1,7 @@
-"""One worker process: pinned to its cores, it runs forward/backward of its rows
-of each batch on the shared parameters, reduces its shard of the gradients,
-and applies AdamW to that shard.  Started by the coordinator as
+"""One worker process: pinned to its cores, it runs forward and input-gradient
+backward of its rows of each batch on the shared parameters, then its share of
+the weight gradients over the rows of every worker (activations are shared), and
+applies AdamW to its shard of the parameters.  Started by the coordinator as
 `python -m workers ENDPOINT RANK`; every instruction arrives over pyzmq.
 """
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import zmq
 
 from trainer.data import open_tokens, window_start
-from trainer.model import GPT
+from trainer.model import GPT, task_params, weight_grad_tasks
 from trainer.optim import BLOCK, adamw_update
 from trainer.params import GPTConfig, decay_segments, param_layout, shard_bounds
 from trainer.profile import LayerTimes
@@ -30,15 +31,18 @@ class Worker:
         self.blas_limits = threadpool_limits(limits=init["threads"])
         cfg = GPTConfig(**init["config"])
         self.layout = layout = param_layout(cfg)
-        self.scratch = None  # (flat, views) gradient scratch, made on first accumulation
+        self.scratch = None  # gradient views for accumulation, made on first use
         names = init["arenas"]
         attach = lambda name: SharedArena.attach(name, layout.size)  # noqa: E731
         self.params, self.m, self.v = attach(names["params"]), attach(names["m"]), attach(names["v"])
-        self.grads = [attach(name) for name in names["grads"]]
+        self.grads = attach(names["grads"])
+        self.grad_views = layout.views(self.grads.array)
         self.rows, self.T, self.batch_rows = init["rows"], init["seq_len"], init["batch_rows"]
         self.first_row = init["first_row"]
-        self.model = GPT(cfg, self.rows, self.T, layout.views(self.params.array),
-                         layout.views(self.grads[self.rank].array))
+        self.activations = SharedArena.attach(names["activations"], init["activation_floats"])
+        self.model = GPT(cfg, self.rows, self.T, layout.views(self.params.array), self.grad_views,
+                         self.activations.array, part=self.rank, n_parts=self.n_workers)
+        self.tasks = weight_grad_tasks(cfg, self.n_workers)[self.rank]
         self.train = open_tokens(init["train"])
         self.val = open_tokens(init["val"]) if init["val"] else None
         self.lo, self.hi = shard_bounds(layout.size, self.n_workers)[self.rank]
@@ -52,31 +56,41 @@ class Worker:
         self.tmp = np.empty(BLOCK, dtype=np.float32)
 
     def load_rows(self, tokens, window):
-        batch_tokens = self.batch_rows * self.T
-        start = window_start(window, tokens.size, batch_tokens) + self.first_row * self.T
-        self.model.load_batch(tokens[start:start + self.rows * self.T + 1])
+        """The tokens of the rows of every worker of the pool (weight gradients read them all)."""
+        pool_rows = self.rows * self.n_workers
+        start = window_start(window, tokens.size, self.batch_rows * self.T) + self.first_row * self.T
+        self.model.load_batch(tokens[start:start + pool_rows * self.T + 1])
 
-    def step(self, window, scale, accumulate):
-        """Forward + backward of this worker's rows; gradients of scale · Σ loss.
-        The first micro-batch of a step writes this worker's gradient arena, later
-        ones (gradient accumulation) go through a private scratch and are added."""
+    def step(self, window, scale):
+        """Forward, and the activation gradients, of this worker's rows."""
         t0 = time.perf_counter()
         self.load_rows(self.train, window)
         loss = self.model.forward()
         t1 = time.perf_counter()
-        if not accumulate:
-            self.model.backward(scale)
-        else:
-            own = self.model.grads
-            if self.scratch is None:
-                self.scratch = self.layout.allocate()
-            self.model.grads = self.scratch[1]
-            try:
-                self.model.backward(scale)
-            finally:
-                self.model.grads = own
-            self.grads[self.rank].array += self.scratch[0]
+        self.model.backward_inputs(scale)
         return {"loss": loss, "forward_s": t1 - t0, "backward_s": time.perf_counter() - t1}
+
+    def weight_grads(self, accumulate):
+        """This worker's weight-gradient tasks, once every worker has finished `step`.
+        The first micro-batch of a step writes the gradient arena; later ones (gradient
+        accumulation) go through a private scratch and are added.  -> Σ g² of the
+        tasks' gradients and the seconds spent on that sum and the adding."""
+        own = self.grad_views
+        if accumulate and self.scratch is None:
+            self.scratch = self.layout.allocate()[1]
+        target = self.scratch if accumulate else own
+        sumsq, t_sum = 0.0, 0.0
+        for task in self.tasks:
+            self.model.backward_weights(task, target)
+            t0 = time.perf_counter()
+            for name, lo, hi in task_params(task):
+                region = own[name][lo:hi]
+                if accumulate:
+                    region += target[name][lo:hi]
+                flat = region.reshape(-1)
+                sumsq += float(np.dot(flat, flat))  # now, while the task's gradients are in cache
+            t_sum += time.perf_counter() - t0
+        return {"sumsq": sumsq, "sum_s": t_sum}
 
     def evaluate(self, windows):
         loss = 0.0
@@ -85,23 +99,16 @@ class Worker:
             loss += self.model.forward()
         return {"loss": loss}
 
-    def reduce(self, add):
-        """Sum shard `rank` of every worker's gradients into worker 0's arena, in
-        rank order so the result never depends on timing (add=False: it is summed
-        already, by MPI); -> Σ g² of the shard."""
-        total = self.grads[0].array
-        others = self.grads[1:] if add else []
-        sumsq = 0.0
+    def sumsq(self):
+        """Σ g² of this worker's optimizer shard (after an MPI all-reduce changed the gradients)."""
+        g, total = self.grads.array, 0.0
         for s in range(self.lo, self.hi, BLOCK):
-            e = min(s + BLOCK, self.hi)
-            block = total[s:e]
-            for other in others:
-                block += other.array[s:e]
-            sumsq += float(np.dot(block, block))
-        return {"sumsq": sumsq}
+            block = g[s:min(s + BLOCK, self.hi)]
+            total += float(np.dot(block, block))
+        return {"sumsq": total}
 
     def update(self, lr, scale, t):
-        p, g, m, v = self.params.array, self.grads[0].array, self.m.array, self.v.array
+        p, g, m, v = self.params.array, self.grads.array, self.m.array, self.v.array
         o = self.optim
         for s, e, decays in self.segments:
             adamw_update(p[s:e], g[s:e], m[s:e], v[s:e], self.tmp, lr=lr, t=t,
@@ -112,12 +119,14 @@ class Worker:
     def handle(self, msg):
         op = msg["op"]
         t0 = time.perf_counter()
-        if op == "reduce":
-            return dict(self.reduce(msg["add"]), seconds=time.perf_counter() - t0)
+        if op == "step":
+            return self.step(msg["window"], msg["scale"])
+        if op == "grads":
+            return dict(self.weight_grads(msg["accumulate"]), seconds=time.perf_counter() - t0)
+        if op == "sumsq":
+            return dict(self.sumsq(), seconds=time.perf_counter() - t0)
         if op == "update":
             return dict(self.update(msg["lr"], msg["scale"], msg["t"]), seconds=time.perf_counter() - t0)
-        if op == "step":
-            return self.step(msg["window"], msg["scale"], msg["accumulate"])
         if op == "eval":
             return self.evaluate(msg["windows"])
         if op == "profile":
