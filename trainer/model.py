@@ -283,10 +283,11 @@ class GPT:
     workers (worker `part` owns rows part·B…); the weight gradients then read
     every worker's rows, so each GEMM sees the whole batch of the pool."""
 
-    def __init__(self, cfg, B, T, params, grads=None, arena=None, part=0, n_parts=1):
+    def __init__(self, cfg, B, T, params, grads=None, arena=None, part=0, n_parts=1, sync=None):
         if T > cfg.block_size:
             raise ValueError(f"seq-len {T} is above the model's context of {cfg.block_size}")
         self.cfg, self.B, self.T, self.params, self.grads = cfg, B, T, params, grads
+        self.part, self.n_parts, self.sync = part, n_parts, sync or (lambda: None)
         training = grads is not None
         shapes = activation_shapes(cfg, B * n_parts, T, training)
         self.layout = Layout([(name, shape) for name, shape, _ in shapes])
@@ -309,34 +310,56 @@ class GPT:
         first = self.first_token
         self.targets[...] = tokens[first + 1:first + self.targets.size + 1]
 
+    def cols(self, n):
+        """This worker's share of n output columns."""
+        return slice(n * self.part // self.n_parts, n * (self.part + 1) // self.n_parts)
+
+    def matmul_columns(self, out, inp, name, residual=None):
+        """This worker's columns of out = inp @ w + b (+ residual) for the rows of all
+        workers: every worker packs only its part of w, and the GEMM sees the whole
+        batch.  -> the column slice."""
+        c = self.cols(out.shape[1])
+        matmul_forward(out[:, c], inp, self.params[name + ".weight"][:, c], self.params[name + ".bias"][c])
+        if residual is not None:
+            out[:, c] += residual[:, c]
+        return c
+
     def forward(self):
-        """-> Σ over this worker's B·T targets of −log p(target); leaves probabilities in logits."""
-        cfg, p, a = self.cfg, self.params, self.a
-        B, T, C = self.B, self.T, cfg.n_embd
+        """-> Σ over this worker's B·T targets of −log p(target); leaves probabilities in
+        logits.  Row-wise layers run on this worker's rows, matmuls on its columns of all
+        rows; sync() (a barrier in a pool) separates the two."""
+        cfg, p, a, f, sync = self.cfg, self.params, self.a, self.full, self.sync
+        B, T, C, L = self.B, self.T, cfg.n_embd, cfg.n_layer
         encoder_forward(a["residual"][0].reshape(B, T, C), self.idx, p["wte.weight"], p["wpe.weight"])
-        for l in range(cfg.n_layer):
+        for l in range(L):
             h = f"h.{l}."
-            x = a["residual"][l]
-            layernorm_forward(a["ln1"][l], a["ln1_mean"][l], a["ln1_rstd"][l], x,
+            layernorm_forward(a["ln1"][l], a["ln1_mean"][l], a["ln1_rstd"][l], a["residual"][l],
                               p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-            matmul_forward(a["qkv"][l].reshape(-1, 3 * C), a["ln1"][l],
-                           p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
+            sync()
+            self.matmul_columns(f["qkv"][l].reshape(-1, 3 * C), f["ln1"][l], h + "attn.c_attn")
+            sync()
             attention_forward(a["atty"][l], a["att"][l], a["qkv"][l], self.mask,
                               a["att_rowtmp"], cfg.n_head)
-            resid2 = a["resid2"][l]
-            matmul_forward(resid2, a["atty"][l].reshape(-1, C),
-                           p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
-            resid2 += x
-            layernorm_forward(a["ln2"][l], a["ln2_mean"][l], a["ln2_rstd"][l], resid2,
+            sync()
+            self.matmul_columns(f["resid2"][l], f["atty"][l].reshape(-1, C), h + "attn.c_proj",
+                                residual=f["residual"][l])
+            sync()
+            layernorm_forward(a["ln2"][l], a["ln2_mean"][l], a["ln2_rstd"][l], a["resid2"][l],
                               p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-            matmul_forward(a["fch"][l], a["ln2"][l], p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
+            sync()
+            self.matmul_columns(f["fch"][l], f["ln2"][l], h + "mlp.c_fc")
+            sync()  # GELU on rows: NumPy is several times slower on a column block
             gelu_forward(a["fch_gelu"][l], a["fch"][l])
-            out = a["residual"][l + 1]
-            matmul_forward(out, a["fch_gelu"][l], p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
-            out += resid2
-        layernorm_forward(a["lnf"], a["lnf_mean"], a["lnf_rstd"], a["residual"][cfg.n_layer],
+            sync()
+            self.matmul_columns(f["residual"][l + 1], f["fch_gelu"][l], h + "mlp.c_proj",
+                                residual=f["resid2"][l])
+            sync()
+        layernorm_forward(a["lnf"], a["lnf_mean"], a["lnf_rstd"], a["residual"][L],
                           p["ln_f.weight"], p["ln_f.bias"])
-        lmhead_forward(a["logits"], a["lnf"], p["wte.weight"])
+        sync()
+        v = self.cols(cfg.vocab_size)
+        lmhead_forward(f["logits"][:, v], f["lnf"], p["wte.weight"][v])
+        sync()
         return crossentropy_forward(a["logits"], self.targets, a["rowtmp"], self.rows)
 
     def backward(self, loss_scale):
@@ -347,30 +370,40 @@ class GPT:
             self.backward_weights(task, self.grads)
 
     def backward_inputs(self, loss_scale):
-        """This worker's rows: the gradient of every activation, kept for backward_weights."""
-        cfg, p, a = self.cfg, self.params, self.a
+        """The gradient of every activation, kept for backward_weights; split between
+        rows and columns like forward."""
+        cfg, p, a, f, sync = self.cfg, self.params, self.a, self.full, self.sync
         L, C = cfg.n_layer, cfg.n_embd
+        c, c4 = self.cols(C), self.cols(4 * C)  # matmul input gradients: columns of the input
         ln_scratch = (a["norm"], a["dnorm"], a["rowtmp"])
-        dlogits = a["logits"]
-        crossentropy_backward(dlogits, self.targets, self.rows, loss_scale)
-        lmhead_backward(a["dlnf"], dlogits, p["wte.weight"])
+        crossentropy_backward(a["logits"], self.targets, self.rows, loss_scale)
+        sync()
+        lmhead_backward(f["dlnf"][:, c], f["logits"], p["wte.weight"][:, c])
+        sync()
         layernorm_backward(a["dresidual"][L], None, a["dlnf"], a["residual"][L],
                            a["lnf_mean"], a["lnf_rstd"], p["ln_f.weight"], *ln_scratch)
+        sync()
         for l in reversed(range(L)):
             h = f"h.{l}."
-            dfch = a["dfch"][l]
-            matmul_backward(dfch, a["dresidual"][l + 1], p[h + "mlp.c_proj.weight"])
-            gelu_backward(dfch, a["fch"][l], a["gelu_th"], a["gelu_slope"])
-            matmul_backward(a["dln2"][l], dfch, p[h + "mlp.c_fc.weight"])
+            matmul_backward(f["dfch"][l][:, c4], f["dresidual"][l + 1], p[h + "mlp.c_proj.weight"][c4])
+            sync()
+            gelu_backward(a["dfch"][l], a["fch"][l], a["gelu_th"], a["gelu_slope"])
+            sync()
+            matmul_backward(f["dln2"][l][:, c], f["dfch"][l], p[h + "mlp.c_fc.weight"][c])
+            sync()
             layernorm_backward(a["dresid2"][l], a["dresidual"][l + 1], a["dln2"][l], a["resid2"][l],
                                a["ln2_mean"][l], a["ln2_rstd"][l], p[h + "ln_2.weight"], *ln_scratch)
-            datty = a["datty"]
-            matmul_backward(datty.reshape(-1, C), a["dresid2"][l], p[h + "attn.c_proj.weight"])
-            attention_backward(a["dqkv"][l], a["datt"], datty, a["qkv"][l], a["att"][l],
+            sync()
+            matmul_backward(f["datty"].reshape(-1, C)[:, c], f["dresid2"][l], p[h + "attn.c_proj.weight"][c])
+            sync()
+            attention_backward(a["dqkv"][l], a["datt"], a["datty"], a["qkv"][l], a["att"][l],
                                a["att_rowtmp"], cfg.n_head)
-            matmul_backward(a["dln1"][l], a["dqkv"][l].reshape(-1, 3 * C), p[h + "attn.c_attn.weight"])
+            sync()
+            matmul_backward(f["dln1"][l][:, c], f["dqkv"][l].reshape(-1, 3 * C), p[h + "attn.c_attn.weight"][c])
+            sync()
             layernorm_backward(a["dresidual"][l], a["dresid2"][l], a["dln1"][l], a["residual"][l],
                                a["ln1_mean"][l], a["ln1_rstd"][l], p[h + "ln_1.weight"], *ln_scratch)
+            sync()
 
     def backward_weights(self, task, g):
         """One task's weight gradients into the views g (overwritten), from the rows of

@@ -14,6 +14,7 @@ import zmq
 
 from trainer.model import activation_layout
 from trainer.params import param_layout
+from workers.barrier import close_all, make_pipes
 from workers.shm import SharedArena
 
 POLL_MS = 200
@@ -54,7 +55,7 @@ class WorkerPool:
             self.router = self.ctx.socket(zmq.ROUTER)
             self.router.setsockopt(zmq.LINGER, 0)
             self.router.bind(endpoint)
-            self._start(endpoint, threads)
+            barrier_ends = self._start(endpoint, threads)
             self._gather(timeout=START_TIMEOUT_S)  # hello
             groups = core_groups(n_workers, threads, core_offset)
             self.request([{
@@ -65,7 +66,7 @@ class WorkerPool:
                 "profile": profile,
                 "arenas": {"params": self.params.name, "m": self.m.name, "v": self.v.name,
                            "grads": self.grads.name, "activations": activations.name},
-                "activation_floats": activation_floats,
+                "activation_floats": activation_floats, "barrier": barrier_ends[r],
             } for r in range(n_workers)], timeout=START_TIMEOUT_S)
             for arena in self.arenas:  # every worker maps them now: drop the names
                 arena.unlink()
@@ -82,9 +83,15 @@ class WorkerPool:
         env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                    MKL_NUM_THREADS=str(threads),
                    PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        for r in range(self.n):
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "workers", endpoint, str(r)],
-                                               env=env, stdin=subprocess.DEVNULL))
+        ends, fds = make_pipes(self.n)
+        try:
+            for r in range(self.n):
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "workers", endpoint, str(r)], env=env,
+                    stdin=subprocess.DEVNULL, pass_fds=ends[r]["read"] + ends[r]["write"]))
+        finally:
+            close_all(fds)  # each end now lives only in its worker: a dead worker means EOF
+        return ends
 
     def request(self, msgs, timeout=None):
         """Send one message to every worker (a dict, or a list by rank) -> replies by rank."""

@@ -17,6 +17,7 @@ from trainer.model import GPT, task_params, weight_grad_tasks
 from trainer.optim import BLOCK, adamw_update
 from trainer.params import GPTConfig, decay_segments, param_layout, shard_bounds
 from trainer.profile import LayerTimes
+from workers.barrier import PipeBarrier
 from workers.shm import SharedArena
 
 PARENT_POLL_MS = 500
@@ -40,8 +41,10 @@ class Worker:
         self.rows, self.T, self.batch_rows = init["rows"], init["seq_len"], init["batch_rows"]
         self.first_row = init["first_row"]
         self.activations = SharedArena.attach(names["activations"], init["activation_floats"])
+        self.barrier = PipeBarrier(init["barrier"])
         self.model = GPT(cfg, self.rows, self.T, layout.views(self.params.array), self.grad_views,
-                         self.activations.array, part=self.rank, n_parts=self.n_workers)
+                         self.activations.array, part=self.rank, n_parts=self.n_workers,
+                         sync=self.barrier)
         self.tasks = weight_grad_tasks(cfg, self.n_workers)[self.rank]
         self.train = open_tokens(init["train"])
         self.val = open_tokens(init["val"]) if init["val"] else None
@@ -62,13 +65,16 @@ class Worker:
         self.model.load_batch(tokens[start:start + pool_rows * self.T + 1])
 
     def step(self, window, scale):
-        """Forward, and the activation gradients, of this worker's rows."""
-        t0 = time.perf_counter()
+        """Forward, and the activation gradients, of this worker's rows; the times
+        exclude waiting at the barriers between the layers."""
+        t0, wait0 = time.perf_counter(), self.barrier.seconds
         self.load_rows(self.train, window)
         loss = self.model.forward()
-        t1 = time.perf_counter()
+        t1, wait1 = time.perf_counter(), self.barrier.seconds
         self.model.backward_inputs(scale)
-        return {"loss": loss, "forward_s": t1 - t0, "backward_s": time.perf_counter() - t1}
+        t2, wait2 = time.perf_counter(), self.barrier.seconds
+        return {"loss": loss, "forward_s": t1 - t0 - (wait1 - wait0),
+                "backward_s": t2 - t1 - (wait2 - wait1)}
 
     def weight_grads(self, accumulate):
         """This worker's weight-gradient tasks, once every worker has finished `step`.
