@@ -79,10 +79,11 @@ def layernorm_weights_backward(dw, db, dout, x, mean, rstd, norm):
     np.sum(dout, axis=0, out=db)
 
 
-def matmul_forward(out, inp, w, b):
-    """out (N,OC) = inp (N,C) @ w (C,OC) + b (OC)"""
+def matmul_forward(out, inp, w, b=None):
+    """out (N,OC) = inp (N,C) @ w (C,OC) + b (OC); a pool adds b later, on rows."""
     np.matmul(inp, w, out=out)
-    out += b
+    if b is not None:
+        out += b
 
 
 def matmul_backward(dinp, dout, w):
@@ -314,20 +315,17 @@ class GPT:
         """This worker's share of n output columns."""
         return slice(n * self.part // self.n_parts, n * (self.part + 1) // self.n_parts)
 
-    def matmul_columns(self, out, inp, name, residual=None):
-        """This worker's columns of out = inp @ w + b (+ residual) for the rows of all
-        workers: every worker packs only its part of w, and the GEMM sees the whole
-        batch.  -> the column slice."""
+    def matmul_columns(self, out, inp, w):
+        """This worker's columns of out = inp @ w for the rows of all workers: each worker
+        packs only its part of w, and the GEMM sees the whole batch."""
         c = self.cols(out.shape[1])
-        matmul_forward(out[:, c], inp, self.params[name + ".weight"][:, c], self.params[name + ".bias"][c])
-        if residual is not None:
-            out[:, c] += residual[:, c]
-        return c
+        matmul_forward(out[:, c], inp, w[:, c])
 
     def forward(self):
         """-> Σ over this worker's B·T targets of −log p(target); leaves probabilities in
         logits.  Row-wise layers run on this worker's rows, matmuls on its columns of all
-        rows; sync() (a barrier in a pool) separates the two."""
+        rows, sync() (a barrier in a pool) between the two.  Biases and residuals are
+        added on rows: NumPy is several times slower on a column block."""
         cfg, p, a, f, sync = self.cfg, self.params, self.a, self.full, self.sync
         B, T, C, L = self.B, self.T, cfg.n_embd, cfg.n_layer
         encoder_forward(a["residual"][0].reshape(B, T, C), self.idx, p["wte.weight"], p["wpe.weight"])
@@ -336,24 +334,30 @@ class GPT:
             layernorm_forward(a["ln1"][l], a["ln1_mean"][l], a["ln1_rstd"][l], a["residual"][l],
                               p[h + "ln_1.weight"], p[h + "ln_1.bias"])
             sync()
-            self.matmul_columns(f["qkv"][l].reshape(-1, 3 * C), f["ln1"][l], h + "attn.c_attn")
+            self.matmul_columns(f["qkv"][l].reshape(-1, 3 * C), f["ln1"][l], p[h + "attn.c_attn.weight"])
             sync()
+            a["qkv"][l] += p[h + "attn.c_attn.bias"]
             attention_forward(a["atty"][l], a["att"][l], a["qkv"][l], self.mask,
                               a["att_rowtmp"], cfg.n_head)
             sync()
-            self.matmul_columns(f["resid2"][l], f["atty"][l].reshape(-1, C), h + "attn.c_proj",
-                                residual=f["residual"][l])
+            self.matmul_columns(f["resid2"][l], f["atty"][l].reshape(-1, C), p[h + "attn.c_proj.weight"])
             sync()
-            layernorm_forward(a["ln2"][l], a["ln2_mean"][l], a["ln2_rstd"][l], a["resid2"][l],
+            resid2 = a["resid2"][l]
+            resid2 += p[h + "attn.c_proj.bias"]
+            resid2 += a["residual"][l]
+            layernorm_forward(a["ln2"][l], a["ln2_mean"][l], a["ln2_rstd"][l], resid2,
                               p[h + "ln_2.weight"], p[h + "ln_2.bias"])
             sync()
-            self.matmul_columns(f["fch"][l], f["ln2"][l], h + "mlp.c_fc")
-            sync()  # GELU on rows: NumPy is several times slower on a column block
+            self.matmul_columns(f["fch"][l], f["ln2"][l], p[h + "mlp.c_fc.weight"])
+            sync()
+            a["fch"][l] += p[h + "mlp.c_fc.bias"]
             gelu_forward(a["fch_gelu"][l], a["fch"][l])
             sync()
-            self.matmul_columns(f["residual"][l + 1], f["fch_gelu"][l], h + "mlp.c_proj",
-                                residual=f["resid2"][l])
+            self.matmul_columns(f["residual"][l + 1], f["fch_gelu"][l], p[h + "mlp.c_proj.weight"])
             sync()
+            out = a["residual"][l + 1]
+            out += p[h + "mlp.c_proj.bias"]
+            out += resid2
         layernorm_forward(a["lnf"], a["lnf_mean"], a["lnf_rstd"], a["residual"][L],
                           p["ln_f.weight"], p["ln_f.bias"])
         sync()
