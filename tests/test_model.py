@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from torch_gpt2 import TorchGPT2, random_state
-from trainer.model import GPT, task_params, weight_grad_tasks
+from trainer.gpt import GPT, task_params, weight_grad_tasks
 from trainer.params import PRESETS, GPTConfig, init_gpt2, param_layout
 
 

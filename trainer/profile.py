@@ -1,11 +1,11 @@
 """The built-in profiler: per-layer-type times inside a worker, and the
 per-step phase split the coordinator logs.
 
-Timing wraps model.py's layer functions only while profiling is on, so the
-normal path pays nothing."""
+Timing wraps model.py's layer functions, where gpt.py calls them, only while
+profiling is on, so the normal path pays nothing."""
 import time
 
-from trainer import model
+from trainer import gpt, model
 
 LAYER_FUNCTIONS = [name for name in dir(model)
                    if name.endswith(("_forward", "_backward")) and callable(getattr(model, name))]
@@ -18,7 +18,7 @@ class LayerTimes:
 
     def install(self):
         for name in LAYER_FUNCTIONS:
-            setattr(model, name, self._timed(name, getattr(model, name)))
+            setattr(gpt, name, self._timed(name, getattr(model, name)))
 
     def _timed(self, name, fn):
         def timed(*args, **kwargs):

@@ -15,6 +15,10 @@ import time
 SPIN_S = 100e-6  # poll this long before sleeping: waking a sleeping process costs more
 
 
+class PeerGone(RuntimeError):
+    """Another worker of the pool died; the coordinator reports that one's fate."""
+
+
 def make_pipes(n_workers):
     """-> per worker {"read": [fd], "write": [fd]} (empty for one worker) and every fd,
     which the coordinator closes once the workers have inherited theirs."""
@@ -53,16 +57,19 @@ class PipeBarrier:
         if not self.read:
             return
         t0 = time.perf_counter()
-        for fd in self.write:
-            os.write(fd, b"\0")
-        spin_until = t0 + SPIN_S
-        for fd in self.read:
-            while True:
-                try:
-                    if os.read(fd, 1):
-                        break
-                    raise RuntimeError("another worker of this pool is gone")  # end of file
-                except BlockingIOError:
-                    if time.perf_counter() > spin_until:
-                        select.select([fd], [], [])
+        try:
+            for fd in self.write:
+                os.write(fd, b"\0")
+            spin_until = t0 + SPIN_S
+            for fd in self.read:
+                while True:
+                    try:
+                        if os.read(fd, 1):
+                            break
+                        raise BrokenPipeError  # end of file: the writer is gone
+                    except BlockingIOError:
+                        if time.perf_counter() > spin_until:
+                            select.select([fd], [], [])
+        except BrokenPipeError:
+            raise PeerGone("another worker of this pool is gone") from None
         self.seconds += time.perf_counter() - t0

@@ -12,13 +12,14 @@ import time
 
 import zmq
 
-from trainer.model import activation_layout
+from trainer.gpt import activation_layout
 from trainer.params import param_layout
 from workers.barrier import close_all, make_pipes
 from workers.shm import SharedArena
 
 POLL_MS = 200
 START_TIMEOUT_S = 120
+PEER_DEATH_S = 2
 
 
 class WorkerError(RuntimeError):
@@ -108,6 +109,8 @@ class WorkerPool:
                 ident, data = self.router.recv_multipart()
                 rank, msg = int(ident), json.loads(data)
                 if msg.get("op") == "error":
+                    if msg.get("peer_gone"):  # the cause is the dead worker: name it
+                        self.wait_for_death(PEER_DEATH_S)
                     raise WorkerError(f"worker {rank} failed: {msg['error']}")
                 replies[rank] = msg
                 pending -= 1
@@ -116,6 +119,13 @@ class WorkerPool:
                 if deadline and time.monotonic() > deadline:
                     raise WorkerError(f"workers did not answer within {timeout} s")
         return replies
+
+    def wait_for_death(self, seconds):
+        """A worker saw another one go: give the exit time to be reaped, and raise on it."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.check_alive()
+            time.sleep(0.01)
 
     def check_alive(self):
         for r, proc in enumerate(self.procs):

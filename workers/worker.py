@@ -13,11 +13,11 @@ import numpy as np
 import zmq
 
 from trainer.data import open_tokens, window_start
-from trainer.model import GPT, task_params, weight_grad_tasks
+from trainer.gpt import GPT, task_params, weight_grad_tasks
 from trainer.optim import BLOCK, adamw_update
 from trainer.params import GPTConfig, decay_segments, param_layout, shard_bounds
 from trainer.profile import LayerTimes
-from workers.barrier import PipeBarrier
+from workers.barrier import PeerGone, PipeBarrier
 from workers.shm import SharedArena
 
 PARENT_POLL_MS = 500
@@ -159,7 +159,8 @@ def serve(sock, parent):
             else:
                 reply = worker.handle(msg)
         except Exception as e:  # report to the coordinator, which explains and stops the run
-            sock.send_json({"op": "error", "error": f"{type(e).__name__}: {e}"})
+            sock.send_json({"op": "error", "error": f"{type(e).__name__}: {e}",
+                            "peer_gone": isinstance(e, PeerGone)})
             return 1
         reply["op"] = "done"
         sock.send_json(reply)
