@@ -65,3 +65,14 @@ def test_sweep_rejects_bad_lists(tmp_path):
     done = launch("sweep", "--workers", "1,x", "--out-dir", tmp_path / "s")
     assert done.returncode == 2 and "--workers takes comma-separated integers" in done.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_workers_report_their_blas_and_honour_openblas_coretype(tmp_path, tokens):
+    """The run header names the BLAS the workers use; OPENBLAS_CORETYPE, when set, is
+    passed through unchanged (coregpt only picks a kernel family when it is not)."""
+    done = launch("train", *TINY, "--data", tokens, "--steps", 1, "--workers", 2,
+                  "--threads-per-worker", 1, "--eval-every", 0, "--no-checkpoint",
+                  "--out-dir", tmp_path / "run", env={"OPENBLAS_CORETYPE": "Sandybridge"})
+    assert done.returncode == 0, done.stderr
+    assert "workers' BLAS: openblas" in done.stderr
+    assert "Sandybridge" in done.stderr

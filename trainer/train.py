@@ -223,6 +223,7 @@ def train(s, given=(), group=None):
                                                        weight_decay=s.weight_decay),
                               profile=s.profile, worker_offset=group.rank * s.workers,
                               core_offset=group.local_rank * s.workers)
+            log(f"coregpt: workers' BLAS: {pool.blas or 'none found'}")
             arrays = tuple(pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))
             load_state(cfg, s, arrays, tensors, ckpt)
             del tensors

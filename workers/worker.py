@@ -25,11 +25,13 @@ PARENT_POLL_MS = 500
 
 class Worker:
     def __init__(self, init):
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_info, threadpool_limits
         self.rank, self.n_workers = init["rank"], init["n_workers"]
         if init["cores"]:
             os.sched_setaffinity(0, init["cores"])
         self.blas_limits = threadpool_limits(limits=init["threads"])
+        self.blas = ", ".join(f"{lib['internal_api']} {lib['version']} {lib.get('architecture') or ''}".strip()
+                              for lib in threadpool_info() if lib["user_api"] == "blas")
         cfg = GPTConfig(**init["config"])
         self.layout = layout = param_layout(cfg)
         self.scratch = None  # gradient views for accumulation, made on first use
@@ -155,7 +157,7 @@ def serve(sock, parent):
         try:
             if msg["op"] == "init":
                 worker = Worker(msg)
-                reply = {}
+                reply = {"blas": worker.blas}
             else:
                 reply = worker.handle(msg)
         except Exception as e:  # report to the coordinator, which explains and stops the run
