@@ -91,8 +91,8 @@ def rows_of(full, axis, part, n_parts):
 class GPT:
     """The model for B rows of T tokens: the activation arena and the passes over
     parameter and gradient views.  In a worker pool, `arena` is shared by n_parts
-    workers (worker `part` owns rows part·B…); the weight gradients then read
-    every worker's rows, so each GEMM sees the whole batch of the pool."""
+    workers (worker `part` owns rows part·B…), and `sync` is their barrier; alone,
+    the arena is allocated here and sync does nothing."""
 
     def __init__(self, cfg, B, T, params, grads=None, arena=None, part=0, n_parts=1, sync=None):
         if T > cfg.block_size:

@@ -2,11 +2,11 @@
 
 Worker s tells worker r it has arrived by writing one byte into the pipe s→r,
 then waits for one byte from every other worker.  One pipe per ordered pair
-keeps successive barriers apart; blocking reads never spin, so oversubscribed
-cores are not burned; and the write ends live only in their writer, so a
-worker that dies closes its pipes and the others read end-of-file instead of
-waiting forever.  A reader polls for SPIN_S before it sleeps in select(): a
-crossing where both arrive together costs a few µs, one that sleeps ~15 µs.
+keeps successive barriers apart.  A reader polls for SPIN_S, then sleeps in
+select(), so oversubscribed cores are not burned for long: a crossing where
+both arrive together costs a few µs, one that has to wake a sleeper ~15 µs.
+The write ends live only in their writer, so a worker that dies closes its
+pipes and the others read end-of-file instead of waiting forever.
 """
 import os
 import select
