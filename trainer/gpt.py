@@ -3,9 +3,11 @@ backward, built from model.py's layers.
 
 In a worker pool the activation arena is shared memory holding the rows of every
 worker.  Row-wise layers (layernorm, attention, GELU, cross-entropy) run on the
-worker's own rows; every matmul runs on the worker's share of output columns
-for the rows of all workers, so the pool packs each weight matrix once and each
-GEMM sees the whole batch; a barrier (`sync`) separates the two kinds of phase.
+worker's own rows.  A matmul whose weight is bigger than its input (GPT-2 124M
+at a few rows per worker) runs on the worker's share of output columns for the
+rows of all workers, so the pool packs each weight once and each GEMM sees the
+whole batch; one with a smaller weight (many rows, small model) runs on rows.
+A barrier (`sync`) separates the phases.
 Weight gradients are whole matrices, split among the workers by task, each
 also over the rows of all workers, so no gradient needs summing across workers.
 Parameters and gradients are dicts of views (into shared memory, in a worker).
@@ -121,20 +123,26 @@ class GPT:
         first = self.first_token
         self.targets[...] = tokens[first + 1:first + self.targets.size + 1]
 
-    def cols(self, n):
-        """This worker's share of n output columns."""
-        return slice(n * self.part // self.n_parts, n * (self.part + 1) // self.n_parts)
+    def share(self, out, inp, w):
+        """-> this worker's (out, inp, w) of out = inp @ w over the pool's rows.  When w is
+        the bigger operand: its columns of out for all rows, so each worker packs only its
+        part of w and the GEMM sees the whole batch; otherwise its own rows (a worker
+        would read all of inp to use a part of a small w)."""
+        if w.size <= inp.size:
+            return rows_of(out, 0, self.part, self.n_parts), rows_of(inp, 0, self.part, self.n_parts), w
+        n = out.shape[1]
+        c = slice(n * self.part // self.n_parts, n * (self.part + 1) // self.n_parts)
+        return out[:, c], inp, w[:, c]
 
-    def matmul_columns(self, out, inp, w):
-        """This worker's columns of out = inp @ w for the rows of all workers: each worker
-        packs only its part of w, and the GEMM sees the whole batch."""
-        c = self.cols(out.shape[1])
-        matmul_forward(out[:, c], inp, w[:, c])
+    def matmul_backward(self, dinp, dout, w):
+        """This worker's share of dinp = dout @ w.T (see share)."""
+        dinp, dout, w_t = self.share(dinp, dout, w.T)
+        matmul_backward(dinp, dout, w_t.T)
 
     def forward(self):
         """-> Σ over this worker's B·T targets of −log p(target); leaves probabilities in
-        logits.  Row-wise layers run on this worker's rows, matmuls on its columns of all
-        rows, sync() (a barrier in a pool) between the two.  Biases and residuals are
+        logits.  Row-wise layers run on this worker's rows, matmuls on its share (see
+        share), sync() (a barrier in a pool) between phases.  Biases and residuals are
         added on rows: NumPy is several times slower on a column block."""
         cfg, p, a, f, sync = self.cfg, self.params, self.a, self.full, self.sync
         B, T, C, L = self.B, self.T, cfg.n_embd, cfg.n_layer
@@ -144,13 +152,13 @@ class GPT:
             layernorm_forward(a["ln1"][l], a["ln1_mean"][l], a["ln1_rstd"][l], a["residual"][l],
                               p[h + "ln_1.weight"], p[h + "ln_1.bias"])
             sync()
-            self.matmul_columns(f["qkv"][l].reshape(-1, 3 * C), f["ln1"][l], p[h + "attn.c_attn.weight"])
+            matmul_forward(*self.share(f["qkv"][l].reshape(-1, 3 * C), f["ln1"][l], p[h + "attn.c_attn.weight"]))
             sync()
             a["qkv"][l] += p[h + "attn.c_attn.bias"]
             attention_forward(a["atty"][l], a["att"][l], a["qkv"][l], self.mask,
                               a["att_rowtmp"], cfg.n_head)
             sync()
-            self.matmul_columns(f["resid2"][l], f["atty"][l].reshape(-1, C), p[h + "attn.c_proj.weight"])
+            matmul_forward(*self.share(f["resid2"][l], f["atty"][l].reshape(-1, C), p[h + "attn.c_proj.weight"]))
             sync()
             resid2 = a["resid2"][l]
             resid2 += p[h + "attn.c_proj.bias"]
@@ -158,12 +166,12 @@ class GPT:
             layernorm_forward(a["ln2"][l], a["ln2_mean"][l], a["ln2_rstd"][l], resid2,
                               p[h + "ln_2.weight"], p[h + "ln_2.bias"])
             sync()
-            self.matmul_columns(f["fch"][l], f["ln2"][l], p[h + "mlp.c_fc.weight"])
+            matmul_forward(*self.share(f["fch"][l], f["ln2"][l], p[h + "mlp.c_fc.weight"]))
             sync()
             a["fch"][l] += p[h + "mlp.c_fc.bias"]
             gelu_forward(a["fch_gelu"][l], a["fch"][l])
             sync()
-            self.matmul_columns(f["residual"][l + 1], f["fch_gelu"][l], p[h + "mlp.c_proj.weight"])
+            matmul_forward(*self.share(f["residual"][l + 1], f["fch_gelu"][l], p[h + "mlp.c_proj.weight"]))
             sync()
             out = a["residual"][l + 1]
             out += p[h + "mlp.c_proj.bias"]
@@ -171,8 +179,8 @@ class GPT:
         layernorm_forward(a["lnf"], a["lnf_mean"], a["lnf_rstd"], a["residual"][L],
                           p["ln_f.weight"], p["ln_f.bias"])
         sync()
-        v = self.cols(cfg.vocab_size)
-        lmhead_forward(f["logits"][:, v], f["lnf"], p["wte.weight"][v])
+        logits, lnf, wte_t = self.share(f["logits"], f["lnf"], p["wte.weight"].T)
+        lmhead_forward(logits, lnf, wte_t.T)
         sync()
         return crossentropy_forward(a["logits"], self.targets, a["rowtmp"], self.rows)
 
@@ -188,32 +196,31 @@ class GPT:
         rows and columns like forward."""
         cfg, p, a, f, sync = self.cfg, self.params, self.a, self.full, self.sync
         L, C = cfg.n_layer, cfg.n_embd
-        c, c4 = self.cols(C), self.cols(4 * C)  # matmul input gradients: columns of the input
         ln_scratch = (a["norm"], a["dnorm"], a["rowtmp"])
         crossentropy_backward(a["logits"], self.targets, self.rows, loss_scale)
         sync()
-        lmhead_backward(f["dlnf"][:, c], f["logits"], p["wte.weight"][:, c])
+        lmhead_backward(*self.share(f["dlnf"], f["logits"], p["wte.weight"]))
         sync()
         layernorm_backward(a["dresidual"][L], None, a["dlnf"], a["residual"][L],
                            a["lnf_mean"], a["lnf_rstd"], p["ln_f.weight"], *ln_scratch)
         sync()
         for l in reversed(range(L)):
             h = f"h.{l}."
-            matmul_backward(f["dfch"][l][:, c4], f["dresidual"][l + 1], p[h + "mlp.c_proj.weight"][c4])
+            self.matmul_backward(f["dfch"][l], f["dresidual"][l + 1], p[h + "mlp.c_proj.weight"])
             sync()
             gelu_backward(a["dfch"][l], a["fch"][l], a["gelu_th"], a["gelu_slope"])
             sync()
-            matmul_backward(f["dln2"][l][:, c], f["dfch"][l], p[h + "mlp.c_fc.weight"][c])
+            self.matmul_backward(f["dln2"][l], f["dfch"][l], p[h + "mlp.c_fc.weight"])
             sync()
             layernorm_backward(a["dresid2"][l], a["dresidual"][l + 1], a["dln2"][l], a["resid2"][l],
                                a["ln2_mean"][l], a["ln2_rstd"][l], p[h + "ln_2.weight"], *ln_scratch)
             sync()
-            matmul_backward(f["datty"].reshape(-1, C)[:, c], f["dresid2"][l], p[h + "attn.c_proj.weight"][c])
+            self.matmul_backward(f["datty"].reshape(-1, C), f["dresid2"][l], p[h + "attn.c_proj.weight"])
             sync()
             attention_backward(a["dqkv"][l], a["datt"], a["datty"], a["qkv"][l], a["att"][l],
                                a["att_rowtmp"], cfg.n_head)
             sync()
-            matmul_backward(f["dln1"][l][:, c], f["dqkv"][l].reshape(-1, 3 * C), p[h + "attn.c_attn.weight"][c])
+            self.matmul_backward(f["dln1"][l], f["dqkv"][l].reshape(-1, 3 * C), p[h + "attn.c_attn.weight"])
             sync()
             layernorm_backward(a["dresidual"][l], a["dresid2"][l], a["dln1"][l], a["residual"][l],
                                a["ln1_mean"][l], a["ln1_rstd"][l], p[h + "ln_1.weight"], *ln_scratch)
