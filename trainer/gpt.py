@@ -152,13 +152,15 @@ class GPT:
             layernorm_forward(a["ln1"][l], a["ln1_mean"][l], a["ln1_rstd"][l], a["residual"][l],
                               p[h + "ln_1.weight"], p[h + "ln_1.bias"])
             sync()
-            matmul_forward(*self.share(f["qkv"][l].reshape(-1, 3 * C), f["ln1"][l], p[h + "attn.c_attn.weight"]))
+            matmul_forward(*self.share(f["qkv"][l].reshape(-1, 3 * C), f["ln1"][l],
+                                       p[h + "attn.c_attn.weight"]))
             sync()
             a["qkv"][l] += p[h + "attn.c_attn.bias"]
             attention_forward(a["atty"][l], a["att"][l], a["qkv"][l], self.mask,
                               a["att_rowtmp"], cfg.n_head)
             sync()
-            matmul_forward(*self.share(f["resid2"][l], f["atty"][l].reshape(-1, C), p[h + "attn.c_proj.weight"]))
+            matmul_forward(*self.share(f["resid2"][l], f["atty"][l].reshape(-1, C),
+                                       p[h + "attn.c_proj.weight"]))
             sync()
             resid2 = a["resid2"][l]
             resid2 += p[h + "attn.c_proj.bias"]
@@ -171,7 +173,8 @@ class GPT:
             a["fch"][l] += p[h + "mlp.c_fc.bias"]
             gelu_forward(a["fch_gelu"][l], a["fch"][l])
             sync()
-            matmul_forward(*self.share(f["residual"][l + 1], f["fch_gelu"][l], p[h + "mlp.c_proj.weight"]))
+            matmul_forward(*self.share(f["residual"][l + 1], f["fch_gelu"][l],
+                                       p[h + "mlp.c_proj.weight"]))
             sync()
             out = a["residual"][l + 1]
             out += p[h + "mlp.c_proj.bias"]
@@ -220,7 +223,8 @@ class GPT:
             attention_backward(a["dqkv"][l], a["datt"], a["datty"], a["qkv"][l], a["att"][l],
                                a["att_rowtmp"], cfg.n_head)
             sync()
-            self.matmul_backward(f["dln1"][l], f["dqkv"][l].reshape(-1, 3 * C), p[h + "attn.c_attn.weight"])
+            self.matmul_backward(f["dln1"][l], f["dqkv"][l].reshape(-1, 3 * C),
+                                 p[h + "attn.c_attn.weight"])
             sync()
             layernorm_backward(a["dresidual"][l], a["dresid2"][l], a["dln1"][l], a["residual"][l],
                                a["ln1_mean"][l], a["ln1_rstd"][l], p[h + "ln_1.weight"], *ln_scratch)
@@ -238,7 +242,8 @@ class GPT:
                              dres0, self.idx_all, lo)
             if lo == 0:
                 layernorm_weights_backward(g["ln_f.weight"], g["ln_f.bias"], f["dlnf"],
-                                           f["residual"][self.cfg.n_layer], f["lnf_mean"], f["lnf_rstd"], norm)
+                                           f["residual"][self.cfg.n_layer], f["lnf_mean"],
+                                           f["lnf_rstd"], norm)
             return
         name, l = task
         h = f"h.{l}.{name}."

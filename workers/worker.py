@@ -30,8 +30,9 @@ class Worker:
         if init["cores"]:
             os.sched_setaffinity(0, init["cores"])
         self.blas_limits = threadpool_limits(limits=init["threads"])
-        self.blas = ", ".join(f"{lib['internal_api']} {lib['version']} {lib.get('architecture') or ''}".strip()
-                              for lib in threadpool_info() if lib["user_api"] == "blas")
+        self.blas = ", ".join(
+            f"{lib['internal_api']} {lib['version']} {lib.get('architecture') or ''}".strip()
+            for lib in threadpool_info() if lib["user_api"] == "blas")
         cfg = GPTConfig(**init["config"])
         self.layout = layout = param_layout(cfg)
         self.scratch = None  # gradient views for accumulation, made on first use
