@@ -12,7 +12,7 @@ class ConfigError(ValueError):
     """A bad setting or config file; the message says what to change."""
 
 
-# key: (type, default, help).  None as default means "derived" (see resolve).
+# key: (type, default, help).  None as default means "derived" (see check).
 SETTINGS = {
     "model": (str, "small", "preset when training from scratch: small, gpt2, gpt2-medium, gpt2-large, gpt2-xl"),
     "n_layer": (int, None, "override the preset's layers"),
@@ -111,12 +111,6 @@ def merge(config_path, flags):
         values.update(read_toml(config_path))
     values.update(flags)
     return SimpleNamespace(**values)
-
-
-def resolve(config_path, flags):
-    s = merge(config_path, flags)
-    check(s)
-    return s
 
 
 def check(s, group=None):

@@ -212,8 +212,9 @@ def test_keep_last_prunes_old_checkpoints(tmp_path, tiny):
 
 @pytest.mark.parametrize("name", ["default.toml", "gpt2-shakespeare.toml", "gpt2-124m-throughput.toml"])
 def test_presets_are_valid_configs(name):
-    from launch.config import resolve
-    settings = resolve(os.path.join(REPO, "configs", name), {})
+    from launch.config import check, merge
+    settings = merge(os.path.join(REPO, "configs", name), {})
+    check(settings)
     assert settings.steps > 0
     if name == "gpt2-124m-throughput.toml":
         assert (settings.model, settings.batch_size, settings.seq_len) == ("gpt2", 4, 64)

@@ -66,7 +66,6 @@ def prune_checkpoints(run_dir, keep):
         shutil.rmtree(os.path.join(root, name))
 
 
-
 def read_state(ckpt_dir):
     try:
         with open(os.path.join(ckpt_dir, "state.json")) as f:

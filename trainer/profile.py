@@ -14,7 +14,6 @@ LAYER_FUNCTIONS = [name for name in dir(model)
 class LayerTimes:
     def __init__(self):
         self.seconds = {name: 0.0 for name in LAYER_FUNCTIONS}
-        self.calls = {name: 0 for name in LAYER_FUNCTIONS}
 
     def install(self):
         for name in LAYER_FUNCTIONS:
@@ -27,7 +26,6 @@ class LayerTimes:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[name] += time.perf_counter() - t0
-                self.calls[name] += 1
         return timed
 
 
