@@ -103,13 +103,6 @@ def cmd_prepare(argv):
     return 0
 
 
-def load_checked(source):
-    from trainer.weights import check_tensors, load_weights
-    cfg, tensors = load_weights(source)
-    check_tensors(cfg, tensors, source)
-    return cfg, tensors
-
-
 def cmd_sample(argv):
     p = Parser(prog="launch sample", description="Generate text from a model (KV-cached).")
     p.add_argument("--checkpoint", required=True, help="anything --init-from takes")
@@ -122,6 +115,7 @@ def cmd_sample(argv):
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         raise ConfigError("--max-new-tokens, --temperature and --top-k must not be negative")
     from trainer.sample import sample_text
+    from trainer.weights import load_checked
     cfg, tensors = load_checked(args.checkpoint)
     text = sample_text(cfg, tensors, args.prompt, args.max_new_tokens, args.temperature,
                        args.top_k, args.seed)
@@ -135,9 +129,10 @@ def cmd_export(argv):
     p.add_argument("--format", required=True, help="hf (a GPT2LMHeadModel directory) or llmc (a v3 fp32 .bin)")
     p.add_argument("--out", required=True, help="output directory (hf) or file (llmc); must not exist")
     args = p.parse_args(argv)
-    from trainer.export import FORMATS, export
-    if args.format not in FORMATS:
-        raise ConfigError(f"unknown --format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    from trainer.export import EXPORTERS, export
+    from trainer.weights import load_checked
+    if args.format not in EXPORTERS:
+        raise ConfigError(f"unknown --format {args.format!r}; choose one of {', '.join(EXPORTERS)}")
     cfg, tensors = load_checked(args.checkpoint)
     print(export(cfg, tensors, args.format, args.out))
     return 0

@@ -10,8 +10,6 @@ import numpy as np
 from trainer.files import atomic_write
 from trainer.weights import LLMC_MAGIC, WeightsError, llmc_order, save_model
 
-FORMATS = ("hf", "llmc")
-
 
 def padded_vocab(vocab_size, multiple=128):
     return -(-vocab_size // multiple) * multiple  # llm.c: 50257 -> 50304
@@ -50,13 +48,15 @@ def export_hf(directory, cfg, tensors):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+EXPORTERS = {"hf": export_hf, "llmc": export_llmc}
+
+
 def export(cfg, tensors, fmt, out):
-    if fmt not in FORMATS:
-        raise WeightsError(f"unknown export --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    """fmt: a key of EXPORTERS."""
     if os.path.exists(out):
         raise WeightsError(f"--out {out} already exists; choose a new path")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise WeightsError(f"--out {out}: directory {parent} does not exist")
-    (export_hf if fmt == "hf" else export_llmc)(out, cfg, tensors)
+    EXPORTERS[fmt](out, cfg, tensors)
     return out

@@ -23,8 +23,7 @@ from trainer.optim import clip_scale, lr_at
 from trainer.params import GPT2_VOCAB, init_gpt2
 from trainer.profile import layer_table
 from trainer.sample import sample_text
-from trainer.weights import (WeightsError, check_tensors, latest_checkpoint, load_weights,
-                             preset_config)
+from trainer.weights import WeightsError, latest_checkpoint, load_checked, preset_config
 from workers.comm import LocalGroup
 from workers.pool import WorkerPool
 
@@ -83,15 +82,10 @@ def resume_settings(s, given):
 
 def build_model(s, ckpt):
     """-> (GPTConfig, tensors or None).  None means: GPT-2 initialisation."""
-    if ckpt is not None:
-        cfg, tensors = load_weights(ckpt)
-    elif s.init_from:
-        cfg, tensors = load_weights(s.init_from)
-    else:
+    if ckpt is None and not s.init_from:
         overrides = dict(n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
         return preset_config(s.model, overrides, GPT2_VOCAB), None
-    check_tensors(cfg, tensors, ckpt or s.init_from)
-    return cfg, tensors
+    return load_checked(ckpt or s.init_from)
 
 
 def open_data(s, cfg):

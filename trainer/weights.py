@@ -180,6 +180,13 @@ def download_hf(name):
         raise WeightsError(f"cannot download '{name}' ({type(e).__name__}); {advice}") from None
 
 
+def load_checked(source):
+    """load_weights, then check_tensors: every tensor present with its shape."""
+    cfg, tensors = load_weights(source)
+    check_tensors(cfg, tensors, source)
+    return cfg, tensors
+
+
 def check_tensors(cfg, tensors, source):
     """Every tensor present with the shape the config implies; name the first that is not."""
     for name, shape in param_shapes(cfg):
