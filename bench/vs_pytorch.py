@@ -1,16 +1,21 @@
-"""coregpt against PyTorch eager on the same GPT-2, batch and machine, in one run.
+"""coregpt against PyTorch's fastest CPU recipes on the same GPT-2, batch, data and
+machine, interleaved in rounds (the machine is shared and noisy).
 
     pip install torch==2.13.0        # benchmark-only; never a runtime dependency
-    python bench/vs_pytorch.py [--model gpt2] [--batch-size 4] [--seq-len 64] [--steps 8]
+    python bench/vs_pytorch.py [--rounds 3] [--steps 6] [--warmup 2] [--compile]
 
-Times full training steps (forward + backward + clip + AdamW) and reports
-medians after --warmup steps: PyTorch with 1 and 2 threads, coregpt with 1 and
-2 workers of 1 thread, the ratios, and coregpt's peak memory (PSS of the
-coordinator and its workers, so shared memory counts once).
+Each round runs every system once, in turn, in its own process: PyTorch 2 threads
+with fp32 + AdamW(fused=True); bf16 autocast + fused AdamW; with --compile also
+torch.compile of the bf16 recipe; coregpt fp32 and bf16 with 2 workers x 1 thread
+and 1 worker x 1 thread.  A step is forward + backward + clip + AdamW; the first
+--warmup steps of every process (compilation included) are left out.  Prints
+every raw step time, each system's median over all rounds, the ratios, and peak
+memory (PSS, shared memory once) of coregpt fp32 and bf16 in separate untimed runs.
 """
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -25,9 +30,22 @@ sys.path.insert(0, REPO)
 
 from trainer.params import GPT2_VOCAB, PRESETS  # noqa: E402
 
+TORCH_RECIPES = {
+    "pytorch fp32, fused AdamW": dict(bf16=False, compile=False),
+    "pytorch bf16 autocast, fused AdamW": dict(bf16=True, compile=False),
+    "pytorch bf16 autocast, fused AdamW, compile": dict(bf16=True, compile=True),
+}
+COREGPT = {
+    "coregpt fp32, 2 workers x 1 thread": (2, ["--precision", "fp32"]),
+    "coregpt bf16, 2 workers x 1 thread": (2, ["--precision", "bf16"]),
+    "coregpt fp32, 1 worker x 1 thread": (1, ["--precision", "fp32"]),
+    "coregpt bf16, 1 worker x 1 thread": (1, ["--precision", "bf16"]),
+}
 
-def torch_step_times(model_name, B, T, steps, threads, tokens):
-    """nanoGPT-style eager PyTorch model, trained the way coregpt trains."""
+
+def torch_step_times(model_name, B, T, steps, threads, tokens, bf16, compile):
+    """nanoGPT-style PyTorch model, trained the way coregpt trains, with PyTorch's
+    fast CPU options: fused AdamW, optionally bf16 autocast and torch.compile."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -62,19 +80,21 @@ def torch_step_times(model_name, B, T, steps, threads, tokens):
             for block in self.h:
                 x = block(x)
             logits = self.ln_f(x) @ self.wte.weight.T
-            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
 
     model = GPT()
     decay = [q for q in model.parameters() if q.dim() == 2]
     rest = [q for q in model.parameters() if q.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+                            lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    forward = torch.compile(model) if compile else model
     times = []
     for s in range(steps):
         window = torch.from_numpy(tokens[s * B * T:(s + 1) * B * T + 1].astype(np.int64))
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = model(window[:-1].view(B, T), window[1:].view(B, T))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = forward(window[:-1].view(B, T), window[1:].view(B, T))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -134,52 +154,76 @@ def coregpt_step_times(model_name, B, T, steps, workers, data, extra, watch_memo
         return [r["step_ms"] / 1000 for r in rows if "step_ms" in r], peak[0] / 1e6 if watch_memory else None
 
 
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2", choices=list(PRESETS))
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps after warm-up")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per process, after warm-up")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--skip-torch-1", action="store_true", help="skip PyTorch with 1 thread")
+    ap.add_argument("--rounds", type=int, default=3, help="every system runs once per round")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile the bf16 recipe")
     ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt (after --)")
-    ap.add_argument("--torch-only", type=int, metavar="THREADS", help=argparse.SUPPRESS)
+    ap.add_argument("--torch-only", metavar="RECIPE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
     tokens = np.random.default_rng(0).integers(0, GPT2_VOCAB, n * B * T + 1).astype(np.uint16)
     if args.torch_only:
-        print(json.dumps(torch_step_times(args.model, B, T, n, args.torch_only, tokens)))
+        print(json.dumps(torch_step_times(args.model, B, T, n, 2, tokens, **TORCH_RECIPES[args.torch_only])))
         return
+    recipes = [r for r in TORCH_RECIPES if args.compile or not TORCH_RECIPES[r]["compile"]]
+    raw = {name: [] for name in recipes + list(COREGPT)}
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
         data = os.path.join(tmp, "tokens.bin")
         header = np.zeros(256, dtype=np.int32)
         header[:3] = (20240520, 1, tokens.size)
         with open(data, "wb") as f:
             f.write(header.tobytes() + tokens.tobytes())
-        results = {}
-        for threads in ([2] if args.skip_torch_1 else [1, 2]):
-            # its own process: an idle PyTorch thread pool must not share the cores with coregpt
-            done = subprocess.run([sys.executable, __file__, "--torch-only", str(threads), "--model",
-                                   args.model, "--batch-size", str(B), "--seq-len", str(T),
-                                   "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                                  capture_output=True, text=True, check=True)
-            results[f"pytorch {threads} thread(s)"] = (json.loads(done.stdout), None)
-        for workers in (2, 1):
-            results[f"coregpt {workers} worker(s) x 1 thread"] = coregpt_step_times(
-                args.model, B, T, n, workers, data, args.extra)
-        _, peak = coregpt_step_times(args.model, B, T, 3, 2, data, args.extra, watch_memory=True)
-    print(f"{args.model}, B={B}, T={T}: median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'':34} {'s/step':>8} {'tokens/s':>9}  raw s/step")
-    medians = {}
-    for name, (times, _) in results.items():
-        timed = times[args.warmup:]
-        medians[name] = statistics.median(timed)
-        print(f"{name:34} {medians[name]:8.3f} {B * T / medians[name]:9.1f}  "
-              f"{' '.join(f'{t:.3f}' for t in timed)}")
-    w2, w1 = medians["coregpt 2 worker(s) x 1 thread"], medians["coregpt 1 worker(s) x 1 thread"]
-    print(f"peak memory of coregpt 2x1 (coordinator + workers, PSS, shared memory once): {peak:.2f} GB")
-    print(f"speed-up of coregpt 2x1 over PyTorch 2 threads: {medians['pytorch 2 thread(s)'] / w2:.2f}x")
-    print(f"scaling coregpt 1 -> 2 workers: {w1 / w2:.2f}x")
+        for r in range(args.rounds):
+            order = recipes + list(COREGPT)
+            order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
+            for name in order:
+                if name in TORCH_RECIPES:  # own process: an idle torch pool must not share the cores
+                    done = subprocess.run([sys.executable, __file__, "--torch-only", name, "--model",
+                                           args.model, "--batch-size", str(B), "--seq-len", str(T),
+                                           "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                          capture_output=True, text=True)
+                    if done.returncode:
+                        raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+                    times = json.loads(done.stdout)
+                else:
+                    workers, flags = COREGPT[name]
+                    times, _ = coregpt_step_times(args.model, B, T, n, workers, data, flags + args.extra)
+                raw[name].append(times[args.warmup:])
+                print(f"round {r + 1}: {name}: " + " ".join(f"{t:.3f}" for t in times[args.warmup:]),
+                      file=sys.stderr, flush=True)
+        peaks = {p: coregpt_step_times(args.model, B, T, 3, 2, data, ["--precision", p] + args.extra,
+                                       watch_memory=True)[1] for p in ("fp32", "bf16")}
+    print(f"{args.model}, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; PyTorch with 2 threads")
+    print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
+    print(f"{'':46} {'s/step':>7} {'tokens/s':>9}  round medians | raw s/step")
+    med = {}
+    for name, rounds in raw.items():
+        med[name] = statistics.median(t for times in rounds for t in times)
+        print(f"{name:46} {med[name]:7.3f} {B * T / med[name]:9.1f}  "
+              + " ".join(f"{statistics.median(times):.3f}" for times in rounds) + " | "
+              + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in rounds))
+    best_bf16 = min((n for n in recipes if TORCH_RECIPES[n]["bf16"]), key=med.get)
+    c32, c16 = med["coregpt fp32, 2 workers x 1 thread"], med["coregpt bf16, 2 workers x 1 thread"]
+    print(f"coregpt bf16 2x1 over the fastest PyTorch bf16 recipe ({best_bf16}): {med[best_bf16] / c16:.2f}x")
+    print(f"coregpt fp32 2x1 over pytorch fp32, fused AdamW: {med['pytorch fp32, fused AdamW'] / c32:.2f}x")
+    print(f"scaling 1 -> 2 workers: bf16 {med['coregpt bf16, 1 worker x 1 thread'] / c16:.2f}x, "
+          f"fp32 {med['coregpt fp32, 1 worker x 1 thread'] / c32:.2f}x")
+    print(f"peak memory of coregpt 2x1 (coordinator + workers, PSS, shared memory once): "
+          f"fp32 {peaks['fp32']:.2f} GB, bf16 {peaks['bf16']:.2f} GB")
 
 
 if __name__ == "__main__":

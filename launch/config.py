@@ -6,6 +6,8 @@ from importlib import resources
 from types import SimpleNamespace
 
 LR_SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+GEMMS = ("auto", "numpy", "onednn")
 
 
 class ConfigError(ValueError):
@@ -36,6 +38,10 @@ SETTINGS = {
     "beta1": (float, 0.9, "AdamW beta1"),
     "beta2": (float, 0.95, "AdamW beta2"),
     "eps": (float, 1e-8, "AdamW epsilon"),
+    "precision": (str, "fp32", "fp32, or bf16: matmul inputs rounded to bf16, fp32 accumulation; "
+                               "weights, gradients, optimizer and other layers stay fp32"),
+    "gemm": (str, "auto", "GEMM engine: auto (oneDNN where it is faster, else NumPy's BLAS), numpy "
+                          "or onednn"),
     "backend": (str, "shm", "shm (one machine) or mpi (run under mpiexec; --workers is per rank)"),
     "workers": (int, 1, "worker processes (per rank with --backend mpi)"),
     "threads_per_worker": (int, None, "BLAS threads per worker (default: cores / workers)"),
@@ -123,6 +129,13 @@ def check(s, group=None):
     need(s.workers >= 1, f"--workers must be at least 1, got {s.workers}")
     need(s.batch_size >= 1, f"--batch-size must be at least 1, got {s.batch_size}")
     need(s.backend in ("shm", "mpi"), f"--backend must be shm or mpi, got {s.backend!r}")
+    need(s.precision in PRECISIONS, f"--precision must be fp32 or bf16, got {s.precision!r}")
+    need(s.gemm in GEMMS, f"--gemm must be one of {', '.join(GEMMS)}, got {s.gemm!r}")
+    from trainer.gemm import EngineError, choose
+    try:
+        choose(s.precision, s.gemm)
+    except EngineError as e:
+        raise ConfigError(str(e)) from None
     need(s.batch_size % (ranks * s.workers) == 0,
          f"--batch-size {s.batch_size} is not divisible by --workers {s.workers}"
          + (f" x {ranks} MPI ranks" if ranks > 1 else ""))

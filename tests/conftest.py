@@ -56,7 +56,7 @@ def write_tiny_inputs(directory, seed, n_tokens=4000):
 
 def launch(*args, cwd=None, env=None, timeout=600):
     """Run `python -m launch ARGS` -> CompletedProcess (text)."""
-    full_env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
+    full_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
     return subprocess.run([sys.executable, "-m", "launch", *map(str, args)], cwd=cwd or REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 

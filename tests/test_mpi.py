@@ -41,7 +41,7 @@ def losses(run):
 
 
 def test_mpi_two_ranks_match_pytorch(case):  # noqa: F811
-    root, expected_losses, expected_weights = case
+    root, expected_losses, expected_weights, _ = case
     out = root / "mpi2"
     done = mpi_launch(2, *parity_flags(root, out, "--backend", "mpi"))
     assert done.returncode == 0, done.stderr

@@ -11,10 +11,15 @@ A barrier (`sync`) separates the phases.
 Weight gradients are whole matrices, split among the workers by task, each
 also over the rows of all workers, so no gradient needs summing across workers.
 Parameters and gradients are dicts of views (into shared memory, in a worker).
+
+In bf16 (`low_params` given) every matmul reads bf16 copies: of the weights (made
+once per step by the AdamW pass) and of each matmul input and output gradient,
+made once by the worker that computed those rows (`made`), in a second arena.
 """
 import numpy as np
 
-from trainer.model import (attention_backward, attention_forward, crossentropy_backward,
+from trainer.gemm import to_low
+from trainer.model import (attention_backward, attention_forward, bias_backward, crossentropy_backward,
                            crossentropy_forward, encoder_backward, encoder_forward, gelu_backward,
                            gelu_forward, layernorm_backward, layernorm_forward,
                            layernorm_weights_backward, lmhead_backward, lmhead_forward,
@@ -46,6 +51,14 @@ def activation_shapes(cfg, B, T, training):
             ("datty", (B, T, C), 0), ("gelu_th", (N, 4 * C), 0), ("gelu_slope", (N, 4 * C), 0),
         ]
     return shapes
+
+
+# activations that matmuls read: in bf16 each gets a bf16 copy (the logits' is of dlogits)
+LOW_COPIES = ("ln1", "atty", "ln2", "fch_gelu", "lnf", "dqkv", "dresid2", "dfch", "dresidual", "logits")
+
+
+def low_shapes(cfg, B, T, training):
+    return [shape for shape in activation_shapes(cfg, B, T, training) if shape[0] in LOW_COPIES]
 
 
 def activation_layout(cfg, B, T, training):
@@ -94,9 +107,11 @@ class GPT:
     """The model for B rows of T tokens: the activation arena and the passes over
     parameter and gradient views.  In a worker pool, `arena` is shared by n_parts
     workers (worker `part` owns rows part·B…), and `sync` is their barrier; alone,
-    the arena is allocated here and sync does nothing."""
+    the arena is allocated here and sync does nothing.  low_params (bf16 weight
+    views) turns on bf16 matmuls; low_arena then holds the activations' bf16 copies."""
 
-    def __init__(self, cfg, B, T, params, grads=None, arena=None, part=0, n_parts=1, sync=None):
+    def __init__(self, cfg, B, T, params, grads=None, arena=None, part=0, n_parts=1, sync=None,
+                 low_params=None, low_arena=None):
         if T > cfg.block_size:
             raise ValueError(f"seq-len {T} is above the model's context of {cfg.block_size}")
         self.cfg, self.B, self.T, self.params, self.grads = cfg, B, T, params, grads
@@ -108,6 +123,16 @@ class GPT:
             arena = np.zeros(self.layout.size, dtype=np.float32)
         self.full = self.layout.views(arena)
         self.a = {name: rows_of(self.full[name], axis, part, n_parts) for name, _, axis in shapes}
+        self.low = low_params is not None
+        self.w = low_params if self.low else params  # the weights every matmul reads
+        self.o, self.o_own = self.full, self.a  # every matmul's activation operands
+        if self.low:
+            lows = low_shapes(cfg, B * n_parts, T, training)
+            low_layout = Layout([(name, shape) for name, shape, _ in lows])
+            if low_arena is None:
+                low_arena = np.zeros(low_layout.size, dtype=low_params["wte.weight"].dtype)
+            self.o = low_layout.views(low_arena)
+            self.o_own = {name: rows_of(self.o[name], axis, part, n_parts) for name, _, axis in lows}
         self.mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
         if training:  # layernorm weight gradients normalise the rows of all workers
             self.norm_all = np.zeros((B * n_parts * T, cfg.n_embd), dtype=np.float32)
@@ -122,6 +147,11 @@ class GPT:
         self.idx_all.reshape(-1)[...] = tokens[:self.idx_all.size]
         first = self.first_token
         self.targets[...] = tokens[first + 1:first + self.targets.size + 1]
+
+    def made(self, name, *index):
+        """This worker's rows of activation `name` are final: make their bf16 copy."""
+        if self.low:
+            to_low(self.o_own[name][index], self.a[name][index])
 
     def share(self, out, inp, w):
         """-> this worker's (out, inp, w) of out = inp @ w over the pool's rows.  When w is
@@ -144,45 +174,50 @@ class GPT:
         logits.  Row-wise layers run on this worker's rows, matmuls on its share (see
         share), sync() (a barrier in a pool) between phases.  Biases and residuals are
         added on rows: NumPy is several times slower on a column block."""
-        cfg, p, a, f, sync = self.cfg, self.params, self.a, self.full, self.sync
+        cfg, p, w, a, f, o, sync = self.cfg, self.params, self.w, self.a, self.full, self.o, self.sync
         B, T, C, L = self.B, self.T, cfg.n_embd, cfg.n_layer
         encoder_forward(a["residual"][0].reshape(B, T, C), self.idx, p["wte.weight"], p["wpe.weight"])
         for l in range(L):
             h = f"h.{l}."
             layernorm_forward(a["ln1"][l], a["ln1_mean"][l], a["ln1_rstd"][l], a["residual"][l],
                               p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+            self.made("ln1", l)
             sync()
-            matmul_forward(*self.share(f["qkv"][l].reshape(-1, 3 * C), f["ln1"][l],
-                                       p[h + "attn.c_attn.weight"]))
+            matmul_forward(*self.share(f["qkv"][l].reshape(-1, 3 * C), o["ln1"][l],
+                                       w[h + "attn.c_attn.weight"]))
             sync()
             a["qkv"][l] += p[h + "attn.c_attn.bias"]
             attention_forward(a["atty"][l], a["att"][l], a["qkv"][l], self.mask,
                               a["att_rowtmp"], cfg.n_head)
+            self.made("atty", l)
             sync()
-            matmul_forward(*self.share(f["resid2"][l], f["atty"][l].reshape(-1, C),
-                                       p[h + "attn.c_proj.weight"]))
+            matmul_forward(*self.share(f["resid2"][l], o["atty"][l].reshape(-1, C),
+                                       w[h + "attn.c_proj.weight"]))
             sync()
             resid2 = a["resid2"][l]
             resid2 += p[h + "attn.c_proj.bias"]
             resid2 += a["residual"][l]
             layernorm_forward(a["ln2"][l], a["ln2_mean"][l], a["ln2_rstd"][l], resid2,
                               p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+            self.made("ln2", l)
             sync()
-            matmul_forward(*self.share(f["fch"][l], f["ln2"][l], p[h + "mlp.c_fc.weight"]))
+            matmul_forward(*self.share(f["fch"][l], o["ln2"][l], w[h + "mlp.c_fc.weight"]))
             sync()
             a["fch"][l] += p[h + "mlp.c_fc.bias"]
             gelu_forward(a["fch_gelu"][l], a["fch"][l])
+            self.made("fch_gelu", l)
             sync()
-            matmul_forward(*self.share(f["residual"][l + 1], f["fch_gelu"][l],
-                                       p[h + "mlp.c_proj.weight"]))
+            matmul_forward(*self.share(f["residual"][l + 1], o["fch_gelu"][l],
+                                       w[h + "mlp.c_proj.weight"]))
             sync()
             out = a["residual"][l + 1]
             out += p[h + "mlp.c_proj.bias"]
             out += resid2
         layernorm_forward(a["lnf"], a["lnf_mean"], a["lnf_rstd"], a["residual"][L],
                           p["ln_f.weight"], p["ln_f.bias"])
+        self.made("lnf")
         sync()
-        logits, lnf, wte_t = self.share(f["logits"], f["lnf"], p["wte.weight"].T)
+        logits, lnf, wte_t = self.share(f["logits"], o["lnf"], w["wte.weight"].T)
         lmhead_forward(logits, lnf, wte_t.T)
         sync()
         return crossentropy_forward(a["logits"], self.targets, a["rowtmp"], self.rows)
@@ -197,46 +232,53 @@ class GPT:
     def backward_inputs(self, loss_scale):
         """The gradient of every activation, kept for backward_weights; split between
         rows and columns like forward."""
-        cfg, p, a, f, sync = self.cfg, self.params, self.a, self.full, self.sync
+        cfg, p, w, a, f, o, sync = self.cfg, self.params, self.w, self.a, self.full, self.o, self.sync
         L, C = cfg.n_layer, cfg.n_embd
         ln_scratch = (a["norm"], a["dnorm"], a["rowtmp"])
         crossentropy_backward(a["logits"], self.targets, self.rows, loss_scale)
+        self.made("logits")
         sync()
-        lmhead_backward(*self.share(f["dlnf"], f["logits"], p["wte.weight"]))
+        lmhead_backward(*self.share(f["dlnf"], o["logits"], w["wte.weight"]))
         sync()
         layernorm_backward(a["dresidual"][L], None, a["dlnf"], a["residual"][L],
                            a["lnf_mean"], a["lnf_rstd"], p["ln_f.weight"], *ln_scratch)
+        self.made("dresidual", L)
         sync()
         for l in reversed(range(L)):
             h = f"h.{l}."
-            self.matmul_backward(f["dfch"][l], f["dresidual"][l + 1], p[h + "mlp.c_proj.weight"])
+            self.matmul_backward(f["dfch"][l], o["dresidual"][l + 1], w[h + "mlp.c_proj.weight"])
             sync()
             gelu_backward(a["dfch"][l], a["fch"][l], a["gelu_th"], a["gelu_slope"])
+            self.made("dfch", l)
             sync()
-            self.matmul_backward(f["dln2"][l], f["dfch"][l], p[h + "mlp.c_fc.weight"])
+            self.matmul_backward(f["dln2"][l], o["dfch"][l], w[h + "mlp.c_fc.weight"])
             sync()
             layernorm_backward(a["dresid2"][l], a["dresidual"][l + 1], a["dln2"][l], a["resid2"][l],
                                a["ln2_mean"][l], a["ln2_rstd"][l], p[h + "ln_2.weight"], *ln_scratch)
+            self.made("dresid2", l)
             sync()
-            self.matmul_backward(f["datty"].reshape(-1, C), f["dresid2"][l], p[h + "attn.c_proj.weight"])
+            self.matmul_backward(f["datty"].reshape(-1, C), o["dresid2"][l], w[h + "attn.c_proj.weight"])
             sync()
             attention_backward(a["dqkv"][l], a["datt"], a["datty"], a["qkv"][l], a["att"][l],
                                a["att_rowtmp"], cfg.n_head)
+            self.made("dqkv", l)
             sync()
-            self.matmul_backward(f["dln1"][l], f["dqkv"][l].reshape(-1, 3 * C),
-                                 p[h + "attn.c_attn.weight"])
+            self.matmul_backward(f["dln1"][l], o["dqkv"][l].reshape(-1, 3 * C),
+                                 w[h + "attn.c_attn.weight"])
             sync()
             layernorm_backward(a["dresidual"][l], a["dresid2"][l], a["dln1"][l], a["residual"][l],
                                a["ln1_mean"][l], a["ln1_rstd"][l], p[h + "ln_1.weight"], *ln_scratch)
+            if l:  # dresidual[0] feeds only the embeddings, no matmul
+                self.made("dresidual", l)
             sync()
 
     def backward_weights(self, task, g):
         """One task's weight gradients into the views g (overwritten), from the rows of
         every worker; run after backward_inputs has finished on all of them."""
-        C, f, norm = self.cfg.n_embd, self.full, self.norm_all
+        C, f, o, norm = self.cfg.n_embd, self.full, self.o, self.norm_all
         if task[0] == "wte":
             _, lo, hi = task
-            lmhead_weights_backward(g["wte.weight"][lo:hi], f["logits"][:, lo:hi], f["lnf"])
+            lmhead_weights_backward(g["wte.weight"][lo:hi], o["logits"][:, lo:hi], o["lnf"])
             dres0 = f["dresidual"][0].reshape(*self.idx_all.shape, C)
             encoder_backward(g["wte.weight"][lo:hi], g["wpe.weight"] if lo == 0 else None,
                              dres0, self.idx_all, lo)
@@ -249,14 +291,18 @@ class GPT:
         h = f"h.{l}.{name}."
         dw, db = g[h + "weight"], g[h + "bias"]
         if name == "attn.c_attn":
-            matmul_weights_backward(dw, db, f["dqkv"][l].reshape(-1, 3 * C), f["ln1"][l])
+            matmul_weights_backward(dw, o["dqkv"][l].reshape(-1, 3 * C), o["ln1"][l])
+            bias_backward(db, f["dqkv"][l].reshape(-1, 3 * C))
             layernorm_weights_backward(g[f"h.{l}.ln_1.weight"], g[f"h.{l}.ln_1.bias"], f["dln1"][l],
                                        f["residual"][l], f["ln1_mean"][l], f["ln1_rstd"][l], norm)
         elif name == "attn.c_proj":
-            matmul_weights_backward(dw, db, f["dresid2"][l], f["atty"][l].reshape(-1, C))
+            matmul_weights_backward(dw, o["dresid2"][l], o["atty"][l].reshape(-1, C))
+            bias_backward(db, f["dresid2"][l])
         elif name == "mlp.c_fc":
-            matmul_weights_backward(dw, db, f["dfch"][l], f["ln2"][l])
+            matmul_weights_backward(dw, o["dfch"][l], o["ln2"][l])
+            bias_backward(db, f["dfch"][l])
             layernorm_weights_backward(g[f"h.{l}.ln_2.weight"], g[f"h.{l}.ln_2.bias"], f["dln2"][l],
                                        f["resid2"][l], f["ln2_mean"][l], f["ln2_rstd"][l], norm)
         else:  # mlp.c_proj
-            matmul_weights_backward(dw, db, f["dresidual"][l + 1], f["fch_gelu"][l])
+            matmul_weights_backward(dw, o["dresidual"][l + 1], o["fch_gelu"][l])
+            bias_backward(db, f["dresidual"][l + 1])

@@ -4,9 +4,12 @@ a separate pass, see gpt.py).
 
 Shapes: B rows, T positions, C channels, NH heads of HS = C/NH, V vocabulary,
 N = B·T.  Every function writes into buffers it is given (`out=`): the caller
-owns the memory, so a training step allocates nothing large.
+owns the memory, so a training step allocates nothing large.  The linear layers'
+and lm head's GEMMs go through trainer.gemm (NumPy or oneDNN, fp32 or bf16 inputs).
 """
 import numpy as np
+
+from trainer.gemm import matmul
 
 LN_EPS = np.float32(1e-5)
 GELU_S = np.float32(np.sqrt(2.0 / np.pi))
@@ -80,36 +83,40 @@ def layernorm_weights_backward(dw, db, dout, x, mean, rstd, norm):
 
 def matmul_forward(out, inp, w, b=None):
     """out (N,OC) = inp (N,C) @ w (C,OC) + b (OC); a pool adds b later, on rows."""
-    np.matmul(inp, w, out=out)
+    matmul(out, inp, w)
     if b is not None:
         out += b
 
 
 def matmul_backward(dinp, dout, w):
     """dout (N,OC) -> dinp (N,C) = dout @ w.T, overwritten."""
-    np.matmul(dout, w.T, out=dinp)
+    matmul(dinp, dout, w.T)
 
 
-def matmul_weights_backward(dw, db, dout, inp):
-    """dout (N,OC), inp (N,C) -> dw (C,OC) = inp.T @ dout and db (OC), overwritten."""
-    np.matmul(inp.T, dout, out=dw)
+def matmul_weights_backward(dw, dout, inp):
+    """dout (N,OC), inp (N,C) -> dw (C,OC) = inp.T @ dout, overwritten."""
+    matmul(dw, inp.T, dout)
+
+
+def bias_backward(db, dout):
+    """dout (N,OC) -> db (OC) = Σ over rows, overwritten (from fp32 dout in every precision)."""
     np.sum(dout, axis=0, out=db)
 
 
 def lmhead_forward(logits, x, wte):
     """x (N,C) -> logits (N,V) = x @ wte.T: the head is tied to the token embedding."""
-    np.matmul(x, wte.T, out=logits)
+    matmul(logits, x, wte.T)
 
 
 def lmhead_backward(dx, dlogits, wte):
     """dlogits (N,V) -> dx (N,C) = dlogits @ wte, overwritten."""
-    np.matmul(dlogits, wte, out=dx)
+    matmul(dx, dlogits, wte)
 
 
 def lmhead_weights_backward(dwte, dlogits, x):
     """dlogits (N,V'), x (N,C) -> dwte (V',C) = dlogits.T @ x, overwritten; V' may be a
     slice of the vocabulary (then dlogits is the matching column slice)."""
-    np.matmul(dlogits.T, x, out=dwte)
+    matmul(dwte, dlogits.T, x)
 
 
 def split_heads(x, n_head, parts):

@@ -3,7 +3,20 @@ import math
 
 import numpy as np
 
+from trainer.gemm import to_low
+
 BLOCK = 1 << 16  # floats per cache block: 4 arrays × 256 KB stay in L2
+SUM_ROW = 4096  # floats per fp32 partial sum of squares
+
+
+def sum_squares(x):
+    """Σ x² of a flat float32 array as a Python float: fp32 sums of SUM_ROW squares,
+    added in float64.  One fp32 dot over millions of elements (BLAS sdot) drifts by
+    ~1e-4 relative; rows of 4096 keep every partial sum exact to ~1e-7."""
+    n = x.size - x.size % SUM_ROW
+    rows = x[:n].reshape(-1, SUM_ROW)
+    tail = x[n:].astype(np.float64)  # < SUM_ROW floats
+    return float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64)) + float(tail @ tail)
 
 
 def lr_at(step, lr, schedule, warmup, steps, min_lr):
@@ -25,10 +38,12 @@ def clip_scale(grad_norm, max_norm):
     return float(min(np.float32(1.0), np.float32(max_norm) / np.float32(grad_norm + 1e-6)))
 
 
-def adamw_update(p, g, m, v, tmp, *, lr, t, beta1, beta2, eps, weight_decay, grad_scale):
+def adamw_update(p, g, m, v, tmp, *, lr, t, beta1, beta2, eps, weight_decay, grad_scale,
+                 p_low=None):
     """One AdamW step over flat float32 slices, block by block so each block
     is read from memory once.  g is scaled in place by grad_scale (clipping);
-    tmp is a scratch of at least BLOCK floats."""
+    tmp is a scratch of at least BLOCK floats; p_low, if given, receives the
+    updated p rounded to bf16 (the weights bf16 matmuls read)."""
     step_size = lr / (1.0 - beta1 ** t)
     inv_bc2_sqrt = 1.0 / math.sqrt(1.0 - beta2 ** t)
     decay = 1.0 - lr * weight_decay
@@ -52,3 +67,5 @@ def adamw_update(p, g, m, v, tmp, *, lr, t, beta1, beta2, eps, weight_decay, gra
         if weight_decay:
             pb *= np.float32(decay)
         pb -= tb
+        if p_low is not None:
+            to_low(p_low[s:e], pb)

@@ -88,7 +88,7 @@ class Layout:
         self.size = offset  # floats
 
     def views(self, flat):
-        assert flat.dtype == np.float32 and flat.size >= self.size
+        assert flat.size >= self.size
         return {name: flat[o:o + int(np.prod(self.shapes[name]))].reshape(self.shapes[name])
                 for name, o in self.offsets.items()}
 

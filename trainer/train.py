@@ -19,6 +19,7 @@ from trainer.checkpoint import load_optimizer, prune_checkpoints, save_checkpoin
 from trainer.corpus import prepare_shakespeare
 from trainer.data import DataError, check_tokens, open_tokens, resolve_data
 from trainer.files import atomic_write
+from trainer.gemm import choose
 from trainer.optim import clip_scale, lr_at
 from trainer.params import GPT2_VOCAB, init_gpt2
 from trainer.profile import layer_table
@@ -27,7 +28,7 @@ from trainer.weights import WeightsError, latest_checkpoint, load_checked, prese
 from workers.comm import LocalGroup
 from workers.pool import WorkerPool
 
-PHASES = ("forward", "backward", "reduce", "update", "waiting")
+PHASES = ("forward", "backward", "convert", "reduce", "update", "waiting")
 # what a resumed run may change; everything else is the run's own
 RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every", "keep_last",
                 "no_checkpoint", "workers", "threads_per_worker", "oversubscribe", "skip_nonfinite",
@@ -208,6 +209,7 @@ def train(s, given=(), group=None):
         + (f"x{s.grad_accum} accumulated" if s.grad_accum > 1 else "")
         + (f" on {group.size} MPI ranks x" if group.size > 1 else " on")
         + f" {s.workers} worker(s) x {s.threads_per_worker} thread(s); run dir {s.out_dir}")
+    engine, engine_text = choose(s.precision, s.gemm)
     pool = None
     try:
         with StopRequest() as stop:
@@ -215,12 +217,13 @@ def train(s, given=(), group=None):
                               seq_len=s.seq_len, batch_rows=s.batch_size, train=train_path,
                               val=val_path, optim=dict(beta1=s.beta1, beta2=s.beta2, eps=s.eps,
                                                        weight_decay=s.weight_decay),
-                              profile=s.profile, worker_offset=group.rank * s.workers,
+                              gemm=engine, profile=s.profile, worker_offset=group.rank * s.workers,
                               core_offset=group.local_rank * s.workers)
-            log(f"coregpt: workers' BLAS: {pool.blas or 'none found'}")
+            log(f"coregpt: matmuls: {engine_text}; workers' BLAS: {pool.blas or 'none found'}")
             arrays = tuple(pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))
             load_state(cfg, s, arrays, tensors, ckpt)
             del tensors
+            pool.request({"op": "cast"})  # the bf16 copy of the loaded weights, if any
             run_steps(s, cfg, pool, group, metrics, start, state or {}, val_path, arrays, stop)
     finally:
         metrics.close()
@@ -258,6 +261,7 @@ def run_steps(s, cfg, pool, group, metrics, start, state, val_path, arrays, stop
             loss += sum(r["loss"] for r in replies)
             phases["forward"] += max(r["forward_s"] for r in replies)
             phases["backward"] += max(r["backward_s"] for r in replies)
+            phases["convert"] += max(r["convert_s"] for r in replies)
             # every worker's activation gradients are in: the weight gradients can read them all
             replies = pool.request({"op": "grads", "accumulate": micro > 0})
             phases["backward"] += max(r["seconds"] - r["sum_s"] for r in replies)
@@ -274,7 +278,8 @@ def run_steps(s, cfg, pool, group, metrics, start, state, val_path, arrays, stop
             counts["updates"] += 1  # AdamW's own step count: skipped steps do not advance it
             replies = pool.request({"op": "update", "lr": lr, "t": counts["updates"],
                                     "scale": clip_scale(grad_norm, s.grad_clip)})
-            phases["update"] = max(r["seconds"] for r in replies)
+            phases["update"] = max(r["seconds"] - r["convert_s"] for r in replies)
+            phases["convert"] += max(r["convert_s"] for r in replies)
             dt = time.perf_counter() - t0
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "step_ms": round(dt * 1000, 3), "tokens_per_s": round(step_tokens / dt, 1)}

@@ -12,8 +12,9 @@ import time
 
 import zmq
 
-from trainer.gpt import activation_layout
-from trainer.params import param_layout
+from trainer.gemm import Engine
+from trainer.gpt import activation_layout, low_shapes
+from trainer.params import Layout, param_layout
 from workers.barrier import close_all, make_pipes
 from workers.shm import SharedArena
 
@@ -54,19 +55,28 @@ def core_groups(n_workers, threads, offset=0):
 
 class WorkerPool:
     def __init__(self, cfg, n_workers, threads, *, rows, seq_len, batch_rows, train, val, optim,
-                 profile=False, worker_offset=0, core_offset=0):
+                 gemm="numpy", profile=False, worker_offset=0, core_offset=0):
         """rows: batch rows per worker; worker r reads rows from (worker_offset + r)·rows
         of each batch (worker_offset > 0 for the workers of later MPI ranks).
         Shared: parameters, AdamW m and v, one gradient arena, and the activations of
-        all the pool's rows."""
+        all the pool's rows; with a bf16 GEMM engine also the bf16 copies of the
+        weights and of the activations matmuls read."""
         self.n = n_workers
         self.layout = param_layout(cfg)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
             activation_floats = activation_layout(cfg, rows * n_workers, seq_len, training=True).size
-            for size in [self.layout.size] * 4 + [activation_floats]:  # one by one, so close() frees any made
-                self.arenas.append(SharedArena.create(size))
-            self.params, self.m, self.v, self.grads, activations = self.arenas
+            sizes = [(self.layout.size, "float32")] * 4 + [(activation_floats, "float32")]
+            engine = Engine(gemm)
+            low = Layout([(n, shape) for n, shape, _ in low_shapes(cfg, rows * n_workers, seq_len, True)])
+            if engine.low:
+                sizes += [(self.layout.size, engine.low_dtype), (low.size, engine.low_dtype)]
+            for size, dtype in sizes:  # one by one, so close() frees any made
+                self.arenas.append(SharedArena.create(size, dtype))
+            self.params, self.m, self.v, self.grads, activations = self.arenas[:5]
+            low_names = {}
+            if engine.low:
+                low_names = {"params_low": self.arenas[5].name, "activations_low": self.arenas[6].name}
             self.tmpdir = self.socket_dir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
             self.socket_dir_mode = os.stat(self.tmpdir).st_mode & 0o777
             endpoint = f"ipc://{self.tmpdir}/control"
@@ -82,10 +92,11 @@ class WorkerPool:
                 "rows": rows, "first_row": worker_offset * rows, "seq_len": seq_len,
                 "batch_rows": batch_rows,
                 "train": train, "val": val, "optim": optim, "threads": threads, "cores": groups[r],
-                "profile": profile,
+                "profile": profile, "gemm": gemm,
                 "arenas": {"params": self.params.name, "m": self.m.name, "v": self.v.name,
-                           "grads": self.grads.name, "activations": activations.name},
-                "activation_floats": activation_floats, "barrier": barrier_ends[r],
+                           "grads": self.grads.name, "activations": activations.name, **low_names},
+                "activation_floats": activation_floats, "low_activations": low.size,
+                "barrier": barrier_ends[r],
             } for r in range(n_workers)], timeout=START_TIMEOUT_S)[0]["blas"]
             for arena in self.arenas:  # every worker maps them now: drop the names
                 arena.unlink()

@@ -1,4 +1,4 @@
-"""Shared-memory float32 arenas (POSIX shm, names `coregpt-<random>`, mode 0600).
+"""Shared-memory arenas (float32, or bf16 for the bf16 copies) (POSIX shm, names `coregpt-<random>`, mode 0600).
 
 The coordinator creates every segment, workers attach, and the coordinator
 unlinks the names as soon as all workers hold a mapping: from then on no
@@ -15,21 +15,21 @@ PREFIX = "coregpt-"
 
 
 class SharedArena:
-    def __init__(self, shm, n_floats):
+    def __init__(self, shm, n, dtype):
         self.shm = shm
         self.name = shm.name
-        self.array = np.ndarray((n_floats,), dtype=np.float32, buffer=shm.buf)
+        self.array = np.ndarray((n,), dtype=dtype, buffer=shm.buf)
         self.linked = True
 
     @classmethod
-    def create(cls, n_floats):
+    def create(cls, n, dtype=np.float32):
         # SharedMemory creates with O_CREAT|O_EXCL and mode 0600
         shm = shared_memory.SharedMemory(name=PREFIX + secrets.token_hex(12), create=True,
-                                         size=max(4, 4 * n_floats))
-        return cls(shm, n_floats)
+                                         size=max(4, np.dtype(dtype).itemsize * n))
+        return cls(shm, n, dtype)
 
     @classmethod
-    def attach(cls, name, n_floats):
+    def attach(cls, name, n, dtype=np.float32):
         if sys.version_info >= (3, 13):
             shm = shared_memory.SharedMemory(name=name, track=False)
         else:
@@ -37,7 +37,7 @@ class SharedArena:
             # before 3.13 attaching registers the segment with this process's
             # resource tracker, which would unlink it when this worker exits
             resource_tracker.unregister(shm._name, "shared_memory")
-        arena = cls(shm, n_floats)
+        arena = cls(shm, n, dtype)
         arena.linked = False  # the coordinator owns the name
         return arena
 

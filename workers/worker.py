@@ -12,9 +12,10 @@ import time
 import numpy as np
 import zmq
 
+from trainer import gemm
 from trainer.data import open_tokens, window_start
 from trainer.gpt import GPT, task_params, weight_grad_tasks
-from trainer.optim import BLOCK, adamw_update
+from trainer.optim import BLOCK, adamw_update, sum_squares
 from trainer.params import GPTConfig, decay_segments, param_layout, shard_bounds
 from trainer.profile import LayerTimes
 from workers.barrier import PeerGone, PipeBarrier
@@ -33,6 +34,7 @@ class Worker:
         self.blas = ", ".join(
             f"{lib['internal_api']} {lib['version']} {lib.get('architecture') or ''}".strip()
             for lib in threadpool_info() if lib["user_api"] == "blas")
+        self.engine = gemm.install(init["gemm"])  # after the thread limits: oneDNN reads them
         cfg = GPTConfig(**init["config"])
         self.layout = layout = param_layout(cfg)
         self.scratch = None  # gradient views for accumulation, made on first use
@@ -45,9 +47,17 @@ class Worker:
         self.first_row = init["first_row"]
         self.activations = SharedArena.attach(names["activations"], init["activation_floats"])
         self.barrier = PipeBarrier(init["barrier"])
+        self.params_low = self.activations_low = low_params = None
+        if self.engine.low:  # the arena objects are kept: dropping one would unmap it
+            dtype = self.engine.low_dtype
+            self.params_low = SharedArena.attach(names["params_low"], layout.size, dtype)
+            self.activations_low = SharedArena.attach(names["activations_low"], init["low_activations"],
+                                                      dtype)
+            low_params = layout.views(self.params_low.array)
         self.model = GPT(cfg, self.rows, self.T, layout.views(self.params.array), self.grad_views,
                          self.activations.array, part=self.rank, n_parts=self.n_workers,
-                         sync=self.barrier)
+                         sync=self.barrier, low_params=low_params,
+                         low_arena=self.activations_low.array if self.activations_low else None)
         self.tasks = weight_grad_tasks(cfg, self.n_workers)[self.rank]
         self.train = open_tokens(init["train"])
         self.val = open_tokens(init["val"]) if init["val"] else None
@@ -69,15 +79,15 @@ class Worker:
 
     def step(self, window, scale):
         """Forward, and the activation gradients, of this worker's rows; the times
-        exclude waiting at the barriers between the layers."""
-        t0, wait0 = time.perf_counter(), self.barrier.seconds
+        exclude waiting at the barriers between the layers and the bf16 conversions."""
+        t0, wait0, conv0 = time.perf_counter(), self.barrier.seconds, self.engine.convert_seconds
         self.load_rows(self.train, window)
         loss = self.model.forward()
-        t1, wait1 = time.perf_counter(), self.barrier.seconds
+        t1, wait1, conv1 = time.perf_counter(), self.barrier.seconds, self.engine.convert_seconds
         self.model.backward_inputs(scale)
-        t2, wait2 = time.perf_counter(), self.barrier.seconds
-        return {"loss": loss, "forward_s": t1 - t0 - (wait1 - wait0),
-                "backward_s": t2 - t1 - (wait2 - wait1)}
+        t2, wait2, conv2 = time.perf_counter(), self.barrier.seconds, self.engine.convert_seconds
+        return {"loss": loss, "forward_s": t1 - t0 - (wait1 - wait0) - (conv1 - conv0),
+                "backward_s": t2 - t1 - (wait2 - wait1) - (conv2 - conv1), "convert_s": conv2 - conv0}
 
     def weight_grads(self, accumulate):
         """This worker's weight-gradient tasks, once every worker has finished `step`.
@@ -96,8 +106,7 @@ class Worker:
                 region = own[name][lo:hi]
                 if accumulate:
                     region += target[name][lo:hi]
-                flat = region.reshape(-1)
-                sumsq += float(np.dot(flat, flat))  # now, while the task's gradients are in cache
+                sumsq += sum_squares(region.reshape(-1))  # now, while they are in cache
             t_sum += time.perf_counter() - t0
         return {"sumsq": sumsq, "sum_s": t_sum}
 
@@ -110,19 +119,25 @@ class Worker:
 
     def sumsq(self):
         """Σ g² of this worker's optimizer shard (after an MPI all-reduce changed the gradients)."""
-        g, total = self.grads.array, 0.0
-        for s in range(self.lo, self.hi, BLOCK):
-            block = g[s:min(s + BLOCK, self.hi)]
-            total += float(np.dot(block, block))
-        return {"sumsq": total}
+        return {"sumsq": sum_squares(self.grads.array[self.lo:self.hi])}
 
     def update(self, lr, scale, t):
+        """AdamW on this worker's shard; with bf16 matmuls it also writes the shard's
+        bf16 copy, block by block while the block is in cache."""
         p, g, m, v = self.params.array, self.grads.array, self.m.array, self.v.array
-        o = self.optim
+        low = self.params_low.array if self.params_low else None
+        o, conv0 = self.optim, self.engine.convert_seconds
         for s, e, decays in self.segments:
             adamw_update(p[s:e], g[s:e], m[s:e], v[s:e], self.tmp, lr=lr, t=t,
                          beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"],
-                         weight_decay=o["weight_decay"] if decays else 0.0, grad_scale=scale)
+                         weight_decay=o["weight_decay"] if decays else 0.0, grad_scale=scale,
+                         p_low=None if low is None else low[s:e])
+        return {"convert_s": self.engine.convert_seconds - conv0}
+
+    def cast(self):
+        """The bf16 copy of this worker's shard of freshly loaded weights."""
+        if self.params_low:
+            gemm.to_low(self.params_low.array[self.lo:self.hi], self.params.array[self.lo:self.hi])
         return {}
 
     def handle(self, msg):
@@ -136,6 +151,8 @@ class Worker:
             return dict(self.sumsq(), seconds=time.perf_counter() - t0)
         if op == "update":
             return dict(self.update(msg["lr"], msg["scale"], msg["t"]), seconds=time.perf_counter() - t0)
+        if op == "cast":
+            return self.cast()
         if op == "eval":
             return self.evaluate(msg["windows"])
         if op == "profile":

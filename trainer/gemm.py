@@ -1,0 +1,220 @@
+"""The GEMM engine: every matmul of the model's linear layers and lm head goes
+through `matmul(out, a, b)`, out (M,N) float32 = a (M,K) @ b (K,N), where a and b
+may be transposed or column-sliced views (expressed to BLAS as strides, never copied).
+
+Engines, chosen once per process by `install(name)`:
+  numpy         NumPy's BLAS (OpenBLAS, Accelerate...), fp32
+  onednn        oneDNN's dnnl_sgemm, fp32 (faster than OpenBLAS on AVX-512 CPUs)
+  onednn-bf16   oneDNN's dnnl_gemm_bf16bf16f32: bf16 inputs, fp32 accumulation and
+                output; fast only with bf16 units (AVX512_BF16, AMX)
+  emulated-bf16 the same numerics anywhere: inputs rounded to bf16 but stored as
+                float32, then the fp32 GEMM (onednn if it is fast here, else numpy)
+
+bf16 operands are made by `to_low(dst, src)` where an activation or weight is
+produced; the engine's `low_dtype` says how they are stored.  oneDNN comes from the
+`onednn-cpu-gomp` wheel (`pip install 'coregpt[bf16]'`), loaded with ctypes."""
+import ctypes
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+
+BF16_INSTALL = "pip install 'coregpt[bf16]'"
+# dnnl_cpu_isa_t bit masks (oneDNN 3.x): a CPU has an ISA when all its bits are set
+ISA_AVX512_CORE, ISA_AVX512_BF16 = 0x27, 0xE7
+ISA_NAMES = {0x1: "sse41", 0x3: "avx", 0x7: "avx2", 0xF: "avx2_vnni", 0x1F: "avx2_vnni_2",
+             0x27: "avx512_core", 0x67: "avx512_core_vnni", 0xE7: "avx512_core_bf16",
+             0x1EF: "avx512_core_fp16", 0xFE7: "avx512_core_amx", 0x1FE7: "avx512_core_amx_fp16"}
+BLOCK = 1 << 16  # elements rounded per pass by the emulated engine (stays in L2)
+
+
+class EngineError(RuntimeError):
+    """The engine asked for cannot run here; the message says what to install."""
+
+
+class OneDNN:
+    """libdnnl's row-major GEMMs through ctypes."""
+
+    def __init__(self, path):
+        try:
+            self.lib = lib = ctypes.CDLL(path)
+        except OSError as e:
+            hint = (" (oneDNN's OpenMP runtime: apt-get install libgomp1, or your OS's libgomp)"
+                    if "gomp" in str(e) else "")
+            raise EngineError(f"cannot load oneDNN from {path}: {e}{hint}") from None
+        args = [ctypes.c_char, ctypes.c_char, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                ctypes.c_float, ctypes.c_void_p, ctypes.c_int64]
+        for fn in (lib.dnnl_sgemm, lib.dnnl_gemm_bf16bf16f32):
+            fn.argtypes, fn.restype = args, ctypes.c_int
+
+        class Version(ctypes.Structure):
+            _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int)]
+        lib.dnnl_version.restype = ctypes.POINTER(Version)
+        lib.dnnl_get_effective_cpu_isa.restype = ctypes.c_int
+        v = lib.dnnl_version().contents
+        self.version = f"{v.major}.{v.minor}.{v.patch}"
+        self.isa = lib.dnnl_get_effective_cpu_isa()  # after ONEDNN_MAX_CPU_ISA caps it
+
+    def has(self, isa):
+        return self.isa & isa == isa
+
+    @property
+    def isa_name(self):
+        return ISA_NAMES.get(self.isa, hex(self.isa))
+
+    def gemm(self, fn, out, a, b):
+        ta, lda = layout_of(a)
+        tb, ldb = layout_of(b)
+        tc, ldc = layout_of(out)
+        assert tc == b"N" and out.dtype == np.float32, "GEMM output must be row-major float32"
+        (M, K), N = a.shape, b.shape[1]
+        status = fn(ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 0.0,
+                    out.ctypes.data, ldc)
+        if status != 0:
+            raise EngineError(f"oneDNN GEMM failed with status {status} "
+                              f"({'unimplemented on this CPU' if status == 3 else 'error'})")
+
+
+def layout_of(x):
+    """A 2-D view -> (b'N' or b'T', leading dimension) in row-major BLAS terms."""
+    rows, cols = x.shape
+    s0, s1 = (s // x.itemsize for s in x.strides)
+    if s1 == 1 or cols == 1:
+        return b"N", max(s0, cols, 1)
+    if s0 == 1 or rows == 1:
+        return b"T", max(s1, rows, 1)
+    raise ValueError(f"GEMM operand of strides {x.strides} is neither row- nor column-major")
+
+
+def onednn_library():
+    """Path of libdnnl.so.3 from an installed onednn-cpu-* wheel, or None."""
+    from importlib import metadata
+    for dist in ("onednn-cpu-gomp", "onednn-cpu-iomp"):
+        try:
+            files = metadata.distribution(dist).files or []
+        except metadata.PackageNotFoundError:
+            continue
+        for f in files:
+            if f.name.startswith("libdnnl.so.3"):
+                return str(f.locate())
+    found = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libdnnl.so.3*")))
+    return found[0] if found else None
+
+
+_onednn = None
+
+
+def onednn():
+    """The loaded oneDNN, or EngineError saying how to get it."""
+    global _onednn
+    if _onednn is None:
+        path = onednn_library()
+        if path is None:
+            raise EngineError(f"oneDNN is not installed: {BF16_INSTALL}")
+        _onednn = OneDNN(path)
+    return _onednn
+
+
+def bf16_dtype():
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise EngineError(f"--precision bf16 needs ml_dtypes and oneDNN: {BF16_INSTALL}") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def choose(precision, prefer="auto"):
+    """-> (engine name, one-line description for the run header).  `prefer` is
+    auto, numpy or onednn (the --gemm setting).  Raises EngineError."""
+    if precision == "bf16":
+        bf16_dtype()
+        dnn = onednn()
+        if prefer == "numpy":
+            return "emulated-bf16", "bf16 emulated: inputs rounded to bf16, fp32 GEMM by NumPy's BLAS"
+        if dnn.has(ISA_AVX512_BF16):
+            return "onednn-bf16", f"oneDNN {dnn.version} bf16 ({dnn.isa_name})"
+        fp32 = "oneDNN sgemm" if dnn.has(ISA_AVX512_CORE) else "NumPy's BLAS"
+        return "emulated-bf16", (f"bf16 emulated: inputs rounded to bf16, fp32 GEMM by {fp32}; this "
+                                 f"CPU ({dnn.isa_name}) has no bf16 units, so --precision fp32 is faster")
+    if prefer == "numpy":
+        return "numpy", "NumPy's BLAS, fp32"
+    try:
+        dnn = onednn()
+    except EngineError:
+        if prefer == "onednn":
+            raise
+        return "numpy", "NumPy's BLAS, fp32"
+    if prefer == "onednn" or dnn.has(ISA_AVX512_CORE):
+        return "onednn", f"oneDNN {dnn.version} sgemm, fp32 ({dnn.isa_name})"
+    return "numpy", "NumPy's BLAS, fp32"
+
+
+class Engine:
+    def __init__(self, name):
+        self.name = name
+        self.convert_seconds = 0.0  # spent in to_low: the profile's "convert" phase
+        self.low_dtype = np.dtype(np.float32)
+        self.sgemm = None
+        if name in ("onednn", "emulated-bf16") and onednn_library():
+            dnn = onednn()
+            if name == "onednn" or dnn.has(ISA_AVX512_CORE):
+                self.sgemm = dnn
+        if name == "onednn-bf16":
+            self.dnn = onednn()
+            self.low_dtype = bf16_dtype()
+        if name == "emulated-bf16":
+            self.scratch = np.empty(BLOCK, dtype=bf16_dtype())
+
+    @property
+    def low(self):
+        return self.name.endswith("bf16")
+
+    def matmul(self, out, a, b):
+        if a.dtype != np.float32:
+            self.dnn.gemm(self.dnn.lib.dnnl_gemm_bf16bf16f32, out, a, b)
+        elif self.sgemm is not None:
+            self.sgemm.gemm(self.sgemm.lib.dnnl_sgemm, out, a, b)
+        else:
+            np.matmul(a, b, out=out)
+
+    def to_low(self, dst, src):
+        """dst = src rounded to bf16 (stored as bf16, or as float32 when emulated)."""
+        t0 = time.perf_counter()
+        if dst.dtype != np.float32:
+            np.copyto(dst, src, casting="unsafe")
+        else:
+            self.round_in_blocks(dst, src)
+        self.convert_seconds += time.perf_counter() - t0
+
+    def round_in_blocks(self, dst, src):
+        assert dst.flags.c_contiguous and src.flags.c_contiguous
+        flat_dst, flat_src = dst.reshape(-1), src.reshape(-1)
+        for s in range(0, flat_src.size, BLOCK):
+            n = min(BLOCK, flat_src.size - s)
+            np.copyto(self.scratch[:n], flat_src[s:s + n], casting="unsafe")
+            np.copyto(flat_dst[s:s + n], self.scratch[:n], casting="unsafe")
+
+
+_engine = Engine("numpy")
+
+
+def install(name):
+    """Use engine `name` for every matmul of this process."""
+    global _engine
+    _engine = Engine(name)
+    return _engine
+
+
+def engine():
+    return _engine
+
+
+def matmul(out, a, b):
+    _engine.matmul(out, a, b)
+
+
+def to_low(dst, src):
+    _engine.to_low(dst, src)
