@@ -18,16 +18,18 @@ def tokens(tmp_path_factory):
     return path
 
 
-def test_profile_logs_phases_and_layer_table(tmp_path, tokens):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_profile_logs_phases_and_layer_table(tmp_path, tokens, precision):
     run = tmp_path / "run"
-    done = launch("train", *TINY, "--data", tokens, "--steps", 3, "--workers", 2,
+    done = launch("train", *TINY, "--data", tokens, "--steps", 3, "--workers", 2, "--precision", precision,
                   "--threads-per-worker", 1, "--eval-every", 0, "--profile", "--out-dir", run)
     assert done.returncode == 0, done.stderr
     for row in read_metrics(run):
         phases = row["profile_ms"]
-        assert set(phases) == {"forward", "backward", "reduce", "update", "waiting"}
-        work = [phases[k] for k in ("forward", "backward", "reduce", "update")]
-        assert all(ms > 0 for ms in work)
+        assert set(phases) == {"forward", "backward", "convert", "reduce", "update", "waiting"}
+        work = [phases[k] for k in ("forward", "backward", "convert", "reduce", "update")]
+        assert all(ms > 0 for ms in work[:2] + work[3:])
+        assert (phases["convert"] > 0) == (precision == "bf16")  # bf16 copies of weights and activations
         # measured inside the workers, so it fits in the coordinator's wall time for the step
         assert sum(work) <= row["step_ms"] and phases["waiting"] >= 0
     table = done.stderr.split("by layer type")[1]
