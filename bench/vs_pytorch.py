@@ -168,7 +168,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=6, help="timed steps per process, after warm-up")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=4, help="steps left out (torch.compile needs 3)")
     ap.add_argument("--rounds", type=int, default=3, help="every system runs once per round")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the bf16 recipe")
     ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt (after --)")

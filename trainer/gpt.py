@@ -55,14 +55,32 @@ def activation_shapes(cfg, B, T, training):
 
 # activations that matmuls read: in bf16 each gets a bf16 copy (the logits' is of dlogits)
 LOW_COPIES = ("ln1", "atty", "ln2", "fch_gelu", "lnf", "dqkv", "dresid2", "dfch", "dresidual", "logits")
+# ... of which only matmuls read these: in bf16 their fp32 rows live in a one-layer scratch
+LOW_ONLY = ("ln1", "atty", "ln2", "fch_gelu", "lnf")
 
 
 def low_shapes(cfg, B, T, training):
     return [shape for shape in activation_shapes(cfg, B, T, training) if shape[0] in LOW_COPIES]
 
 
-def activation_layout(cfg, B, T, training):
-    return Layout([(name, shape) for name, shape, _ in activation_shapes(cfg, B, T, training)])
+def shared_shapes(cfg, B, T, training, low):
+    """The activations that live in the (shared) fp32 arena."""
+    return [shape for shape in activation_shapes(cfg, B, T, training) if not (low and shape[0] in LOW_ONLY)]
+
+
+def activation_layout(cfg, B, T, training, low=False):
+    return Layout([(name, shape) for name, shape, _ in shared_shapes(cfg, B, T, training, low)])
+
+
+def one_layer_scratch(shape, axis, n_parts):
+    """A private buffer of one layer's rows of this worker, seen as every layer's
+    (the layer axis has stride 0): the fp32 side of a LOW_ONLY activation."""
+    rows = list(shape)
+    rows[axis] //= n_parts
+    if axis == 0:
+        return np.zeros(rows, dtype=np.float32)
+    layer = np.zeros(rows[1:], dtype=np.float32)
+    return np.lib.stride_tricks.as_strided(layer, shape=rows, strides=(0,) + layer.strides)
 
 
 MATRIX_SIZE = {"attn.c_attn": 3, "attn.c_proj": 1, "mlp.c_fc": 4, "mlp.c_proj": 4}  # × C²
@@ -116,14 +134,13 @@ class GPT:
             raise ValueError(f"seq-len {T} is above the model's context of {cfg.block_size}")
         self.cfg, self.B, self.T, self.params, self.grads = cfg, B, T, params, grads
         self.part, self.n_parts, self.sync = part, n_parts, sync or (lambda: None)
-        training = grads is not None
-        shapes = activation_shapes(cfg, B * n_parts, T, training)
+        training, self.low = grads is not None, low_params is not None
+        shapes = shared_shapes(cfg, B * n_parts, T, training, self.low)
         self.layout = Layout([(name, shape) for name, shape, _ in shapes])
         if arena is None:
             arena = np.zeros(self.layout.size, dtype=np.float32)
         self.full = self.layout.views(arena)
         self.a = {name: rows_of(self.full[name], axis, part, n_parts) for name, _, axis in shapes}
-        self.low = low_params is not None
         self.w = low_params if self.low else params  # the weights every matmul reads
         self.o, self.o_own = self.full, self.a  # every matmul's activation operands
         if self.low:
@@ -133,6 +150,8 @@ class GPT:
                 low_arena = np.zeros(low_layout.size, dtype=low_params["wte.weight"].dtype)
             self.o = low_layout.views(low_arena)
             self.o_own = {name: rows_of(self.o[name], axis, part, n_parts) for name, _, axis in lows}
+            self.a.update({name: one_layer_scratch(shape, axis, n_parts) for name, shape, axis in lows
+                           if name in LOW_ONLY})
         self.mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
         if training:  # layernorm weight gradients normalise the rows of all workers
             self.norm_all = np.zeros((B * n_parts * T, cfg.n_embd), dtype=np.float32)

@@ -65,9 +65,9 @@ class WorkerPool:
         self.layout = param_layout(cfg)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
-            activation_floats = activation_layout(cfg, rows * n_workers, seq_len, training=True).size
-            sizes = [(self.layout.size, "float32")] * 4 + [(activation_floats, "float32")]
             engine = Engine(gemm)
+            activation_floats = activation_layout(cfg, rows * n_workers, seq_len, True, engine.low).size
+            sizes = [(self.layout.size, "float32")] * 4 + [(activation_floats, "float32")]
             low = Layout([(n, shape) for n, shape, _ in low_shapes(cfg, rows * n_workers, seq_len, True)])
             if engine.low:
                 sizes += [(self.layout.size, engine.low_dtype), (low.size, engine.low_dtype)]
