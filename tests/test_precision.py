@@ -144,6 +144,8 @@ def test_missing_onednn_and_libgomp_are_named(monkeypatch):
     with pytest.raises(gemm.EngineError, match=r"pip install 'coregpt\[bf16\]'"):
         gemm.choose("bf16")
     assert gemm.choose("fp32")[0] == "numpy"  # fp32 falls back to NumPy's BLAS
+    monkeypatch.setattr(gemm, "onednn_wheel_exists", lambda: False)  # macOS, ARM: no oneDNN wheel
+    assert gemm.choose("bf16")[0] == "emulated-bf16"
 
     def no_gomp(path):
         raise OSError("libgomp.so.1: cannot open shared object file: No such file or directory")

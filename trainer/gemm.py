@@ -16,6 +16,7 @@ produced; the engine's `low_dtype` says how they are stored.  oneDNN comes from 
 import ctypes
 import glob
 import os
+import platform
 import sys
 import time
 
@@ -126,11 +127,19 @@ def bf16_dtype():
     return np.dtype(ml_dtypes.bfloat16)
 
 
+def onednn_wheel_exists():
+    """The onednn-cpu-* wheels are built for Linux on x86-64 only."""
+    return sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
+
+
 def choose(precision, prefer="auto"):
     """-> (engine name, one-line description for the run header).  `prefer` is
     auto, numpy or onednn (the --gemm setting).  Raises EngineError."""
     if precision == "bf16":
         bf16_dtype()
+        if not onednn_wheel_exists() and onednn_library() is None and prefer != "onednn":
+            return "emulated-bf16", ("bf16 emulated: inputs rounded to bf16, fp32 GEMM by NumPy's "
+                                     "BLAS (no oneDNN build for this platform); --precision fp32 is faster")
         dnn = onednn()
         if prefer == "numpy":
             return "emulated-bf16", "bf16 emulated: inputs rounded to bf16, fp32 GEMM by NumPy's BLAS"
