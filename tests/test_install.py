@@ -1,5 +1,6 @@
 """`pip install .` (not editable) into a fresh venv with an empty cache, then the
-default job from an empty directory trains 3 steps."""
+default job from an empty directory trains 3 steps; --precision bf16 is refused in
+one line until `pip install '.[bf16]'`, after which it trains too."""
 import os
 import shutil
 import subprocess
@@ -35,3 +36,18 @@ def test_fresh_venv_install_and_default_job(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (empty / "run" / "checkpoints" / "step_000003" / "model.safetensors").is_file()
     assert (tmp_path / "cache" / "coregpt" / "shakespeare" / "train.bin").is_file()
+
+    bf16 = [python, "-m", "launch", "--workers", "2", "--steps", "3", "--precision", "bf16"]
+    refused = subprocess.run(bf16 + ["--out-dir", "run16"], cwd=empty, env=env, capture_output=True,
+                             text=True, timeout=900)
+    assert refused.returncode == 2 and not (empty / "run16").exists()
+    assert refused.stderr.strip().splitlines() == [
+        "coregpt: error: --precision bf16 needs ml_dtypes and oneDNN: pip install 'coregpt[bf16]'"]
+    extra = subprocess.run([python, "-m", "pip", "install", "--quiet", f"{source}[bf16]"],
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert extra.returncode == 0, extra.stderr[-3000:]
+    done = subprocess.run(bf16 + ["--out-dir", "run16"], cwd=empty, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "coregpt: matmuls: " in done.stderr and "bf16" in done.stderr.split("matmuls: ")[1].split("\n")[0]
+    assert [r["step"] for r in read_metrics(empty / "run16") if "loss" in r] == [1, 2, 3]
