@@ -151,6 +151,9 @@ def cmd_plot(argv):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.platform == "win32":
+        return fail("coregpt runs on Linux and macOS; on Windows, run it inside WSL "
+                    "(the Windows Subsystem for Linux)", 2)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["train", "--config", default_config_path()] + argv
     if argv[0] in ("-h", "--help"):
@@ -165,12 +168,13 @@ def main(argv=None):
     from trainer.train import Interrupted, RunError
     from trainer.weights import WeightsError
     from workers.pool import WorkerError
+    from workers.resources import ResourceError
     try:
         from launch.sweep import sweep
         commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample,
                     "export": cmd_export, "plot": cmd_plot, "sweep": sweep}
         return commands[command](rest)
-    except (ConfigError, DataError, WeightsError) as e:
+    except (ConfigError, DataError, WeightsError, ResourceError) as e:
         # the same on every rank (settings) or already agreed by all ranks (setup)
         group = Session.group
         root = group.is_root if group is not None else os.environ.get("PMI_RANK", "0") == "0"

@@ -46,6 +46,8 @@ SETTINGS = {
     "workers": (int, 1, "worker processes (per rank with --backend mpi)"),
     "threads_per_worker": (int, None, "BLAS threads per worker (default: cores / workers)"),
     "oversubscribe": (bool, False, "allow workers × threads above the available cores"),
+    "smt": (bool, False, "count hyperthreads (SMT siblings) as cores; default: one logical CPU per "
+                         "physical core"),
     "out_dir": (str, None, "run directory (default runs/<UTC timestamp>)"),
     "eval_every": (int, 100, "validation loss every N steps and at the end (0 disables)"),
     "eval_steps": (int, 10, "batches per validation"),
@@ -150,7 +152,8 @@ def check(s, group=None):
         need(getattr(s, name) >= 0, f"--{name.replace('_', '-')} must not be negative")
     need(s.weight_decay >= 0 and s.grad_clip >= 0, "--weight-decay and --grad-clip must not be negative")
     need(0 <= s.beta1 < 1 and 0 <= s.beta2 < 1 and s.eps > 0, "AdamW needs 0 <= beta < 1 and eps > 0")
-    cores = len(os.sched_getaffinity(0))
+    from workers.placement import read_topology
+    cores = read_topology().available(s.smt)  # physical cores (or hyperthreads), capped by a CPU quota
     local_workers = local_ranks * s.workers  # every worker on this machine
     if s.threads_per_worker is None:
         s.threads_per_worker = max(1, cores // local_workers)
@@ -158,7 +161,8 @@ def check(s, group=None):
     need(s.oversubscribe or local_workers * s.threads_per_worker <= cores,
          f"--workers {s.workers} × --threads-per-worker {s.threads_per_worker}"
          + (f" × {local_ranks} ranks on this machine" if local_ranks > 1 else "")
-         + f" exceeds the {cores} available cores; lower them or pass --oversubscribe")
+         + f" exceeds the {cores} available {'logical CPUs' if s.smt else 'cores'}; lower them or pass "
+           f"--oversubscribe")
     if s.min_lr is None:
         s.min_lr = s.lr / 10
     need(not (s.resume and s.out_dir is None), "--resume needs --out-dir naming the run to continue")

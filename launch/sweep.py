@@ -68,7 +68,8 @@ def sweep(argv):
         "runs", "sweep-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out-dir {out_dir} is a file")
-    cores = len(os.sched_getaffinity(0))
+    from workers.placement import read_topology
+    cores = read_topology().available()
     rows = []
     for w in workers:
         for t in threads:

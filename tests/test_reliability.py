@@ -231,7 +231,7 @@ def test_shared_memory_and_socket_permissions(files):
     try:
         mode = stat.S_IMODE(os.stat(f"/dev/shm/{arena.name}").st_mode)
         assert mode == 0o600
-        assert arena.name.startswith("coregpt-") and len(arena.name) == len("coregpt-") + 24
+        assert arena.name.startswith("coregpt-") and len(arena.name) == len("coregpt-") + 20
     finally:
         arena.unlink()
         arena.close()

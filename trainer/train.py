@@ -19,14 +19,16 @@ from trainer.checkpoint import load_optimizer, prune_checkpoints, save_checkpoin
 from trainer.corpus import prepare_shakespeare
 from trainer.data import DataError, check_tokens, open_tokens, resolve_data
 from trainer.files import atomic_write
-from trainer.gemm import choose
+from trainer.gemm import Engine, choose
 from trainer.optim import clip_scale, lr_at
 from trainer.params import GPT2_VOCAB, init_gpt2
 from trainer.profile import layer_table
 from trainer.sample import sample_text
 from trainer.weights import WeightsError, latest_checkpoint, load_checked, preset_config
 from workers.comm import LocalGroup
+from workers.placement import place, read_topology
 from workers.pool import WorkerPool
+from workers.resources import ResourceError, check as check_resources, plan_for
 
 PHASES = ("forward", "backward", "convert", "reduce", "update", "waiting")
 # what a resumed run may change; everything else is the run's own
@@ -50,8 +52,6 @@ def log(message):
 
 
 def prepare_out_dir(s):
-    if s.out_dir is None:
-        s.out_dir = os.path.join("runs", datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
     if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):
         raise DataError(f"--out-dir {s.out_dir} is a file, not a directory")
     if not s.resume and os.path.isdir(s.out_dir) and (
@@ -116,25 +116,43 @@ class NoMetrics:
         pass
 
 
+def write_failed(what, error, out_dir):
+    """An I/O error (disk full, ...) writing `what`: the RunError the user sees."""
+    reason = getattr(error, "strerror", None) or str(error)
+    previous = latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
+    return RunError(f"writing {what} failed: {reason}; "
+                    + (f"the last checkpoint ({os.path.basename(previous)}) is intact; " if previous else "")
+                    + f"free space, then continue with --resume --out-dir {out_dir}")
+
+
 class Metrics:
     """metrics.jsonl, one JSON object a line; on resume rows past the checkpoint are dropped."""
 
     def __init__(self, out_dir, keep_through_step):
-        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.path, self.out_dir = os.path.join(out_dir, "metrics.jsonl"), out_dir
         rows = []
         if os.path.isfile(self.path):
             with open(self.path) as f:
                 rows = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_through_step]
-        with atomic_write(self.path, "w") as f:
-            f.writelines(rows)
-        self.file = open(self.path, "a")
+        try:
+            with atomic_write(self.path, "w") as f:
+                f.writelines(rows)
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise write_failed(self.path, e, out_dir) from None
 
     def write(self, row):
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise write_failed(self.path, e, self.out_dir) from None
 
     def close(self):
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass  # a failed flush was reported by write()
 
 
 class StopRequest:
@@ -180,10 +198,20 @@ def setup(s, given, group):
     if s.seq_len > cfg.block_size:
         raise DataError(f"--seq-len {s.seq_len} is above the model's context of {cfg.block_size}")
     train_path, val_path = open_data(s, cfg)
+    if s.out_dir is None:
+        s.out_dir = os.path.join("runs", datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    plan = plan_for(cfg, s, group.local_size, group.size, Engine(choose(s.precision, s.gemm)[0]))
+    warning = check_resources(plan, s.out_dir if group.is_root else os.devnull)
     if group.is_root:
         prepare_out_dir(s)
-        with open(os.path.join(s.out_dir, "run.json"), "w") as f:
-            json.dump(run_settings(s), f, indent=2)
+        try:
+            with atomic_write(os.path.join(s.out_dir, "run.json"), "w") as f:
+                json.dump(run_settings(s), f, indent=2)
+        except OSError as e:
+            raise write_failed(os.path.join(s.out_dir, "run.json"), e, s.out_dir) from None
+    log(f"coregpt: {plan.describe()}")
+    if warning:
+        log(f"coregpt: {warning}")
     return cfg, tensors, ckpt, state, train_path, val_path
 
 
@@ -195,7 +223,7 @@ def train(s, given=(), group=None):
     try:
         cfg, tensors, ckpt, state, train_path, val_path = setup(s, given, group)
         error = None
-    except (ConfigError, DataError, WeightsError) as e:
+    except (ConfigError, DataError, WeightsError, ResourceError) as e:
         error = e
     group.agree(error)  # under MPI: every rank stops on any rank's bad input
     start = state["step"] if state else 0
@@ -210,6 +238,12 @@ def train(s, given=(), group=None):
         + (f" on {group.size} MPI ranks x" if group.size > 1 else " on")
         + f" {s.workers} worker(s) x {s.threads_per_worker} thread(s); run dir {s.out_dir}")
     engine, engine_text = choose(s.precision, s.gemm)
+    topo = read_topology()
+    cores = place(topo, s.workers, s.threads_per_worker, s.smt, first_worker=group.local_rank * s.workers,
+                  total_workers=group.local_size * s.workers) if topo.pinning else None
+    log(f"coregpt: {topo.describe(s.smt)}; "
+        + ("  ".join(f"worker {r}: cpus {','.join(map(str, c))}" for r, c in enumerate(cores)) if cores
+           else "workers not pinned"))
     pool = None
     try:
         with StopRequest() as stop:
@@ -218,7 +252,7 @@ def train(s, given=(), group=None):
                               val=val_path, optim=dict(beta1=s.beta1, beta2=s.beta2, eps=s.eps,
                                                        weight_decay=s.weight_decay),
                               gemm=engine, profile=s.profile, worker_offset=group.rank * s.workers,
-                              core_offset=group.local_rank * s.workers)
+                              cores=cores)
             log(f"coregpt: matmuls: {engine_text}; workers' BLAS: {pool.blas or 'none found'}")
             arrays = tuple(pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))
             load_state(cfg, s, arrays, tensors, ckpt)
@@ -326,7 +360,12 @@ def checkpoint(s, cfg, step, arrays, counts):
     params, m, v = arrays
     state = {"seed": s.seed, "data_window": step * s.grad_accum, "adam_steps": counts["updates"],
              "skipped_nonfinite": counts["skipped"], "config": run_settings(s)}
-    path = save_checkpoint(s.out_dir, step, cfg, params, m, v, state)
+    from safetensors import SafetensorError
+    try:  # a failed write leaves no partial directory, and `latest` still names the previous one
+        path = save_checkpoint(s.out_dir, step, cfg, params, m, v, state)
+    except (OSError, SafetensorError) as e:
+        raise write_failed(f"the step {step} checkpoint in {os.path.join(s.out_dir, 'checkpoints')}",
+                           e, s.out_dir) from None
     if s.keep_last:
         prune_checkpoints(s.out_dir, s.keep_last)
     return path
@@ -337,9 +376,12 @@ def run_settings(s):
 
 
 def plot_quietly(run_dir):
-    """The loss plot is a convenience: a failure to draw it never fails the run."""
+    """The loss plot is a convenience: a failure to draw it is one line, and an
+    I/O error writing it (disk full) fails the run like any other write."""
     try:
         from trainer.plot import plot_run
         plot_run(run_dir)
+    except OSError as e:
+        raise write_failed(os.path.join(run_dir, "loss.png"), e, run_dir) from None
     except Exception as e:  # noqa: BLE001
         log(f"coregpt: no loss plot ({type(e).__name__}: {e})")

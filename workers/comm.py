@@ -15,7 +15,8 @@ def error_kinds():
     from launch.config import ConfigError
     from trainer.data import DataError
     from trainer.weights import WeightsError
-    return [ConfigError, DataError, WeightsError, RuntimeError]
+    from workers.resources import ResourceError
+    return [ConfigError, DataError, WeightsError, ResourceError, RuntimeError]
 
 
 class LocalGroup:
@@ -100,8 +101,11 @@ def unlink_mpich_segments(node):
     lose their names once every rank on the machine has them mapped."""
     node.Barrier()
     if node.Get_rank() == 0:
-        with open("/proc/self/maps") as f:
-            mapped = {line.split()[-1] for line in f if "/dev/shm/mpich_shm_" in line}
+        try:
+            with open("/proc/self/maps") as f:
+                mapped = {line.split()[-1] for line in f if "/dev/shm/mpich_shm_" in line}
+        except OSError:  # no /proc (macOS): MPICH's segments keep their names there
+            mapped = set()
         for path in mapped:
             try:
                 os.unlink(path)

@@ -45,19 +45,23 @@ def blas_coretype():
     return "Zen" if amd_avx512 else None
 
 
-def core_groups(n_workers, threads, offset=0):
-    """Worker r gets `threads` cores of this process's affinity set, in order,
-    after the `offset` workers that other ranks on this machine placed first."""
-    cores = sorted(os.sched_getaffinity(0))
-    return [[cores[((offset + r) * threads + i) % len(cores)] for i in range(threads)]
-            for r in range(n_workers)]
+def arena_sizes(cfg, pool_rows, seq_len, engine):
+    """[(what, elements, dtype)] of a pool's shared arenas, in creation order."""
+    params = param_layout(cfg).size
+    sizes = [(what, params, "float32") for what in ("params", "Adam m", "Adam v", "gradients")]
+    sizes.append(("activations", activation_layout(cfg, pool_rows, seq_len, True, engine.low).size, "float32"))
+    if engine.low:
+        low = Layout([(n, shape) for n, shape, _ in low_shapes(cfg, pool_rows, seq_len, True)])
+        sizes += [("bf16 weights", params, engine.low_dtype), ("bf16 activations", low.size, engine.low_dtype)]
+    return sizes
 
 
 class WorkerPool:
     def __init__(self, cfg, n_workers, threads, *, rows, seq_len, batch_rows, train, val, optim,
-                 gemm="numpy", profile=False, worker_offset=0, core_offset=0):
+                 gemm="numpy", profile=False, worker_offset=0, cores=None):
         """rows: batch rows per worker; worker r reads rows from (worker_offset + r)·rows
-        of each batch (worker_offset > 0 for the workers of later MPI ranks).
+        of each batch (worker_offset > 0 for the workers of later MPI ranks); cores:
+        the logical CPUs of each worker (None: not pinned).
         Shared: parameters, AdamW m and v, one gradient arena, and the activations of
         all the pool's rows; with a bf16 GEMM engine also the bf16 copies of the
         weights and of the activations matmuls read."""
@@ -66,12 +70,9 @@ class WorkerPool:
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
             engine = Engine(gemm)
-            activation_floats = activation_layout(cfg, rows * n_workers, seq_len, True, engine.low).size
-            sizes = [(self.layout.size, "float32")] * 4 + [(activation_floats, "float32")]
-            low = Layout([(n, shape) for n, shape, _ in low_shapes(cfg, rows * n_workers, seq_len, True)])
-            if engine.low:
-                sizes += [(self.layout.size, engine.low_dtype), (low.size, engine.low_dtype)]
-            for size, dtype in sizes:  # one by one, so close() frees any made
+            sizes = arena_sizes(cfg, rows * n_workers, seq_len, engine)
+            activation_floats, low_activations = sizes[4][1], sizes[6][1] if engine.low else 0
+            for _, size, dtype in sizes:  # one by one, so close() frees any made
                 self.arenas.append(SharedArena.create(size, dtype))
             self.params, self.m, self.v, self.grads, activations = self.arenas[:5]
             low_names = {}
@@ -86,16 +87,15 @@ class WorkerPool:
             self.router.bind(endpoint)
             barrier_ends = self._start(endpoint, threads)
             self._gather(timeout=START_TIMEOUT_S)  # hello
-            groups = core_groups(n_workers, threads, core_offset)
             self.blas = self.request([{
                 "op": "init", "rank": r, "n_workers": n_workers, "config": cfg.__dict__,
                 "rows": rows, "first_row": worker_offset * rows, "seq_len": seq_len,
                 "batch_rows": batch_rows,
-                "train": train, "val": val, "optim": optim, "threads": threads, "cores": groups[r],
+                "train": train, "val": val, "optim": optim, "threads": threads, "cores": cores[r] if cores else None,
                 "profile": profile, "gemm": gemm,
                 "arenas": {"params": self.params.name, "m": self.m.name, "v": self.v.name,
                            "grads": self.grads.name, "activations": activations.name, **low_names},
-                "activation_floats": activation_floats, "low_activations": low.size,
+                "activation_floats": activation_floats, "low_activations": low_activations,
                 "barrier": barrier_ends[r],
             } for r in range(n_workers)], timeout=START_TIMEOUT_S)[0]["blas"]
             for arena in self.arenas:  # every worker maps them now: drop the names

@@ -5,13 +5,14 @@ unlinks the names as soon as all workers hold a mapping: from then on no
 /dev/shm entry exists that a crash could leak, and the memory is freed when
 the last process that maps it exits, however it exits.
 """
+import os
 import secrets
 import sys
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
-PREFIX = "coregpt-"
+PREFIX = "coregpt-"  # + 20 hex digits: 29 bytes with the leading /, under macOS's limit of 31
 
 
 class SharedArena:
@@ -24,8 +25,18 @@ class SharedArena:
     @classmethod
     def create(cls, n, dtype=np.float32):
         # SharedMemory creates with O_CREAT|O_EXCL and mode 0600
-        shm = shared_memory.SharedMemory(name=PREFIX + secrets.token_hex(12), create=True,
-                                         size=max(4, np.dtype(dtype).itemsize * n))
+        size = max(4, np.dtype(dtype).itemsize * n)
+        shm = shared_memory.SharedMemory(name=PREFIX + secrets.token_hex(10), create=True, size=size)
+        if hasattr(os, "posix_fallocate"):  # reserve it now: a full /dev/shm is an error, not a SIGBUS later
+            try:
+                os.posix_fallocate(shm._fd, 0, size)
+            except OSError as e:
+                shm.close()
+                shm.unlink()
+                from workers.resources import ResourceError
+                raise ResourceError(f"shared memory: cannot reserve {size / 1e6:,.0f} MB in /dev/shm "
+                                    f"({e.strerror}); in Docker run with --shm-size or --ipc=host, or "
+                                    f"choose a smaller --model or --batch-size") from None
         return cls(shm, n, dtype)
 
     @classmethod

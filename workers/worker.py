@@ -28,7 +28,7 @@ class Worker:
     def __init__(self, init):
         from threadpoolctl import threadpool_info, threadpool_limits
         self.rank, self.n_workers = init["rank"], init["n_workers"]
-        if init["cores"]:
+        if init["cores"] and hasattr(os, "sched_setaffinity"):  # macOS has no CPU affinity
             os.sched_setaffinity(0, init["cores"])
         self.blas_limits = threadpool_limits(limits=init["threads"])
         self.blas = ", ".join(

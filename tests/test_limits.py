@@ -1,0 +1,227 @@
+"""Resource limits caught before they bite, and the platforms we cannot run here.
+
+Docker's 64 MB /dev/shm and a full --out-dir are real tmpfs mounts in a private
+mount namespace (`unshare`, as CI runs as root; --map-root-user elsewhere).
+macOS is simulated: a sitecustomize removes the Linux-only calls (CPU affinity,
+posix_fallocate), hides /proc, /sys and /dev/shm, and limits POSIX shared-memory
+names to macOS's 31 bytes."""
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, launch, read_metrics, write_tiny_inputs, write_token_file
+from workers import resources
+from workers.shm import SharedArena
+
+UNSHARE = ["unshare", "--mount", "--propagation", "private"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+
+
+def in_mount_namespace(script, timeout=600):
+    """Run a bash script in a private mount namespace (its mounts vanish with it)."""
+    env = dict(os.environ, PYTHONPATH=REPO, PY=sys.executable)
+    return subprocess.run(UNSHARE + ["bash", "-c", script], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A prepared-corpus directory (train.bin + val.bin) for the default job's shape."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    write_token_file(root / "train.bin", rng.integers(0, 50257, 40_000))
+    write_token_file(root / "val.bin", rng.integers(0, 50257, 10_000))
+    return root
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("coregpt: error:")]
+
+
+@pytest.mark.parametrize("model", ["default job", "gpt2"])
+def test_small_dev_shm_is_one_line_then_a_big_enough_one_trains(tmp_path, corpus, model):
+    """Docker's default: a 64 MB /dev/shm.  Exit 2 at once naming /dev/shm, the MB
+    needed and free, and --shm-size; nothing in /dev/shm, no run directory.  Then a
+    tmpfs just big enough (the MB the message asked for, +5 %) trains 2 steps."""
+    flags = f"--data {corpus} --workers 2 --steps 2 --eval-every 0"
+    if model == "gpt2":
+        flags += " --model gpt2 --batch-size 4"
+    out = tmp_path / "run"
+    script = f"""
+    mount -t tmpfs -o size=64m tmpfs /dev/shm
+    start=$(date +%s%N)
+    $PY -m launch {flags} --out-dir {out}; echo "rc=$? ms=$(( ($(date +%s%N) - start) / 1000000 ))"
+    echo "left: $(ls /dev/shm | wc -l)"
+    """
+    done = in_mount_namespace(script)
+    lines = error_lines(done.stderr)
+    assert "rc=2" in done.stdout, done.stdout + done.stderr
+    assert int(re.search(r"ms=(\d+)", done.stdout).group(1)) < 10_000
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    need, free = map(lambda v: int(v.replace(",", "")), re.search(
+        r"needs ([\d,]+) MiB in /dev/shm but ([\d,]+) MiB are free", lines[0]).groups())
+    assert free <= 64 < need and "--shm-size=" in lines[0] and "--ipc=host" in lines[0]
+    assert "left: 0" in done.stdout and not out.exists()
+    if model == "gpt2":
+        return  # 2.5 GB of tmpfs for 2 steps of GPT-2 124M: the small model shows the same
+    script = f"""
+    mount -t tmpfs -o size={int(need * 1.05) + 1}m tmpfs /dev/shm
+    $PY -m launch {flags} --out-dir {out} --no-checkpoint; echo "rc=$?"
+    echo "left: $(ls /dev/shm | wc -l)"
+    """
+    done = in_mount_namespace(script)
+    assert "rc=0" in done.stdout and "left: 0" in done.stdout, done.stdout + done.stderr
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
+
+
+def test_a_full_dev_shm_later_is_an_error_not_sigbus():
+    """Segments are reserved when made (posix_fallocate): a tmpfs that fills up
+    is a ResourceError at creation, never a SIGBUS on first touch."""
+    script = """
+    mount -t tmpfs -o size=8m tmpfs /dev/shm
+    $PY -c "
+from workers.shm import SharedArena
+from workers.resources import ResourceError
+try:
+    SharedArena.create(4_000_000)
+except ResourceError as e:
+    print('refused:', e)
+"
+    echo "rc=$? left: $(ls /dev/shm | wc -l)"
+    """
+    done = in_mount_namespace(script)
+    assert "refused: shared memory: cannot reserve 16 MB in /dev/shm" in done.stdout, done.stdout + done.stderr
+    assert "rc=0 left: 0" in done.stdout
+
+
+def test_model_bigger_than_memory_is_one_line(tmp_path, corpus):
+    """Bigger than any machine (GPT-2 XL on this 24 GB one is measured in the README)."""
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    done = launch("train", "--n-layer", 100, "--n-embd", 12800, "--n-head", 100, "--data", corpus,
+                  "--workers", 2, "--out-dir", out)
+    assert done.returncode == 2 and time.monotonic() - t0 < 10
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"memory: this run needs [\d.]+ GB .* but [\d.]+ GB are available",
+                                         lines[0]), done.stderr
+    assert not out.exists()
+
+
+def test_disk_full_while_checkpointing_then_resume(tmp_path):
+    """--out-dir on a 70 MB tmpfs: the step-2 checkpoint (40 MB) fits, step 4's does
+    not.  One line, exit 1, no partial directory, `latest` still step 2, which loads;
+    after the tmpfs grows, --resume finishes the run with one metrics row per step."""
+    write_tiny_inputs(tmp_path, seed=0)
+    mnt, host = tmp_path / "mnt", tmp_path / "host"
+    mnt.mkdir()
+    host.mkdir()
+    train = (f"$PY -m launch train --init-from {tmp_path / 'init'} --data {tmp_path / 'tokens.bin'} "
+             f"--batch-size 4 --seq-len 32 --workers 2 --eval-every 0 --out-dir {mnt / 'run'}")
+    script = f"""
+    mount -t tmpfs -o size=70m tmpfs {mnt}
+    {train} --steps 6 --ckpt-every 2 2> {host / 'full.err'}; echo "rc=$?"
+    ls -a {mnt / 'run' / 'checkpoints'} > {host / 'after_full.txt'}
+    cp -r {mnt / 'run' / 'checkpoints' / 'step_000002'} {host / 'kept'}
+    $PY -m launch sample --checkpoint {mnt / 'run'} --max-new-tokens 2 > /dev/null; echo "sample_rc=$?"
+    mount -o remount,size=300m {mnt}
+    {train} --resume --steps 6 2> {host / 'resume.err'}; echo "resume_rc=$?"
+    cp {mnt / 'run' / 'metrics.jsonl'} {host}
+    """
+    done = in_mount_namespace(script)
+    assert "rc=1" in done.stdout, done.stdout + done.stderr
+    full = (host / "full.err").read_text()
+    lines = error_lines(full)
+    assert len(lines) == 1 and "Traceback" not in full, full
+    assert "step 4 checkpoint" in lines[0] and "No space left on device" in lines[0]
+    assert "step_000002" in lines[0] and "--resume" in lines[0]
+    assert (host / "after_full.txt").read_text().split() == [".", "..", "latest", "step_000002"]
+    assert (host / "kept" / "model.safetensors").is_file()
+    assert "sample_rc=0" in done.stdout and "resume_rc=0" in done.stdout, (host / "resume.err").read_text()
+    assert [r["step"] for r in read_metrics(host) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_disk_check_before_anything_is_written(tmp_path):
+    plan = resources.Plan([("params", 100)], params=10 ** 8, workers=1, local_ranks=1,
+                          private_per_worker=0, checkpoints=5)
+    with pytest.raises(resources.ResourceError, match=r"a checkpoint of this model takes 1,201 MB"):
+        resources.check(plan, tmp_path, memory=None, cgroup=None, shm_free=None, disk_free=10 ** 9)
+    warning = resources.check(plan, tmp_path, memory=None, cgroup=None, shm_free=None, disk_free=3 * 10 ** 9)
+    assert warning.startswith("warning: keeping 5 checkpoints takes 6.0 GB")
+
+
+def test_cgroup_memory_limit(tmp_path):
+    (tmp_path / "docker" / "abc").mkdir(parents=True)
+    (tmp_path / "docker" / "abc" / "memory.max").write_text(f"{4 * 2 ** 30}\n")
+    (tmp_path / "docker" / "abc" / "memory.current").write_text(f"{2 ** 30}\n")
+    (tmp_path / "self").write_text("0::/docker/abc\n")
+    left = resources.cgroup_memory_left(str(tmp_path), str(tmp_path / "self"))
+    assert left == 3 * 2 ** 30
+    plan = resources.Plan([("params", 4 * 10 ** 9)], params=10 ** 9, workers=1, local_ranks=1,
+                          private_per_worker=0, checkpoints=0)
+    with pytest.raises(resources.ResourceError, match="left under the cgroup limit"):
+        resources.check(plan, tmp_path, memory=10 ** 11, cgroup=left, shm_free=None)
+
+
+def test_shared_memory_names_fit_macos():
+    arena = SharedArena.create(16)
+    try:
+        assert len("/" + arena.name) <= 30
+    finally:
+        arena.unlink()
+        arena.close()
+
+
+MACOS = '''
+import builtins, errno, os, os.path, _posixshmem
+for name in ("sched_getaffinity", "sched_setaffinity", "posix_fallocate"):
+    if hasattr(os, name):
+        delattr(os, name)
+HIDDEN = ("/proc", "/sys", "/dev/shm")
+def hidden(path):
+    return isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(HIDDEN)
+def missing(path):
+    raise FileNotFoundError(errno.ENOENT, "No such file or directory (simulated macOS)", path)
+def guard(fn, absent):
+    return lambda path, *a, **k: absent(path) if hidden(path) else fn(path, *a, **k)
+builtins.open = guard(builtins.open, missing)
+os.listdir = guard(os.listdir, missing)
+os.statvfs = guard(os.statvfs, missing)
+os.path.isdir = guard(os.path.isdir, lambda p: False)
+os.path.exists = guard(os.path.exists, lambda p: False)
+os.path.isfile = guard(os.path.isfile, lambda p: False)
+shm_open = _posixshmem.shm_open
+def short_shm_open(path, *args, **kwargs):
+    if len(path) > 31:
+        raise OSError(errno.ENAMETOOLONG, "File name too long", path)
+    return shm_open(path, *args, **kwargs)
+_posixshmem.shm_open = short_shm_open
+'''
+
+
+def test_simulated_macos_trains_unpinned_with_the_same_losses(tmp_path):
+    write_tiny_inputs(tmp_path, seed=1)
+    site = tmp_path / "macos"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(MACOS)
+    flags = ["train", "--init-from", tmp_path / "init", "--data", tmp_path / "tokens.bin", "--batch-size", 4,
+             "--seq-len", 32, "--steps", 4, "--workers", 2, "--threads-per-worker", 1, "--eval-every", 0,
+             "--oversubscribe"]
+    mac = launch(*flags, "--out-dir", tmp_path / "mac", env={"PYTHONPATH": f"{site}:{REPO}"})
+    assert mac.returncode == 0, mac.stderr
+    assert "no CPU pinning on this OS" in mac.stderr and "workers not pinned" in mac.stderr
+    linux = launch(*flags, "--out-dir", tmp_path / "linux")
+    assert linux.returncode == 0 and "worker 0: cpus" in linux.stderr
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run) if "loss" in r] for run in ("mac", "linux")]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_windows_points_to_wsl(monkeypatch, capsys):
+    from launch import cli
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert cli.main(["--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "WSL" in err[0]

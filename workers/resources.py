@@ -1,0 +1,145 @@
+"""What a run needs (shared memory, memory, disk for a checkpoint) against what
+the machine has, checked before anything is written or allocated.
+
+Limits that bite users: Docker's 64 MB /dev/shm, a cgroup memory limit, a model
+whose parameters, gradients and Adam moments (16 bytes a parameter) exceed the
+machine, an --out-dir that cannot hold a checkpoint.  Each is one line naming the
+need, what is there, and the fix; the header prints the plan."""
+import os
+
+import numpy as np
+
+PROCESS_BYTES = 60 * 2 ** 20  # one Python process with NumPy, pyzmq and the BLAS libraries
+MB, GB = 1e6, 1e9
+
+
+class ResourceError(RuntimeError):
+    """The run does not fit the machine; the message says what to change."""
+
+
+def meminfo_available(path="/proc/meminfo"):
+    """MemAvailable in bytes, or None where there is no /proc (macOS)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cgroup_memory_left(root="/sys/fs/cgroup", proc_self="/proc/self/cgroup"):
+    """Bytes left under this process's cgroup memory limit (v2 memory.max or v1
+    memory.limit_in_bytes, minus what is in use), or None without a limit."""
+    from workers.placement import read_text
+    left = []
+    for line in (read_text(proc_self) or "0::/").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers and "memory" not in controllers.split(","):
+            continue
+        mount = root if not controllers else os.path.join(root, "memory")
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            here = os.path.join(mount, *parts[:depth])
+            limit_file, used_file = (("memory.max", "memory.current") if not controllers
+                                     else ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+            limit, used = read_text(os.path.join(here, limit_file)), read_text(os.path.join(here, used_file))
+            if limit and limit.isdigit() and int(limit) < 2 ** 60:
+                left.append(int(limit) - int(used or 0))
+    return min(left) if left else None
+
+
+def free_bytes(path):
+    """Free bytes for an unprivileged writer on the filesystem holding `path`
+    (or its nearest existing parent), or None where it cannot be asked."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def plan_for(cfg, s, local_ranks, ranks, engine):
+    """The Plan of training settings `s` on this machine."""
+    from workers.pool import arena_sizes
+    from trainer.params import param_layout
+    workers = s.workers
+    pool_rows = s.batch_size // (ranks * workers) * workers
+    arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
+              arena_sizes(cfg, pool_rows, s.seq_len, engine)]
+    params = param_layout(cfg).size
+    private = 2 * 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + (4 * params if s.grad_accum > 1 else 0)
+    if s.no_checkpoint:
+        kept = 0
+    elif s.keep_last:
+        kept = s.keep_last + 1  # the newest is written before the oldest goes
+    else:
+        kept = (s.steps // s.ckpt_every if s.ckpt_every else 0) + 1
+    return Plan(arenas, params, workers, local_ranks, private, kept)
+
+
+class Plan:
+    """Bytes one machine needs for a run: `local_ranks` pools of `workers` workers."""
+
+    def __init__(self, arenas, params, workers, local_ranks, private_per_worker, checkpoints):
+        self.arenas = arenas  # [(what, bytes)] of one pool
+        self.shm = local_ranks * sum(b for _, b in arenas)
+        self.params = params
+        # the coordinator holds one transient copy of m and v (resume) or of a
+        # serialised optimizer file (checkpoint), besides the loaded weights
+        coordinator = PROCESS_BYTES + 3 * 4 * params
+        self.private = local_ranks * (coordinator + workers * (PROCESS_BYTES + private_per_worker))
+        self.memory = self.shm + self.private
+        self.checkpoint = 3 * 4 * params + 2 ** 20  # weights, Adam m and v, JSON
+        self.checkpoints = checkpoints  # how many the run keeps at most (0: none written)
+
+    def describe(self):
+        parts = ", ".join(f"{what} {b / MB:,.0f} MB" for what, b in self.arenas)
+        return (f"memory plan: shared {self.shm / GB:.2f} GB ({parts}), private ~{self.private / GB:.2f} GB"
+                + (f"; a checkpoint {self.checkpoint / GB:.2f} GB" if self.checkpoints else ""))
+
+
+MACHINE = object()  # "read it from the machine"
+
+
+def check(plan, out_dir, shm_dir="/dev/shm", memory=MACHINE, cgroup=MACHINE, shm_free=MACHINE,
+          disk_free=MACHINE):
+    """Raise ResourceError if the plan does not fit; -> a warning line or None.
+    The keyword arguments replace what is read from the machine (None: unknown)."""
+    memory = meminfo_available() if memory is MACHINE else memory
+    cgroup = cgroup_memory_left() if cgroup is MACHINE else cgroup
+    limits = [(m, where) for m, where in ((memory, "available"), (cgroup, "left under the cgroup limit"))
+              if m is not None]
+    if limits:
+        have, where = min(limits)
+        if plan.memory > have:
+            raise ResourceError(
+                f"memory: this run needs {plan.memory / GB:.1f} GB (parameters, gradients and Adam moments "
+                f"take {16 * plan.params / GB:.1f} GB) but {have / GB:.1f} GB are {where}; choose a smaller "
+                f"--model or --batch-size, fewer --workers, or a machine with more memory")
+    if shm_free is MACHINE:  # no /dev/shm (macOS): POSIX shared memory is not a filesystem there
+        shm_free = free_bytes(shm_dir) if os.path.isdir(shm_dir) else None
+    if shm_free is not None and plan.shm > shm_free:
+        need_gib = int(np.ceil(plan.shm * 1.1 / 2 ** 30))  # Docker's sizes are binary: 64m is 64 MiB
+        raise ResourceError(
+            f"shared memory: this run needs {plan.shm / 2 ** 20:,.0f} MiB in {shm_dir} but "
+            f"{shm_free / 2 ** 20:,.0f} MiB are free; in Docker run with --shm-size={need_gib}g (or "
+            f"--ipc=host), or choose a smaller --model or --batch-size")
+    if not plan.checkpoints:
+        return None
+    disk_free = free_bytes(out_dir) if disk_free is MACHINE else disk_free
+    if disk_free is None:
+        return None
+    if plan.checkpoint > disk_free:
+        raise ResourceError(
+            f"disk: a checkpoint of this model takes {plan.checkpoint / MB:,.0f} MB but the filesystem of "
+            f"--out-dir {out_dir} has {disk_free / MB:,.0f} MB free; free space, choose another --out-dir, "
+            f"or pass --no-checkpoint")
+    if plan.checkpoints * plan.checkpoint > disk_free:
+        return (f"warning: keeping {plan.checkpoints} checkpoints takes {plan.checkpoints * plan.checkpoint / GB:.1f}"
+                f" GB but --out-dir has {disk_free / GB:.1f} GB free; set --keep-last or a larger --ckpt-every")
+    return None
