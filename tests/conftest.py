@@ -54,11 +54,48 @@ def write_tiny_inputs(directory, seed, n_tokens=4000):
     return state, tokens
 
 
-def launch(*args, cwd=None, env=None, timeout=600):
-    """Run `python -m launch ARGS` -> CompletedProcess (text)."""
+def available_cores(cpus=None):
+    """The cores a run may use here (or on the first `cpus` CPUs of this process)."""
+    from workers.placement import read_topology
+    cores = read_topology().available()
+    return cores if cpus is None else min(cpus, cores)
+
+
+def flag_value(args, flag, default):
+    """The last value given to flag (as argparse reads it), default if none or not a number."""
+    if flag not in args:
+        return default
+    value = args[len(args) - 1 - args[::-1].index(flag) + 1] if args[-1] != flag else ""
+    return int(value) if value.isdigit() else default
+
+
+def fit_cores(args, ranks=1, cpus=None):
+    """["--oversubscribe"] when this machine has fewer cores than a training run's
+    workers × threads (× MPI ranks), so every test runs on 1 core or 64; the core
+    check itself is tested with a pinned CPU count (launch(strict_cores=True))."""
+    args = [str(a) for a in args]
+    if not args or "--oversubscribe" in args or not (args[0] == "train" or args[0].startswith("-")):
+        return []
+    need = ranks * flag_value(args, "--workers", 1) * flag_value(args, "--threads-per-worker", 1)
+    return ["--oversubscribe"] if need > available_cores(cpus) else []
+
+
+def pin_to(cpus):
+    """preexec_fn running the child on the first `cpus` CPUs of this process's set."""
+    if cpus is None:
+        return None
+    chosen = sorted(os.sched_getaffinity(0))[:cpus]
+    return lambda: os.sched_setaffinity(0, chosen)
+
+
+def launch(*args, cwd=None, env=None, timeout=600, cpus=None, strict_cores=False):
+    """Run `python -m launch ARGS` -> CompletedProcess (text); cpus: pin it to that
+    many CPUs; strict_cores: no --oversubscribe added on small machines."""
     full_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "launch", *map(str, args)], cwd=cwd or REPO,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    extra = [] if strict_cores else fit_cores(args, cpus=cpus)
+    return subprocess.run([sys.executable, "-m", "launch", *map(str, args), *extra], cwd=cwd or REPO,
+                          env=full_env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=pin_to(cpus))
 
 
 def read_metrics(run_dir):
@@ -67,10 +104,15 @@ def read_metrics(run_dir):
 
 
 def coregpt_segments():
+    if not os.path.isdir("/dev/shm"):  # macOS: POSIX shared memory has no directory to list
+        return []
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith("coregpt-"))
 
 
 def worker_processes():
+    if not os.path.isdir("/proc"):  # macOS: ask ps
+        out = subprocess.run(["ps", "-Ao", "pid=,command="], capture_output=True, text=True).stdout
+        return [int(line.split()[0]) for line in out.splitlines() if " -m workers " in line + " "]
     found = []
     for pid in os.listdir("/proc"):
         try:

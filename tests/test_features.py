@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import REPO, TINY, launch, read_metrics, write_tiny_inputs
+from conftest import REPO, TINY, fit_cores, launch, read_metrics, write_tiny_inputs
 from torch_gpt2 import TorchGPT2
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def flags(tiny, **overrides):
     return out
 
 
-def train_ok(*args):
-    done = launch("train", *args)
+def train_ok(*args, cpus=None):
+    done = launch("train", *args, cpus=cpus)
     assert done.returncode == 0, done.stderr
     return done
 
@@ -86,8 +86,8 @@ def test_resume_extends_steps(tmp_path, tiny):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_checkpoints_the_step_in_flight(tmp_path, tiny, sig, code):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch", "train", *map(str, flags(tiny, steps=100000)),
-           "--out-dir", str(run)]
+    args = ["train", *map(str, flags(tiny, steps=100000)), "--out-dir", str(run)]
+    cmd = [sys.executable, "-m", "launch", *args, *fit_cores(args)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -224,9 +224,9 @@ def test_presets_are_valid_configs(name):
 
 def test_resume_rechecks_workers_and_names_ignored_flags(tmp_path, tiny):
     run = tmp_path / "run"
-    train_ok(*flags(tiny, steps=2, workers=1, threads_per_worker=2), "--out-dir", run)
-    # 2 workers x the saved 2 threads would oversubscribe: threads are derived again
-    done = train_ok("--resume", "--out-dir", run, "--steps", 3, "--workers", 2, "--lr", 0.5)
+    train_ok(*flags(tiny, steps=2, workers=1, threads_per_worker=2), "--out-dir", run, cpus=2)
+    # on 2 CPUs, 2 workers x the saved 2 threads would oversubscribe: threads are derived again
+    done = train_ok("--resume", "--out-dir", run, "--steps", 3, "--workers", 2, "--lr", 0.5, cpus=2)
     assert "on 2 worker(s) x 1 thread(s)" in done.stderr
     assert "ignored: --lr" in done.stderr
     assert [r["lr"] for r in read_metrics(run)][-1] != 0.5

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, read_metrics
+from conftest import REPO, fit_cores, read_metrics
 
 
 @pytest.mark.slow
@@ -29,7 +29,9 @@ def test_fresh_venv_install_and_default_job(tmp_path):
     where = subprocess.run([python, "-c", "import launch, trainer; print(launch.__file__)"],
                            cwd=empty, env=env, capture_output=True, text=True)
     assert str(venv) in where.stdout, where.stdout + where.stderr
-    done = subprocess.run([python, "-m", "launch", "--workers", "2", "--steps", "3", "--out-dir", "run"],
+    default_job = ["--workers", "2", "--steps", "3"]
+    default_job += fit_cores(default_job)
+    done = subprocess.run([python, "-m", "launch", *default_job, "--out-dir", "run"],
                           cwd=empty, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [r for r in read_metrics(empty / "run") if "loss" in r]
@@ -37,7 +39,7 @@ def test_fresh_venv_install_and_default_job(tmp_path):
     assert (empty / "run" / "checkpoints" / "step_000003" / "model.safetensors").is_file()
     assert (tmp_path / "cache" / "coregpt" / "shakespeare" / "train.bin").is_file()
 
-    bf16 = [python, "-m", "launch", "--workers", "2", "--steps", "3", "--precision", "bf16"]
+    bf16 = [python, "-m", "launch", *default_job, "--precision", "bf16"]
     refused = subprocess.run(bf16 + ["--out-dir", "run16"], cwd=empty, env=env, capture_output=True,
                              text=True, timeout=900)
     assert refused.returncode == 2 and not (empty / "run16").exists()

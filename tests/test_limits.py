@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, launch, read_metrics, write_tiny_inputs, write_token_file
+from conftest import REPO, fit_cores, launch, read_metrics, write_tiny_inputs, write_token_file
 from workers import resources
 from workers.shm import SharedArena
 
@@ -47,7 +47,7 @@ def test_small_dev_shm_is_one_line_then_a_big_enough_one_trains(tmp_path, corpus
     """Docker's default: a 64 MB /dev/shm.  Exit 2 at once naming /dev/shm, the MB
     needed and free, and --shm-size; nothing in /dev/shm, no run directory.  Then a
     tmpfs just big enough (the MB the message asked for, +5 %) trains 2 steps."""
-    flags = f"--data {corpus} --workers 2 --steps 2 --eval-every 0"
+    flags = f"--data {corpus} --workers 2 --steps 2 --eval-every 0 " + " ".join(fit_cores(["--workers", 2]))
     if model == "gpt2":
         flags += " --model gpt2 --batch-size 4"
     out = tmp_path / "run"
@@ -120,7 +120,8 @@ def test_disk_full_while_checkpointing_then_resume(tmp_path):
     mnt.mkdir()
     host.mkdir()
     train = (f"$PY -m launch train --init-from {tmp_path / 'init'} --data {tmp_path / 'tokens.bin'} "
-             f"--batch-size 4 --seq-len 32 --workers 2 --eval-every 0 --out-dir {mnt / 'run'}")
+             f"--batch-size 4 --seq-len 32 --workers 2 --eval-every 0 --out-dir {mnt / 'run'} "
+             + " ".join(fit_cores(["train", "--workers", 2])))
     script = f"""
     mount -t tmpfs -o size=70m tmpfs {mnt}
     {train} --steps 6 --ckpt-every 2 2> {host / 'full.err'}; echo "rc=$?"

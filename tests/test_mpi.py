@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import REPO, launch, read_metrics, worker_processes
+from conftest import REPO, fit_cores, launch, read_metrics, worker_processes
 from test_parity import B, CLIP, LR, STEPS, T, WD, case  # noqa: F401  (the parity fixture)
 
 
@@ -24,7 +24,7 @@ def mpiexec():
 
 
 def mpi_launch(n, *args, timeout=600):
-    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "launch", *map(str, args)]
+    cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "launch", *map(str, args), *fit_cores(args, ranks=n)]
     return subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
                           text=True, timeout=timeout)
 
@@ -101,7 +101,8 @@ def test_killed_rank_ends_the_job_and_resume_works(case, tmp_path):  # noqa: F81
     shm_before = [n for n in os.listdir("/dev/shm") if n.startswith("mpich_shm_")]
     args = parity_flags(root, run, "--backend", "mpi", "--ckpt-every", 2)
     args[args.index("--steps") + 1] = 100000
-    proc = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "launch", *map(str, args)],
+    proc = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "launch", *map(str, args),
+                             *fit_cores(args, ranks=2)],
                             cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

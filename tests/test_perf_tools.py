@@ -47,20 +47,28 @@ def test_no_profile_no_phase_fields(tmp_path, tokens):
 
 
 def test_sweep_writes_table_csv_and_png(tmp_path, tokens):
+    """On one pinned CPU: 1x1 runs, the rest are skipped as oversubscribed, unless
+    --oversubscribe, which runs them all (and says so)."""
     out = tmp_path / "sweep"
-    done = launch("sweep", "--workers", "1,2", "--threads", "1,2", "--steps", 3, "--warmup-steps", 1,
-                  *TINY, "--data", tokens, "--out-dir", out)
+    sweep = ["sweep", "--workers", "1,2", "--threads", "1,2", "--steps", 3, "--warmup-steps", 1,
+             *TINY, "--data", tokens]
+    done = launch(*sweep, "--out-dir", out, cpus=1)
     assert done.returncode == 0, done.stderr
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["workers"], r["threads"]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
     assert rows[0]["status"] == "ok" and float(rows[0]["speedup"]) == 1.0
-    assert rows[3]["status"].startswith("skipped: oversubscribed")
-    for r in rows[:3]:
+    assert all(r["status"].startswith("skipped: oversubscribed") for r in rows[1:])
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    done = launch(*sweep, "--out-dir", tmp_path / "all", "--oversubscribe", cpus=1)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "all" / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok"] + ["oversubscribed"] * 3
+    for r in rows:
         assert float(r["tokens_per_s"]) > 0
         assert float(r["efficiency"]) == pytest.approx(float(r["speedup"]) / int(r["cores_used"]), abs=1e-3)
         assert f"{float(r['tokens_per_s'])}" in done.stdout
-    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sweep_rejects_bad_lists(tmp_path):

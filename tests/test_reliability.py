@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (REPO, coregpt_segments, launch, read_metrics, tiny_state, worker_processes,
+from conftest import (REPO, coregpt_segments, fit_cores, launch, read_metrics, tiny_state, worker_processes,
                       write_hf_dir, write_tiny_dir, write_tiny_inputs, write_token_file)
 
 BATCH = ["--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1, "--eval-every", 0]
@@ -56,7 +56,8 @@ BAD_TRAIN = [
     (["--workers", "0"], "--workers must be at least 1, got 0"),
     (["--workers", "x"], "argument --workers: invalid int value: 'x'"),
     (["--workers", "3"], "--batch-size 4 is not divisible by --workers 3"),
-    (["--workers", "2", "--threads-per-worker", "5"], "lower them or pass --oversubscribe"),
+    (["--workers", "2", "--threads-per-worker", "1"], "exceeds the 1 available cores; lower them or pass "
+                                                      "--oversubscribe"),
     (["--data", "{d}/nope.bin"], "does not exist"),
     (["--data", "{d}/magic.bin"], "is not an llm.c token file: magic 7"),
     (["--data", "{d}/truncated.bin"], "is truncated: header says 4000 tokens"),
@@ -96,7 +97,9 @@ def test_bad_train_input(tmp_path, files, flags, message):
     flags = [f.format(d=files) for f in flags]
     out = tmp_path / "run"
     extra = [] if "--out-dir" in flags else ["--out-dir", out]
-    check_rejected(launch(*train_args(files, *flags, *extra)), message.format(d=files))
+    # on one pinned CPU, so the core check means the same on any machine
+    check_rejected(launch(*train_args(files, *flags, *extra), cpus=1, strict_cores=True),
+                   message.format(d=files))
     assert not out.exists()  # nothing half-written
     assert (files / "a_file").read_text() == "keep me"
 
@@ -133,8 +136,9 @@ def children(pid):
 
 
 def start_run(files, run, *extra):
-    cmd = [sys.executable, "-m", "launch", *map(str, train_args(files, "--workers", 2, "--steps", 100000,
-                                                                "--ckpt-every", 2, "--out-dir", run, *extra))]
+    args = [str(a) for a in train_args(files, "--workers", 2, "--steps", 100000, "--ckpt-every", 2,
+                                       "--out-dir", run, *extra)]
+    cmd = [sys.executable, "-m", "launch", *args, *fit_cores(args)]
     return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

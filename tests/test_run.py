@@ -115,7 +115,9 @@ def test_bad_config_is_one_line_exit_2(tmp_path, content, message):
     (["--resume"], "has no checkpoint to resume from"),
 ])
 def test_bad_flags_are_one_line_exit_2(tmp_path, data_dir, flags, message):
-    done = train(tmp_path / "run", data_dir, *flags)
+    # on one pinned CPU, so "--workers 2 --threads-per-worker 2" exceeds the cores on any machine
+    done = launch("train", *TINY_FLAGS, "--data", data_dir, "--out-dir", tmp_path / "run", *flags, cpus=1,
+                  strict_cores=True)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
