@@ -94,8 +94,13 @@ def test_final_weights_match_pytorch(case, runs, workers):
         np.testing.assert_allclose(weights[name], value, rtol=0, atol=1e-4, err_msg=name)
 
 
-def test_two_workers_equal_one(runs):
-    np.testing.assert_allclose(runs[2][0], runs[1][0], rtol=0, atol=1e-5)
+@pytest.mark.parametrize("workers", [2, 4])
+def test_more_workers_equal_one(runs, workers):
+    """Splitting the batch changes only the order of sums: losses within 1e-5 and
+    final weights within 1e-5 of one worker's (the README quotes what is measured)."""
+    np.testing.assert_allclose(runs[workers][0], runs[1][0], rtol=0, atol=1e-5)
+    for name, value in runs[1][1].items():
+        np.testing.assert_allclose(runs[workers][1][name], value, rtol=0, atol=1e-5, err_msg=name)
 
 
 def test_same_seed_same_workers_is_bitwise_identical(case, runs):
