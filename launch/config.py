@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
+STRATEGIES = ("hybrid", "data")
 GEMMS = ("auto", "numpy", "onednn")
 
 
@@ -42,6 +43,8 @@ SETTINGS = {
                                "weights, gradients, optimizer and other layers stay fp32"),
     "gemm": (str, "auto", "GEMM engine: auto (oneDNN where it is faster, else NumPy's BLAS), numpy "
                           "or onednn"),
+    "parallel": (str, "hybrid", "how workers share a step: hybrid (matmuls split by columns over every "
+                                "worker's rows) or data (each worker its own rows, gradients reduce-scattered)"),
     "backend": (str, "shm", "shm (one machine) or mpi (run under mpiexec; --workers is per rank)"),
     "workers": (int, 1, "worker processes (per rank with --backend mpi)"),
     "threads_per_worker": (int, None, "BLAS threads per worker (default: cores / workers)"),
@@ -132,6 +135,7 @@ def check(s, group=None):
     need(s.batch_size >= 1, f"--batch-size must be at least 1, got {s.batch_size}")
     need(s.backend in ("shm", "mpi"), f"--backend must be shm or mpi, got {s.backend!r}")
     need(s.precision in PRECISIONS, f"--precision must be fp32 or bf16, got {s.precision!r}")
+    need(s.parallel in STRATEGIES, f"--parallel must be hybrid or data, got {s.parallel!r}")
     need(s.gemm in GEMMS, f"--gemm must be one of {', '.join(GEMMS)}, got {s.gemm!r}")
     from trainer.gemm import EngineError, choose
     try:

@@ -105,10 +105,11 @@ def test_signal_checkpoints_the_step_in_flight(tmp_path, tiny, sig, code):
     assert first_step.split("|")[0].split() == ["step", f"{k + 1}/{k + 2}"]
 
 
-def test_grad_accum_equals_larger_batch(tmp_path, tiny):
+@pytest.mark.parametrize("parallel", ["hybrid", "data"])
+def test_grad_accum_equals_larger_batch(tmp_path, tiny, parallel):
     big, accum = tmp_path / "big", tmp_path / "accum"
-    train_ok(*flags(tiny, steps=4, batch_size=4), "--out-dir", big)
-    train_ok(*flags(tiny, steps=4, batch_size=2, grad_accum=2), "--out-dir", accum)
+    train_ok(*flags(tiny, steps=4, batch_size=4, parallel=parallel), "--out-dir", big)
+    train_ok(*flags(tiny, steps=4, batch_size=2, grad_accum=2, parallel=parallel), "--out-dir", accum)
     np.testing.assert_allclose(losses(accum), losses(big), rtol=0, atol=1e-5)
     a, b = checkpoint_files(big, 4)[0], checkpoint_files(accum, 4)[0]
     for name in a:

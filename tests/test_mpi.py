@@ -40,25 +40,31 @@ def losses(run):
     return [r["loss"] for r in read_metrics(run) if "loss" in r]
 
 
-def test_mpi_two_ranks_match_pytorch(case):  # noqa: F811
+@pytest.mark.parametrize("parallel", ["hybrid", "data"])
+def test_mpi_two_ranks_match_pytorch(case, parallel):  # noqa: F811
+    """...and every rank ends with the same weights to the bit (each rank checks a
+    digest of its parameters against the others' at the end of the run)."""
     root, expected_losses, expected_weights, _ = case
-    out = root / "mpi2"
-    done = mpi_launch(2, *parity_flags(root, out, "--backend", "mpi"))
+    out = root / f"mpi2-{parallel}"
+    done = mpi_launch(2, *parity_flags(root, out, "--backend", "mpi", "--parallel", parallel))
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("step      8/8") == 1  # only rank 0 reports
+    assert "all 2 ranks hold bit-identical weights" in done.stderr
     np.testing.assert_allclose(losses(out), expected_losses, rtol=0, atol=1e-4)
     weights = load_file(out / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors")
     for name, value in expected_weights.items():
         np.testing.assert_allclose(weights[name], value, rtol=0, atol=1e-4, err_msg=name)
 
 
-def test_hierarchical_matches_shared_memory(case):  # noqa: F811
+@pytest.mark.parametrize("parallel", ["hybrid", "data"])
+def test_hierarchical_matches_shared_memory(case, parallel):  # noqa: F811
     root = case[0]
-    mpi, shm = root / "mpi2x2", root / "shm4"
-    done = mpi_launch(2, *parity_flags(root, mpi, "--backend", "mpi", "--workers", 2, "--oversubscribe"))
+    mpi, shm = root / f"mpi2x2-{parallel}", root / f"shm4-{parallel}"
+    done = mpi_launch(2, *parity_flags(root, mpi, "--backend", "mpi", "--workers", 2, "--oversubscribe",
+                                       "--parallel", parallel))
     assert done.returncode == 0, done.stderr
     assert "2 MPI ranks x 2 worker(s)" in done.stderr
-    done = launch(*parity_flags(root, shm, "--workers", 4, "--oversubscribe"))
+    done = launch(*parity_flags(root, shm, "--workers", 4, "--oversubscribe", "--parallel", parallel))
     assert done.returncode == 0, done.stderr
     np.testing.assert_allclose(losses(mpi), losses(shm), rtol=0, atol=1e-5)
 

@@ -62,47 +62,53 @@ def train_tiny(root, workers, name, *extra, env=None):
     return losses, weights, rows, done.stderr
 
 
+STRATEGIES = ["hybrid", "data"]
+RUNS = [(p, w) for p in STRATEGIES for w in (1, 2, 4)]
+
+
 @pytest.fixture(scope="module")
 def runs(case):
     root = case[0]
-    return {w: train_tiny(root, w, f"w{w}", *(["--oversubscribe"] if w > 2 else []))
-            for w in (1, 2, 4)}
+    return {(p, w): train_tiny(root, w, f"{p}{w}", "--parallel", p, *(["--oversubscribe"] if w > 2 else []))
+            for p, w in RUNS}
 
 
-@pytest.mark.parametrize("workers", [1, 2, 4])
-def test_losses_match_pytorch(case, runs, workers):
+@pytest.mark.parametrize("parallel, workers", RUNS)
+def test_losses_match_pytorch(case, runs, parallel, workers):
     _, expected, _, _ = case
-    losses = runs[workers][0]
+    losses = runs[parallel, workers][0]
     assert len(losses) == STEPS
     np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("workers", [1, 2, 4])
-def test_grad_norm_is_exact(case, runs, workers):
+@pytest.mark.parametrize("parallel, workers", RUNS)
+def test_grad_norm_is_exact(case, runs, parallel, workers):
     """The logged (and clipped-by) norm against the float64 norm of PyTorch's gradients."""
     *_, expected = case
-    logged = [row["grad_norm"] for row in runs[workers][2] if "grad_norm" in row]
+    logged = [row["grad_norm"] for row in runs[parallel, workers][2] if "grad_norm" in row]
     np.testing.assert_allclose(logged, expected, rtol=2e-5, atol=0)
 
 
-@pytest.mark.parametrize("workers", [1, 2, 4])
-def test_final_weights_match_pytorch(case, runs, workers):
+@pytest.mark.parametrize("parallel, workers", RUNS)
+def test_final_weights_match_pytorch(case, runs, parallel, workers):
     _, _, expected, _ = case
-    weights = runs[workers][1]
+    weights = runs[parallel, workers][1]
     assert set(weights) == set(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(weights[name], value, rtol=0, atol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("workers", [2, 4])
-def test_more_workers_equal_one(runs, workers):
-    """Splitting the batch changes only the order of sums: losses within 1e-5 and
-    final weights within 1e-5 of one worker's (the README quotes what is measured)."""
-    np.testing.assert_allclose(runs[workers][0], runs[1][0], rtol=0, atol=1e-5)
-    for name, value in runs[1][1].items():
-        np.testing.assert_allclose(runs[workers][1][name], value, rtol=0, atol=1e-5, err_msg=name)
+@pytest.mark.parametrize("parallel, workers", [(p, w) for p, w in RUNS if w > 1] + [("data", 1)])
+def test_more_workers_equal_one(runs, parallel, workers):
+    """Splitting the batch, or the strategy, changes only the order of sums: losses and
+    final weights within 1e-5 of one hybrid worker's (the README quotes what is measured)."""
+    one = runs["hybrid", 1]
+    np.testing.assert_allclose(runs[parallel, workers][0], one[0], rtol=0, atol=1e-5)
+    for name, value in one[1].items():
+        np.testing.assert_allclose(runs[parallel, workers][1][name], value, rtol=0, atol=1e-5, err_msg=name)
 
 
-def test_same_seed_same_workers_is_bitwise_identical(case, runs):
-    again = train_tiny(case[0], 2, "w2-again")[0]
-    assert again == runs[2][0]
+@pytest.mark.parametrize("parallel", STRATEGIES)
+def test_same_seed_same_workers_is_bitwise_identical(case, runs, parallel):
+    again = train_tiny(case[0], 2, f"{parallel}2-again", "--parallel", parallel)[0]
+    assert again == runs[parallel, 2][0]

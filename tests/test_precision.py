@@ -74,15 +74,15 @@ def bf16_case(tmp_path_factory):
 
 
 @pytest.mark.parametrize("cap", ["", "AVX2"])
-@pytest.mark.parametrize("workers", [1, 2])
-def test_bf16_training_accuracy(bf16_case, workers, cap):
+@pytest.mark.parametrize("workers, parallel", [(1, "hybrid"), (2, "hybrid"), (2, "data")])
+def test_bf16_training_accuracy(bf16_case, workers, parallel, cap):
     """8 steps, tiny model: every loss within 2e-2 of PyTorch fp32, and no further
     from it than 1.5x PyTorch's own bf16 autocast.  cap=AVX2: oneDNN has no bf16
     GEMM, so the portable engine (bf16-rounded inputs, fp32 GEMM) runs."""
     root, fp32, autocast = bf16_case
     env = {"ONEDNN_MAX_CPU_ISA": cap} if cap else None
-    losses, _, _, stderr = train_tiny(root, workers, f"bf16-w{workers}-{cap or 'native'}",
-                                      "--precision", "bf16", env=env)
+    losses, _, _, stderr = train_tiny(root, workers, f"bf16-{parallel}{workers}-{cap or 'native'}",
+                                      "--precision", "bf16", "--parallel", parallel, env=env)
     ours, theirs = np.abs(np.array(losses) - fp32).max(), np.abs(autocast - fp32).max()
     assert ours <= 2e-2 and ours <= 1.5 * theirs, (ours, theirs)
     if cap:

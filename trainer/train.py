@@ -6,6 +6,7 @@
                     [under MPI: all-reduce of the gradients across ranks]
                     UPDATE (each worker applies AdamW to its shard)
 """
+import hashlib
 import json
 import math
 import os
@@ -236,7 +237,8 @@ def train(s, given=(), group=None):
         f"batch {s.batch_size}x{s.seq_len}"
         + (f"x{s.grad_accum} accumulated" if s.grad_accum > 1 else "")
         + (f" on {group.size} MPI ranks x" if group.size > 1 else " on")
-        + f" {s.workers} worker(s) x {s.threads_per_worker} thread(s); run dir {s.out_dir}")
+        + f" {s.workers} worker(s) x {s.threads_per_worker} thread(s), {s.parallel} parallel; "
+        + f"run dir {s.out_dir}")
     engine, engine_text = choose(s.precision, s.gemm)
     topo = read_topology()
     cores = place(topo, s.workers, s.threads_per_worker, s.smt, first_worker=group.local_rank * s.workers,
@@ -251,7 +253,8 @@ def train(s, given=(), group=None):
                               seq_len=s.seq_len, batch_rows=s.batch_size, train=train_path,
                               val=val_path, optim=dict(beta1=s.beta1, beta2=s.beta2, eps=s.eps,
                                                        weight_decay=s.weight_decay),
-                              gemm=engine, profile=s.profile, worker_offset=group.rank * s.workers,
+                              gemm=engine, parallel=s.parallel, profile=s.profile,
+                              worker_offset=group.rank * s.workers,
                               cores=cores)
             log(f"coregpt: matmuls: {engine_text}; workers' BLAS: {pool.blas or 'none found'}")
             arrays = tuple(pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))
@@ -259,6 +262,11 @@ def train(s, given=(), group=None):
             del tensors
             pool.request({"op": "cast"})  # the bf16 copy of the loaded weights, if any
             run_steps(s, cfg, pool, group, metrics, start, state or {}, val_path, arrays, stop)
+            if group.size > 1:  # every rank applied the same updates: check they agree to the bit
+                digest = hashlib.blake2b(pool.params.array.data, digest_size=16).digest()
+                if not group.identical(digest):
+                    raise RunError("the ranks' weights differ after training; the checkpoint is rank 0's")
+                log(f"coregpt: all {group.size} ranks hold bit-identical weights (blake2b {digest.hex()})")
     finally:
         metrics.close()
         if pool is not None:
@@ -290,12 +298,16 @@ def run_steps(s, cfg, pool, group, metrics, start, state, val_path, arrays, stop
         t0 = time.perf_counter()
         loss, phases = 0.0, dict.fromkeys(PHASES, 0.0)
         for micro in range(s.grad_accum):
+            last = micro == s.grad_accum - 1
             replies = pool.request({"op": "step", "window": (step - 1) * s.grad_accum + micro,
-                                    "scale": 1.0 / step_tokens})
+                                    "scale": 1.0 / step_tokens, "accumulate": micro > 0, "last": last})
             loss += sum(r["loss"] for r in replies)
             phases["forward"] += max(r["forward_s"] for r in replies)
             phases["backward"] += max(r["backward_s"] for r in replies)
             phases["convert"] += max(r["convert_s"] for r in replies)
+            if s.parallel == "data":  # the gradients are summed inside the step, on its last micro-batch
+                phases["reduce"] += max(r.get("reduce_s", 0.0) for r in replies)
+                continue
             # every worker's activation gradients are in: the weight gradients can read them all
             replies = pool.request({"op": "grads", "accumulate": micro > 0})
             phases["backward"] += max(r["seconds"] - r["sum_s"] for r in replies)

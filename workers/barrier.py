@@ -73,3 +73,35 @@ class PipeBarrier:
         except BrokenPipeError:
             raise PeerGone("another worker of this pool is gone") from None
         self.seconds += time.perf_counter() - t0
+
+
+class PipeProgress:
+    """The same pipes used as counters: a worker announces each gradient bucket it
+    has finished with one byte to every peer; `finished()` is the number of buckets
+    every peer has finished.  (Data parallelism uses this, never the barrier.)"""
+
+    def __init__(self, ends):
+        self.read, self.write = ends["read"], ends["write"]
+        for fd in self.read:
+            os.set_blocking(fd, False)
+        self.seen = [0] * len(self.read)
+
+    def announce(self):
+        for fd in self.write:
+            os.write(fd, b"\1")
+
+    def finished(self):
+        for i, fd in enumerate(self.read):
+            while True:
+                try:
+                    got = os.read(fd, 4096)
+                except BlockingIOError:
+                    break
+                if not got:
+                    raise PeerGone("another worker of this pool is gone")
+                self.seen[i] += len(got)
+        return min(self.seen, default=1 << 62)
+
+    def wait(self):
+        """Sleep until some peer announces something."""
+        select.select(self.read, [], [], 0.05)

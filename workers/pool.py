@@ -45,20 +45,28 @@ def blas_coretype():
     return "Zen" if amd_avx512 else None
 
 
-def arena_sizes(cfg, pool_rows, seq_len, engine):
-    """[(what, elements, dtype)] of a pool's shared arenas, in creation order."""
+def arena_sizes(cfg, pool_rows, seq_len, engine, parallel="hybrid", n_workers=1):
+    """[(what, elements, dtype)] of a pool's shared arenas, in creation order.  Data
+    parallelism: one gradient buffer per worker (the first receives the sum) and no
+    shared activations (each worker keeps its own rows' privately)."""
     params = param_layout(cfg).size
     sizes = [(what, params, "float32") for what in ("params", "Adam m", "Adam v", "gradients")]
-    sizes.append(("activations", activation_layout(cfg, pool_rows, seq_len, True, engine.low).size, "float32"))
+    if parallel == "data":
+        sizes += [(f"gradients of worker {r}", params, "float32") for r in range(1, n_workers)]
+    else:
+        sizes.append(("activations", activation_layout(cfg, pool_rows, seq_len, True, engine.low).size,
+                      "float32"))
     if engine.low:
-        low = Layout([(n, shape) for n, shape, _ in low_shapes(cfg, pool_rows, seq_len, True)])
-        sizes += [("bf16 weights", params, engine.low_dtype), ("bf16 activations", low.size, engine.low_dtype)]
+        sizes.append(("bf16 weights", params, engine.low_dtype))
+        if parallel != "data":
+            low = Layout([(n, shape) for n, shape, _ in low_shapes(cfg, pool_rows, seq_len, True)])
+            sizes.append(("bf16 activations", low.size, engine.low_dtype))
     return sizes
 
 
 class WorkerPool:
     def __init__(self, cfg, n_workers, threads, *, rows, seq_len, batch_rows, train, val, optim,
-                 gemm="numpy", profile=False, worker_offset=0, cores=None):
+                 gemm="numpy", parallel="hybrid", profile=False, worker_offset=0, cores=None):
         """rows: batch rows per worker; worker r reads rows from (worker_offset + r)·rows
         of each batch (worker_offset > 0 for the workers of later MPI ranks); cores:
         the logical CPUs of each worker (None: not pinned).
@@ -69,15 +77,18 @@ class WorkerPool:
         self.layout = param_layout(cfg)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
-            engine = Engine(gemm)
-            sizes = arena_sizes(cfg, rows * n_workers, seq_len, engine)
-            activation_floats, low_activations = sizes[4][1], sizes[6][1] if engine.low else 0
+            sizes = arena_sizes(cfg, rows * n_workers, seq_len, Engine(gemm), parallel, n_workers)
             for _, size, dtype in sizes:  # one by one, so close() frees any made
                 self.arenas.append(SharedArena.create(size, dtype))
-            self.params, self.m, self.v, self.grads, activations = self.arenas[:5]
-            low_names = {}
-            if engine.low:
-                low_names = {"params_low": self.arenas[5].name, "activations_low": self.arenas[6].name}
+            arena = {what: a for (what, _, _), a in zip(sizes, self.arenas)}
+            self.params, self.m, self.v, self.grads = (arena[k] for k in ("params", "Adam m", "Adam v", "gradients"))
+            names = {key: arena[what].name for key, what in (
+                ("params", "params"), ("m", "Adam m"), ("v", "Adam v"), ("grads", "gradients"),
+                ("activations", "activations"), ("params_low", "bf16 weights"),
+                ("activations_low", "bf16 activations")) if what in arena}
+            names["grad_buffers"] = [a.name for (what, _, _), a in zip(sizes, self.arenas)
+                                     if what.startswith("gradients of worker")]
+            elements = {what: n for what, n, _ in sizes}
             self.tmpdir = self.socket_dir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
             self.socket_dir_mode = os.stat(self.tmpdir).st_mode & 0o777
             endpoint = f"ipc://{self.tmpdir}/control"
@@ -92,10 +103,9 @@ class WorkerPool:
                 "rows": rows, "first_row": worker_offset * rows, "seq_len": seq_len,
                 "batch_rows": batch_rows,
                 "train": train, "val": val, "optim": optim, "threads": threads, "cores": cores[r] if cores else None,
-                "profile": profile, "gemm": gemm,
-                "arenas": {"params": self.params.name, "m": self.m.name, "v": self.v.name,
-                           "grads": self.grads.name, "activations": activations.name, **low_names},
-                "activation_floats": activation_floats, "low_activations": low_activations,
+                "profile": profile, "gemm": gemm, "parallel": parallel, "arenas": names,
+                "activation_floats": elements.get("activations", 0),
+                "low_activations": elements.get("bf16 activations", 0),
                 "barrier": barrier_ends[r],
             } for r in range(n_workers)], timeout=START_TIMEOUT_S)[0]["blas"]
             for arena in self.arenas:  # every worker maps them now: drop the names

@@ -65,14 +65,20 @@ def free_bytes(path):
 
 def plan_for(cfg, s, local_ranks, ranks, engine):
     """The Plan of training settings `s` on this machine."""
-    from workers.pool import arena_sizes
+    from trainer.gpt import activation_layout, low_shapes
     from trainer.params import param_layout
+    from workers.pool import arena_sizes
     workers = s.workers
     pool_rows = s.batch_size // (ranks * workers) * workers
     arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
-              arena_sizes(cfg, pool_rows, s.seq_len, engine)]
+              arena_sizes(cfg, pool_rows, s.seq_len, engine, s.parallel, workers)]
     params = param_layout(cfg).size
     private = 2 * 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + (4 * params if s.grad_accum > 1 else 0)
+    if s.parallel == "data":  # each worker's activations are its own
+        rows = pool_rows // workers
+        private += 4 * activation_layout(cfg, rows, s.seq_len, True, engine.low).size
+        if engine.low:
+            private += 2 * sum(int(np.prod(shape)) for _, shape, _ in low_shapes(cfg, rows, s.seq_len, True))
     if s.no_checkpoint:
         kept = 0
     elif s.keep_last:

@@ -18,7 +18,8 @@ from trainer.gpt import GPT, task_params, weight_grad_tasks
 from trainer.optim import BLOCK, adamw_update, sum_squares
 from trainer.params import GPTConfig, decay_segments, param_layout, shard_bounds
 from trainer.profile import LayerTimes
-from workers.barrier import PeerGone, PipeBarrier
+from workers.barrier import PeerGone, PipeBarrier, PipeProgress
+from workers.reduce import ReduceScatter, bucket_ranges, bucket_tasks
 from workers.shm import SharedArena
 
 PARENT_POLL_MS = 500
@@ -39,29 +40,38 @@ class Worker:
         self.layout = layout = param_layout(cfg)
         self.scratch = None  # gradient views for accumulation, made on first use
         names = init["arenas"]
+        self.data = init["parallel"] == "data"
         attach = lambda name: SharedArena.attach(name, layout.size)  # noqa: E731
         self.params, self.m, self.v = attach(names["params"]), attach(names["m"]), attach(names["v"])
-        self.grads = attach(names["grads"])
-        self.grad_views = layout.views(self.grads.array)
+        self.grads = attach(names["grads"])  # data: buffer 0, which receives the sum
+        self.buffers = [self.grads] + [attach(n) for n in names.get("grad_buffers", [])]
+        self.grad_views = layout.views(self.buffers[self.rank if self.data else 0].array)
         self.rows, self.T, self.batch_rows = init["rows"], init["seq_len"], init["batch_rows"]
         self.first_row = init["first_row"]
-        self.activations = SharedArena.attach(names["activations"], init["activation_floats"])
+        self.lo, self.hi = shard_bounds(layout.size, self.n_workers)[self.rank]
         self.barrier = PipeBarrier(init["barrier"])
-        self.params_low = self.activations_low = low_params = None
-        if self.engine.low:  # the arena objects are kept: dropping one would unmap it
-            dtype = self.engine.low_dtype
-            self.params_low = SharedArena.attach(names["params_low"], layout.size, dtype)
-            self.activations_low = SharedArena.attach(names["activations_low"], init["low_activations"],
-                                                      dtype)
+        # the arena objects are kept: dropping one would unmap it
+        self.params_low = self.activations = self.activations_low = low_params = None
+        if self.engine.low:
+            self.params_low = SharedArena.attach(names["params_low"], layout.size, self.engine.low_dtype)
             low_params = layout.views(self.params_low.array)
-        self.model = GPT(cfg, self.rows, self.T, layout.views(self.params.array), self.grad_views,
-                         self.activations.array, part=self.rank, n_parts=self.n_workers,
-                         sync=self.barrier, low_params=low_params,
-                         low_arena=self.activations_low.array if self.activations_low else None)
-        self.tasks = weight_grad_tasks(cfg, self.n_workers)[self.rank]
+        params = layout.views(self.params.array)
+        if self.data:  # its own rows, in private memory, with no barriers
+            self.model = GPT(cfg, self.rows, self.T, params, self.grad_views, low_params=low_params)
+            self.buckets = bucket_tasks(cfg)
+            self.reducer = ReduceScatter([b.array for b in self.buffers], self.rank,
+                                         bucket_ranges(layout, cfg), PipeProgress(init["barrier"]))
+        else:  # hybrid: shared activations of the pool's rows, matmuls split by columns
+            self.activations = SharedArena.attach(names["activations"], init["activation_floats"])
+            if self.engine.low:
+                self.activations_low = SharedArena.attach(names["activations_low"], init["low_activations"],
+                                                          self.engine.low_dtype)
+            self.model = GPT(cfg, self.rows, self.T, params, self.grad_views, self.activations.array,
+                             part=self.rank, n_parts=self.n_workers, sync=self.barrier, low_params=low_params,
+                             low_arena=self.activations_low.array if self.activations_low else None)
+            self.tasks = weight_grad_tasks(cfg, self.n_workers)[self.rank]
         self.train = open_tokens(init["train"])
         self.val = open_tokens(init["val"]) if init["val"] else None
-        self.lo, self.hi = shard_bounds(layout.size, self.n_workers)[self.rank]
         self.segments = [(max(s, self.lo), min(e, self.hi), decays)
                          for s, e, decays in decay_segments(layout) if s < self.hi and e > self.lo]
         self.optim = init["optim"]
@@ -72,41 +82,62 @@ class Worker:
         self.tmp = np.empty(BLOCK, dtype=np.float32)
 
     def load_rows(self, tokens, window):
-        """The tokens of the rows of every worker of the pool (weight gradients read them all)."""
-        pool_rows = self.rows * self.n_workers
-        start = window_start(window, tokens.size, self.batch_rows * self.T) + self.first_row * self.T
-        self.model.load_batch(tokens[start:start + pool_rows * self.T + 1])
+        """The tokens of this worker's rows (data) or of the pool's (hybrid: weight
+        gradients read them all)."""
+        rows, first = (self.rows, self.first_row + self.rank * self.rows) if self.data else (
+            self.rows * self.n_workers, self.first_row)
+        start = window_start(window, tokens.size, self.batch_rows * self.T) + first * self.T
+        self.model.load_batch(tokens[start:start + rows * self.T + 1])
 
-    def step(self, window, scale):
-        """Forward, and the activation gradients, of this worker's rows; the times
-        exclude waiting at the barriers between the layers and the bf16 conversions."""
+    def step(self, window, scale, accumulate, last):
+        """Forward and the activation gradients of this worker's rows (data: also its
+        weight gradients and the reduce-scatter, on the last micro-batch of a step).
+        The times exclude barrier waits, reducing and the bf16 conversions."""
         t0, wait0, conv0 = time.perf_counter(), self.barrier.seconds, self.engine.convert_seconds
         self.load_rows(self.train, window)
         loss = self.model.forward()
         t1, wait1, conv1 = time.perf_counter(), self.barrier.seconds, self.engine.convert_seconds
         self.model.backward_inputs(scale)
+        reply, reducing = {"loss": loss}, 0.0
+        if self.data:
+            reduce0 = self.reducer.seconds
+            for tasks in self.buckets:
+                for task in tasks:
+                    self.weight_task(task, accumulate)
+                if last:
+                    self.reducer.bucket_done()  # reduces whatever every worker has finished
+            reducing = self.reducer.seconds - reduce0  # inside the backward, overlapping it
         t2, wait2, conv2 = time.perf_counter(), self.barrier.seconds, self.engine.convert_seconds
-        return {"loss": loss, "forward_s": t1 - t0 - (wait1 - wait0) - (conv1 - conv0),
-                "backward_s": t2 - t1 - (wait2 - wait1) - (conv2 - conv1), "convert_s": conv2 - conv0}
+        if self.data and last:
+            reply["sumsq"] = self.reducer.finish()  # the rest, after waiting for slower workers
+            reply["reduce_s"] = self.reducer.seconds - reduce0
+        return dict(reply, forward_s=t1 - t0 - (wait1 - wait0) - (conv1 - conv0),
+                    backward_s=t2 - t1 - (wait2 - wait1) - (conv2 - conv1) - reducing, convert_s=conv2 - conv0)
 
-    def weight_grads(self, accumulate):
-        """This worker's weight-gradient tasks, once every worker has finished `step`.
-        The first micro-batch of a step writes the gradient arena; later ones (gradient
-        accumulation) go through a private scratch and are added.  -> Σ g² of the
-        tasks' gradients and the seconds spent on that sum and the adding."""
+    def weight_task(self, task, accumulate):
+        """One weight-gradient task into this worker's gradients -> the regions written.
+        The first micro-batch of a step writes them; later ones (gradient accumulation)
+        go through a private scratch and are added."""
         own = self.grad_views
         if accumulate and self.scratch is None:
             self.scratch = self.layout.allocate()[1]
-        target = self.scratch if accumulate else own
+        self.model.backward_weights(task, self.scratch if accumulate else own)
+        regions = []
+        for name, lo, hi in task_params(task):
+            if accumulate:
+                own[name][lo:hi] += self.scratch[name][lo:hi]
+            regions.append(own[name][lo:hi])
+        return regions
+
+    def weight_grads(self, accumulate):
+        """Hybrid: this worker's weight-gradient tasks over the rows of every worker,
+        once all have finished `step`.  -> Σ g² of what it wrote and the seconds
+        spent summing it."""
         sumsq, t_sum = 0.0, 0.0
         for task in self.tasks:
-            self.model.backward_weights(task, target)
+            regions = self.weight_task(task, accumulate)
             t0 = time.perf_counter()
-            for name, lo, hi in task_params(task):
-                region = own[name][lo:hi]
-                if accumulate:
-                    region += target[name][lo:hi]
-                sumsq += sum_squares(region.reshape(-1))  # now, while they are in cache
+            sumsq += sum(sum_squares(region.reshape(-1)) for region in regions)  # while in cache
             t_sum += time.perf_counter() - t0
         return {"sumsq": sumsq, "sum_s": t_sum}
 
@@ -144,7 +175,7 @@ class Worker:
         op = msg["op"]
         t0 = time.perf_counter()
         if op == "step":
-            return self.step(msg["window"], msg["scale"])
+            return self.step(msg["window"], msg["scale"], msg["accumulate"], msg["last"])
         if op == "grads":
             return dict(self.weight_grads(msg["accumulate"]), seconds=time.perf_counter() - t0)
         if op == "sumsq":

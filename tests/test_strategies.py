@@ -1,0 +1,61 @@
+"""Both parallel strategies through the real worker pool: the gradient arena after
+one step (before any update) against PyTorch autograd, every tensor, and the
+pool's Σ g² against the exact norm; for 1 to 4 workers.  (Through AdamW a wrong
+gradient scale would hide: Adam's first step is sign(g).)"""
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, write_token_file
+from torch_gpt2 import TorchGPT2, random_state
+from trainer.params import GPTConfig, param_layout
+from workers.pool import WorkerPool
+
+B, T = 12, 16  # 12 rows: divisible by 1, 2, 3 and 4 workers
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Random tiny weights, a token file, and PyTorch's gradients of the first window."""
+    path = tmp_path_factory.mktemp("strategies") / "tokens.bin"
+    tokens = np.random.default_rng(7).integers(0, TINY["vocab"], 4 * B * T)
+    write_token_file(path, tokens)
+    state = random_state(TINY["n_layer"], TINY["n_embd"], TINY["vocab"], TINY["n_ctx"], seed=7)
+    model = TorchGPT2(state, TINY["n_layer"], TINY["n_head"])
+    window = torch.from_numpy(tokens[:B * T + 1].astype(np.int64))
+    model(window[:-1].view(B, T), window[1:].view(B, T)).backward()
+    return path, state, model.grads()
+
+
+def pool_gradients(path, state, parallel, workers):
+    """One step of the pool on the first window -> ({name: gradient}, Σ g² the workers report)."""
+    cfg = GPTConfig(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"],
+                    block_size=TINY["n_ctx"])
+    pool = WorkerPool(cfg, workers, 1, rows=B // workers, seq_len=T, batch_rows=B, train=str(path), val=None,
+                      optim=dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1), parallel=parallel)
+    try:
+        params = param_layout(cfg).views(pool.params.array)
+        for name, value in state.items():
+            params[name][...] = value.numpy()
+        pool.request({"op": "cast"})
+        replies = pool.request({"op": "step", "window": 0, "scale": 1.0 / (B * T), "accumulate": False,
+                                "last": True})
+        if parallel == "hybrid":
+            replies = pool.request({"op": "grads", "accumulate": False})
+        grads = {name: view.copy() for name, view in param_layout(cfg).views(pool.grads.array).items()}
+        return grads, sum(r["sumsq"] for r in replies)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+@pytest.mark.parametrize("parallel", ["hybrid", "data"])
+def test_pool_gradients_match_autograd(reference, parallel, workers):
+    path, state, expected = reference
+    grads, sumsq = pool_gradients(path, state, parallel, workers)
+    assert set(grads) == set(expected)
+    rel = {name: float(np.abs(grads[name] - g).max() / np.abs(g).max()) for name, g in expected.items()}
+    worst = max(rel, key=rel.get)
+    assert rel[worst] <= 1e-5, (worst, rel[worst])
+    exact = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in expected.values()))
+    assert abs(np.sqrt(sumsq) / exact - 1) <= 2e-5
