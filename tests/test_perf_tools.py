@@ -1,14 +1,19 @@
 """The profiler and the throughput sweep produce what they promise (timings
 themselves are measured in bench/, never asserted here)."""
 import csv
+import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import launch, read_metrics, write_token_file
+from conftest import REPO, launch, read_metrics, write_token_file
 
-TINY = ["--model", "small", "--n-layer", 2, "--n-head", 4, "--n-embd", 64, "--block-size", 64,
-        "--batch-size", 4, "--seq-len", 32]
+SHAPE = ["--model", "small", "--n-layer", 2, "--n-head", 4, "--n-embd", 64, "--block-size", 64, "--seq-len", 32]
+TINY = SHAPE + ["--batch-size", 4]
 
 
 @pytest.fixture(scope="module")
@@ -46,29 +51,63 @@ def test_no_profile_no_phase_fields(tmp_path, tokens):
     assert "profile_ms" not in read_metrics(run)[0]
 
 
-def test_sweep_writes_table_csv_and_png(tmp_path, tokens):
-    """On one pinned CPU: 1x1 runs, the rest are skipped as oversubscribed, unless
-    --oversubscribe, which runs them all (and says so)."""
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_axes_outputs_and_best_config(tmp_path, tokens):
+    """On one pinned CPU: the 1-worker points run, 2-worker ones are skipped as
+    oversubscribed unless --oversubscribe (then they run, and say so).  CSV, JSON
+    with the machine's fingerprint, PNG, and a best-point TOML that trains."""
     out = tmp_path / "sweep"
-    sweep = ["sweep", "--workers", "1,2", "--threads", "1,2", "--steps", 3, "--warmup-steps", 1,
-             *TINY, "--data", tokens]
+    sweep = ["sweep", "--workers", "1,2", "--threads", "1", "--parallel", "hybrid,data", "--batch-size", "4,8",
+             "--steps", 3, "--warmup-steps", 1, *SHAPE, "--data", tokens]
     done = launch(*sweep, "--out-dir", out, cpus=1)
     assert done.returncode == 0, done.stderr
-    with open(out / "sweep.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["workers"], r["threads"]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
-    assert rows[0]["status"] == "ok" and float(rows[0]["speedup"]) == 1.0
-    assert all(r["status"].startswith("skipped: oversubscribed") for r in rows[1:])
+    rows = read_csv(out / "sweep.csv")
+    assert [(r["parallel"], r["batch_size"], r["workers"]) for r in rows] == [
+        (p, b, w) for p in ("hybrid", "data") for b in ("4", "8") for w in ("1", "2")]
+    assert all(r["status"] == "ok" for r in rows if r["workers"] == "1")
+    assert all(r["status"].startswith("skipped: oversubscribed") for r in rows if r["workers"] == "2")
+    assert "[4/4]" in done.stderr and "ETA" in done.stderr  # progress counts only points that run
+    report = json.loads((out / "sweep.json").read_text())
+    assert {"cpu", "physical_cores", "logical_cpus", "smt", "numa_nodes", "caches", "blas", "numpy",
+            "python", "kernel", "coregpt"} <= set(report["machine"]) and len(report["points"]) == 8
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = max((r for r in rows if r["tokens_per_s"]), key=lambda r: float(r["tokens_per_s"]))
+    assert f"batch {best['batch_size']}: {best['tokens_per_s']} tokens/s" in done.stdout
+    trained = launch("train", "--config", out / "sweep-best.toml", "--steps", 1, "--eval-every", 0,
+                     "--out-dir", tmp_path / "best", cpus=1)
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((tmp_path / "best" / "run.json").read_text())["parallel"] == best["parallel"]
+
     done = launch(*sweep, "--out-dir", tmp_path / "all", "--oversubscribe", cpus=1)
     assert done.returncode == 0, done.stderr
-    with open(tmp_path / "all" / "sweep.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["status"] for r in rows] == ["ok"] + ["oversubscribed"] * 3
+    rows = read_csv(tmp_path / "all" / "sweep.csv")
+    assert [r["status"] for r in rows] == ["ok", "oversubscribed"] * 4
     for r in rows:
-        assert float(r["tokens_per_s"]) > 0
+        assert float(r["tokens_per_s"]) > 0 and float(r["compute_ms"]) > 0
         assert float(r["efficiency"]) == pytest.approx(float(r["speedup"]) / int(r["cores_used"]), abs=1e-3)
         assert f"{float(r['tokens_per_s'])}" in done.stdout
+
+
+def test_sweep_ctrl_c_keeps_the_points_measured(tmp_path, tokens):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--workers", "1", "--threads", "1", "--batch-size", "4,8,12,16,20,24", "--steps", 400,
+            "--warmup-steps", 1, *SHAPE, "--data", tokens, "--out-dir", out]
+    proc = subprocess.Popen([sys.executable, "-m", "launch", *map(str, args)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    for line in proc.stderr:  # the first point is measured
+        if line.startswith("[1/6]"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: the sweep and the run in flight
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    rows = read_csv(out / "sweep.csv")
+    assert 1 <= len(rows) < 6 and rows[0]["status"] == "ok"
+    assert "keeping the points measured so far" in stderr and (out / "sweep-best.toml").exists()
 
 
 def test_sweep_rejects_bad_lists(tmp_path):

@@ -41,3 +41,9 @@ def layer_table(per_worker, steps):
             lines.append(f"{name:<{width}} {1000 * ms / steps:9.1f} {ms / total:7.1%}")
     lines.append(f"{'all layers':<{width}} {1000 * total / steps:9.1f}")
     return "\n".join(lines)
+
+
+def clock(seconds):
+    """12.3 -> '0:12'; 3725 -> '1:02:05'"""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"

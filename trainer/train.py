@@ -23,7 +23,7 @@ from trainer.files import atomic_write
 from trainer.gemm import Engine, choose
 from trainer.optim import clip_scale, lr_at
 from trainer.params import GPT2_VOCAB, init_gpt2
-from trainer.profile import layer_table
+from trainer.profile import clock, layer_table
 from trainer.sample import sample_text
 from trainer.weights import WeightsError, latest_checkpoint, load_checked, preset_config
 from workers.comm import LocalGroup
@@ -293,7 +293,7 @@ def run_steps(s, cfg, pool, group, metrics, start, state, val_path, arrays, stop
     counts = {"updates": state.get("adam_steps", start), "skipped": state.get("skipped_nonfinite", 0)}
     batch_tokens = s.batch_size * s.seq_len
     step_tokens = batch_tokens * s.grad_accum
-    step = start
+    step, began = start, time.perf_counter()
     for step in range(start + 1, s.steps + 1):
         t0 = time.perf_counter()
         loss, phases = 0.0, dict.fromkeys(PHASES, 0.0)
@@ -333,8 +333,10 @@ def run_steps(s, cfg, pool, group, metrics, start, state, val_path, arrays, stop
                 phases["waiting"] = dt - sum(phases.values())  # messages, imbalance, coordinator
                 row["profile_ms"] = {k: round(1000 * v, 3) for k, v in phases.items()}
             metrics.write(row)
+            elapsed = time.perf_counter() - began
             log(f"step {step:>6}/{s.steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} "
-                f"| {dt * 1000:.0f} ms | {step_tokens / dt:,.0f} tok/s")
+                f"| {dt * 1000:.0f} ms | {step_tokens / dt:,.0f} tok/s | {clock(elapsed)} elapsed, ETA "
+                f"{clock(elapsed / (step - start) * (s.steps - step))}")
         elif s.skip_nonfinite:
             counts["skipped"] += 1
             metrics.write({"step": step, "loss": None, "lr": lr, "grad_norm": None,

@@ -150,3 +150,41 @@ def place(topo, n_workers, threads, smt=False, first_worker=0, total_workers=Non
         groups.append([units[i][1] for i in take])
         free = [i for i in free if i not in take]
     return groups[first_worker:first_worker + n_workers]
+
+
+def cache_sizes(sysfs="/sys"):
+    """{'L1d': '48K', 'L2': '1024K', 'L3': '32768K'} of cpu0 (per core or per group)."""
+    sizes = {}
+    base = os.path.join(sysfs, "devices", "system", "cpu", "cpu0", "cache")
+    for index in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        level = read_text(os.path.join(base, index, "level"))
+        kind = read_text(os.path.join(base, index, "type")) or ""
+        if level and kind != "Instruction":
+            sizes[f"L{level}{'d' if kind == 'Data' else ''}"] = read_text(os.path.join(base, index, "size"))
+    return sizes
+
+
+def fingerprint():
+    """What a throughput figure depends on: CPU, topology, caches, BLAS, versions."""
+    import platform
+    import sys
+    import numpy as np
+    from threadpoolctl import threadpool_info
+    cpu = next((line.split(":", 1)[1].strip() for line in (read_text("/proc/cpuinfo") or "").splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    topo = read_topology()
+    try:
+        from importlib.metadata import version
+        coregpt = version("coregpt")
+    except Exception:  # noqa: BLE001  (running from a checkout)
+        coregpt = "checkout"
+    return {
+        "cpu": cpu, "physical_cores": len(topo.cores), "logical_cpus": sum(len(c.cpus) for c in topo.cores),
+        "smt": any(len(c.cpus) > 1 for c in topo.cores),
+        "sockets": len({c.package for c in topo.cores}), "numa_nodes": len({c.node for c in topo.cores}),
+        "cpu_quota": topo.quota, "caches": cache_sizes(),
+        "blas": [f"{lib['internal_api']} {lib['version']} {lib.get('architecture') or ''}".strip()
+                 for lib in threadpool_info() if lib["user_api"] == "blas"],
+        "kernel": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+        "numpy": np.__version__, "coregpt": coregpt, "argv": sys.argv[1:],
+    }
