@@ -31,11 +31,11 @@ class Worker:
         self.rank, self.n_workers = init["rank"], init["n_workers"]
         if init["cores"] and hasattr(os, "sched_setaffinity"):  # macOS has no CPU affinity
             os.sched_setaffinity(0, init["cores"])
-        self.blas_limits = threadpool_limits(limits=init["threads"])
+        self.engine = gemm.install(init["gemm"])  # loads oneDNN and its OpenMP runtime, if used
+        self.blas_limits = threadpool_limits(limits=init["threads"])  # BLAS and OpenMP alike
         self.blas = ", ".join(
             f"{lib['internal_api']} {lib['version']} {lib.get('architecture') or ''}".strip()
             for lib in threadpool_info() if lib["user_api"] == "blas")
-        self.engine = gemm.install(init["gemm"])  # after the thread limits: oneDNN reads them
         cfg = GPTConfig(**init["config"])
         self.layout = layout = param_layout(cfg)
         self.scratch = None  # gradient views for accumulation, made on first use
