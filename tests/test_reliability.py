@@ -151,9 +151,9 @@ def wait_for_steps(proc, run, n):
         time.sleep(0.05)
 
 
-def two_workers_running(files, run):
+def two_workers_running(files, run, *extra):
     """A 2-worker run past its fifth step -> (coordinator process, worker pids)."""
-    proc = start_run(files, run)
+    proc = start_run(files, run, *extra)
     wait_for_steps(proc, run, 5)
     workers = children(proc.pid)
     assert len(workers) == 2
@@ -168,9 +168,10 @@ def resume_works(run):
     return k
 
 
-def test_killed_worker_is_reported_and_run_resumes(tmp_path, files):
+@pytest.mark.parametrize("parallel", ["hybrid", "data"])
+def test_killed_worker_is_reported_and_run_resumes(tmp_path, files, parallel):
     run = tmp_path / "run"
-    proc, workers = two_workers_running(files, run)
+    proc, workers = two_workers_running(files, run, "--parallel", parallel)
     os.kill(workers[1], signal.SIGKILL)
     t0 = time.monotonic()
     _, stderr = proc.communicate(timeout=30)

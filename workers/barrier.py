@@ -87,8 +87,11 @@ class PipeProgress:
         self.seen = [0] * len(self.read)
 
     def announce(self):
-        for fd in self.write:
-            os.write(fd, b"\1")
+        try:
+            for fd in self.write:
+                os.write(fd, b"\1")
+        except BrokenPipeError:  # the reader is dead
+            raise PeerGone("another worker of this pool is gone") from None
 
     def finished(self):
         for i, fd in enumerate(self.read):
