@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, launch
+from conftest import REPO, launch, read_metrics, write_tiny_inputs
 from test_parity import N_TOKENS, torch_reference, train_tiny
-from conftest import write_tiny_inputs
 from torch_gpt2 import TorchGPT2, random_state
 from trainer import gemm
 from trainer.gpt import GPT
@@ -159,3 +158,20 @@ def test_bad_precision_and_gemm_values(tmp_path):
         done = launch("--steps", 1, flag, value, "--out-dir", tmp_path / "run")
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert flag in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_resume_keeps_bf16_bit_for_bit(tmp_path, bf16_case):
+    """A bf16 run stopped after its step-4 checkpoint and resumed without
+    --precision continues in bf16: every loss equals an uninterrupted run's."""
+    root = bf16_case[0]
+    whole, _, _, _ = train_tiny(root, 2, "bf16-whole", "--precision", "bf16")
+    first = tmp_path / "first"
+    common = ["train", "--init-from", root / "init", "--data", root / "tokens.bin", "--batch-size", 4,
+              "--seq-len", 32, "--lr", 1e-3, "--lr-schedule", "constant", "--weight-decay", 0.1,
+              "--workers", 2, "--threads-per-worker", 1, "--eval-every", 0]
+    assert launch(*common, "--steps", 4, "--precision", "bf16", "--out-dir", first).returncode == 0
+    done = launch("train", "--resume", "--out-dir", first, "--steps", 8)
+    assert done.returncode == 0, done.stderr
+    assert "matmuls: " in done.stderr and "bf16" in done.stderr.split("matmuls: ")[1].splitlines()[0]
+    resumed = [r["loss"] for r in read_metrics(first) if "loss" in r]
+    assert resumed == whole
