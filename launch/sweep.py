@@ -105,7 +105,8 @@ def sweep(argv):
               for par in axes["parallel"] for prec in axes["precision"] for b in axes["batch_size"]
               for w in axes["workers"] for t in axes["threads"]]
     rows, start, interrupted = [], time.monotonic(), False
-    runs = [pt for pt in points if pt["workers"] * pt["threads"] <= cores or args.oversubscribe]
+    runs = [pt for pt in points if (pt["workers"] * pt["threads"] <= cores or args.oversubscribe)
+            and pt["batch_size"] % pt["workers"] == 0]
     try:
         for point in points:
             row = dict(point, cores_used=point["workers"] * point["threads"])

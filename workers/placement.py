@@ -74,27 +74,34 @@ def affinity():
     return list(range(os.cpu_count() or 1)), False
 
 
+def cgroup_dirs(controller, root="/sys/fs/cgroup", proc_self="/proc/self/cgroup"):
+    """-> [(directory, v1)] of this process's cgroup for `controller`, deepest first
+    up to the root: cgroup v2 (one hierarchy) or v1 (a hierarchy per controller)."""
+    dirs = []
+    for line in (read_text(proc_self) or "0::/").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers and controller not in controllers.split(","):
+            continue
+        mount = root if not controllers else next(
+            (d for d in (os.path.join(root, controllers), os.path.join(root, controller)) if os.path.isdir(d)), root)
+        parts = [p for p in path.split("/") if p]
+        dirs += [(os.path.join(mount, *parts[:depth]), bool(controllers)) for depth in range(len(parts), -1, -1)]
+    return dirs
+
+
 def cgroup_quota(root="/sys/fs/cgroup", proc_self="/proc/self/cgroup"):
     """The tightest CPU quota (in CPUs) from this process's cgroup up to the root:
     cgroup v2 `cpu.max` ("200000 100000" = 2 CPUs) or v1 `cpu.cfs_quota_us`."""
     quotas = []
-    for line in (read_text(proc_self) or "0::/").splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controllers and "cpu" not in controllers.split(","):
-            continue
-        mount = root if not controllers else next(
-            (d for d in (os.path.join(root, controllers), os.path.join(root, "cpu")) if os.path.isdir(d)), root)
-        parts = [p for p in path.split("/") if p]
-        for depth in range(len(parts), -1, -1):
-            here = os.path.join(mount, *parts[:depth])
-            if not controllers:
-                limit = (read_text(os.path.join(here, "cpu.max")) or "max").split()
-                if limit[0] != "max":
-                    quotas.append(int(limit[0]) / int(limit[1]))
-            else:
-                q, p = (read_text(os.path.join(here, f"cpu.cfs_{k}_us")) for k in ("quota", "period"))
-                if q and p and int(q) > 0:
-                    quotas.append(int(q) / int(p))
+    for here, v1 in cgroup_dirs("cpu", root, proc_self):
+        if not v1:
+            limit = (read_text(os.path.join(here, "cpu.max")) or "max").split()
+            if limit[0] != "max":
+                quotas.append(int(limit[0]) / int(limit[1]))
+        else:
+            q, p = (read_text(os.path.join(here, f"cpu.cfs_{k}_us")) for k in ("quota", "period"))
+            if q and p and int(q) > 0:
+                quotas.append(int(q) / int(p))
     return min(quotas) if quotas else None
 
 

@@ -32,21 +32,14 @@ def meminfo_available(path="/proc/meminfo"):
 def cgroup_memory_left(root="/sys/fs/cgroup", proc_self="/proc/self/cgroup"):
     """Bytes left under this process's cgroup memory limit (v2 memory.max or v1
     memory.limit_in_bytes, minus what is in use), or None without a limit."""
-    from workers.placement import read_text
+    from workers.placement import cgroup_dirs, read_text
     left = []
-    for line in (read_text(proc_self) or "0::/").splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controllers and "memory" not in controllers.split(","):
-            continue
-        mount = root if not controllers else os.path.join(root, "memory")
-        parts = [p for p in path.split("/") if p]
-        for depth in range(len(parts), -1, -1):
-            here = os.path.join(mount, *parts[:depth])
-            limit_file, used_file = (("memory.max", "memory.current") if not controllers
-                                     else ("memory.limit_in_bytes", "memory.usage_in_bytes"))
-            limit, used = read_text(os.path.join(here, limit_file)), read_text(os.path.join(here, used_file))
-            if limit and limit.isdigit() and int(limit) < 2 ** 60:
-                left.append(int(limit) - int(used or 0))
+    for here, v1 in cgroup_dirs("memory", root, proc_self):
+        limit_file, used_file = ("memory.limit_in_bytes", "memory.usage_in_bytes") if v1 else (
+            "memory.max", "memory.current")
+        limit, used = read_text(os.path.join(here, limit_file)), read_text(os.path.join(here, used_file))
+        if limit and limit.isdigit() and int(limit) < 2 ** 60:
+            left.append(int(limit) - int(used or 0))
     return min(left) if left else None
 
 
