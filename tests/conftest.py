@@ -22,6 +22,14 @@ def write_token_file(path, tokens):
         f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
 
 
+def write_corpus(directory, seed, train_tokens, val_tokens):
+    """A prepared-corpus directory: train.bin and val.bin of random token ids."""
+    rng = np.random.default_rng(seed)
+    write_token_file(directory / "train.bin", rng.integers(0, TINY["vocab"], train_tokens))
+    write_token_file(directory / "val.bin", rng.integers(0, TINY["vocab"], val_tokens))
+    return directory
+
+
 def write_hf_dir(directory, state, n_layer, n_head, n_embd, n_ctx, vocab):
     """A Hugging Face GPT-2 directory: model.safetensors + config.json."""
     from safetensors.torch import save_file

@@ -11,10 +11,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from conftest import REPO, fit_cores, launch, read_metrics, write_tiny_inputs, write_token_file
+from conftest import REPO, fit_cores, launch, read_metrics, write_corpus, write_tiny_inputs
 from workers import resources
 from workers.shm import SharedArena
 
@@ -31,11 +30,7 @@ def in_mount_namespace(script, timeout=600):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A prepared-corpus directory (train.bin + val.bin) for the default job's shape."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    write_token_file(root / "train.bin", rng.integers(0, 50257, 40_000))
-    write_token_file(root / "val.bin", rng.integers(0, 50257, 10_000))
-    return root
+    return write_corpus(tmp_path_factory.mktemp("corpus"), 0, 40_000, 10_000)
 
 
 def error_lines(stderr):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import launch, read_metrics, write_token_file
+from conftest import launch, read_metrics, write_corpus
 
 TINY_FLAGS = ["--model", "small", "--n-layer", 2, "--n-head", 4, "--n-embd", 64, "--block-size", 64,
               "--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1]
@@ -15,11 +15,7 @@ TINY_FLAGS = ["--model", "small", "--n-layer", 2, "--n-head", 4, "--n-embd", 64,
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(5)
-    write_token_file(d / "train.bin", rng.integers(0, 50257, 3000))
-    write_token_file(d / "val.bin", rng.integers(0, 50257, 1000))
-    return d
+    return write_corpus(tmp_path_factory.mktemp("data"), 5, 3000, 1000)
 
 
 def train(out, data_dir, *extra):

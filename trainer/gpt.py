@@ -63,6 +63,11 @@ def low_shapes(cfg, B, T, training):
     return [shape for shape in activation_shapes(cfg, B, T, training) if shape[0] in LOW_COPIES]
 
 
+def low_layout(cfg, B, T, training):
+    """The layout of the bf16 copies' arena."""
+    return Layout([(name, shape) for name, shape, _ in low_shapes(cfg, B, T, training)])
+
+
 def shared_shapes(cfg, B, T, training, low):
     """The activations that live in the (shared) fp32 arena."""
     return [shape for shape in activation_shapes(cfg, B, T, training) if not (low and shape[0] in LOW_ONLY)]
@@ -145,10 +150,10 @@ class GPT:
         self.o, self.o_own = self.full, self.a  # every matmul's activation operands
         if self.low:
             lows = low_shapes(cfg, B * n_parts, T, training)
-            low_layout = Layout([(name, shape) for name, shape, _ in lows])
+            layout = low_layout(cfg, B * n_parts, T, training)
             if low_arena is None:
-                low_arena = np.zeros(low_layout.size, dtype=low_params["wte.weight"].dtype)
-            self.o = low_layout.views(low_arena)
+                low_arena = np.zeros(layout.size, dtype=low_params["wte.weight"].dtype)
+            self.o = layout.views(low_arena)
             self.o_own = {name: rows_of(self.o[name], axis, part, n_parts) for name, _, axis in lows}
             self.a.update({name: one_layer_scratch(shape, axis, n_parts) for name, shape, axis in lows
                            if name in LOW_ONLY})

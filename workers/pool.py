@@ -13,8 +13,8 @@ import time
 import zmq
 
 from trainer.gemm import Engine
-from trainer.gpt import activation_layout, low_shapes
-from trainer.params import Layout, param_layout
+from trainer.gpt import activation_layout, low_layout
+from trainer.params import param_layout
 from workers.barrier import close_all, make_pipes
 from workers.shm import SharedArena
 
@@ -59,8 +59,7 @@ def arena_sizes(cfg, pool_rows, seq_len, engine, parallel="hybrid", n_workers=1)
     if engine.low:
         sizes.append(("bf16 weights", params, engine.low_dtype))
         if parallel != "data":
-            low = Layout([(n, shape) for n, shape, _ in low_shapes(cfg, pool_rows, seq_len, True)])
-            sizes.append(("bf16 activations", low.size, engine.low_dtype))
+            sizes.append(("bf16 activations", low_layout(cfg, pool_rows, seq_len, True).size, engine.low_dtype))
     return sizes
 
 
@@ -80,14 +79,10 @@ class WorkerPool:
             sizes = arena_sizes(cfg, rows * n_workers, seq_len, Engine(gemm), parallel, n_workers)
             for _, size, dtype in sizes:  # one by one, so close() frees any made
                 self.arenas.append(SharedArena.create(size, dtype))
+            # workers find each arena by what arena_sizes calls it
             arena = {what: a for (what, _, _), a in zip(sizes, self.arenas)}
             self.params, self.m, self.v, self.grads = (arena[k] for k in ("params", "Adam m", "Adam v", "gradients"))
-            names = {key: arena[what].name for key, what in (
-                ("params", "params"), ("m", "Adam m"), ("v", "Adam v"), ("grads", "gradients"),
-                ("activations", "activations"), ("params_low", "bf16 weights"),
-                ("activations_low", "bf16 activations")) if what in arena}
-            names["grad_buffers"] = [a.name for (what, _, _), a in zip(sizes, self.arenas)
-                                     if what.startswith("gradients of worker")]
+            names = {what: a.name for what, a in arena.items()}
             elements = {what: n for what, n, _ in sizes}
             self.tmpdir = self.socket_dir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
             self.socket_dir_mode = os.stat(self.tmpdir).st_mode & 0o777
@@ -104,8 +99,7 @@ class WorkerPool:
                 "batch_rows": batch_rows,
                 "train": train, "val": val, "optim": optim, "threads": threads, "cores": cores[r] if cores else None,
                 "profile": profile, "gemm": gemm, "parallel": parallel, "arenas": names,
-                "activation_floats": elements.get("activations", 0),
-                "low_activations": elements.get("bf16 activations", 0),
+                "elements": elements,
                 "barrier": barrier_ends[r],
             } for r in range(n_workers)], timeout=START_TIMEOUT_S)[0]["blas"]
             for arena in self.arenas:  # every worker maps them now: drop the names

@@ -58,7 +58,7 @@ def free_bytes(path):
 
 def plan_for(cfg, s, local_ranks, ranks, engine):
     """The Plan of training settings `s` on this machine."""
-    from trainer.gpt import activation_layout, low_shapes
+    from trainer.gpt import activation_layout, low_layout
     from trainer.params import param_layout
     from workers.pool import arena_sizes
     workers = s.workers
@@ -71,7 +71,7 @@ def plan_for(cfg, s, local_ranks, ranks, engine):
         rows = pool_rows // workers
         private += 4 * activation_layout(cfg, rows, s.seq_len, True, engine.low).size
         if engine.low:
-            private += 2 * sum(int(np.prod(shape)) for _, shape, _ in low_shapes(cfg, rows, s.seq_len, True))
+            private += 2 * low_layout(cfg, rows, s.seq_len, True).size
     if s.no_checkpoint:
         kept = 0
     elif s.keep_last:

@@ -41,10 +41,11 @@ class Worker:
         self.scratch = None  # gradient views for accumulation, made on first use
         names = init["arenas"]
         self.data = init["parallel"] == "data"
-        attach = lambda name: SharedArena.attach(name, layout.size)  # noqa: E731
-        self.params, self.m, self.v = attach(names["params"]), attach(names["m"]), attach(names["v"])
-        self.grads = attach(names["grads"])  # data: buffer 0, which receives the sum
-        self.buffers = [self.grads] + [attach(n) for n in names.get("grad_buffers", [])]
+        attach = lambda what: SharedArena.attach(names[what], layout.size)  # noqa: E731
+        self.params, self.m, self.v = attach("params"), attach("Adam m"), attach("Adam v")
+        self.grads = attach("gradients")  # data: buffer 0, which receives the sum
+        self.buffers = [self.grads] + [attach(f"gradients of worker {r}")
+                                       for r in range(1, self.n_workers) if self.data]
         self.grad_views = layout.views(self.buffers[self.rank if self.data else 0].array)
         self.rows, self.T, self.batch_rows = init["rows"], init["seq_len"], init["batch_rows"]
         self.first_row = init["first_row"]
@@ -53,7 +54,7 @@ class Worker:
         # the arena objects are kept: dropping one would unmap it
         self.params_low = self.activations = self.activations_low = low_params = None
         if self.engine.low:
-            self.params_low = SharedArena.attach(names["params_low"], layout.size, self.engine.low_dtype)
+            self.params_low = SharedArena.attach(names["bf16 weights"], layout.size, self.engine.low_dtype)
             low_params = layout.views(self.params_low.array)
         params = layout.views(self.params.array)
         if self.data:  # its own rows, in private memory, with no barriers
@@ -62,10 +63,10 @@ class Worker:
             self.reducer = ReduceScatter([b.array for b in self.buffers], self.rank,
                                          bucket_ranges(layout, cfg), PipeProgress(init["barrier"]))
         else:  # hybrid: shared activations of the pool's rows, matmuls split by columns
-            self.activations = SharedArena.attach(names["activations"], init["activation_floats"])
+            self.activations = SharedArena.attach(names["activations"], init["elements"]["activations"])
             if self.engine.low:
-                self.activations_low = SharedArena.attach(names["activations_low"], init["low_activations"],
-                                                          self.engine.low_dtype)
+                self.activations_low = SharedArena.attach(names["bf16 activations"],
+                                                          init["elements"]["bf16 activations"], self.engine.low_dtype)
             self.model = GPT(cfg, self.rows, self.T, params, self.grad_views, self.activations.array,
                              part=self.rank, n_parts=self.n_workers, sync=self.barrier, low_params=low_params,
                              low_arena=self.activations_low.array if self.activations_low else None)
