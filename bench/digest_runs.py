@@ -1,0 +1,118 @@
+"""Record, or compare, the exact numbers of the parity runs: a refactor that must not
+change results is checked by running this before and after it.
+
+    python bench/digest_runs.py --out before.json              # on the old code
+    python bench/digest_runs.py --out after.json --compare before.json
+
+Each run is the tiny parity model (2 layers, 64 channels) for 8 steps through
+`python -m launch train`: hybrid and data, 1, 2 and 4 workers, fp32 and bf16, two
+micro-batches of gradient accumulation, and (with mpiexec) 2 MPI ranks.  Per run it
+keeps every loss and grad norm as logged (JSON floats, exact) and a sha256 of the
+final weights and of the Adam moments."""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from safetensors.numpy import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, T, STEPS = 4, 32, 8
+RUNS = [(parallel, workers, precision, extra) for precision in ("fp32", "bf16")
+        for parallel in ("hybrid", "data") for workers in (1, 2, 4) for extra in ("",)]
+RUNS += [(parallel, 2, "fp32", "accum") for parallel in ("hybrid", "data")]
+RUNS += [(parallel, 1, "fp32", "mpi") for parallel in ("hybrid", "data")]
+
+
+def write_inputs(root):
+    """Random tiny GPT-2 weights (HF safetensors) and random tokens, from a fixed seed."""
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(0)
+    C, V, L, ctx = 64, 50257, 2, 64
+    state = {"wte.weight": rng.normal(0, 0.02, (V, C)), "wpe.weight": rng.normal(0, 0.02, (ctx, C)),
+             "ln_f.weight": 1 + rng.normal(0, 0.1, C), "ln_f.bias": rng.normal(0, 0.1, C)}
+    for l in range(L):
+        for name, shape in (("ln_1", (C,)), ("ln_2", (C,))):
+            state[f"h.{l}.{name}.weight"] = 1 + rng.normal(0, 0.1, shape)
+            state[f"h.{l}.{name}.bias"] = rng.normal(0, 0.1, shape)
+        for name, (i, o) in (("attn.c_attn", (C, 3 * C)), ("attn.c_proj", (C, C)),
+                             ("mlp.c_fc", (C, 4 * C)), ("mlp.c_proj", (4 * C, C))):
+            state[f"h.{l}.{name}.weight"] = rng.normal(0, 0.02, (i, o))
+            state[f"h.{l}.{name}.bias"] = rng.normal(0, 0.02, o)
+    os.makedirs(os.path.join(root, "init"))
+    save_file({k: v.astype(np.float32) for k, v in state.items()}, os.path.join(root, "init", "model.safetensors"))
+    with open(os.path.join(root, "init", "config.json"), "w") as f:
+        json.dump({"model_type": "gpt2", "n_layer": L, "n_head": 4, "n_embd": C, "n_positions": ctx,
+                   "vocab_size": V}, f)
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = 20240520, 1, 5 * B * T + 7
+    with open(os.path.join(root, "tokens.bin"), "wb") as f:
+        f.write(header.tobytes() + rng.integers(0, V, 5 * B * T + 7).astype(np.uint16).tobytes())
+
+
+def digest(path):
+    tensors = load_file(path)
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + tensors[name].tobytes())
+    return h.hexdigest()
+
+
+def run(root, parallel, workers, precision, extra):
+    out = os.path.join(root, f"{parallel}-{workers}-{precision}-{extra}")
+    cmd = [sys.executable, "-m", "launch", "train", "--init-from", os.path.join(root, "init"),
+           "--data", os.path.join(root, "tokens.bin"), "--batch-size", str(B), "--seq-len", str(T),
+           "--steps", str(STEPS), "--lr", "1e-3", "--lr-schedule", "constant", "--weight-decay", "0.1",
+           "--grad-clip", "1.0", "--workers", str(workers), "--threads-per-worker", "1", "--eval-every", "0",
+           "--parallel", parallel, "--precision", precision, "--oversubscribe", "--out-dir", out]
+    if extra == "accum":
+        cmd[cmd.index("--batch-size") + 1] = str(B // 2)
+        cmd += ["--grad-accum", "2"]
+    if extra == "mpi":
+        mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+        cmd = [mpiexec if os.path.exists(mpiexec) else shutil.which("mpiexec"), "-n", "2"] + cmd
+        cmd += ["--backend", "mpi"]
+    done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    ckpt = os.path.join(out, "checkpoints", f"step_{STEPS:06d}")
+    return {"loss": [r["loss"] for r in rows if "loss" in r], "grad_norm": [r["grad_norm"] for r in rows
+                                                                          if "grad_norm" in r],
+            "weights": digest(os.path.join(ckpt, "model.safetensors")),
+            "adam": digest(os.path.join(ckpt, "optimizer.safetensors"))}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--compare", help="a JSON file written before: exit 1 unless every number is identical")
+    args = p.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="coregpt-digest-") as root:
+        write_inputs(root)
+        for parallel, workers, precision, extra in RUNS:
+            key = f"{parallel} W={workers} {precision}" + (f" {extra}" if extra else "")
+            results[key] = run(root, parallel, workers, precision, extra)
+            print(f"{key:<28} final loss {results[key]['loss'][-1]!r:<22} weights {results[key]['weights'][:12]}",
+                  flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    if args.compare:
+        with open(args.compare) as f:
+            before = json.load(f)
+        differ = [key for key in before if before[key] != results.get(key)]
+        print(f"{len(before) - len(differ)} of {len(before)} runs bit-identical to {args.compare}"
+              + (f"; differ: {', '.join(differ)}" if differ else ""))
+        return 1 if differ else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
