@@ -2,7 +2,7 @@
 machine, interleaved in rounds (the machine is shared and noisy).
 
     pip install torch==2.13.0        # benchmark-only; never a runtime dependency
-    python bench/vs_pytorch.py [--rounds 3] [--steps 6] [--warmup 2] [--compile]
+    python bench/vs_pytorch.py [--rounds 3] [--steps 6] [--warmup 2] [--compile] [--before CHECKOUT]
 
 Each round runs every system once, in turn, in its own process: PyTorch 2 threads
 with fp32 + AdamW(fused=True); bf16 autocast + fused AdamW; with --compile also
@@ -124,7 +124,7 @@ def process_tree(pid):
     return pids
 
 
-def coregpt_step_times(model_name, B, T, steps, workers, data, extra, watch_memory=False):
+def coregpt_step_times(model_name, B, T, steps, workers, data, extra, watch_memory=False, repo=REPO):
     """-> (step times, peak GB or None).  Reading smaps costs kernel time on the
     cores being timed, so memory is watched only in a run that is not timed."""
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
@@ -133,7 +133,7 @@ def coregpt_step_times(model_name, B, T, steps, workers, data, extra, watch_memo
                "--batch-size", str(B), "--seq-len", str(T), "--steps", str(steps), "--lr-schedule",
                "constant", "--workers", str(workers), "--threads-per-worker", "1", "--eval-every", "0",
                "--no-checkpoint", "--out-dir", out, *extra]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+        proc = subprocess.Popen(cmd, cwd=repo, env=dict(os.environ, PYTHONPATH=repo),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         peak = [0]
 
@@ -171,6 +171,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=4, help="steps left out (torch.compile needs 3)")
     ap.add_argument("--rounds", type=int, default=3, help="every system runs once per round")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the bf16 recipe")
+    ap.add_argument("--before", metavar="CHECKOUT", help="also run coregpt's 2-worker systems from another "
+                    "checkout (e.g. a `git worktree` of the commit before a change), interleaved in the same "
+                    "rounds, and print after/before")
     ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt (after --)")
     ap.add_argument("--torch-only", metavar="RECIPE", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -180,7 +183,8 @@ def main():
         print(json.dumps(torch_step_times(args.model, B, T, n, 2, tokens, **TORCH_RECIPES[args.torch_only])))
         return
     recipes = [r for r in TORCH_RECIPES if args.compile or not TORCH_RECIPES[r]["compile"]]
-    raw = {name: [] for name in recipes + list(COREGPT)}
+    before = {f"before: {name}": spec for name, spec in COREGPT.items() if spec[0] == 2} if args.before else {}
+    raw = {name: [] for name in recipes + list(COREGPT) + list(before)}
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
         data = os.path.join(tmp, "tokens.bin")
         header = np.zeros(256, dtype=np.int32)
@@ -188,7 +192,7 @@ def main():
         with open(data, "wb") as f:
             f.write(header.tobytes() + tokens.tobytes())
         for r in range(args.rounds):
-            order = recipes + list(COREGPT)
+            order = recipes + list(COREGPT) + list(before)
             order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
             for name in order:
                 if name in TORCH_RECIPES:  # own process: an idle torch pool must not share the cores
@@ -199,6 +203,10 @@ def main():
                     if done.returncode:
                         raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
                     times = json.loads(done.stdout)
+                elif name in before:
+                    workers, flags = before[name]
+                    times, _ = coregpt_step_times(args.model, B, T, n, workers, data, flags + args.extra,
+                                                  repo=os.path.abspath(args.before))
                 else:
                     workers, flags = COREGPT[name]
                     times, _ = coregpt_step_times(args.model, B, T, n, workers, data, flags + args.extra)
@@ -222,6 +230,9 @@ def main():
     print(f"coregpt fp32 2x1 over pytorch fp32, fused AdamW: {med['pytorch fp32, fused AdamW'] / c32:.2f}x")
     print(f"scaling 1 -> 2 workers: bf16 {med['coregpt bf16, 1 worker x 1 thread'] / c16:.2f}x, "
           f"fp32 {med['coregpt fp32, 1 worker x 1 thread'] / c32:.2f}x")
+    for name in before:
+        after = name.removeprefix("before: ")
+        print(f"{after}: after / before {med[after] / med[name]:.3f} ({med[after]:.3f} vs {med[name]:.3f} s/step)")
     print(f"peak memory of coregpt 2x1 (coordinator + workers, PSS, shared memory once): "
           f"fp32 {peaks['fp32']:.2f} GB, bf16 {peaks['bf16']:.2f} GB")
 
