@@ -2,51 +2,14 @@
 bare `python -m launch [flags]` trains configs/default.toml.  Errors are one
 line on stderr: exit 2 for bad input, 1 for a failed run, 130 / 143 after
 Ctrl-C / SIGTERM."""
-import argparse
+import dataclasses
 import os
 import sys
 
-from launch.config import SETTINGS, ConfigError, check, default_config_path, merge
+from launch.config import Parser, check, default_config_path, merge, train_parser
+from trainer.errors import ConfigError
 
 COMMANDS = ("train", "prepare", "sample", "export", "plot", "sweep")
-
-
-class Parser(argparse.ArgumentParser):
-    def parse_args(self, args=None, namespace=None):
-        return super().parse_args(join_negative_numbers(args), namespace)
-
-    def error(self, message):
-        raise ConfigError(f"{message} (see `python -m launch {self.prog.split()[-1]} --help`)")
-
-
-def join_negative_numbers(argv):
-    """`--lr -1e-3` -> `--lr=-1e-3`: argparse would take -1e-3 for an option."""
-    out = []
-    for arg in argv or []:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-"):
-            try:
-                float(arg)
-            except ValueError:
-                pass
-            else:
-                out[-1] += "=" + arg
-                continue
-        out.append(arg)
-    return out
-
-
-def train_parser():
-    p = Parser(prog="launch train", description="Train or fine-tune a GPT-2 on CPU workers.",
-               argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="TOML file of settings (keys as below, with underscores)")
-    for name, (kind, default, help_text) in SETTINGS.items():
-        flag = "--" + name.replace("_", "-")
-        shown = f"{help_text} [default: {default}]" if default is not None else help_text
-        if kind is bool:
-            p.add_argument(flag, dest=name, action="store_true", help=help_text)
-        else:
-            p.add_argument(flag, dest=name, type=kind, metavar=kind.__name__.upper(), help=shown)
-    return p
 
 
 def prepare_parser():
@@ -77,14 +40,15 @@ def cmd_train(argv):
     settings = merge(config, args)
     if settings.resume and "backend" not in args and settings.out_dir:
         from trainer.checkpoint import saved_setting
-        settings.backend = saved_setting(settings.out_dir, "backend") or settings.backend
+        settings = dataclasses.replace(settings, backend=saved_setting(settings.out_dir, "backend")
+                                       or settings.backend)
     if settings.backend == "shm" and mpi_world_size() > 1:
         raise ConfigError(f"started by mpiexec as {mpi_world_size()} ranks with --backend shm, which "
                           f"would train {mpi_world_size()} separate copies; pass --backend mpi")
     from workers.comm import make_group
     Session.group = make_group(settings.backend)
-    check(settings, Session.group if settings.backend == "mpi" else None)
-    from trainer.train import train
+    settings = check(settings, Session.group if settings.backend == "mpi" else None)
+    from launch.train import train
     train(settings, given=set(args), group=Session.group)
     return 0
 
@@ -164,11 +128,8 @@ def main(argv=None):
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         return fail(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}", 2)
-    from trainer.data import DataError
-    from trainer.train import Interrupted, RunError
-    from trainer.weights import WeightsError
-    from workers.pool import WorkerError
-    from workers.resources import ResourceError
+    from launch.loop import Interrupted
+    from trainer.errors import DataError, ResourceError, RunError, WeightsError, WorkerError
     try:
         from launch.sweep import sweep
         commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample,

@@ -1,18 +1,17 @@
 """Training settings: one table of keys, read from a TOML config and then from
 flags (flags win).  Every flag `--batch-size` is also the TOML key `batch_size`."""
+import argparse
+import dataclasses
 import os
 import tomllib
 from importlib import resources
-from types import SimpleNamespace
+
+from trainer.errors import ConfigError
+from workers.strategies import STRATEGIES
 
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
-STRATEGIES = ("hybrid", "data")
 GEMMS = ("auto", "numpy", "onednn")
-
-
-class ConfigError(ValueError):
-    """A bad setting or config file; the message says what to change."""
 
 
 # key: (type, default, help).  None as default means "derived" (see check).
@@ -43,8 +42,8 @@ SETTINGS = {
                                "weights, gradients, optimizer and other layers stay fp32"),
     "gemm": (str, "auto", "GEMM engine: auto (oneDNN where it is faster, else NumPy's BLAS), numpy "
                           "or onednn"),
-    "parallel": (str, "hybrid", "how workers share a step: hybrid (matmuls split by columns over every "
-                                "worker's rows) or data (each worker its own rows, gradients reduce-scattered)"),
+    "parallel": (str, "hybrid", "how workers share a step: " + " or ".join(
+        f"{name} ({strategy.summary})" for name, strategy in STRATEGIES.items())),
     "backend": (str, "shm", "shm (one machine) or mpi (run under mpiexec; --workers is per rank)"),
     "workers": (int, 1, "worker processes (per rank with --backend mpi)"),
     "threads_per_worker": (int, None, "BLAS threads per worker (default: cores / workers)"),
@@ -65,6 +64,44 @@ SETTINGS = {
     "skip_nonfinite": (bool, False, "skip (and count) a step whose loss or gradient is NaN/inf "
                                     "instead of stopping the run"),
 }
+
+
+class Parser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):
+        return super().parse_args(join_negative_numbers(args), namespace)
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see `python -m launch {self.prog.split()[-1]} --help`)")
+
+
+def join_negative_numbers(argv):
+    """`--lr -1e-3` -> `--lr=-1e-3`: argparse would take -1e-3 for an option."""
+    out = []
+    for arg in argv or []:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-"):
+            try:
+                float(arg)
+            except ValueError:
+                pass
+            else:
+                out[-1] += "=" + arg
+                continue
+        out.append(arg)
+    return out
+
+
+def train_parser():
+    p = Parser(prog="launch train", description="Train or fine-tune a GPT-2 on CPU workers.",
+               argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="TOML file of settings (keys as below, with underscores)")
+    for name, (kind, default, help_text) in SETTINGS.items():
+        flag = "--" + name.replace("_", "-")
+        shown = f"{help_text} [default: {default}]" if default is not None else help_text
+        if kind is bool:
+            p.add_argument(flag, dest=name, action="store_true", help=help_text)
+        else:
+            p.add_argument(flag, dest=name, type=kind, metavar=kind.__name__.upper(), help=shown)
+    return p
 
 
 def default_config_path():
@@ -115,18 +152,25 @@ def coerce(name, value, where):
     raise ConfigError(f"{where} must be {kind.__name__}, got {value!r}")
 
 
+# every setting of a run, filled once (merge, then check) and never changed after
+Settings = dataclasses.make_dataclass(
+    "Settings", [(name, kind | None, dataclasses.field(default=default)) for name, (kind, default, _) in
+                 SETTINGS.items()], frozen=True)
+
+
 def merge(config_path, flags):
-    """Defaults < TOML config < flags -> an unchecked SimpleNamespace."""
-    values = {name: spec[1] for name, spec in SETTINGS.items()}
+    """Defaults < TOML config < flags -> unchecked Settings."""
+    values = {}
     if config_path:
         values.update(read_toml(config_path))
     values.update(flags)
-    return SimpleNamespace(**values)
+    return Settings(**values)
 
 
 def check(s, group=None):
-    """Validate and fill derived settings; `group` is the MPI group under
-    --backend mpi (ranks sharing this machine change what fits on it)."""
+    """-> the settings checked, with the derived ones filled; `group` is the MPI
+    group under --backend mpi (ranks sharing this machine change what fits on it).
+    Raises ConfigError.  (The GEMM engine is chosen once, by the run's setup.)"""
     ranks, local_ranks = (group.size, group.local_size) if group else (1, 1)
     def need(ok, message):
         if not ok:
@@ -135,13 +179,8 @@ def check(s, group=None):
     need(s.batch_size >= 1, f"--batch-size must be at least 1, got {s.batch_size}")
     need(s.backend in ("shm", "mpi"), f"--backend must be shm or mpi, got {s.backend!r}")
     need(s.precision in PRECISIONS, f"--precision must be fp32 or bf16, got {s.precision!r}")
-    need(s.parallel in STRATEGIES, f"--parallel must be hybrid or data, got {s.parallel!r}")
+    need(s.parallel in STRATEGIES, f"--parallel must be {' or '.join(STRATEGIES)}, got {s.parallel!r}")
     need(s.gemm in GEMMS, f"--gemm must be one of {', '.join(GEMMS)}, got {s.gemm!r}")
-    from trainer.gemm import EngineError, choose
-    try:
-        choose(s.precision, s.gemm)
-    except EngineError as e:
-        raise ConfigError(str(e)) from None
     need(s.batch_size % (ranks * s.workers) == 0,
          f"--batch-size {s.batch_size} is not divisible by --workers {s.workers}"
          + (f" x {ranks} MPI ranks" if ranks > 1 else ""))
@@ -160,7 +199,7 @@ def check(s, group=None):
     cores = read_topology().available(s.smt)  # physical cores (or hyperthreads), capped by a CPU quota
     local_workers = local_ranks * s.workers  # every worker on this machine
     if s.threads_per_worker is None:
-        s.threads_per_worker = max(1, cores // local_workers)
+        s = dataclasses.replace(s, threads_per_worker=max(1, cores // local_workers))
     need(s.threads_per_worker >= 1, f"--threads-per-worker must be at least 1, got {s.threads_per_worker}")
     need(s.oversubscribe or local_workers * s.threads_per_worker <= cores,
          f"--workers {s.workers} × --threads-per-worker {s.threads_per_worker}"
@@ -168,5 +207,6 @@ def check(s, group=None):
          + f" exceeds the {cores} available {'logical CPUs' if s.smt else 'cores'}; lower them or pass "
            f"--oversubscribe")
     if s.min_lr is None:
-        s.min_lr = s.lr / 10
+        s = dataclasses.replace(s, min_lr=s.lr / 10)
     need(not (s.resume and s.out_dir is None), "--resume needs --out-dir naming the run to continue")
+    return s

@@ -20,7 +20,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 
-from launch.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.profile import clock
 
 AXES = {"workers": ("--workers", int), "threads": ("--threads-per-worker", int),
@@ -75,7 +75,7 @@ def run_point(point, steps, warmup, train_flags, oversubscribe):
 
 def sweep(argv):
     import argparse
-    from launch.cli import Parser
+    from launch.config import Parser
     from workers.placement import fingerprint, read_topology
     p = Parser(prog="launch sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", default="1,2,4", help="worker counts, e.g. 1,2,4")
@@ -137,8 +137,7 @@ def sweep(argv):
 
 def base_settings(train_flags):
     """The training settings the sweep's flags (and --config) give, checked now."""
-    from launch.cli import train_parser
-    from launch.config import merge
+    from launch.config import merge, train_parser
     flags = vars(train_parser().parse_args(train_flags))
     return vars(merge(flags.pop("config", None), flags))
 

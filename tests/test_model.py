@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from torch_gpt2 import TorchGPT2, random_state
-from trainer.gpt import GPT, task_params, weight_grad_tasks
+from trainer.gpt import GPT, weight_tasks
+from workers.hybrid import balance
 from trainer.params import PRESETS, GPTConfig, init_gpt2, param_layout
 
 
@@ -58,11 +59,11 @@ def test_forward_is_causal():
     tokens = np.arange(17) * 101
     model.load_batch(tokens)
     model.forward()
-    first = model.a["logits"][:8].copy()
+    first = model.acts.mine.logits[:8].copy()
     tokens[12] = 7
     model.load_batch(tokens)
     model.forward()
-    np.testing.assert_array_equal(model.a["logits"][:8], first)
+    np.testing.assert_array_equal(model.acts.mine.logits[:8], first)
 
 
 def test_gpt2_init_statistics_and_seed():
@@ -88,10 +89,10 @@ def test_weight_gradient_tasks_cover_every_parameter_once(n_parts):
     layout = param_layout(cfg)
     written = np.zeros(layout.size, dtype=np.int64)
     loads = []
-    for tasks in weight_grad_tasks(cfg, n_parts):
+    for tasks in balance(weight_tasks(cfg, n_parts), n_parts):
         load = 0
         for task in tasks:
-            for name, lo, hi in task_params(task):
+            for name, lo, hi in task.params:
                 start, rows = layout.offsets[name], layout.shapes[name]
                 width = int(np.prod(rows[1:]))
                 hi = rows[0] if hi is None else hi

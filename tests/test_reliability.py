@@ -242,7 +242,10 @@ def test_no_pickle_in_the_code():
 
 
 def test_shared_memory_and_socket_permissions(files):
+    from trainer.gemm import Engine
     from trainer.params import GPTConfig
+    from workers import messages as msg
+    from workers.hybrid import Hybrid
     from workers.pool import WorkerPool
     from workers.shm import SharedArena
     arena = SharedArena.create(1000)
@@ -255,13 +258,14 @@ def test_shared_memory_and_socket_permissions(files):
         arena.close()
     cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
     pool = WorkerPool(cfg, 1, 1, rows=4, seq_len=32, batch_rows=4, train=str(files / "tokens.bin"),
-                      val=None, optim=dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1))
+                      val=None, optim=dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1),
+                      engine=Engine("numpy"), strategy=Hybrid)
     try:
         assert pool.socket_dir_mode == 0o700
         assert os.path.basename(pool.socket_dir).startswith("coregpt-")
         # both removed as soon as every worker had mapped / connected
         assert coregpt_segments() == []
         assert not os.path.exists(pool.socket_dir)
-        assert pool.request({"op": "sumsq"})[0]["sumsq"] == 0.0  # still talking
+        assert pool.request(msg.SumSq())[0].sumsq == 0.0  # still talking
     finally:
         pool.close()

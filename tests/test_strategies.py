@@ -8,8 +8,11 @@ import torch
 
 from conftest import TINY, write_token_file
 from torch_gpt2 import TorchGPT2, random_state
+from trainer.gemm import Engine
 from trainer.params import GPTConfig, param_layout
+from workers import messages as msg
 from workers.pool import WorkerPool
+from workers.strategies import STRATEGIES
 
 B, T = 12, 16  # 12 rows: divisible by 1, 2, 3 and 4 workers
 
@@ -32,24 +35,22 @@ def pool_gradients(path, state, parallel, workers):
     cfg = GPTConfig(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"],
                     block_size=TINY["n_ctx"])
     pool = WorkerPool(cfg, workers, 1, rows=B // workers, seq_len=T, batch_rows=B, train=str(path), val=None,
-                      optim=dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1), parallel=parallel)
+                      optim=dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1), engine=Engine("numpy"),
+                      strategy=STRATEGIES[parallel])
     try:
         params = param_layout(cfg).views(pool.params.array)
         for name, value in state.items():
             params[name][...] = value.numpy()
-        pool.request({"op": "cast"})
-        replies = pool.request({"op": "step", "window": 0, "scale": 1.0 / (B * T), "accumulate": False,
-                                "last": True})
-        if parallel == "hybrid":
-            replies = pool.request({"op": "grads", "accumulate": False})
+        pool.request(msg.Cast())
+        reports = pool.request(msg.Step(window=0, scale=1.0 / (B * T), accumulate=False, last=True))
         grads = {name: view.copy() for name, view in param_layout(cfg).views(pool.grads.array).items()}
-        return grads, sum(r["sumsq"] for r in replies)
+        return grads, sum(r.sumsq for r in reports)
     finally:
         pool.close()
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 4])
-@pytest.mark.parametrize("parallel", ["hybrid", "data"])
+@pytest.mark.parametrize("parallel", list(STRATEGIES))  # a new strategy is tested here too
 def test_pool_gradients_match_autograd(reference, parallel, workers):
     path, state, expected = reference
     grads, sumsq = pool_gradients(path, state, parallel, workers)

@@ -9,13 +9,10 @@ import os
 
 import numpy as np
 
+from trainer.errors import DataError
 from trainer.files import atomic_write
 
 MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
-
-
-class DataError(ValueError):
-    """A token file or corpus that cannot be used; the message says why."""
 
 
 def write_tokens(path, tokens):

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from trainer.errors import EngineError
+
 BF16_INSTALL = "pip install 'coregpt[bf16]'"
 # dnnl_cpu_isa_t bit masks (oneDNN 3.x): a CPU has an ISA when all its bits are set
 ISA_AVX512_CORE, ISA_AVX512_BF16 = 0x27, 0xE7
@@ -29,10 +31,6 @@ ISA_NAMES = {0x1: "sse41", 0x3: "avx", 0x7: "avx2", 0xF: "avx2_vnni", 0x1F: "avx
              0x27: "avx512_core", 0x67: "avx512_core_vnni", 0xE7: "avx512_core_bf16",
              0x1EF: "avx512_core_fp16", 0xFE7: "avx512_core_amx", 0x1FE7: "avx512_core_amx_fp16"}
 BLOCK = 1 << 16  # elements rounded per pass by the emulated engine (stays in L2)
-
-
-class EngineError(RuntimeError):
-    """The engine asked for cannot run here; the message says what to install."""
 
 
 class OneDNN:

@@ -1,23 +1,21 @@
 """The built-in profiler: per-layer-type times inside a worker, and the
 per-step phase split the coordinator logs.
 
-Timing wraps model.py's layer functions, where gpt.py calls them, only while
-profiling is on, so the normal path pays nothing."""
+`TimedLayers(model)` stands in for model.py where the GPT takes its layer
+functions (`GPT(..., layers=...)`), only while profiling is on, so the normal
+path pays nothing."""
 import time
 
-from trainer import gpt, model
 
-LAYER_FUNCTIONS = [name for name in dir(model)
-                   if name.endswith(("_forward", "_backward")) and callable(getattr(model, name))]
+class TimedLayers:
+    """model.py's *_forward / *_backward functions, each timed into `seconds`."""
 
-
-class LayerTimes:
-    def __init__(self):
-        self.seconds = {name: 0.0 for name in LAYER_FUNCTIONS}
-
-    def install(self):
-        for name in LAYER_FUNCTIONS:
-            setattr(gpt, name, self._timed(name, getattr(model, name)))
+    def __init__(self, layers):
+        names = [name for name in dir(layers)
+                 if name.endswith(("_forward", "_backward")) and callable(getattr(layers, name))]
+        self.seconds = {name: 0.0 for name in names}
+        for name in names:
+            setattr(self, name, self._timed(name, getattr(layers, name)))
 
     def _timed(self, name, fn):
         def timed(*args, **kwargs):

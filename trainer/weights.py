@@ -10,14 +10,11 @@ import socket
 
 import numpy as np
 
+from trainer.errors import WeightsError
 from trainer.params import GPTConfig, PRESETS, param_shapes
 
 LLMC_MAGIC = 20240326
 HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be loaded; the message names the file or tensor."""
 
 
 def llmc_order(cfg, padded_vocab):

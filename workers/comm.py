@@ -7,15 +7,13 @@ import os
 
 import numpy as np
 
+from trainer.errors import ConfigError, DataError, ResourceError, WeightsError
+
 MESSAGE_BYTES = 4096
 
 
 def error_kinds():
     """The setup errors a rank can report to the others, by index."""
-    from launch.config import ConfigError
-    from trainer.data import DataError
-    from trainer.weights import WeightsError
-    from workers.resources import ResourceError
     return [ConfigError, DataError, WeightsError, ResourceError, RuntimeError]
 
 
@@ -48,7 +46,6 @@ class MPIGroup:
         try:
             from mpi4py import MPI
         except ImportError:
-            from launch.config import ConfigError
             raise ConfigError("--backend mpi needs mpi4py and an MPI: pip install 'coregpt[mpi]', "
                               "then run under mpiexec") from None
         self.MPI, self.comm = MPI, MPI.COMM_WORLD

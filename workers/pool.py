@@ -1,7 +1,6 @@
 """The coordinator's side of the workers: shared arenas, worker processes, and
 request/reply rounds over pyzmq (ROUTER here, one DEALER per worker, ipc://
 inside a private 0700 directory that is removed as soon as all are connected)."""
-import json
 import os
 import shutil
 import signal
@@ -12,19 +11,15 @@ import time
 
 import zmq
 
-from trainer.gemm import Engine
-from trainer.gpt import activation_layout, low_layout
+from trainer.errors import WorkerError
 from trainer.params import param_layout
+from workers import messages as msg
 from workers.barrier import close_all, make_pipes
 from workers.shm import SharedArena
 
 POLL_MS = 200
 START_TIMEOUT_S = 120
 PEER_DEATH_S = 2
-
-
-class WorkerError(RuntimeError):
-    """A worker died or failed; the message says which and how."""
 
 
 def blas_coretype():
@@ -45,38 +40,29 @@ def blas_coretype():
     return "Zen" if amd_avx512 else None
 
 
-def arena_sizes(cfg, pool_rows, seq_len, engine, parallel="hybrid", n_workers=1):
-    """[(what, elements, dtype)] of a pool's shared arenas, in creation order.  Data
-    parallelism: one gradient buffer per worker (the first receives the sum) and no
-    shared activations (each worker keeps its own rows' privately)."""
+def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers):
+    """[(what, elements, dtype)] of a pool's shared arenas, in creation order: what
+    every pool has (parameters, Adam m and v, the gradients AdamW reads, and with
+    bf16 matmuls the weights' bf16 copy), then what its strategy adds."""
     params = param_layout(cfg).size
     sizes = [(what, params, "float32") for what in ("params", "Adam m", "Adam v", "gradients")]
-    if parallel == "data":
-        sizes += [(f"gradients of worker {r}", params, "float32") for r in range(1, n_workers)]
-    else:
-        sizes.append(("activations", activation_layout(cfg, pool_rows, seq_len, True, engine.low).size,
-                      "float32"))
     if engine.low:
         sizes.append(("bf16 weights", params, engine.low_dtype))
-        if parallel != "data":
-            sizes.append(("bf16 activations", low_layout(cfg, pool_rows, seq_len, True).size, engine.low_dtype))
-    return sizes
+    return sizes + strategy.arena_sizes(cfg, pool_rows, seq_len, engine, n_workers)
 
 
 class WorkerPool:
     def __init__(self, cfg, n_workers, threads, *, rows, seq_len, batch_rows, train, val, optim,
-                 gemm="numpy", parallel="hybrid", profile=False, worker_offset=0, cores=None):
+                 engine, strategy, profile=False, worker_offset=0, cores=None):
         """rows: batch rows per worker; worker r reads rows from (worker_offset + r)·rows
-        of each batch (worker_offset > 0 for the workers of later MPI ranks); cores:
-        the logical CPUs of each worker (None: not pinned).
-        Shared: parameters, AdamW m and v, one gradient arena, and the activations of
-        all the pool's rows; with a bf16 GEMM engine also the bf16 copies of the
-        weights and of the activations matmuls read."""
+        of each batch (worker_offset > 0 for the workers of later MPI ranks); engine:
+        the trainer.gemm.Engine chosen for the run; strategy: a workers.strategy class;
+        cores: the logical CPUs of each worker (None: not pinned)."""
         self.n = n_workers
         self.layout = param_layout(cfg)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
-            sizes = arena_sizes(cfg, rows * n_workers, seq_len, Engine(gemm), parallel, n_workers)
+            sizes = arena_sizes(cfg, rows * n_workers, seq_len, engine, strategy, n_workers)
             for _, size, dtype in sizes:  # one by one, so close() frees any made
                 self.arenas.append(SharedArena.create(size, dtype))
             # workers find each arena by what arena_sizes calls it
@@ -92,16 +78,13 @@ class WorkerPool:
             self.router.setsockopt(zmq.LINGER, 0)
             self.router.bind(endpoint)
             barrier_ends = self._start(endpoint, threads)
-            self._gather(timeout=START_TIMEOUT_S)  # hello
-            self.blas = self.request([{
-                "op": "init", "rank": r, "n_workers": n_workers, "config": cfg.__dict__,
-                "rows": rows, "first_row": worker_offset * rows, "seq_len": seq_len,
-                "batch_rows": batch_rows,
-                "train": train, "val": val, "optim": optim, "threads": threads, "cores": cores[r] if cores else None,
-                "profile": profile, "gemm": gemm, "parallel": parallel, "arenas": names,
-                "elements": elements,
-                "barrier": barrier_ends[r],
-            } for r in range(n_workers)], timeout=START_TIMEOUT_S)[0]["blas"]
+            self._gather(timeout=START_TIMEOUT_S)  # Hello
+            self.blas = self.request([msg.Init(
+                rank=r, n_workers=n_workers, config=cfg.__dict__, rows=rows, first_row=worker_offset * rows,
+                seq_len=seq_len, batch_rows=batch_rows, train=train, val=val, optim=optim, threads=threads,
+                cores=cores[r] if cores else None, profile=profile, gemm=engine.name, parallel=strategy.name,
+                arenas=names, elements=elements, barrier=barrier_ends[r],
+            ) for r in range(n_workers)], timeout=START_TIMEOUT_S)[0].blas
             for arena in self.arenas:  # every worker maps them now: drop the names
                 arena.unlink()
             # every worker is connected too: the socket file is no longer needed, and a
@@ -130,11 +113,11 @@ class WorkerPool:
             close_all(fds)  # each end now lives only in its worker: a dead worker means EOF
         return ends
 
-    def request(self, msgs, timeout=None):
-        """Send one message to every worker (a dict, or a list by rank) -> replies by rank."""
+    def request(self, messages, timeout=None):
+        """Send one message to every worker (a message, or a list by rank) -> replies by rank."""
         for r in range(self.n):
-            msg = msgs[r] if isinstance(msgs, list) else msgs
-            self.router.send_multipart([str(r).encode(), json.dumps(msg).encode()])
+            message = messages[r] if isinstance(messages, list) else messages
+            self.router.send_multipart([str(r).encode(), msg.encode(message)])
         return self._gather(timeout)
 
     def _gather(self, timeout=None):
@@ -143,12 +126,12 @@ class WorkerPool:
         while pending:
             if self.router.poll(POLL_MS):
                 ident, data = self.router.recv_multipart()
-                rank, msg = int(ident), json.loads(data)
-                if msg.get("op") == "error":
-                    if msg.get("peer_gone"):  # the cause is the dead worker: name it
+                rank, reply = int(ident), msg.decode(data)
+                if isinstance(reply, msg.Failed):
+                    if reply.peer_gone:  # the cause is the dead worker: name it
                         self.wait_for_death(PEER_DEATH_S)
-                    raise WorkerError(f"worker {rank} failed: {msg['error']}")
-                replies[rank] = msg
+                    raise WorkerError(f"worker {rank} failed: {reply.error}")
+                replies[rank] = reply
                 pending -= 1
             else:
                 self.check_alive()
@@ -178,7 +161,7 @@ class WorkerPool:
         if self.router is not None:
             for r in alive:
                 try:
-                    self.router.send_multipart([str(r).encode(), b'{"op": "stop"}'], zmq.NOBLOCK)
+                    self.router.send_multipart([str(r).encode(), msg.encode(msg.Stop())], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
         deadline = time.monotonic() + 5

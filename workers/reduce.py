@@ -11,26 +11,32 @@ is even and reducing one bucket overlaps computing the next.
 """
 import time
 
+import numpy as np
+
 from trainer.optim import sum_squares
 from trainer.params import ALIGN
 
 REDUCE_BLOCK = 1 << 18  # floats summed (and squared) per pass: 1 MB a buffer, fewer NumPy calls
 
 
-def bucket_tasks(cfg):
-    """Weight-gradient tasks (trainer.gpt) grouped by bucket, in the order computed."""
-    layers = [[("mlp.c_proj", l), ("mlp.c_fc", l), ("attn.c_proj", l), ("attn.c_attn", l)]
-              for l in reversed(range(cfg.n_layer))]
-    return [[("wte", 0, cfg.vocab_size)]] + layers
-
-
-def bucket_ranges(layout, cfg):
-    """[[(start, end) in the flat arena]] of each bucket of bucket_tasks."""
-    def span(first, last):
-        return layout.offsets[first], layout.offsets[last] + layout.shapes[last][-1]
-    layers = [[span(f"h.{l}.ln_1.weight", f"h.{l}.mlp.c_proj.bias")] for l in reversed(range(cfg.n_layer))]
-    wte_wpe = (0, layout.offsets["wpe.weight"] + layout.shapes["wpe.weight"][0] * cfg.n_embd)
-    return [[wte_wpe, span("ln_f.weight", "ln_f.bias")]] + layers
+def bucket_ranges(layout, buckets):
+    """[[(start, end) in the flat arena]] of each bucket of weight-gradient tasks: the
+    parameters they write, neighbours in the layout merged (with the padding between)."""
+    order = {name: i for i, name in enumerate(layout.offsets)}
+    ranges = []
+    for tasks in buckets:
+        names = sorted({name for task in tasks for name, _, _ in task.params}, key=order.get)
+        segments, previous = [], None
+        for name in names:
+            start = layout.offsets[name]
+            end = start + int(np.prod(layout.shapes[name]))
+            if previous is not None and order[name] == order[previous] + 1:
+                segments[-1] = (segments[-1][0], end)
+            else:
+                segments.append((start, end))
+            previous = name
+        ranges.append(segments)
+    return ranges
 
 
 def slice_of(segments, part, n_parts):

@@ -9,12 +9,10 @@ import os
 
 import numpy as np
 
+from trainer.errors import ResourceError
+
 PROCESS_BYTES = 60 * 2 ** 20  # one Python process with NumPy, pyzmq and the BLAS libraries
 MB, GB = 1e6, 1e9
-
-
-class ResourceError(RuntimeError):
-    """The run does not fit the machine; the message says what to change."""
 
 
 def meminfo_available(path="/proc/meminfo"):
@@ -56,22 +54,18 @@ def free_bytes(path):
     return st.f_bavail * st.f_frsize
 
 
-def plan_for(cfg, s, local_ranks, ranks, engine):
-    """The Plan of training settings `s` on this machine."""
-    from trainer.gpt import activation_layout, low_layout
+def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
+    """The Plan of training settings `s` on this machine, with the run's GEMM engine
+    and strategy class."""
     from trainer.params import param_layout
     from workers.pool import arena_sizes
     workers = s.workers
     pool_rows = s.batch_size // (ranks * workers) * workers
     arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
-              arena_sizes(cfg, pool_rows, s.seq_len, engine, s.parallel, workers)]
+              arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers)]
     params = param_layout(cfg).size
     private = 2 * 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + (4 * params if s.grad_accum > 1 else 0)
-    if s.parallel == "data":  # each worker's activations are its own
-        rows = pool_rows // workers
-        private += 4 * activation_layout(cfg, rows, s.seq_len, True, engine.low).size
-        if engine.low:
-            private += 2 * low_layout(cfg, rows, s.seq_len, True).size
+    private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers)
     if s.no_checkpoint:
         kept = 0
     elif s.keep_last:

@@ -12,6 +12,8 @@ from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
+from trainer.errors import ResourceError
+
 PREFIX = "coregpt-"  # + 20 hex digits: 29 bytes with the leading /, under macOS's limit of 31
 
 
@@ -33,7 +35,6 @@ class SharedArena:
             except OSError as e:
                 shm.close()
                 shm.unlink()
-                from workers.resources import ResourceError
                 raise ResourceError(f"shared memory: cannot reserve {size / 1e6:,.0f} MB in /dev/shm "
                                     f"({e.strerror}); in Docker run with --shm-size or --ipc=host, or "
                                     f"choose a smaller --model or --batch-size") from None

@@ -1,0 +1,144 @@
+"""The coordinator's step loop, the same for every strategy: per micro-batch one
+Step round whose typed reports are combined one way (loss and Σ g² summed over
+workers, each phase the slowest worker's), then the update, evaluation, samples
+and checkpoints."""
+import math
+import signal
+import time
+
+from launch.console import log
+from launch.rundir import checkpoint
+from trainer.optim import clip_scale, lr_at
+from trainer.profile import clock, layer_table
+from trainer.sample import sample_text
+from trainer.errors import RunError
+from workers import messages as msg
+
+PHASES = ("forward", "backward", "convert", "reduce", "update", "waiting")
+
+
+class StopRequest:
+    """First Ctrl-C / SIGTERM: finish the step, checkpoint it, exit 130 / 143.
+    A second signal aborts at once (the workers are still stopped cleanly)."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log(f"coregpt: {signal.Signals(signum).name}: stopping after this step "
+            f"(press Ctrl-C again to abort now)")
+
+
+class Interrupted(Exception):
+    def __init__(self, signum, step, out_dir):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
+                         f"continue with --resume --out-dir {out_dir}")
+        self.exit_code = 128 + signum
+
+
+
+class StepLoop:
+    def __init__(self, s, cfg, pool, group, metrics, arrays, stop, val_path):
+        self.s, self.cfg, self.pool, self.group, self.metrics = s, cfg, pool, group, metrics
+        self.arrays, self.stop, self.val_path = arrays, stop, val_path
+        self.batch_tokens = s.batch_size * s.seq_len
+        self.step_tokens = self.batch_tokens * s.grad_accum
+
+    def run(self, start, state):
+        s = self.s
+        self.counts = {"updates": state.get("adam_steps", start), "skipped": state.get("skipped_nonfinite", 0)}
+        step, self.began = start, time.perf_counter()
+        for step in range(start + 1, s.steps + 1):
+            self.train_step(step, start)
+            last = step == s.steps
+            if self.val_path and s.eval_every and (step % s.eval_every == 0 or last):
+                self.evaluate(step)
+            if s.sample_every and (step % s.sample_every == 0 or last) and self.group.is_root:
+                text = sample_text(self.cfg, self.arrays[0], "\n", max_new_tokens=64, seed=s.seed)
+                log(f"step {step:>6}/{s.steps} | sample:\n{text}\n")
+            if self.group.any(self.stop.signum is not None):  # every rank stops after the same step
+                if not s.no_checkpoint and self.group.is_root:
+                    log(f"coregpt: checkpoint {self.checkpoint(step)}")
+                raise Interrupted(self.stop.signum or signal.SIGINT, step, s.out_dir)
+            if s.ckpt_every and step % s.ckpt_every == 0 and not last and not s.no_checkpoint \
+                    and self.group.is_root:
+                self.checkpoint(step)
+        if s.profile and step > start:
+            layers = [r.layers for r in self.pool.request(msg.Profile())]
+            log("coregpt: time inside each worker by layer type (mean over workers)\n"
+                + layer_table(layers, step - start))
+        if not s.no_checkpoint and step > start and self.group.is_root:
+            log(f"coregpt: checkpoint {self.checkpoint(step)}")
+
+    def gradients(self, step):
+        """Every micro-batch's Step round -> (mean loss, grad norm, phase seconds)."""
+        s, pool, group = self.s, self.pool, self.group
+        loss, phases = 0.0, dict.fromkeys(PHASES, 0.0)
+        for micro in range(s.grad_accum):
+            reports = pool.request(msg.Step(window=(step - 1) * s.grad_accum + micro, scale=1.0 / self.step_tokens,
+                                            accumulate=micro > 0, last=micro == s.grad_accum - 1))
+            loss += sum(r.loss for r in reports)
+            for phase in ("forward", "backward", "convert", "reduce"):
+                phases[phase] += max(getattr(r, phase + "_s") for r in reports)
+        sumsq = [r.sumsq for r in reports]  # of the last micro-batch: the whole step's gradients
+        loss = group.sum(loss) / self.step_tokens
+        if group.size > 1:  # across machines; the norm is of the global sum
+            t_reduce = time.perf_counter()
+            group.allreduce(pool.grads.array)
+            sumsq = [r.sumsq for r in pool.request(msg.SumSq())]
+            phases["reduce"] += time.perf_counter() - t_reduce
+        return loss, math.sqrt(sum(sumsq)), phases
+
+    def train_step(self, step, start):
+        s, counts, t0 = self.s, self.counts, time.perf_counter()
+        loss, grad_norm, phases = self.gradients(step)
+        lr = lr_at(step, s.lr, s.lr_schedule, s.warmup, s.steps, s.min_lr)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            counts["updates"] += 1  # AdamW's own step count: skipped steps do not advance it
+            reports = self.pool.request(msg.Update(lr=lr, scale=clip_scale(grad_norm, s.grad_clip),
+                                                   t=counts["updates"]))
+            phases["update"] = max(r.seconds - r.convert_s for r in reports)
+            phases["convert"] += max(r.convert_s for r in reports)
+            dt = time.perf_counter() - t0
+            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "step_ms": round(dt * 1000, 3), "tokens_per_s": round(self.step_tokens / dt, 1)}
+            if s.profile:
+                phases["waiting"] = dt - sum(phases.values())  # messages, imbalance, coordinator
+                row["profile_ms"] = {k: round(1000 * v, 3) for k, v in phases.items()}
+            self.metrics.write(row)
+            elapsed = time.perf_counter() - self.began
+            log(f"step {step:>6}/{s.steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} "
+                f"| {dt * 1000:.0f} ms | {self.step_tokens / dt:,.0f} tok/s | {clock(elapsed)} elapsed, ETA "
+                f"{clock(elapsed / (step - start) * (s.steps - step))}")
+        elif s.skip_nonfinite:
+            counts["skipped"] += 1
+            self.metrics.write({"step": step, "loss": None, "lr": lr, "grad_norm": None,
+                                "skipped_nonfinite": counts["skipped"]})
+            log(f"step {step:>6}/{s.steps} | loss {loss} / grad norm {grad_norm} not finite: "
+                f"step skipped ({counts['skipped']} so far)")
+        else:
+            raise RunError(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; "
+                           f"the step was not applied (lower --lr, or pass --skip-nonfinite)")
+
+    def evaluate(self, step):
+        s = self.s
+        val = self.group.sum(sum(r.loss for r in self.pool.request(msg.Eval(windows=s.eval_steps))))
+        val /= s.eval_steps * self.batch_tokens
+        self.metrics.write({"step": step, "val_loss": val})
+        log(f"step {step:>6}/{s.steps} | val loss {val:.4f}")
+
+    def checkpoint(self, step):
+        return checkpoint(self.s, self.cfg, step, self.arrays, self.counts)

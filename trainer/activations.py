@@ -1,0 +1,125 @@
+"""The activation table: every activation of one forward/backward pass, by name, in
+one arena (llm.c's ActivationTensors), seen four ways:
+
+    full      fp32, the rows of every worker sharing the arena
+    mine      fp32, this worker's rows (a contiguous 1/n_parts of the batch axis)
+    low_full  bf16 copies of what matmuls read, every worker's rows (bf16 only)
+    low_mine  ... this worker's rows, which it converts (`made`) before a matmul reads them
+
+Alone (one process, or data parallelism) full and mine are the same rows.  In bf16
+the activations only matmuls read (LOW_ONLY) keep their fp32 rows in a one-layer
+private scratch: the bf16 copy is all that must outlive the layer.
+"""
+import numpy as np
+
+from trainer.gemm import to_low
+from trainer.params import Layout
+
+
+def activation_shapes(cfg, B, T, training):
+    """[(name, shape, row axis)] of every activation of B batch rows: the row axis is
+    the one that runs over the batch (B or N = B·T), after the layer axis if any."""
+    L, C, NH, V, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B * T
+    shapes = [
+        ("residual", (L + 1, N, C), 1),
+        ("ln1", (L, N, C), 1), ("ln1_mean", (L, N, 1), 1), ("ln1_rstd", (L, N, 1), 1),
+        ("qkv", (L, B, T, 3 * C), 1), ("att", (L, B, NH, T, T), 1), ("atty", (L, B, T, C), 1),
+        ("resid2", (L, N, C), 1),
+        ("ln2", (L, N, C), 1), ("ln2_mean", (L, N, 1), 1), ("ln2_rstd", (L, N, 1), 1),
+        ("fch", (L, N, 4 * C), 1), ("fch_gelu", (L, N, 4 * C), 1),
+        ("lnf", (N, C), 0), ("lnf_mean", (N, 1), 0), ("lnf_rstd", (N, 1), 0),
+        ("logits", (N, V), 0), ("rowtmp", (N, 1), 0), ("att_rowtmp", (B, NH, T, 1), 0),
+    ]
+    if training:  # gradients of every matmul output and layernorm input are kept for the weights
+        shapes += [
+            ("dresidual", (L + 1, N, C), 1), ("dresid2", (L, N, C), 1),
+            ("dln1", (L, N, C), 1), ("dln2", (L, N, C), 1), ("dlnf", (N, C), 0),
+            ("dqkv", (L, B, T, 3 * C), 1), ("dfch", (L, N, 4 * C), 1),
+            ("norm", (N, C), 0), ("dnorm", (N, C), 0), ("datt", (B, NH, T, T), 0),
+            ("datty", (B, T, C), 0), ("gelu_th", (N, 4 * C), 0), ("gelu_slope", (N, 4 * C), 0),
+        ]
+    return shapes
+
+
+# activations that matmuls read: in bf16 each gets a bf16 copy (the logits' is of dlogits)
+LOW_COPIES = ("ln1", "atty", "ln2", "fch_gelu", "lnf", "dqkv", "dresid2", "dfch", "dresidual", "logits")
+# ... of which only matmuls read these: in bf16 their fp32 rows live in a one-layer scratch
+LOW_ONLY = ("ln1", "atty", "ln2", "fch_gelu", "lnf")
+
+
+def low_shapes(cfg, B, T, training):
+    return [shape for shape in activation_shapes(cfg, B, T, training) if shape[0] in LOW_COPIES]
+
+
+def low_layout(cfg, B, T, training):
+    """The layout of the bf16 copies' arena."""
+    return Layout([(name, shape) for name, shape, _ in low_shapes(cfg, B, T, training)])
+
+
+def shared_shapes(cfg, B, T, training, low):
+    """The activations that live in the fp32 arena."""
+    return [shape for shape in activation_shapes(cfg, B, T, training) if not (low and shape[0] in LOW_ONLY)]
+
+
+def activation_layout(cfg, B, T, training, low=False):
+    return Layout([(name, shape) for name, shape, _ in shared_shapes(cfg, B, T, training, low)])
+
+
+def rows_of(full, axis, part, n_parts):
+    """The view of worker `part`'s batch rows (a contiguous 1/n_parts of `axis`)."""
+    n = full.shape[axis] // n_parts
+    return full[(slice(None),) * axis + (slice(part * n, (part + 1) * n),)]
+
+
+def one_layer_scratch(shape, axis, n_parts):
+    """A private buffer of one layer's rows of this worker, seen as every layer's
+    (the layer axis has stride 0): the fp32 side of a LOW_ONLY activation."""
+    rows = list(shape)
+    rows[axis] //= n_parts
+    if axis == 0:
+        return np.zeros(rows, dtype=np.float32)
+    layer = np.zeros(rows[1:], dtype=np.float32)
+    return np.lib.stride_tricks.as_strided(layer, shape=rows, strides=(0,) + layer.strides)
+
+
+class Views(dict):
+    """name -> array, also as attributes: `mine.ln1[l]`."""
+    __getattr__ = dict.__getitem__
+
+
+class Activations:
+    """The table for `rows` batch rows of T tokens (every worker's, when shared), of
+    which worker `part` of n_parts owns a contiguous 1/n_parts.  `arena` and
+    `low_arena` (shared memory in a pool) are allocated here when not given;
+    low_dtype turns on the bf16 copies."""
+
+    def __init__(self, cfg, rows, T, training, *, low_dtype=None, arena=None, low_arena=None,
+                 part=0, n_parts=1):
+        self.rows, self.part, self.n_parts = rows, part, n_parts
+        self.low = low_dtype is not None
+        shapes = shared_shapes(cfg, rows, T, training, self.low)
+        layout = Layout([(name, shape) for name, shape, _ in shapes])
+        if arena is None:
+            arena = np.zeros(layout.size, dtype=np.float32)
+        self.full = Views(layout.views(arena))
+        self.mine = Views({name: rows_of(self.full[name], axis, part, n_parts) for name, _, axis in shapes})
+        self.low_full = self.low_mine = None
+        if self.low:
+            lows = low_shapes(cfg, rows, T, training)
+            layout = low_layout(cfg, rows, T, training)
+            if low_arena is None:
+                low_arena = np.zeros(layout.size, dtype=low_dtype)
+            self.low_full = Views(layout.views(low_arena))
+            self.low_mine = Views({name: rows_of(self.low_full[name], axis, part, n_parts)
+                                   for name, _, axis in lows})
+            self.mine.update({name: one_layer_scratch(shape, axis, n_parts) for name, shape, axis in lows
+                              if name in LOW_ONLY})
+        # what matmuls read: the bf16 copies, or the fp32 rows themselves
+        self.matmul_inputs = self.low_full if self.low else self.full
+
+    def made(self, name, *index):
+        """This worker's rows of `name`[index] are final: make their bf16 copy.
+        -> every worker's rows, as matmuls read them."""
+        if self.low:
+            to_low(self.low_mine[name][index], self.mine[name][index])
+        return self.matmul_inputs[name][index]

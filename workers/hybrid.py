@@ -1,0 +1,103 @@
+"""The hybrid strategy: the pool's workers share one activation arena (shared
+memory) holding every worker's rows.  Row-wise layers run on a worker's own rows;
+each matmul runs, between barriers, on the worker's share of it over the rows of
+every worker (`ColumnSplit`), so a weight is packed once and every GEMM sees the
+whole batch.  Weight gradients are whole matrices, balanced over the workers by
+task and computed over the rows of every worker, so none needs summing.
+"""
+import time
+
+from trainer.activations import Activations, activation_layout, low_layout, rows_of
+from trainer.gpt import weight_tasks
+from workers.barrier import PipeBarrier
+from workers.messages import StepReport
+from workers.shm import SharedArena
+from workers.strategy import Stopwatch, Strategy, sumsq_of
+
+
+class ColumnSplit:
+    """The matmul hook: this worker's share of out = fn(inp, weight), between barriers
+    (in bf16, the barrier before also publishes the bf16 copies just made)."""
+
+    def __init__(self, barrier, part, n_parts):
+        self.barrier, self.part, self.n_parts = barrier, part, n_parts
+
+    def __call__(self, fn, out, inp, weight, transposed=False):
+        self.barrier()
+        product = weight.T if transposed else weight  # out = inp @ product
+        out, inp, product = self.share(out, inp, product)
+        fn(out, inp, product.T if transposed else product)
+        self.barrier()
+
+    def share(self, out, inp, w):
+        """-> this worker's (out, inp, w) of out = inp @ w.  When w is the bigger
+        operand: its columns of out for all rows, so each worker packs only its part
+        of w; otherwise its own rows (a worker would read all of inp to use a part of
+        a small w)."""
+        if w.size <= inp.size:
+            return rows_of(out, 0, self.part, self.n_parts), rows_of(inp, 0, self.part, self.n_parts), w
+        n = out.shape[1]
+        c = slice(n * self.part // self.n_parts, n * (self.part + 1) // self.n_parts)
+        return out[:, c], inp, w[:, c]
+
+
+def balance(tasks, n_parts):
+    """Weight-gradient tasks -> [[task] by part]: greedy, longest first to the least
+    loaded part (ties in list order), which balances them to within one matrix."""
+    parts, load = [[] for _ in range(n_parts)], [0] * n_parts
+    for task in sorted(tasks, key=lambda t: -t.cost):
+        r = load.index(min(load))
+        parts[r].append(task)
+        load[r] += task.cost
+    return parts
+
+
+class Hybrid(Strategy):
+    name = "hybrid"
+    summary = "matmuls split by columns over every worker's rows"
+
+    @staticmethod
+    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers):
+        sizes = [("activations", activation_layout(cfg, pool_rows, seq_len, True, engine.low).size, "float32")]
+        if engine.low:
+            sizes.append(("bf16 activations", low_layout(cfg, pool_rows, seq_len, True).size, engine.low_dtype))
+        return sizes
+
+    def __init__(self, worker):
+        super().__init__(worker)
+        w = worker
+        self.barrier = PipeBarrier(w.barrier_ends)
+        # the arena objects are kept: dropping one would unmap it
+        self.arena = SharedArena.attach(w.arena_names["activations"], w.elements["activations"])
+        self.low_arena = None
+        if w.engine.low:
+            self.low_arena = SharedArena.attach(w.arena_names["bf16 activations"], w.elements["bf16 activations"],
+                                                w.engine.low_dtype)
+        acts = Activations(w.cfg, w.rows * w.n_workers, w.seq_len, True,
+                           low_dtype=w.engine.low_dtype if w.engine.low else None, arena=self.arena.array,
+                           low_arena=self.low_arena.array if self.low_arena else None,
+                           part=w.rank, n_parts=w.n_workers)
+        self.grads = w.layout.views(w.grads.array)
+        self.model = self.make_model(w.rows, self.grads, acts=acts,
+                                     split=ColumnSplit(self.barrier, w.rank, w.n_workers))
+        self.tasks = balance(weight_tasks(w.cfg, w.n_workers), w.n_workers)[w.rank]
+
+    def rows(self):
+        return self.worker.rows * self.worker.n_workers, self.worker.first_row  # weight gradients read all
+
+    def step(self, window, scale, accumulate, last):
+        clock = Stopwatch(lambda: self.barrier.seconds, self.worker.engine)
+        self.load(self.worker.train, window)
+        loss = self.model.forward()
+        forward_s = clock.lap()
+        self.model.backward_inputs(scale)
+        self.barrier()  # every worker's activation gradients are in: the weight gradients read them all
+        sumsq, summing = 0.0, 0.0
+        for task in self.tasks:
+            regions = self.weight_task(task, self.grads, accumulate)
+            if last:
+                t0 = time.perf_counter()
+                sumsq += sumsq_of(regions)  # while in cache
+                summing += time.perf_counter() - t0
+        backward_s = clock.lap() - summing
+        return StepReport(loss, sumsq if last else None, forward_s, backward_s, clock.converting, summing)

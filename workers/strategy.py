@@ -1,0 +1,96 @@
+"""What a parallel strategy is: everything that differs between the ways a pool's
+workers share a step.  The coordinator, the pool, the memory plan and the rest of
+the worker ask a strategy; none of them branch on which one it is.
+
+A strategy class says, before any process starts,
+  - the shared arenas it needs beyond parameters, Adam m and v and the gradient
+    buffer every pool has (`arena_sizes`), and the private bytes of each worker
+    (`private_bytes`: its activations, when they are not shared);
+and, built inside each worker (`__init__(worker)`),
+  - its model (trainer.gpt.GPT over an activation table, with its matmul split),
+  - which token rows a worker loads (`load`),
+  - the schedule of one micro-batch (`step` -> a StepReport), including how the
+    weight-gradient tasks of `trainer.gpt.weight_tasks` are shared and how the
+    gradients end up summed in the pool's gradient buffer.
+Register a new one in workers/strategies.py.
+"""
+import time
+
+from trainer.data import window_start
+from trainer.gpt import GPT
+from trainer.optim import sum_squares
+
+
+class Strategy:
+    name = None
+
+    @staticmethod
+    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers):
+        """[(what, elements, dtype)] of the shared arenas it adds."""
+        return []
+
+    @staticmethod
+    def private_bytes(cfg, pool_rows, seq_len, engine, n_workers):
+        """Bytes of activations each worker holds in private memory."""
+        return 0
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.scratch = None  # gradient views for accumulation, made on first use
+
+    def make_model(self, rows, grads, **kwargs):
+        w = self.worker
+        return GPT(w.cfg, rows, w.seq_len, w.layout.views(w.params.array), grads, w.low_params,
+                   layers=w.layers, **kwargs)
+
+    def rows(self):
+        """-> (rows, first row in the global batch) of the tokens this worker loads."""
+        raise NotImplementedError
+
+    def load(self, tokens, window):
+        w = self.worker
+        rows, first = self.rows()
+        start = window_start(window, tokens.size, w.batch_rows * w.seq_len) + first * w.seq_len
+        self.model.load_batch(tokens[start:start + rows * w.seq_len + 1])
+
+    def step(self, window, scale, accumulate, last):
+        """One micro-batch -> messages.StepReport."""
+        raise NotImplementedError
+
+    def weight_task(self, task, grads, accumulate):
+        """One WeightTask into the gradient views `grads` -> the regions written.  The
+        first micro-batch of a step writes them; later ones (gradient accumulation)
+        go through a private scratch and are added."""
+        if accumulate and self.scratch is None:
+            self.scratch = self.worker.layout.allocate()[1]
+        self.model.backward_weights(task, self.scratch if accumulate else grads)
+        regions = []
+        for name, lo, hi in task.params:
+            if accumulate:
+                grads[name][lo:hi] += self.scratch[name][lo:hi]
+            regions.append(grads[name][lo:hi])
+        return regions
+
+
+def sumsq_of(regions):
+    """Σ g² of gradient regions, in order."""
+    return sum(sum_squares(region.reshape(-1)) for region in regions)
+
+
+class Stopwatch:
+    """Seconds of work between laps, less the time spent waiting at the barrier and
+    converting to bf16 (each counted apart)."""
+
+    def __init__(self, barrier_seconds, engine):
+        self.barrier_seconds, self.engine = barrier_seconds, engine
+        self.start = self.mark = self.now()
+        self.converting = 0.0
+
+    def now(self):
+        return time.perf_counter(), self.barrier_seconds(), self.engine.convert_seconds
+
+    def lap(self):
+        (t0, wait0, conv0), (t1, wait1, conv1) = self.mark, self.now()
+        self.mark = (t1, wait1, conv1)
+        self.converting += conv1 - conv0
+        return t1 - t0 - (wait1 - wait0) - (conv1 - conv0)
