@@ -104,3 +104,34 @@ def test_weight_gradient_tasks_cover_every_parameter_once(n_parts):
     assert covered.min() == covered.max() == 1
     biggest_matrix = 4 * cfg.n_embd ** 2
     assert max(loads) - min(loads) <= biggest_matrix + 4 * cfg.n_embd + cfg.block_size * cfg.n_embd
+
+
+@pytest.mark.parametrize("B, T, n_head, head_size, block", [
+    (2, 32, 4, 16, 8),  # 4 x 4 blocks, the 6 above the diagonal skipped
+    (1, 37, 2, 8, 8),  # T not a multiple of the block: a short last block
+    (2, 24, 3, 8, 128),  # one block (the default size)
+    (1, 50, 3, 8, 16),
+])
+def test_blocked_attention_matches_autograd(B, T, n_head, head_size, block):
+    """trainer.attention against PyTorch's causal SDPA in float64 and its autograd:
+    the output, and the gradient of every q, k and v, across block boundaries."""
+    from trainer.attention import attention_backward, attention_forward
+    C = n_head * head_size
+    rng = np.random.default_rng(T)
+    qkv = rng.normal(0, 1, (B, T, 3 * C)).astype(np.float32)
+    dout = rng.normal(0, 1, (B, T, C)).astype(np.float32)
+    out, lse = np.zeros((B, T, C), np.float32), np.zeros((B, n_head, T), np.float32)
+    attention_forward(out, lse, qkv, n_head, block=block)
+    dqkv = np.zeros_like(qkv)
+    attention_backward(dqkv, dout, qkv, out, lse, n_head, block=block)
+    reference = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
+    q, k, v = (x.view(B, T, n_head, head_size).transpose(1, 2) for x in reference.split(C, dim=2))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    y.backward(torch.from_numpy(dout.astype(np.float64)))
+    np.testing.assert_allclose(out, y.detach().numpy(), rtol=0, atol=2e-6)
+    expected = reference.grad.numpy()
+    assert np.abs(dqkv - expected).max() / np.abs(expected).max() <= 2e-6
+    start = T // 2  # the sampler's KV cache: queries from `start` on, every key
+    cached, cached_lse = np.zeros((B, T - start, C), np.float32), np.zeros((B, n_head, T - start), np.float32)
+    attention_forward(cached, cached_lse, qkv, n_head, start=start, block=block)
+    np.testing.assert_allclose(cached, out[:, start:], rtol=0, atol=1e-6)

@@ -64,13 +64,15 @@ def train_tiny(root, workers, name, *extra, env=None):
 
 STRATEGIES = ["hybrid", "data"]
 RUNS = [(p, w) for p in STRATEGIES for w in (1, 2, 4)]
+# attention blocks of 8 positions: T=32 spans 4 query x 4 key blocks, 6 of them skipped
+SMALL_BLOCKS = {"COREGPT_ATTENTION_BLOCK": "8"}
 
 
 @pytest.fixture(scope="module")
 def runs(case):
     root = case[0]
-    return {(p, w): train_tiny(root, w, f"{p}{w}", "--parallel", p, *(["--oversubscribe"] if w > 2 else []))
-            for p, w in RUNS}
+    return {(p, w): train_tiny(root, w, f"{p}{w}", "--parallel", p, *(["--oversubscribe"] if w > 2 else []),
+                               env=SMALL_BLOCKS) for p, w in RUNS}
 
 
 @pytest.mark.parametrize("parallel, workers", RUNS)
@@ -110,5 +112,5 @@ def test_more_workers_equal_one(runs, parallel, workers):
 
 @pytest.mark.parametrize("parallel", STRATEGIES)
 def test_same_seed_same_workers_is_bitwise_identical(case, runs, parallel):
-    again = train_tiny(case[0], 2, f"{parallel}2-again", "--parallel", parallel)[0]
+    again = train_tiny(case[0], 2, f"{parallel}2-again", "--parallel", parallel, env=SMALL_BLOCKS)[0]
     assert again == runs[parallel, 2][0]

@@ -23,20 +23,20 @@ def activation_shapes(cfg, B, T, training):
     shapes = [
         ("residual", (L + 1, N, C), 1),
         ("ln1", (L, N, C), 1), ("ln1_mean", (L, N, 1), 1), ("ln1_rstd", (L, N, 1), 1),
-        ("qkv", (L, B, T, 3 * C), 1), ("att", (L, B, NH, T, T), 1), ("atty", (L, B, T, C), 1),
+        ("qkv", (L, B, T, 3 * C), 1), ("lse", (L, B, NH, T), 1), ("atty", (L, B, T, C), 1),
         ("resid2", (L, N, C), 1),
         ("ln2", (L, N, C), 1), ("ln2_mean", (L, N, 1), 1), ("ln2_rstd", (L, N, 1), 1),
         ("fch", (L, N, 4 * C), 1), ("fch_gelu", (L, N, 4 * C), 1),
         ("lnf", (N, C), 0), ("lnf_mean", (N, 1), 0), ("lnf_rstd", (N, 1), 0),
-        ("logits", (N, V), 0), ("rowtmp", (N, 1), 0), ("att_rowtmp", (B, NH, T, 1), 0),
+        ("logits", (N, V), 0), ("rowtmp", (N, 1), 0),
     ]
     if training:  # gradients of every matmul output and layernorm input are kept for the weights
         shapes += [
             ("dresidual", (L + 1, N, C), 1), ("dresid2", (L, N, C), 1),
             ("dln1", (L, N, C), 1), ("dln2", (L, N, C), 1), ("dlnf", (N, C), 0),
             ("dqkv", (L, B, T, 3 * C), 1), ("dfch", (L, N, 4 * C), 1),
-            ("norm", (N, C), 0), ("dnorm", (N, C), 0), ("datt", (B, NH, T, T), 0),
-            ("datty", (B, T, C), 0), ("gelu_th", (N, 4 * C), 0), ("gelu_slope", (N, 4 * C), 0),
+            ("norm", (N, C), 0), ("dnorm", (N, C), 0), ("datty", (B, T, C), 0),
+            ("gelu_th", (N, 4 * C), 0), ("gelu_slope", (N, 4 * C), 0),
         ]
     return shapes
 
@@ -44,7 +44,8 @@ def activation_shapes(cfg, B, T, training):
 # activations that matmuls read: in bf16 each gets a bf16 copy (the logits' is of dlogits)
 LOW_COPIES = ("ln1", "atty", "ln2", "fch_gelu", "lnf", "dqkv", "dresid2", "dfch", "dresidual", "logits")
 # ... of which only matmuls read these: in bf16 their fp32 rows live in a one-layer scratch
-LOW_ONLY = ("ln1", "atty", "ln2", "fch_gelu", "lnf")
+# (attention's backward reads its output atty, so that one keeps every layer's fp32 rows)
+LOW_ONLY = ("ln1", "ln2", "fch_gelu", "lnf")
 
 
 def low_shapes(cfg, B, T, training):

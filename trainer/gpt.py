@@ -119,7 +119,6 @@ class GPT:
         self.acts = acts
         self.weights = params if low_params is None else low_params  # what matmuls read
         self.blocks = blocks_of(cfg, params, self.weights)
-        self.mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
         all_rows = acts.rows
         if training:  # layernorm weight gradients normalise the rows of all workers
             self.norm_all = np.zeros((all_rows * T, cfg.n_embd), dtype=np.float32)
@@ -155,7 +154,7 @@ class GPT:
         nn.layernorm_forward(mine.ln1[l], mine.ln1_mean[l], mine.ln1_rstd[l], mine.residual[l], b.ln_1_w, b.ln_1_b)
         split(nn.matmul_forward, full.qkv[l].reshape(-1, 3 * C), made("ln1", l), b.attn_w)
         mine.qkv[l] += b.attn_b
-        nn.attention_forward(mine.atty[l], mine.att[l], mine.qkv[l], self.mask, mine.att_rowtmp, self.cfg.n_head)
+        nn.attention_forward(mine.atty[l], mine.lse[l], mine.qkv[l], self.cfg.n_head)
         split(nn.matmul_forward, full.resid2[l], made("atty", l).reshape(-1, C), b.attn_proj_w)
         resid2 = mine.resid2[l]
         resid2 += b.attn_proj_b
@@ -199,8 +198,7 @@ class GPT:
         nn.layernorm_backward(mine.dresid2[l], mine.dresidual[l + 1], mine.dln2[l], mine.resid2[l],
                               mine.ln2_mean[l], mine.ln2_rstd[l], b.ln_2_w, *ln_scratch)
         split(nn.matmul_backward, full.datty.reshape(-1, C), made("dresid2", l), b.attn_proj_w, True)
-        nn.attention_backward(mine.dqkv[l], mine.datt, mine.datty, mine.qkv[l], mine.att[l], mine.att_rowtmp,
-                              self.cfg.n_head)
+        nn.attention_backward(mine.dqkv[l], mine.datty, mine.qkv[l], mine.atty[l], mine.lse[l], self.cfg.n_head)
         split(nn.matmul_backward, full.dln1[l], made("dqkv", l).reshape(-1, 3 * C), b.attn_w, True)
         nn.layernorm_backward(mine.dresidual[l], mine.dresid2[l], mine.dln1[l], mine.residual[l],
                               mine.ln1_mean[l], mine.ln1_rstd[l], b.ln_1_w, *ln_scratch)

@@ -6,9 +6,11 @@ Shapes: B rows, T positions, C channels, NH heads of HS = C/NH, V vocabulary,
 N = B·T.  Every function writes into buffers it is given (`out=`): the caller
 owns the memory, so a training step allocates nothing large.  The linear layers'
 and lm head's GEMMs go through trainer.gemm (NumPy or oneDNN, fp32 or bf16 inputs).
+Attention, blocked and without the T x T matrix, has its own module.
 """
 import numpy as np
 
+from trainer import attention
 from trainer.gemm import matmul
 
 LN_EPS = np.float32(1e-5)
@@ -119,47 +121,8 @@ def lmhead_weights_backward(dwte, dlogits, x):
     matmul(dwte, dlogits.T, x)
 
 
-def split_heads(x, n_head, parts):
-    """(B,T,parts·C) -> `parts` strided views (B,NH,T,HS), no copy."""
-    B, T, width = x.shape
-    hs = width // parts // n_head
-    x = x.reshape(B, T, parts, n_head, hs)
-    return [x[:, :, i].transpose(0, 2, 1, 3) for i in range(parts)]
-
-
-def attention_forward(out, att, qkv, mask, rowtmp, n_head, start=0):
-    """qkv (B,T,3C) -> out (B,T−start,C): positions start… attend to 0…T−1 (start > 0
-    when earlier keys and values are cached).  Saves att (B,NH,T−start,T)
-    probabilities; mask (T−start,T) holds 0 where a query may look, -inf after
-    it; rowtmp (B,NH,T−start,1)."""
-    _, k, v = split_heads(qkv, n_head, 3)
-    q = split_heads(qkv[:, start:], n_head, 3)[0]
-    np.matmul(q, k.swapaxes(-1, -2), out=att)
-    att *= np.float32(1.0 / np.sqrt(q.shape[-1]))
-    att += mask
-    np.max(att, axis=-1, keepdims=True, out=rowtmp)
-    att -= rowtmp
-    np.exp(att, out=att)
-    np.sum(att, axis=-1, keepdims=True, out=rowtmp)
-    att /= rowtmp
-    (y,) = split_heads(out, n_head, 1)
-    np.matmul(att, v, out=y)
-
-
-def attention_backward(dqkv, datt, dout, qkv, att, rowtmp, n_head):
-    """dout (B,T,C) -> dqkv (B,T,3C) overwritten; datt (B,NH,T,T), rowtmp scratch."""
-    q, k, v = split_heads(qkv, n_head, 3)
-    dq, dk, dv = split_heads(dqkv, n_head, 3)
-    (dy,) = split_heads(dout, n_head, 1)
-    np.matmul(dy, v.swapaxes(-1, -2), out=datt)
-    np.matmul(att.swapaxes(-1, -2), dy, out=dv)
-    # softmax backward: datt = att · (datt − Σ_j datt·att)
-    np.einsum("bhij,bhij->bhi", datt, att, out=rowtmp[..., 0])
-    datt -= rowtmp
-    datt *= att
-    datt *= np.float32(1.0 / np.sqrt(q.shape[-1]))
-    np.matmul(datt, k, out=dq)
-    np.matmul(datt.swapaxes(-1, -2), q, out=dk)
+# causal self-attention, blocked, without the T x T matrix (see attention.py)
+attention_forward, attention_backward = attention.attention_forward, attention.attention_backward
 
 
 def gelu_tanh(out, x):

@@ -14,11 +14,10 @@ class Sampler:
         self.layout = Layout([
             ("x", (T, C)), ("ln", (T, C)), ("mean", (T, 1)), ("rstd", (T, 1)),
             ("qkv", (L, 1, T, 3 * C)),  # the cache: keys and values of every position so far
-            ("att", (1, NH, T, T)), ("rowtmp", (1, NH, T, 1)), ("atty", (T, C)), ("resid", (T, C)),
-            ("fch", (T, 4 * C)), ("gelu", (T, 4 * C)), ("logits", (cfg.vocab_size,)), ("mask", (T, T)),
+            ("lse", (1, NH, T)), ("atty", (T, C)), ("resid", (T, C)),
+            ("fch", (T, 4 * C)), ("gelu", (T, 4 * C)), ("logits", (cfg.vocab_size,)),
         ])
         self.arena, self.a = self.layout.allocate()
-        self.a["mask"][...] = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
 
     def forward(self, tokens, start):
         """Run positions start … start+n−1 (earlier ones are cached) -> logits (V,) of the last."""
@@ -33,8 +32,7 @@ class Sampler:
             qkv = a["qkv"][l][:, :end]
             matmul_forward(qkv[0, start:], ln, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
             atty = a["atty"][:n]
-            attention_forward(atty.reshape(1, n, C), a["att"][:, :, :n, :end], qkv,
-                              a["mask"][start:end, :end], a["rowtmp"][:, :, :n], cfg.n_head, start)
+            attention_forward(atty.reshape(1, n, C), a["lse"][:, :, :n], qkv, cfg.n_head, start)
             resid = a["resid"][:n]
             matmul_forward(resid, atty, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
             resid += x
