@@ -1,6 +1,11 @@
 """The run directory's files, written by the coordinator (MPI rank 0): run.json,
 metrics.jsonl, checkpoints and the loss plot.  A failed write (disk full, any I/O
-error) is one RunError naming the path, with the last checkpoint intact."""
+error) is one RunError naming the path, with the last checkpoint intact.
+
+One run per directory: before anything is written the coordinator takes an
+advisory lock (flock) on RUN/.lock and holds it while it lives; the kernel drops
+it when the process ends, however it ends, so a killed run never blocks its resume."""
+import fcntl
 import json
 import os
 
@@ -11,15 +16,44 @@ from trainer.files import atomic_write
 from trainer.weights import latest_checkpoint
 
 
-def prepare_out_dir(s):
+LOCK_FILE = ".lock"
+
+
+def prepare_out_dir(s, lock=None):
+    """Create and lock the run directory (unless `lock` holds it already) -> the
+    lock's file descriptor (the lock lasts while it is open).  Raises DataError
+    (exit 2) when the directory is someone else's: a file, a run in progress, a
+    finished run (without --resume), or not writable."""
     if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):
         raise DataError(f"--out-dir {s.out_dir} is a file, not a directory")
-    if not s.resume and os.path.isdir(s.out_dir) and (
-            os.path.exists(os.path.join(s.out_dir, "metrics.jsonl"))
-            or os.path.exists(os.path.join(s.out_dir, "checkpoints"))):
+    if lock is None:
+        lock = lock_run_dir(s.out_dir)
+    if not s.resume and (os.path.exists(os.path.join(s.out_dir, "metrics.jsonl"))
+                         or os.path.exists(os.path.join(s.out_dir, "checkpoints"))):
+        os.close(lock)
         raise DataError(f"--out-dir {s.out_dir} already holds a run; pass --resume to continue it "
                         f"or choose another --out-dir")
-    os.makedirs(s.out_dir, exist_ok=True)
+    return lock
+
+
+def lock_run_dir(out_dir):
+    """-> the descriptor of out_dir's lock, taken (out_dir is made if need be)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DataError(f"--out-dir {out_dir} cannot be created or written ({e.strerror or e}); "
+                        f"choose another --out-dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by a live process
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise DataError(f"--out-dir {out_dir} is in use by another coregpt run (pid {holder}); wait for it "
+                        f"to end or choose another --out-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class NoMetrics:

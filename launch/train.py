@@ -16,7 +16,8 @@ from datetime import datetime, timezone
 from launch.config import SETTINGS, check
 from launch.console import Console, log
 from launch.loop import StepLoop, StopRequest
-from launch.rundir import Metrics, NoMetrics, plot_quietly, prepare_out_dir, run_settings, write_failed
+from launch.rundir import (Metrics, NoMetrics, lock_run_dir, plot_quietly, prepare_out_dir, run_settings,
+                           write_failed)
 from trainer.checkpoint import load_optimizer
 from trainer.corpus import prepare_shakespeare
 from trainer.data import check_tokens, open_tokens, resolve_data
@@ -96,6 +97,7 @@ class Run:
     engine: Engine
     engine_text: str
     strategy: type
+    lock: int | None  # the run directory's lock (rank 0), held until the run ends
 
 
 def choose_engine(s):
@@ -109,7 +111,9 @@ def choose_engine(s):
 
 def setup(s, given, group):
     """-> Run.  Everything that can fail on bad input, before any worker starts."""
-    ckpt, state = None, None
+    ckpt, state, lock = None, None, None
+    if s.resume and group.is_root and os.path.isdir(s.out_dir):
+        lock = lock_run_dir(s.out_dir)  # a run still going on there is the first thing to say
     if s.resume:
         s, ckpt, state = resume_settings(s, given)
         s = check(s, group if s.backend == "mpi" else None)  # e.g. the new worker count vs cores
@@ -124,7 +128,7 @@ def setup(s, given, group):
     plan = plan_for(cfg, s, group.local_size, group.size, engine, strategy)
     warning = check_resources(plan, s.out_dir if group.is_root else os.devnull)
     if group.is_root:
-        prepare_out_dir(s)
+        lock = prepare_out_dir(s, lock)
         try:
             with atomic_write(os.path.join(s.out_dir, "run.json"), "w") as f:
                 json.dump(run_settings(s), f, indent=2)
@@ -133,7 +137,7 @@ def setup(s, given, group):
     log(f"coregpt: {plan.describe()}")
     if warning:
         log(f"coregpt: {warning}")
-    return Run(s, cfg, tensors, ckpt, state, train_path, val_path, engine, engine_text, strategy)
+    return Run(s, cfg, tensors, ckpt, state, train_path, val_path, engine, engine_text, strategy, lock)
 
 
 def train(s, given=(), group=None):
@@ -147,6 +151,15 @@ def train(s, given=(), group=None):
     except (ConfigError, DataError, WeightsError, ResourceError) as e:
         error = e
     group.agree(error)  # under MPI: every rank stops on any rank's bad input
+    try:
+        return run_pool(run, group)
+    finally:
+        if run.lock is not None:
+            os.close(run.lock)
+
+
+def run_pool(run, group):
+    """Start the workers, load the weights, run the steps -> the run directory."""
     s, cfg = run.settings, run.cfg
     start = run.state["step"] if run.state else 0
     if start >= s.steps and s.resume:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, fit_cores, launch, read_metrics, write_corpus, write_tiny_inputs
+from conftest import REPO, coregpt_segments, fit_cores, launch, read_metrics, write_corpus, write_tiny_inputs
 from workers import resources
 from workers.shm import SharedArena
 
@@ -138,6 +138,26 @@ def test_disk_full_while_checkpointing_then_resume(tmp_path):
     assert (host / "kept" / "model.safetensors").is_file()
     assert "sample_rc=0" in done.stdout and "resume_rc=0" in done.stdout, (host / "resume.err").read_text()
     assert [r["step"] for r in read_metrics(host) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_read_only_out_dir_is_one_line(tmp_path):
+    """An --out-dir on a read-only filesystem: one line naming it, exit 2, before any
+    worker starts (nothing in /dev/shm)."""
+    write_tiny_inputs(tmp_path, seed=0)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = f"""
+    mount -t tmpfs -o ro,size=100m tmpfs {mnt}
+    $PY -m launch train --init-from {tmp_path / 'init'} --data {tmp_path / 'tokens.bin'} --batch-size 4 \
+        --seq-len 32 --steps 1 --eval-every 0 --out-dir {mnt / 'run'} 2> {tmp_path / 'err'}; echo "rc=$?"
+    """
+    done = in_mount_namespace(script)
+    stderr = (tmp_path / "err").read_text()
+    assert "rc=2" in done.stdout, done.stdout + done.stderr + stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert f"--out-dir {mnt / 'run'} cannot be created or written (Read-only file system)" in lines[0]
+    assert coregpt_segments() == []
 
 
 def test_disk_check_before_anything_is_written(tmp_path):

@@ -203,6 +203,36 @@ def test_killed_coordinator_leaves_nothing_behind(tmp_path, files):
     assert resume_works(run) >= 2
 
 
+def test_one_run_per_directory(tmp_path, files):
+    """A second train, or a resume, into a run directory in use: one line, exit 2,
+    naming the pid that holds it, before it writes anything; the first run goes on
+    to its end unharmed.  (A SIGKILLed run's lock goes with it: see the resume
+    after the kill above.)"""
+    run, steps = tmp_path / "run", 200
+    args = [str(a) for a in train_args(files, "--steps", steps, "--out-dir", run)]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    first = subprocess.Popen([sys.executable, "-m", "launch", *args, *fit_cores(args)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_steps(first, run, 1)
+        # both at once, while the first has most of its steps to go
+        seconds = [subprocess.Popen([sys.executable, "-m", "launch", *map(str, train_args(
+            files, "--steps", steps + 10, "--out-dir", run)), *extra], cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for extra in ([], ["--resume"])]
+        for second in seconds:
+            stderr = second.communicate(timeout=120)[1]
+            errors = [line for line in stderr.splitlines() if line.startswith("coregpt: error:")]
+            assert second.returncode == 2, stderr
+            assert len(errors) == 1 and "Traceback" not in stderr, stderr
+            assert f"in use by another coregpt run (pid {first.pid})" in errors[0]
+        _, stderr = first.communicate(timeout=600)
+    finally:
+        first.kill()
+        first.communicate()
+    assert first.returncode == 0, stderr
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, steps + 1))
+
+
 def mapped_segments(pid):
     """coregpt shared-memory segments process pid maps (their names are unlinked)."""
     try:
