@@ -1,0 +1,73 @@
+"""coregpt against another checkout of itself (the commit before a change), on the
+same data and machine, interleaved in rounds (the machine is shared and noisy).
+
+    git worktree add /tmp/before <commit>
+    python bench/before_after.py --before /tmp/before [--batch-size 2 --seq-len 1024]
+
+Each round runs, per precision, this checkout and the other one in turn (the
+order alternates between rounds), each in its own process: GPT-2 124M (--model),
+2 workers x 1 thread.  Prints every raw step time after the warm-up steps, each
+side's median, after/before, and each side's peak memory (PSS of the coordinator
+and its workers, shared memory once) from a separate untimed run."""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench.vs_pytorch import coregpt_step_times  # noqa: E402
+from trainer.params import GPT2_VOCAB, PRESETS  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", required=True, metavar="CHECKOUT", help="the other checkout")
+    p.add_argument("--model", default="gpt2", choices=list(PRESETS))
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--precision", default="bf16,fp32", help="comma-separated")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per process, after warm-up")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
+    sides = {"after": REPO, "before": os.path.abspath(args.before)}
+    precisions = args.precision.split(",")
+    tokens = np.random.default_rng(0).integers(0, GPT2_VOCAB, (n + 4) * B * T + 1).astype(np.uint16)
+    raw = {(side, prec): [] for side in sides for prec in precisions}
+    with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
+        data = os.path.join(tmp, "tokens.bin")
+        header = np.zeros(256, dtype=np.int32)
+        header[:3] = (20240520, 1, tokens.size)
+        with open(data, "wb") as f:
+            f.write(header.tobytes() + tokens.tobytes())
+        for r in range(args.rounds):
+            for prec in precisions:
+                for side in (["after", "before"] if r % 2 == 0 else ["before", "after"]):
+                    times, _ = coregpt_step_times(args.model, B, T, n, args.workers, data, ["--precision", prec],
+                                                  repo=sides[side])
+                    raw[side, prec].append(times[args.warmup:])
+                    print(f"round {r + 1}: {side} {prec}: " + " ".join(f"{t:.3f}" for t in times[args.warmup:]),
+                          file=sys.stderr, flush=True)
+        peaks = {(side, prec): coregpt_step_times(args.model, B, T, 3, args.workers, data, ["--precision", prec],
+                                                  watch_memory=True, repo=sides[side])[1]
+                 for side in sides for prec in precisions}
+    print(f"{args.model}, B={B}, T={T}, {args.workers} workers x 1 thread; median of {args.rounds} rounds x "
+          f"{args.steps} steps after {args.warmup} warm-up")
+    for prec in precisions:
+        med = {side: statistics.median(t for times in raw[side, prec] for t in times) for side in sides}
+        for side in sides:
+            print(f"{prec} {side:>6}: {med[side]:.3f} s/step, peak {peaks[side, prec]:.2f} GB | raw "
+                  + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in raw[side, prec]))
+        print(f"{prec} after/before: {med['after'] / med['before']:.3f} s/step, "
+              f"{peaks['after', prec] / peaks['before', prec]:.3f} peak")
+
+
+if __name__ == "__main__":
+    main()
