@@ -160,6 +160,60 @@ def test_read_only_out_dir_is_one_line(tmp_path):
     assert coregpt_segments() == []
 
 
+def pss_kb(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+
+
+def tree_pss_bytes(root):
+    """PSS of a process and all its descendants (shared memory counted once), or
+    None if the tree changed while it was read (PSS shifts when a process exits)."""
+    def tree():
+        pids, frontier = [root], [root]
+        while frontier:
+            parent = frontier.pop()
+            try:
+                with open(f"/proc/{parent}/task/{parent}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                return None
+            pids += kids
+            frontier += kids
+        return sorted(pids)
+    before = tree()
+    try:
+        total = sum(pss_kb(p) for p in before or [])
+    except (OSError, StopIteration):
+        return None
+    return 1024 * total if before and tree() == before else None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="PSS is read from Linux's /proc")
+def test_memory_plan_holds_the_measured_peak(tmp_path, corpus):
+    """The header's plan against what a run uses: the default job's shape with 2
+    workers, PSS of the coordinator and its workers sampled every 20 ms.  The plan
+    must not be exceeded (the checks rely on it) and not be far above (at GPT-2
+    124M it is within 6 %; here the per-process allowance weighs more)."""
+    args = ["train", "--config", os.path.join(REPO, "configs", "default.toml"), "--data", corpus, "--workers", 2,
+            "--threads-per-worker", 1, "--steps", 4, "--eval-every", 0, "--sample-every", 0, "--out-dir",
+            tmp_path / "run"]
+    args = [str(a) for a in args]
+    proc = subprocess.Popen([sys.executable, "-m", "launch", *args, *fit_cores(args)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_pss_bytes(proc.pid) or 0)
+        time.sleep(0.02)
+    stderr = proc.communicate()[1]
+    assert proc.returncode == 0, stderr
+    shared, private = map(float, re.search(r"memory plan: shared ([\d.]+) GB .*private ~([\d.]+) GB",
+                                           stderr).groups())
+    plan = (shared + private) * 1e9
+    assert peak <= 1.05 * plan, (peak, plan)  # 1.05: the plan's figures are rounded to 10 MB
+    assert plan <= 1.25 * peak, (peak, plan)
+
+
 def test_disk_check_before_anything_is_written(tmp_path):
     plan = resources.Plan([("params", 100)], params=10 ** 8, workers=1, local_ranks=1,
                           private_per_worker=0, checkpoints=5)

@@ -72,19 +72,21 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
         kept = s.keep_last + 1  # the newest is written before the oldest goes
     else:
         kept = (s.steps // s.ckpt_every if s.ckpt_every else 0) + 1
-    return Plan(arenas, params, workers, local_ranks, private, kept)
+    # what the coordinator holds while it fills the arenas: on --resume the checkpoint's
+    # weights and Adam m and v, with --init-from the weights; GPT-2 init writes in place.
+    # (A checkpoint is written straight from the arenas: safetensors copies nothing.)
+    loading = 4 * params * (3 if s.resume else 1 if s.init_from else 0)
+    return Plan(arenas, params, workers, local_ranks, private, kept, loading)
 
 
 class Plan:
     """Bytes one machine needs for a run: `local_ranks` pools of `workers` workers."""
 
-    def __init__(self, arenas, params, workers, local_ranks, private_per_worker, checkpoints):
+    def __init__(self, arenas, params, workers, local_ranks, private_per_worker, checkpoints, loading=0):
         self.arenas = arenas  # [(what, bytes)] of one pool
         self.shm = local_ranks * sum(b for _, b in arenas)
         self.params = params
-        # the coordinator holds one transient copy of m and v (resume) or of a
-        # serialised optimizer file (checkpoint), besides the loaded weights
-        coordinator = PROCESS_BYTES + 3 * 4 * params
+        coordinator = PROCESS_BYTES + loading  # loading: weights (and Adam state) read from files
         self.private = local_ranks * (coordinator + workers * (PROCESS_BYTES + private_per_worker))
         self.memory = self.shm + self.private
         self.checkpoint = 3 * 4 * params + 2 ** 20  # weights, Adam m and v, JSON
