@@ -9,8 +9,9 @@ with fp32 + AdamW(fused=True); bf16 autocast + fused AdamW; with --compile also
 torch.compile of the bf16 recipe; coregpt fp32 and bf16 with 2 workers x 1 thread
 and 1 worker x 1 thread.  A step is forward + backward + clip + AdamW; the first
 --warmup steps of every process (compilation included) are left out.  Prints
-every raw step time, each system's median over all rounds, the ratios, and peak
-memory (PSS, shared memory once) of coregpt fp32 and bf16 in separate untimed runs.
+every raw step time, each system's median over all rounds, the ratios, and the
+peak memory (PSS, shared memory once) of every PyTorch recipe and of coregpt's
+2-worker systems, each in a separate untimed run.
 """
 import argparse
 import json
@@ -124,34 +125,56 @@ def process_tree(pid):
     return pids
 
 
+def run_watched(cmd, cwd, env, watch_memory):
+    """Run cmd -> (return code, stdout, stderr, peak GB of its process tree's PSS or
+    None).  Reading smaps costs kernel time on the cores being timed, so memory is
+    watched only in runs that are not timed; a sample taken while the tree changed
+    (a process starting or exiting shifts PSS) is dropped."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def watch():
+        while proc.poll() is None:
+            tree = process_tree(proc.pid)
+            total = sum(pss_kb(p) for p in tree)
+            if process_tree(proc.pid) == tree:
+                peak[0] = max(peak[0], total)
+            time.sleep(0.1)
+    watcher = threading.Thread(target=watch, daemon=True)
+    if watch_memory:
+        watcher.start()
+    out, err = proc.communicate()
+    if watch_memory:
+        watcher.join()
+    return proc.returncode, out, err, peak[0] / 1e6 if watch_memory else None
+
+
 def coregpt_step_times(model_name, B, T, steps, workers, data, extra, watch_memory=False, repo=REPO):
-    """-> (step times, peak GB or None).  Reading smaps costs kernel time on the
-    cores being timed, so memory is watched only in a run that is not timed."""
+    """-> (step times, peak GB or None)."""
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
         out = os.path.join(tmp, "run")
         cmd = [sys.executable, "-m", "launch", "train", "--model", model_name, "--data", data,
                "--batch-size", str(B), "--seq-len", str(T), "--steps", str(steps), "--lr-schedule",
                "constant", "--workers", str(workers), "--threads-per-worker", "1", "--eval-every", "0",
                "--no-checkpoint", "--out-dir", out, *extra]
-        proc = subprocess.Popen(cmd, cwd=repo, env=dict(os.environ, PYTHONPATH=repo),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        peak = [0]
-
-        def watch():
-            while proc.poll() is None:
-                peak[0] = max(peak[0], sum(pss_kb(p) for p in process_tree(proc.pid)))
-                time.sleep(0.5)
-        watcher = threading.Thread(target=watch, daemon=True)
-        if watch_memory:
-            watcher.start()
-        _, err = proc.communicate()
-        if watch_memory:
-            watcher.join()
-        if proc.returncode != 0:
+        code, _, err, peak = run_watched(cmd, repo, dict(os.environ, PYTHONPATH=repo), watch_memory)
+        if code != 0:
             raise SystemExit(f"coregpt run failed:\n{err[-2000:]}")
         with open(os.path.join(out, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-        return [r["step_ms"] / 1000 for r in rows if "step_ms" in r], peak[0] / 1e6 if watch_memory else None
+        return [r["step_ms"] / 1000 for r in rows if "step_ms" in r], peak
+
+
+def torch_run(name, args, steps, warmup, watch_memory=False):
+    """One PyTorch recipe in its own process (an idle torch pool must not share the
+    cores) -> (step times, peak GB or None)."""
+    code, out, err, peak = run_watched(
+        [sys.executable, __file__, "--torch-only", name, "--model", args.model, "--batch-size",
+         str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(steps), "--warmup", str(warmup)],
+        None, None, watch_memory)
+    if code:
+        raise SystemExit(f"{name} failed:\n{err[-2000:]}")
+    return json.loads(out), peak
 
 
 def cpu_model():
@@ -195,14 +218,8 @@ def main():
             order = recipes + list(COREGPT) + list(before)
             order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
             for name in order:
-                if name in TORCH_RECIPES:  # own process: an idle torch pool must not share the cores
-                    done = subprocess.run([sys.executable, __file__, "--torch-only", name, "--model",
-                                           args.model, "--batch-size", str(B), "--seq-len", str(T),
-                                           "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                                          capture_output=True, text=True)
-                    if done.returncode:
-                        raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
-                    times = json.loads(done.stdout)
+                if name in TORCH_RECIPES:
+                    times, _ = torch_run(name, args, args.steps, args.warmup)
                 elif name in before:
                     workers, flags = before[name]
                     times, _ = coregpt_step_times(args.model, B, T, n, workers, data, flags + args.extra,
@@ -213,8 +230,12 @@ def main():
                 raw[name].append(times[args.warmup:])
                 print(f"round {r + 1}: {name}: " + " ".join(f"{t:.3f}" for t in times[args.warmup:]),
                       file=sys.stderr, flush=True)
-        peaks = {p: coregpt_step_times(args.model, B, T, 3, 2, data, ["--precision", p] + args.extra,
-                                       watch_memory=True)[1] for p in ("fp32", "bf16")}
+        # peak memory, in runs apart: 3 steps (torch.compile's warm-up included)
+        peaks = {name: torch_run(name, args, 1, 3 if TORCH_RECIPES[name]["compile"] else 2, watch_memory=True)[1]
+                 for name in recipes}
+        peaks.update({name: coregpt_step_times(args.model, B, T, 3, 2, data, flags + args.extra,
+                                               watch_memory=True)[1]
+                      for name, (workers, flags) in COREGPT.items() if workers == 2})
     print(f"{args.model}, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; PyTorch with 2 threads")
     print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
     print(f"{'':46} {'s/step':>7} {'tokens/s':>9}  round medians | raw s/step")
@@ -233,8 +254,9 @@ def main():
     for name in before:
         after = name.removeprefix("before: ")
         print(f"{after}: after / before {med[after] / med[name]:.3f} ({med[after]:.3f} vs {med[name]:.3f} s/step)")
-    print(f"peak memory of coregpt 2x1 (coordinator + workers, PSS, shared memory once): "
-          f"fp32 {peaks['fp32']:.2f} GB, bf16 {peaks['bf16']:.2f} GB")
+    print("peak memory (PSS of the process and its children, shared memory once):")
+    for name, peak in peaks.items():
+        print(f"  {name:44} {peak:6.2f} GB")
 
 
 if __name__ == "__main__":
