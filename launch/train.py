@@ -18,7 +18,7 @@ from launch.console import Console, log
 from launch.loop import StepLoop, StopRequest
 from launch.rundir import (Metrics, NoMetrics, lock_run_dir, plot_quietly, prepare_out_dir, run_settings,
                            write_failed)
-from trainer.checkpoint import load_optimizer
+from trainer.checkpoint import check_checkpoint, read_state, stream_checkpoint
 from trainer.corpus import prepare_shakespeare
 from trainer.data import check_tokens, open_tokens, resolve_data
 from trainer.errors import ConfigError, DataError, EngineError, ResourceError, RunError, WeightsError
@@ -45,7 +45,7 @@ def resume_settings(s, given):
     ckpt = latest_checkpoint(s.out_dir) if os.path.isdir(s.out_dir) else None
     if ckpt is None:
         raise DataError(f"--resume: {s.out_dir} has no checkpoint to resume from")
-    _, _, state = load_optimizer(ckpt)
+    state = read_state(ckpt)
     saved = {k: v for k, v in state["config"].items() if k in SETTINGS}
     saved.update({k: getattr(s, k) for k in given if k in RESUME_KEEPS})
     if "workers" in given and "threads_per_worker" not in given:
@@ -59,11 +59,14 @@ def resume_settings(s, given):
 
 
 def build_model(s, ckpt):
-    """-> (GPTConfig, tensors or None).  None means: GPT-2 initialisation."""
-    if ckpt is None and not s.init_from:
+    """-> (GPTConfig, tensors or None).  None means: GPT-2 initialisation, or on
+    --resume the checkpoint, streamed into the arenas once they exist."""
+    if ckpt is not None:
+        return check_checkpoint(ckpt), None
+    if not s.init_from:
         overrides = dict(n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
         return preset_config(s.model, overrides, GPT2_VOCAB), None
-    return load_checked(ckpt or s.init_from)
+    return load_checked(s.init_from)
 
 
 def open_data(s, cfg):
@@ -210,12 +213,10 @@ def run_pool(run, group):
 
 def load_state(cfg, s, arrays, tensors, ckpt):
     params, m, v = arrays
-    if tensors is None:
+    if ckpt is not None:
+        stream_checkpoint(ckpt, params, m, v)
+    elif tensors is None:
         init_gpt2(cfg, params, s.seed)
     else:
         for name, view in params.items():
             view[...] = tensors[name]
-    if ckpt is not None:
-        saved_m, saved_v, _ = load_optimizer(ckpt)
-        for name in params:
-            m[name][...], v[name][...] = saved_m[name], saved_v[name]

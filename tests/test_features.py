@@ -83,6 +83,34 @@ def test_resume_extends_steps(tmp_path, tiny):
     assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_000003", "step_000005"]
 
 
+def test_resume_streams_the_checkpoint_and_checks_it_first(tmp_path, tiny):
+    """--resume reads the checkpoint's headers before any worker starts: a missing or
+    misshapen Adam moment is one line naming it, exit 2, and the run is untouched;
+    a whole checkpoint is streamed into the arenas and the run continues."""
+    from safetensors.numpy import save_file
+    run = tmp_path / "run"
+    train_ok(*flags(tiny, steps=2, lr_schedule="constant"), "--out-dir", run)
+    optimizer = run / "checkpoints" / "step_000002" / "optimizer.safetensors"
+    whole = load_file(optimizer)
+    before = (run / "metrics.jsonl").read_text()
+    for name, change in (("v.h.1.mlp.c_fc.bias", "is missing"), ("m.wpe.weight", "has shape (3, 64)")):
+        damaged = dict(whole)
+        if change == "is missing":
+            del damaged[name]
+        else:
+            damaged[name] = damaged[name][:3]
+        save_file(damaged, optimizer)
+        done = launch("train", "--resume", "--out-dir", run, "--steps", 3)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert lines[-1] == f"coregpt: error: {optimizer}: tensor {name} {change}" + (
+            ", expected (64, 64)" if change != "is missing" else "")
+        assert "Traceback" not in done.stderr and (run / "metrics.jsonl").read_text() == before
+    save_file(whole, optimizer)
+    train_ok("--resume", "--out-dir", run, "--steps", 3)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_checkpoints_the_step_in_flight(tmp_path, tiny, sig, code):
     run = tmp_path / "run"

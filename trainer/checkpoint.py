@@ -10,7 +10,11 @@ import os
 import shutil
 
 from trainer.files import atomic_write
-from trainer.weights import WeightsError, latest_checkpoint, read_safetensors, save_model
+from trainer.params import GPTConfig, param_shapes
+from trainer.weights import WeightsError, latest_checkpoint, save_model
+
+# a checkpoint's files and the prefixes of the tensors each holds for every parameter
+FILES = (("model.safetensors", ("",)), ("optimizer.safetensors", ("m.", "v.")))
 
 
 def fsync_dir(path):
@@ -80,9 +84,39 @@ def saved_setting(run_dir, key):
     return read_state(ckpt)["config"].get(key) if ckpt else None
 
 
-def load_optimizer(ckpt_dir):
-    """-> ({name: m}, {name: v}, state dict)"""
-    tensors = read_safetensors(os.path.join(ckpt_dir, "optimizer.safetensors"))
-    m = {k[2:]: a for k, a in tensors.items() if k.startswith("m.")}
-    v = {k[2:]: a for k, a in tensors.items() if k.startswith("v.")}
-    return m, v, read_state(ckpt_dir)
+def check_checkpoint(ckpt_dir):
+    """-> the GPTConfig of a checkpoint to resume, once its files' headers show every
+    parameter and Adam moment with its shape (no tensor is read: see stream_checkpoint)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with open(os.path.join(ckpt_dir, "config.json")) as f:
+            cfg = GPTConfig.from_hf(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{ckpt_dir}: unreadable config.json ({e})") from None
+    for file, prefixes in FILES:
+        path = os.path.join(ckpt_dir, file)
+        try:
+            with safe_open(path, framework="numpy") as f:
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except (OSError, SafetensorError) as e:
+            raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
+        for prefix in prefixes:
+            for name, shape in param_shapes(cfg):
+                if prefix + name not in shapes:
+                    raise WeightsError(f"{path}: tensor {prefix + name} is missing")
+                if shapes[prefix + name] != shape:
+                    raise WeightsError(f"{path}: tensor {prefix + name} has shape {shapes[prefix + name]}, "
+                                       f"expected {shape}")
+    return cfg
+
+
+def stream_checkpoint(ckpt_dir, params, m, v):
+    """Read a checkpoint into the arrays' views {name: view} one tensor at a time, so
+    the reader never holds more than the largest tensor."""
+    from safetensors import safe_open
+    views_of = {"": params, "m.": m, "v.": v}
+    for file, prefixes in FILES:
+        with safe_open(os.path.join(ckpt_dir, file), framework="numpy") as f:
+            for prefix in prefixes:
+                for name, view in views_of[prefix].items():
+                    view[...] = f.get_tensor(prefix + name)

@@ -72,10 +72,11 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
         kept = s.keep_last + 1  # the newest is written before the oldest goes
     else:
         kept = (s.steps // s.ckpt_every if s.ckpt_every else 0) + 1
-    # what the coordinator holds while it fills the arenas: on --resume the checkpoint's
-    # weights and Adam m and v, with --init-from the weights; GPT-2 init writes in place.
-    # (A checkpoint is written straight from the arenas: safetensors copies nothing.)
-    loading = 4 * params * (3 if s.resume else 1 if s.init_from else 0)
+    # what the coordinator holds while it fills the arenas: on --resume one tensor at a
+    # time (the checkpoint is streamed in), with --init-from all the weights; GPT-2 init
+    # writes in place.  (A checkpoint is written straight from the arenas.)
+    largest = max(int(np.prod(shape)) for shape in param_layout(cfg).shapes.values())
+    loading = 4 * (largest if s.resume else params if s.init_from else 0)
     return Plan(arenas, params, workers, local_ranks, private, kept, loading)
 
 
