@@ -98,6 +98,7 @@ def check_checkpoint(ckpt_dir):
         try:
             with safe_open(path, framework="numpy") as f:
                 shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+                dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
         except (OSError, SafetensorError) as e:
             raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
         for prefix in prefixes:
@@ -107,16 +108,26 @@ def check_checkpoint(ckpt_dir):
                 if shapes[prefix + name] != shape:
                     raise WeightsError(f"{path}: tensor {prefix + name} has shape {shapes[prefix + name]}, "
                                        f"expected {shape}")
+                if dtypes[prefix + name] != "F32":
+                    raise WeightsError(f"{path}: tensor {prefix + name} is {dtypes[prefix + name]}, expected F32")
     return cfg
 
 
 def stream_checkpoint(ckpt_dir, params, m, v):
-    """Read a checkpoint into the arrays' views {name: view} one tensor at a time, so
-    the reader never holds more than the largest tensor."""
-    from safetensors import safe_open
+    """Read a checkpoint (checked by check_checkpoint) into the arrays' views {name:
+    view}: each tensor's bytes go from the file straight into its view, with no copy
+    in between and no mapping of the file (mapped pages would count as the
+    coordinator's memory), so loading needs nothing beside the arenas."""
     views_of = {"": params, "m.": m, "v.": v}
     for file, prefixes in FILES:
-        with safe_open(os.path.join(ckpt_dir, file), framework="numpy") as f:
+        path = os.path.join(ckpt_dir, file)
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
             for prefix in prefixes:
                 for name, view in views_of[prefix].items():
-                    view[...] = f.get_tensor(prefix + name)
+                    begin, end = header[prefix + name]["data_offsets"]
+                    target = memoryview(view).cast("B")
+                    f.seek(8 + header_size + begin)
+                    if end - begin != target.nbytes or f.readinto(target) != target.nbytes:
+                        raise WeightsError(f"{path}: tensor {prefix + name} is truncated")
