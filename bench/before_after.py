@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.vs_pytorch import coregpt_step_times  # noqa: E402
+from trainer.data import write_tokens  # noqa: E402
 from trainer.params import GPT2_VOCAB, PRESETS  # noqa: E402
 
 
@@ -43,10 +44,7 @@ def main():
     raw = {(side, prec): [] for side in sides for prec in precisions}
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
         data = os.path.join(tmp, "tokens.bin")
-        header = np.zeros(256, dtype=np.int32)
-        header[:3] = (20240520, 1, tokens.size)
-        with open(data, "wb") as f:
-            f.write(header.tobytes() + tokens.tobytes())
+        write_tokens(data, tokens)
         for r in range(args.rounds):
             for prec in precisions:
                 for side in (["after", "before"] if r % 2 == 0 else ["before", "after"]):

@@ -22,6 +22,9 @@ import numpy as np
 from safetensors.numpy import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from trainer.data import write_tokens  # noqa: E402
 B, T, STEPS = 4, 32, 8
 RUNS = [(parallel, workers, precision, extra) for precision in ("fp32", "bf16")
         for parallel in ("hybrid", "data") for workers in (1, 2, 4) for extra in ("",)]
@@ -49,10 +52,7 @@ def write_inputs(root):
     with open(os.path.join(root, "init", "config.json"), "w") as f:
         json.dump({"model_type": "gpt2", "n_layer": L, "n_head": 4, "n_embd": C, "n_positions": ctx,
                    "vocab_size": V}, f)
-    header = np.zeros(256, dtype=np.int32)
-    header[:3] = 20240520, 1, 5 * B * T + 7
-    with open(os.path.join(root, "tokens.bin"), "wb") as f:
-        f.write(header.tobytes() + rng.integers(0, V, 5 * B * T + 7).astype(np.uint16).tobytes())
+    write_tokens(os.path.join(root, "tokens.bin"), rng.integers(0, V, 5 * B * T + 7))
 
 
 def digest(path):

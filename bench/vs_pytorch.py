@@ -29,6 +29,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from trainer.data import write_tokens  # noqa: E402
 from trainer.params import GPT2_VOCAB, PRESETS  # noqa: E402
 
 TORCH_RECIPES = {
@@ -210,10 +211,7 @@ def main():
     raw = {name: [] for name in recipes + list(COREGPT) + list(before)}
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
         data = os.path.join(tmp, "tokens.bin")
-        header = np.zeros(256, dtype=np.int32)
-        header[:3] = (20240520, 1, tokens.size)
-        with open(data, "wb") as f:
-            f.write(header.tobytes() + tokens.tobytes())
+        write_tokens(data, tokens)
         for r in range(args.rounds):
             order = recipes + list(COREGPT) + list(before)
             order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
