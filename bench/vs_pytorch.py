@@ -126,20 +126,25 @@ def process_tree(pid):
     return pids
 
 
+def tree_pss_kb(root):
+    """PSS in kB of a process and all its descendants (shared memory counted once),
+    or None if the tree changed while it was read (a process starting or exiting
+    shifts PSS between the others)."""
+    tree = process_tree(root)
+    total = sum(pss_kb(p) for p in tree)
+    return total if process_tree(root) == tree else None
+
+
 def run_watched(cmd, cwd, env, watch_memory):
     """Run cmd -> (return code, stdout, stderr, peak GB of its process tree's PSS or
     None).  Reading smaps costs kernel time on the cores being timed, so memory is
-    watched only in runs that are not timed; a sample taken while the tree changed
-    (a process starting or exiting shifts PSS) is dropped."""
+    watched only in runs that are not timed (see tree_pss_kb for dropped samples)."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
 
     def watch():
         while proc.poll() is None:
-            tree = process_tree(proc.pid)
-            total = sum(pss_kb(p) for p in tree)
-            if process_tree(proc.pid) == tree:
-                peak[0] = max(peak[0], total)
+            peak[0] = max(peak[0], tree_pss_kb(proc.pid) or 0)
             time.sleep(0.1)
     watcher = threading.Thread(target=watch, daemon=True)
     if watch_memory:

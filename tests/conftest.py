@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path[:0] = [os.path.join(REPO, "tests"), REPO]  # REPO: bench/, which some tests share code with
 
 # the tiny parity model of the core issue
 TINY = dict(n_layer=2, n_embd=64, n_head=4, vocab=50257, n_ctx=64)

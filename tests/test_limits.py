@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import REPO, coregpt_segments, fit_cores, launch, read_metrics, write_corpus, write_tiny_inputs
+from bench.vs_pytorch import tree_pss_kb  # the sampler behind the README's peak figures
 from workers import resources
 from workers.shm import SharedArena
 
@@ -160,34 +161,6 @@ def test_read_only_out_dir_is_one_line(tmp_path):
     assert coregpt_segments() == []
 
 
-def pss_kb(pid):
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-
-
-def tree_pss_bytes(root):
-    """PSS of a process and all its descendants (shared memory counted once), or
-    None if the tree changed while it was read (PSS shifts when a process exits)."""
-    def tree():
-        pids, frontier = [root], [root]
-        while frontier:
-            parent = frontier.pop()
-            try:
-                with open(f"/proc/{parent}/task/{parent}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except OSError:
-                return None
-            pids += kids
-            frontier += kids
-        return sorted(pids)
-    before = tree()
-    try:
-        total = sum(pss_kb(p) for p in before or [])
-    except (OSError, StopIteration):
-        return None
-    return 1024 * total if before and tree() == before else None
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="PSS is read from Linux's /proc")
 def test_memory_plan_holds_the_measured_peak(tmp_path, corpus):
     """The header's plan against what a run uses: the default job's shape with 2
@@ -201,9 +174,9 @@ def test_memory_plan_holds_the_measured_peak(tmp_path, corpus):
     proc = subprocess.Popen([sys.executable, "-m", "launch", *args, *fit_cores(args)], cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    peak = 0
+    peak = 0  # bytes
     while proc.poll() is None:
-        peak = max(peak, tree_pss_bytes(proc.pid) or 0)
+        peak = max(peak, 1024 * (tree_pss_kb(proc.pid) or 0))
         time.sleep(0.02)
     stderr = proc.communicate()[1]
     assert proc.returncode == 0, stderr
