@@ -106,6 +106,15 @@ def launch(*args, cwd=None, env=None, timeout=600, cpus=None, strict_cores=False
                           preexec_fn=pin_to(cpus))
 
 
+def start_launch(*args, **popen):
+    """Start `python -m launch ARGS` (with --oversubscribe where the machine is too
+    small, as launch() adds) -> Popen with text stdout and stderr pipes."""
+    args = [str(a) for a in args]
+    return subprocess.Popen([sys.executable, "-m", "launch", *args, *fit_cores(args)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

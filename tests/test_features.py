@@ -3,8 +3,6 @@ accumulation, plots, presets."""
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import REPO, TINY, fit_cores, launch, read_metrics, write_tiny_inputs
+from conftest import REPO, TINY, launch, read_metrics, start_launch, write_tiny_inputs
 from torch_gpt2 import TorchGPT2
 
 @pytest.fixture(scope="module")
@@ -114,10 +112,7 @@ def test_resume_streams_the_checkpoint_and_checks_it_first(tmp_path, tiny):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_checkpoints_the_step_in_flight(tmp_path, tiny, sig, code):
     run = tmp_path / "run"
-    args = ["train", *map(str, flags(tiny, steps=100000)), "--out-dir", str(run)]
-    cmd = [sys.executable, "-m", "launch", *args, *fit_cores(args)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_launch("train", *flags(tiny, steps=100000), "--out-dir", run)
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").exists() or len(losses(run)) < 3:
         assert proc.poll() is None and time.monotonic() < deadline

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from conftest import REPO, coregpt_segments, fit_cores, launch, read_metrics, write_corpus, write_tiny_inputs
+from conftest import (REPO, coregpt_segments, fit_cores, launch, read_metrics, start_launch, write_corpus,
+                      write_tiny_inputs)
 from bench.vs_pytorch import tree_pss_kb  # the sampler behind the README's peak figures
 from workers import resources
 from workers.shm import SharedArena
@@ -170,10 +171,7 @@ def test_memory_plan_holds_the_measured_peak(tmp_path, corpus):
     args = ["train", "--config", os.path.join(REPO, "configs", "default.toml"), "--data", corpus, "--workers", 2,
             "--threads-per-worker", 1, "--steps", 4, "--eval-every", 0, "--sample-every", 0, "--out-dir",
             tmp_path / "run"]
-    args = [str(a) for a in args]
-    proc = subprocess.Popen([sys.executable, "-m", "launch", *args, *fit_cores(args)], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = start_launch(*args)
     peak = 0  # bytes
     while proc.poll() is None:
         peak = max(peak, 1024 * (tree_pss_kb(proc.pid) or 0))

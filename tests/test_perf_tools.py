@@ -4,13 +4,11 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, launch, read_metrics, write_token_file
+from conftest import launch, read_metrics, start_launch, write_token_file
 
 SHAPE = ["--model", "small", "--n-layer", 2, "--n-head", 4, "--n-embd", 64, "--block-size", 64, "--seq-len", 32]
 TINY = SHAPE + ["--batch-size", 4]
@@ -96,9 +94,7 @@ def test_sweep_ctrl_c_keeps_the_points_measured(tmp_path, tokens):
     out = tmp_path / "sweep"
     args = ["sweep", "--workers", "1", "--threads", "1", "--batch-size", "4,8,12,16,20,24", "--steps", 400,
             "--warmup-steps", 1, *SHAPE, "--data", tokens, "--out-dir", out]
-    proc = subprocess.Popen([sys.executable, "-m", "launch", *map(str, args)], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = start_launch(*args, start_new_session=True)
     for line in proc.stderr:  # the first point is measured
         if line.startswith("[1/6]"):
             break

@@ -3,15 +3,13 @@ non-finite steps lose nothing and leak nothing; nothing is ever unpickled."""
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import (REPO, coregpt_segments, fit_cores, launch, read_metrics, tiny_state, worker_processes,
+from conftest import (REPO, coregpt_segments, launch, read_metrics, start_launch, tiny_state, worker_processes,
                       write_hf_dir, write_tiny_dir, write_tiny_inputs, write_token_file)
 
 BATCH = ["--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1, "--eval-every", 0]
@@ -136,11 +134,8 @@ def children(pid):
 
 
 def start_run(files, run, *extra):
-    args = [str(a) for a in train_args(files, "--workers", 2, "--steps", 100000, "--ckpt-every", 2,
-                                       "--out-dir", run, *extra)]
-    cmd = [sys.executable, "-m", "launch", *args, *fit_cores(args)]
-    return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_launch(*train_args(files, "--workers", 2, "--steps", 100000, "--ckpt-every", 2, "--out-dir",
+                                    run, *extra))
 
 
 def wait_for_steps(proc, run, n):
@@ -209,16 +204,12 @@ def test_one_run_per_directory(tmp_path, files):
     to its end unharmed.  (A SIGKILLed run's lock goes with it: see the resume
     after the kill above.)"""
     run, steps = tmp_path / "run", 200
-    args = [str(a) for a in train_args(files, "--steps", steps, "--out-dir", run)]
-    env = dict(os.environ, PYTHONPATH=REPO)
-    first = subprocess.Popen([sys.executable, "-m", "launch", *args, *fit_cores(args)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = start_launch(*train_args(files, "--steps", steps, "--out-dir", run))
     try:
         wait_for_steps(first, run, 1)
         # both at once, while the first has most of its steps to go
-        seconds = [subprocess.Popen([sys.executable, "-m", "launch", *map(str, train_args(
-            files, "--steps", steps + 10, "--out-dir", run)), *extra], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for extra in ([], ["--resume"])]
+        seconds = [start_launch(*train_args(files, "--steps", steps + 10, "--out-dir", run), *extra)
+                   for extra in ([], ["--resume"])]
         for second in seconds:
             stderr = second.communicate(timeout=120)[1]
             errors = [line for line in stderr.splitlines() if line.startswith("coregpt: error:")]
