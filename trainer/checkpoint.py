@@ -97,19 +97,21 @@ def check_checkpoint(ckpt_dir):
         path = os.path.join(ckpt_dir, file)
         try:
             with safe_open(path, framework="numpy") as f:
-                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-                dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+                found = {}  # name -> (shape, dtype), from the header
+                for name in f.keys():
+                    tensor = f.get_slice(name)
+                    found[name] = tuple(tensor.get_shape()), tensor.get_dtype()
         except (OSError, SafetensorError) as e:
             raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
         for prefix in prefixes:
             for name, shape in param_shapes(cfg):
-                if prefix + name not in shapes:
-                    raise WeightsError(f"{path}: tensor {prefix + name} is missing")
-                if shapes[prefix + name] != shape:
-                    raise WeightsError(f"{path}: tensor {prefix + name} has shape {shapes[prefix + name]}, "
-                                       f"expected {shape}")
-                if dtypes[prefix + name] != "F32":
-                    raise WeightsError(f"{path}: tensor {prefix + name} is {dtypes[prefix + name]}, expected F32")
+                name = prefix + name
+                if name not in found:
+                    raise WeightsError(f"{path}: tensor {name} is missing")
+                if found[name][0] != shape:
+                    raise WeightsError(f"{path}: tensor {name} has shape {found[name][0]}, expected {shape}")
+                if found[name][1] != "F32":
+                    raise WeightsError(f"{path}: tensor {name} is {found[name][1]}, expected F32")
     return cfg
 
 

@@ -63,7 +63,8 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     pool_rows = s.batch_size // (ranks * workers) * workers
     arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
               arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers)]
-    params = param_layout(cfg).size
+    layout = param_layout(cfg)
+    params = layout.size
     private = 2 * 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + (4 * params if s.grad_accum > 1 else 0)
     private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers)
     if s.no_checkpoint:
@@ -72,10 +73,10 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
         kept = s.keep_last + 1  # the newest is written before the oldest goes
     else:
         kept = (s.steps // s.ckpt_every if s.ckpt_every else 0) + 1
-    # what the coordinator holds while it fills the arenas: on --resume one tensor at a
-    # time (the checkpoint is streamed in), with --init-from all the weights; GPT-2 init
-    # writes in place.  (A checkpoint is written straight from the arenas.)
-    largest = max(int(np.prod(shape)) for shape in param_layout(cfg).shapes.values())
+    # what the coordinator holds while it fills the arenas: with --init-from all the
+    # weights; on --resume room for one tensor (each is read straight into the arenas);
+    # GPT-2 init writes in place.  (A checkpoint is written straight from the arenas.)
+    largest = max(int(np.prod(shape)) for shape in layout.shapes.values())
     loading = 4 * (largest if s.resume else params if s.init_from else 0)
     return Plan(arenas, params, workers, local_ranks, private, kept, loading)
 
