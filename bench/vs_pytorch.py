@@ -2,7 +2,7 @@
 machine, interleaved in rounds (the machine is shared and noisy).
 
     pip install torch==2.13.0        # benchmark-only; never a runtime dependency
-    python bench/vs_pytorch.py [--rounds 3] [--steps 6] [--warmup 2] [--compile] [--before CHECKOUT]
+    python bench/vs_pytorch.py [--rounds 3] [--steps 6] [--warmup 2] [--compile]
 
 Each round runs every system once, in turn, in its own process: PyTorch 2 threads
 with fp32 + AdamW(fused=True); bf16 autocast + fused AdamW; with --compile also
@@ -200,9 +200,6 @@ def main():
     ap.add_argument("--warmup", type=int, default=4, help="steps left out (torch.compile needs 3)")
     ap.add_argument("--rounds", type=int, default=3, help="every system runs once per round")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the bf16 recipe")
-    ap.add_argument("--before", metavar="CHECKOUT", help="also run coregpt's 2-worker systems from another "
-                    "checkout (e.g. a `git worktree` of the commit before a change), interleaved in the same "
-                    "rounds, and print after/before")
     ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt (after --)")
     ap.add_argument("--torch-only", metavar="RECIPE", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -212,21 +209,16 @@ def main():
         print(json.dumps(torch_step_times(args.model, B, T, n, 2, tokens, **TORCH_RECIPES[args.torch_only])))
         return
     recipes = [r for r in TORCH_RECIPES if args.compile or not TORCH_RECIPES[r]["compile"]]
-    before = {f"before: {name}": spec for name, spec in COREGPT.items() if spec[0] == 2} if args.before else {}
-    raw = {name: [] for name in recipes + list(COREGPT) + list(before)}
+    raw = {name: [] for name in recipes + list(COREGPT)}
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
         data = os.path.join(tmp, "tokens.bin")
         write_tokens(data, tokens)
         for r in range(args.rounds):
-            order = recipes + list(COREGPT) + list(before)
+            order = recipes + list(COREGPT)
             order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
             for name in order:
                 if name in TORCH_RECIPES:
                     times, _ = torch_run(name, args, args.steps, args.warmup)
-                elif name in before:
-                    workers, flags = before[name]
-                    times, _ = coregpt_step_times(args.model, B, T, n, workers, data, flags + args.extra,
-                                                  repo=os.path.abspath(args.before))
                 else:
                     workers, flags = COREGPT[name]
                     times, _ = coregpt_step_times(args.model, B, T, n, workers, data, flags + args.extra)
@@ -254,9 +246,6 @@ def main():
     print(f"coregpt fp32 2x1 over pytorch fp32, fused AdamW: {med['pytorch fp32, fused AdamW'] / c32:.2f}x")
     print(f"scaling 1 -> 2 workers: bf16 {med['coregpt bf16, 1 worker x 1 thread'] / c16:.2f}x, "
           f"fp32 {med['coregpt fp32, 1 worker x 1 thread'] / c32:.2f}x")
-    for name in before:
-        after = name.removeprefix("before: ")
-        print(f"{after}: after / before {med[after] / med[name]:.3f} ({med[after]:.3f} vs {med[name]:.3f} s/step)")
     print("peak memory (PSS of the process and its children, shared memory once):")
     for name, peak in peaks.items():
         print(f"  {name:44} {peak:6.2f} GB")
