@@ -174,7 +174,8 @@ def run_pool(run, group):
         f"batch {s.batch_size}x{s.seq_len}"
         + (f"x{s.grad_accum} accumulated" if s.grad_accum > 1 else "")
         + (f" on {group.size} MPI ranks x" if group.size > 1 else " on")
-        + f" {s.workers} worker(s) x {s.threads_per_worker} thread(s), {s.parallel} parallel; "
+        + f" {s.workers} worker(s) x {s.threads_per_worker} thread(s), {s.parallel} parallel"
+        + (", recomputing activations" if s.recompute else "") + "; "
         + f"run dir {s.out_dir}")
     topo = read_topology()
     cores = place(topo, s.workers, s.threads_per_worker, s.smt, first_worker=group.local_rank * s.workers,
@@ -190,6 +191,7 @@ def run_pool(run, group):
                               val=run.val_path, optim=dict(beta1=s.beta1, beta2=s.beta2, eps=s.eps,
                                                            weight_decay=s.weight_decay),
                               engine=run.engine, strategy=run.strategy, profile=s.profile,
+                              recompute=s.recompute,
                               worker_offset=group.rank * s.workers, cores=cores)
             log(f"coregpt: matmuls: {run.engine_text}; workers' BLAS: {pool.blas or 'none found'}")
             arrays = tuple(pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))

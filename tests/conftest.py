@@ -41,22 +41,21 @@ def write_hf_dir(directory, state, n_layer, n_head, n_embd, n_ctx, vocab):
                    "n_positions": n_ctx, "vocab_size": vocab}, f)
 
 
-def tiny_state(seed):
+def tiny_state(seed, n_ctx=TINY["n_ctx"]):
     """Random weights of the tiny parity model (torch tensors by HF name)."""
     from torch_gpt2 import random_state
-    return random_state(TINY["n_layer"], TINY["n_embd"], TINY["vocab"], TINY["n_ctx"], seed)
+    return random_state(TINY["n_layer"], TINY["n_embd"], TINY["vocab"], n_ctx, seed)
 
 
-def write_tiny_dir(directory, state):
-    write_hf_dir(directory, state, TINY["n_layer"], TINY["n_head"], TINY["n_embd"], TINY["n_ctx"],
-                 TINY["vocab"])
+def write_tiny_dir(directory, state, n_ctx=TINY["n_ctx"]):
+    write_hf_dir(directory, state, TINY["n_layer"], TINY["n_head"], TINY["n_embd"], n_ctx, TINY["vocab"])
 
 
-def write_tiny_inputs(directory, seed, n_tokens=4000):
-    """directory/init (random tiny GPT-2) and directory/tokens.bin (random ids)
-    -> (state, tokens)."""
-    state = tiny_state(seed)
-    write_tiny_dir(directory / "init", state)
+def write_tiny_inputs(directory, seed, n_tokens=4000, n_ctx=TINY["n_ctx"]):
+    """directory/init (random tiny GPT-2 with a context of n_ctx) and
+    directory/tokens.bin (random ids) -> (state, tokens)."""
+    state = tiny_state(seed, n_ctx)
+    write_tiny_dir(directory / "init", state, n_ctx)
     tokens = np.random.default_rng(seed).integers(0, TINY["vocab"], n_tokens).astype(np.uint16)
     write_token_file(directory / "tokens.bin", tokens)
     return state, tokens

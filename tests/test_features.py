@@ -50,16 +50,17 @@ def checkpoint_files(run, step):
         os.path.join(ckpt, "optimizer.safetensors"))
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_resume_is_bit_identical(tmp_path, tiny, schedule):
-    common = flags(tiny, steps=8, lr_schedule=schedule, warmup=2, lr=1e-3)
+@pytest.mark.parametrize("schedule, recompute", [("constant", None), ("cosine", None), ("cosine", True)])
+def test_resume_is_bit_identical(tmp_path, tiny, schedule, recompute):
+    common = flags(tiny, steps=8, lr_schedule=schedule, warmup=2, lr=1e-3, recompute=recompute)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train_ok(*common, "--out-dir", straight)
     train_ok(*common, "--ckpt-every", 4, "--out-dir", stopped)
     # the run dies right after its step-4 checkpoint: steps 5-8 and their checkpoint are lost
     shutil.rmtree(stopped / "checkpoints" / "step_000008")
     (stopped / "checkpoints" / "latest").write_text("step_000004\n")
-    train_ok("--resume", "--out-dir", stopped)
+    resumed = train_ok("--resume", "--out-dir", stopped)
+    assert ("recomputing activations" in resumed.stderr) == bool(recompute)  # kept by --resume
     rows = read_metrics(stopped)
     assert [r["step"] for r in rows] == list(range(1, 9))  # replaced, not duplicated
     assert losses(stopped) == losses(straight)
@@ -128,11 +129,13 @@ def test_signal_checkpoints_the_step_in_flight(tmp_path, tiny, sig, code):
     assert first_step.split("|")[0].split() == ["step", f"{k + 1}/{k + 2}"]
 
 
-@pytest.mark.parametrize("parallel", ["hybrid", "data"])
-def test_grad_accum_equals_larger_batch(tmp_path, tiny, parallel):
+@pytest.mark.parametrize("parallel, recompute", [("hybrid", None), ("data", None), ("hybrid", True),
+                                                  ("data", True)])
+def test_grad_accum_equals_larger_batch(tmp_path, tiny, parallel, recompute):
     big, accum = tmp_path / "big", tmp_path / "accum"
     train_ok(*flags(tiny, steps=4, batch_size=4, parallel=parallel), "--out-dir", big)
-    train_ok(*flags(tiny, steps=4, batch_size=2, grad_accum=2, parallel=parallel), "--out-dir", accum)
+    train_ok(*flags(tiny, steps=4, batch_size=2, grad_accum=2, parallel=parallel, recompute=recompute),
+             "--out-dir", accum)
     np.testing.assert_allclose(losses(accum), losses(big), rtol=0, atol=1e-5)
     a, b = checkpoint_files(big, 4)[0], checkpoint_files(accum, 4)[0]
     for name in a:

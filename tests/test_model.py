@@ -50,6 +50,31 @@ def test_gpt2_124m_gradients_match_pytorch():
     assert rel[worst] <= 1e-3, (worst, rel[worst])
 
 
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_recompute_changes_no_number(n_layer):
+    """Alone, --recompute runs the same operations on the same inputs: the loss and
+    every gradient are bit-identical to keeping every activation (and match PyTorch
+    through the test above); one layer: only the forward's last layer, none recomputed."""
+    cfg = GPTConfig(n_layer=n_layer, n_head=4, n_embd=64, block_size=64)
+    state = random_state(n_layer, 64, cfg.vocab_size, 64, seed=3)
+    layout = param_layout(cfg)
+    _, params = layout.allocate()
+    for name, value in state.items():
+        params[name][...] = value.numpy()
+    tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, 4 * 32 + 1)
+    results = []
+    for recompute in (False, True):
+        _, grads = layout.allocate()
+        model = GPT(cfg, 4, 32, params, grads, recompute=recompute)
+        model.load_batch(tokens)
+        results.append((model.forward(), grads))
+        model.backward(1.0 / 128)
+    (loss, grads), (loss_again, grads_again) = results
+    assert loss == loss_again
+    for name in grads:
+        assert np.array_equal(grads[name], grads_again[name]), name
+
+
 def test_forward_is_causal():
     """Changing a later token never changes the loss terms of earlier positions."""
     cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)

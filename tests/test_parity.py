@@ -1,6 +1,7 @@
 """8 training steps of `python -m launch train` against PyTorch 2.13 (the core
 issue's parity case): every loss and every final weight within 1e-4, and every
-step's grad_norm within 2e-5 of the exact (float64) norm of PyTorch's gradients."""
+step's grad_norm within 2e-5 of the exact (float64) norm of PyTorch's gradients;
+with and without --recompute, and at T=32 and at a context of 512."""
 import os
 
 import numpy as np
@@ -14,9 +15,11 @@ from torch_gpt2 import TorchGPT2
 B, T, STEPS, LR, WD, CLIP = 4, 32, 8, 1e-3, 0.1, 1.0
 # 5 whole windows and a few tokens more: steps 6-8 wrap to the start of the file
 N_TOKENS = 5 * B * T + 7
+# GPT-2's own context scaled down: T=512 is 4 x 4 attention blocks of the default 128
+LONG_B, LONG_T = 2, 512
 
 
-def torch_reference(state, tokens, bf16=False):
+def torch_reference(state, tokens, bf16=False, B=B, T=T):
     """The batch order of DESIGN.md, written out sequentially; AdamW and
     clipping straight from torch; bf16: under torch.autocast's bf16 on CPU.
     -> (losses, final weights, exact gradient norm of every step)"""
@@ -47,7 +50,7 @@ def case(tmp_path_factory):
     return root, losses, weights, norms
 
 
-def train_tiny(root, workers, name, *extra, env=None):
+def train_tiny(root, workers, name, *extra, env=None, B=B, T=T):
     """-> (losses, final weights, metrics rows, stderr)"""
     out = root / name
     done = launch("train", "--init-from", root / "init", "--data", root / "tokens.bin",
@@ -63,7 +66,7 @@ def train_tiny(root, workers, name, *extra, env=None):
 
 
 STRATEGIES = ["hybrid", "data"]
-RUNS = [(p, w) for p in STRATEGIES for w in (1, 2, 4)]
+RUNS = [(p, w, False) for p in STRATEGIES for w in (1, 2, 4)] + [(p, w, True) for p in STRATEGIES for w in (1, 2)]
 # attention blocks of 8 positions: T=32 spans 4 query x 4 key blocks, 6 of them skipped
 SMALL_BLOCKS = {"COREGPT_ATTENTION_BLOCK": "8"}
 
@@ -71,46 +74,60 @@ SMALL_BLOCKS = {"COREGPT_ATTENTION_BLOCK": "8"}
 @pytest.fixture(scope="module")
 def runs(case):
     root = case[0]
-    return {(p, w): train_tiny(root, w, f"{p}{w}", "--parallel", p, *(["--oversubscribe"] if w > 2 else []),
-                               env=SMALL_BLOCKS) for p, w in RUNS}
+    return {(p, w, rc): train_tiny(root, w, f"{p}{w}{'-recompute' * rc}", "--parallel", p,
+                                   *(["--oversubscribe"] if w > 2 else []), *(["--recompute"] if rc else []),
+                                   env=SMALL_BLOCKS) for p, w, rc in RUNS}
 
 
-@pytest.mark.parametrize("parallel, workers", RUNS)
-def test_losses_match_pytorch(case, runs, parallel, workers):
-    _, expected, _, _ = case
-    losses = runs[parallel, workers][0]
+def check_against_pytorch(run, expected):
+    """A run's (losses, weights, metrics rows) against torch_reference's."""
+    (losses, weights, rows, _), (expected_losses, expected_weights, expected_norms) = run, expected
     assert len(losses) == STEPS
-    np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize("parallel, workers", RUNS)
-def test_grad_norm_is_exact(case, runs, parallel, workers):
-    """The logged (and clipped-by) norm against the float64 norm of PyTorch's gradients."""
-    *_, expected = case
-    logged = [row["grad_norm"] for row in runs[parallel, workers][2] if "grad_norm" in row]
-    np.testing.assert_allclose(logged, expected, rtol=2e-5, atol=0)
-
-
-@pytest.mark.parametrize("parallel, workers", RUNS)
-def test_final_weights_match_pytorch(case, runs, parallel, workers):
-    _, _, expected, _ = case
-    weights = runs[parallel, workers][1]
-    assert set(weights) == set(expected)
-    for name, value in expected.items():
+    np.testing.assert_allclose(losses, expected_losses, rtol=0, atol=1e-4)
+    # the logged (and clipped-by) norm against the float64 norm of PyTorch's gradients
+    np.testing.assert_allclose([row["grad_norm"] for row in rows if "grad_norm" in row], expected_norms,
+                               rtol=2e-5, atol=0)
+    assert set(weights) == set(expected_weights)
+    for name, value in expected_weights.items():
         np.testing.assert_allclose(weights[name], value, rtol=0, atol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("parallel, workers", [(p, w) for p, w in RUNS if w > 1] + [("data", 1)])
-def test_more_workers_equal_one(runs, parallel, workers):
-    """Splitting the batch, or the strategy, changes only the order of sums: losses and
-    final weights within 1e-5 of one hybrid worker's (the README quotes what is measured)."""
-    one = runs["hybrid", 1]
-    np.testing.assert_allclose(runs[parallel, workers][0], one[0], rtol=0, atol=1e-5)
+@pytest.mark.parametrize("parallel, workers, recompute", RUNS)
+def test_run_matches_pytorch(case, runs, parallel, workers, recompute):
+    check_against_pytorch(runs[parallel, workers, recompute], case[1:])
+
+
+@pytest.mark.parametrize("parallel, workers, recompute",
+                         [key for key in RUNS if key[1] > 1 or key[2]] + [("data", 1, False)])
+def test_more_workers_equal_one(runs, parallel, workers, recompute):
+    """Splitting the batch, the strategy or recomputing changes only the order of sums:
+    losses and final weights within 1e-5 of one hybrid worker's (the README quotes
+    what is measured)."""
+    one = runs["hybrid", 1, False]
+    np.testing.assert_allclose(runs[parallel, workers, recompute][0], one[0], rtol=0, atol=1e-5)
     for name, value in one[1].items():
-        np.testing.assert_allclose(runs[parallel, workers][1][name], value, rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(runs[parallel, workers, recompute][1][name], value, rtol=0, atol=1e-5,
+                                   err_msg=name)
 
 
 @pytest.mark.parametrize("parallel", STRATEGIES)
 def test_same_seed_same_workers_is_bitwise_identical(case, runs, parallel):
     again = train_tiny(case[0], 2, f"{parallel}2-again", "--parallel", parallel, env=SMALL_BLOCKS)[0]
-    assert again == runs[parallel, 2][0]
+    assert again == runs[parallel, 2, False][0]
+
+
+@pytest.fixture(scope="module")
+def long_case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity512")
+    state, tokens = write_tiny_inputs(root, seed=1, n_tokens=5 * LONG_B * LONG_T + 7, n_ctx=LONG_T)
+    return root, torch_reference(state, tokens, B=LONG_B, T=LONG_T)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("parallel, workers", [(p, w) for p in STRATEGIES for w in (1, 2)])
+def test_context_512_matches_pytorch(long_case, parallel, workers, recompute):
+    """At a context of 512 with the default attention blocks (4 x 4 of them, 6 skipped)."""
+    root, expected = long_case
+    run = train_tiny(root, workers, f"{parallel}{workers}{'-recompute' * recompute}", "--parallel", parallel,
+                     *(["--recompute"] if recompute else []), B=LONG_B, T=LONG_T)
+    check_against_pytorch(run, expected)

@@ -30,13 +30,13 @@ def reference(tmp_path_factory):
     return path, state, model.grads()
 
 
-def pool_gradients(path, state, parallel, workers):
+def pool_gradients(path, state, parallel, workers, recompute=False):
     """One step of the pool on the first window -> ({name: gradient}, Σ g² the workers report)."""
     cfg = GPTConfig(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"],
                     block_size=TINY["n_ctx"])
     pool = WorkerPool(cfg, workers, 1, rows=B // workers, seq_len=T, batch_rows=B, train=str(path), val=None,
                       optim=dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1), engine=Engine("numpy"),
-                      strategy=STRATEGIES[parallel])
+                      strategy=STRATEGIES[parallel], recompute=recompute)
     try:
         params = param_layout(cfg).views(pool.params.array)
         for name, value in state.items():
@@ -49,11 +49,12 @@ def pool_gradients(path, state, parallel, workers):
         pool.close()
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("workers", [1, 2, 3, 4])
 @pytest.mark.parametrize("parallel", list(STRATEGIES))  # a new strategy is tested here too
-def test_pool_gradients_match_autograd(reference, parallel, workers):
+def test_pool_gradients_match_autograd(reference, parallel, workers, recompute):
     path, state, expected = reference
-    grads, sumsq = pool_gradients(path, state, parallel, workers)
+    grads, sumsq = pool_gradients(path, state, parallel, workers, recompute)
     assert set(grads) == set(expected)
     rel = {name: float(np.abs(grads[name] - g).max() / np.abs(g).max()) for name, g in expected.items()}
     worst = max(rel, key=rel.get)

@@ -9,6 +9,12 @@ one arena (llm.c's ActivationTensors), seen four ways:
 Alone (one process, or data parallelism) full and mine are the same rows.  In bf16
 the activations only matmuls read (LOW_ONLY) keep their fp32 rows in a one-layer
 private scratch: the bf16 copy is all that must outlive the layer.
+
+With recompute (activation checkpointing) only the blocks' inputs (residual) keep
+every layer: every other per-layer activation has one layer's room, seen as every
+layer's (layer stride 0), which the backward refills by running the block's forward
+again; dresidual keeps two layers in turn (a layer's weight gradients read
+dresidual[l+1] after dresidual[l] is written).
 """
 import numpy as np
 
@@ -18,7 +24,8 @@ from trainer.params import Layout
 
 def activation_shapes(cfg, B, T, training):
     """[(name, shape, row axis)] of every activation of B batch rows: the row axis is
-    the one that runs over the batch (B or N = B·T), after the layer axis if any."""
+    the one that runs over the batch (B or N = B·T), after the layer axis if any
+    (a row axis of 1 means a layer axis first)."""
     L, C, NH, V, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B * T
     shapes = [
         ("residual", (L + 1, N, C), 1),
@@ -48,22 +55,58 @@ LOW_COPIES = ("ln1", "atty", "ln2", "fch_gelu", "lnf", "dqkv", "dresid2", "dfch"
 LOW_ONLY = ("ln1", "ln2", "fch_gelu", "lnf")
 
 
-def low_shapes(cfg, B, T, training):
-    return [shape for shape in activation_shapes(cfg, B, T, training) if shape[0] in LOW_COPIES]
+def stored_layers(name, layers, recompute):
+    """How many of an activation's `layers` are stored."""
+    if not recompute or name == "residual":
+        return layers
+    return 2 if name == "dresidual" else 1
 
 
-def low_layout(cfg, B, T, training):
+def stored(shapes, recompute):
+    """shapes as stored: with recompute, per-layer ones keep one layer (dresidual two)."""
+    return [(name, (stored_layers(name, shape[0], recompute),) + shape[1:] if axis == 1 else shape, axis)
+            for name, shape, axis in shapes]
+
+
+def low_shapes(cfg, B, T, training, recompute=False):
+    return stored([shape for shape in activation_shapes(cfg, B, T, training) if shape[0] in LOW_COPIES],
+                  recompute)
+
+
+def low_layout(cfg, B, T, training, recompute=False):
     """The layout of the bf16 copies' arena."""
-    return Layout([(name, shape) for name, shape, _ in low_shapes(cfg, B, T, training)])
+    return Layout([(name, shape) for name, shape, _ in low_shapes(cfg, B, T, training, recompute)])
 
 
-def shared_shapes(cfg, B, T, training, low):
-    """The activations that live in the fp32 arena."""
-    return [shape for shape in activation_shapes(cfg, B, T, training) if not (low and shape[0] in LOW_ONLY)]
+def shared_shapes(cfg, B, T, training, low, recompute=False):
+    """The activations that live in the fp32 arena, as stored."""
+    return stored([shape for shape in activation_shapes(cfg, B, T, training)
+                   if not (low and shape[0] in LOW_ONLY)], recompute)
 
 
-def activation_layout(cfg, B, T, training, low=False):
-    return Layout([(name, shape) for name, shape, _ in shared_shapes(cfg, B, T, training, low)])
+def activation_layout(cfg, B, T, training, low=False, recompute=False):
+    return Layout([(name, shape) for name, shape, _ in shared_shapes(cfg, B, T, training, low, recompute)])
+
+
+class Turns:
+    """k stored layers seen as `layers`: layer l is stored in l mod k."""
+
+    def __init__(self, stored, layers):
+        self.stored, self.shape = stored, (layers,) + stored.shape[1:]
+
+    def __getitem__(self, index):
+        layer, *rest = index if isinstance(index, tuple) else (index,)
+        return self.stored[(layer % self.stored.shape[0], *rest)]
+
+
+def every_layer(array, layers):
+    """An activation as stored (k layers first) -> seen as all `layers` of it."""
+    if array.shape[0] == layers:
+        return array
+    if array.shape[0] == 1:
+        return np.lib.stride_tricks.as_strided(array, shape=(layers,) + array.shape[1:],
+                                               strides=(0,) + array.strides[1:])
+    return Turns(array, layers)
 
 
 def rows_of(full, axis, part, n_parts):
@@ -73,14 +116,13 @@ def rows_of(full, axis, part, n_parts):
 
 
 def one_layer_scratch(shape, axis, n_parts):
-    """A private buffer of one layer's rows of this worker, seen as every layer's
-    (the layer axis has stride 0): the fp32 side of a LOW_ONLY activation."""
+    """A private buffer of one layer's rows of this worker, seen as every layer's:
+    the fp32 side of a LOW_ONLY activation."""
     rows = list(shape)
     rows[axis] //= n_parts
     if axis == 0:
         return np.zeros(rows, dtype=np.float32)
-    layer = np.zeros(rows[1:], dtype=np.float32)
-    return np.lib.stride_tricks.as_strided(layer, shape=rows, strides=(0,) + layer.strides)
+    return every_layer(np.zeros([1] + rows[1:], dtype=np.float32), rows[0])
 
 
 class Views(dict):
@@ -88,33 +130,39 @@ class Views(dict):
     __getattr__ = dict.__getitem__
 
 
+def views_of(arena, shapes, layers, part, n_parts):
+    """-> (full, mine) Views of the activations `shapes` (as stored) in `arena`."""
+    full = Layout([(name, shape) for name, shape, _ in shapes]).views(arena)
+    mine = {name: rows_of(full[name], axis, part, n_parts) for name, _, axis in shapes}
+    seen = lambda views: Views({name: every_layer(views[name], layers[name]) if axis == 1 else views[name]  # noqa: E731
+                                for name, _, axis in shapes})
+    return seen(full), seen(mine)
+
+
 class Activations:
     """The table for `rows` batch rows of T tokens (every worker's, when shared), of
     which worker `part` of n_parts owns a contiguous 1/n_parts.  `arena` and
     `low_arena` (shared memory in a pool) are allocated here when not given;
-    low_dtype turns on the bf16 copies."""
+    low_dtype turns on the bf16 copies; recompute stores one layer (see above)."""
 
     def __init__(self, cfg, rows, T, training, *, low_dtype=None, arena=None, low_arena=None,
-                 part=0, n_parts=1):
-        self.rows, self.part, self.n_parts = rows, part, n_parts
+                 part=0, n_parts=1, recompute=False):
+        self.rows, self.part, self.n_parts, self.recompute = rows, part, n_parts, recompute
         self.low = low_dtype is not None
-        shapes = shared_shapes(cfg, rows, T, training, self.low)
-        layout = Layout([(name, shape) for name, shape, _ in shapes])
+        layers = {name: shape[0] for name, shape, _ in activation_shapes(cfg, rows, T, training)}
+        shapes = shared_shapes(cfg, rows, T, training, self.low, recompute)
         if arena is None:
-            arena = np.zeros(layout.size, dtype=np.float32)
-        self.full = Views(layout.views(arena))
-        self.mine = Views({name: rows_of(self.full[name], axis, part, n_parts) for name, _, axis in shapes})
+            arena = np.zeros(activation_layout(cfg, rows, T, training, self.low, recompute).size, dtype=np.float32)
+        self.full, self.mine = views_of(arena, shapes, layers, part, n_parts)
         self.low_full = self.low_mine = None
         if self.low:
-            lows = low_shapes(cfg, rows, T, training)
-            layout = low_layout(cfg, rows, T, training)
+            lows = low_shapes(cfg, rows, T, training, recompute)
             if low_arena is None:
-                low_arena = np.zeros(layout.size, dtype=low_dtype)
-            self.low_full = Views(layout.views(low_arena))
-            self.low_mine = Views({name: rows_of(self.low_full[name], axis, part, n_parts)
-                                   for name, _, axis in lows})
-            self.mine.update({name: one_layer_scratch(shape, axis, n_parts) for name, shape, axis in lows
-                              if name in LOW_ONLY})
+                low_arena = np.zeros(low_layout(cfg, rows, T, training, recompute).size, dtype=low_dtype)
+            self.low_full, self.low_mine = views_of(low_arena, lows, layers, part, n_parts)
+            self.mine.update({name: one_layer_scratch((layers[name],) + shape[1:] if axis == 1 else shape,
+                                                      axis, n_parts)
+                              for name, shape, axis in lows if name in LOW_ONLY})
         # what matmuls read: the bf16 copies, or the fp32 rows themselves
         self.matmul_inputs = self.low_full if self.low else self.full
 

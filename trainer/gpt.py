@@ -104,17 +104,19 @@ class GPT:
     are dicts of views; low_params (bf16 views of the weights) turns on bf16 matmuls.
     acts: the activation table (allocated here for B rows when not given; a pool
     shares one over the rows of every worker).  split: the matmul hook (see above).
-    layers: model.py, or a stand-in with the same functions (the profiler's)."""
+    layers: model.py, or a stand-in with the same functions (the profiler's).
+    recompute (for a table made here; a given one says itself): keep only each
+    block's input and run the block's forward again inside its backward."""
 
     def __init__(self, cfg, B, T, params, grads=None, low_params=None, *, acts=None,
-                 split=matmul_alone, layers=model):
+                 split=matmul_alone, layers=model, recompute=False):
         if T > cfg.block_size:
             raise ValueError(f"seq-len {T} is above the model's context of {cfg.block_size}")
         self.cfg, self.B, self.T, self.params, self.grads = cfg, B, T, params, grads
         self.split, self.layers = split, layers
         training = grads is not None
         if acts is None:
-            acts = Activations(cfg, B, T, training,
+            acts = Activations(cfg, B, T, training, recompute=recompute,
                                low_dtype=None if low_params is None else low_params["wte.weight"].dtype)
         self.acts = acts
         self.weights = params if low_params is None else low_params  # what matmuls read
@@ -147,8 +149,9 @@ class GPT:
         self.split(nn.lmhead_forward, full.logits, made("lnf"), self.weights["wte.weight"], True)
         return nn.crossentropy_forward(mine.logits, self.targets, mine.rowtmp, self.rows)
 
-    def block_forward(self, l, b):
-        """residual[l] -> residual[l+1] (llm.c's gpt2_forward, one layer)."""
+    def block_forward(self, l, b, again=False):
+        """residual[l] -> residual[l+1] (llm.c's gpt2_forward, one layer).  again: the
+        recompute inside the backward, which stops at what the backward reads."""
         nn, mine, full, made, split, C = (self.layers, self.acts.mine, self.acts.full, self.acts.made,
                                           self.split, self.cfg.n_embd)
         nn.layernorm_forward(mine.ln1[l], mine.ln1_mean[l], mine.ln1_rstd[l], mine.residual[l], b.ln_1_w, b.ln_1_b)
@@ -163,6 +166,9 @@ class GPT:
         split(nn.matmul_forward, full.fch[l], made("ln2", l), b.fc_w)
         mine.fch[l] += b.fc_b
         nn.gelu_forward(mine.fch_gelu[l], mine.fch[l])
+        if again:
+            made("fch_gelu", l)
+            return
         split(nn.matmul_forward, full.residual[l + 1], made("fch_gelu", l), b.fc_proj_w)
         out = mine.residual[l + 1]
         out += b.fc_proj_b
@@ -171,13 +177,22 @@ class GPT:
     def backward(self, loss_scale):
         """Every gradient of loss_scale · Σ −log p into self.grads (overwritten), for a
         model alone with its rows."""
-        self.backward_inputs(loss_scale)
-        for task in weight_tasks(self.cfg):
-            self.backward_weights(task, self.grads)
+        tasks = weight_tasks(self.cfg)
+        def layer_done(l):
+            for task in tasks:
+                if task.layer == l:
+                    self.backward_weights(task, self.grads)
+        recompute = self.acts.recompute
+        self.backward_inputs(loss_scale, layer_done if recompute else None)
+        for task in tasks:
+            if task.layer is None or not recompute:
+                self.backward_weights(task, self.grads)
 
-    def backward_inputs(self, loss_scale):
+    def backward_inputs(self, loss_scale, layer_done=None):
         """The gradient of every activation of this worker's rows, kept for
-        backward_weights."""
+        backward_weights.  With recompute a layer's activations and their gradients
+        last only until the next layer's backward: layer_done(l) runs the layer's
+        weight gradients before then (and the embedding's follow the last)."""
         nn, mine, full, made, p = self.layers, self.acts.mine, self.acts.full, self.acts.made, self.params
         L = self.cfg.n_layer
         nn.crossentropy_backward(mine.logits, self.targets, self.rows, loss_scale)
@@ -185,7 +200,11 @@ class GPT:
         nn.layernorm_backward(mine.dresidual[L], None, mine.dlnf, mine.residual[L], mine.lnf_mean, mine.lnf_rstd,
                               p["ln_f.weight"], mine.norm, mine.dnorm, mine.rowtmp)
         for l in reversed(range(L)):
+            if self.acts.recompute and l < L - 1:  # the forward left the last layer's in place
+                self.block_forward(l, self.blocks[l], again=True)
             self.block_backward(l, self.blocks[l])
+            if layer_done:
+                layer_done(l)
 
     def block_backward(self, l, b):
         """dresidual[l+1] -> dresidual[l] and the block's activation gradients."""

@@ -29,15 +29,15 @@ class DataParallel(Strategy):
     summary = "each worker its own rows, gradients reduce-scattered"
 
     @staticmethod
-    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers):
+    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False):
         params = param_layout(cfg).size  # buffer 0, the pool's gradients, receives the sum
         return [(f"gradients of worker {r}", params, "float32") for r in range(1, n_workers)]
 
     @staticmethod
-    def private_bytes(cfg, pool_rows, seq_len, engine, n_workers):
+    def private_bytes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False):
         rows = pool_rows // n_workers
-        low = 2 * low_layout(cfg, rows, seq_len, True).size if engine.low else 0
-        return 4 * activation_layout(cfg, rows, seq_len, True, engine.low).size + low
+        low = 2 * low_layout(cfg, rows, seq_len, True, recompute).size if engine.low else 0
+        return 4 * activation_layout(cfg, rows, seq_len, True, engine.low, recompute).size + low
 
     def __init__(self, worker):
         super().__init__(worker)
@@ -47,6 +47,9 @@ class DataParallel(Strategy):
         self.grads = w.layout.views(self.buffers[w.rank].array)
         self.model = self.make_model(w.rows, self.grads)  # its own rows, private
         self.buckets = buckets_of(weight_tasks(w.cfg))
+        if w.recompute:  # layer by layer inside the backward, the embedding's last (it reads dresidual[0])
+            self.buckets = self.buckets[1:] + self.buckets[:1]
+        self.bucket_of_layer = {tasks[0].layer: tasks for tasks in self.buckets}
         self.reducer = ReduceScatter([b.array for b in self.buffers], w.rank,
                                      bucket_ranges(w.layout, self.buckets), PipeProgress(w.barrier_ends))
 
@@ -59,13 +62,19 @@ class DataParallel(Strategy):
         self.load(self.worker.train, window)
         loss = self.model.forward()
         forward_s = clock.lap()
-        self.model.backward_inputs(scale)
         reduce0 = self.reducer.seconds
-        for tasks in self.buckets:
+        def run(tasks):
             for task in tasks:
                 self.weight_task(task, self.grads, accumulate)
             if last:
                 self.reducer.bucket_done()  # reduces whatever every worker has finished
+        if self.worker.recompute:
+            self.model.backward_inputs(scale, lambda l: run(self.bucket_of_layer[l]))
+            run(self.bucket_of_layer[None])
+        else:
+            self.model.backward_inputs(scale)
+            for tasks in self.buckets:
+                run(tasks)
         backward_s = clock.lap() - (self.reducer.seconds - reduce0)  # the reducing overlaps it
         sumsq = self.reducer.finish() if last else None  # the rest, after waiting for slower workers
         return StepReport(loss, sumsq, forward_s, backward_s, clock.converting, self.reducer.seconds - reduce0)

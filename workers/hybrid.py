@@ -57,10 +57,12 @@ class Hybrid(Strategy):
     summary = "matmuls split by columns over every worker's rows"
 
     @staticmethod
-    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers):
-        sizes = [("activations", activation_layout(cfg, pool_rows, seq_len, True, engine.low).size, "float32")]
+    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False):
+        sizes = [("activations", activation_layout(cfg, pool_rows, seq_len, True, engine.low, recompute).size,
+                  "float32")]
         if engine.low:
-            sizes.append(("bf16 activations", low_layout(cfg, pool_rows, seq_len, True).size, engine.low_dtype))
+            sizes.append(("bf16 activations", low_layout(cfg, pool_rows, seq_len, True, recompute).size,
+                          engine.low_dtype))
         return sizes
 
     def __init__(self, worker):
@@ -76,11 +78,16 @@ class Hybrid(Strategy):
         acts = Activations(w.cfg, w.rows * w.n_workers, w.seq_len, True,
                            low_dtype=w.engine.low_dtype if w.engine.low else None, arena=self.arena.array,
                            low_arena=self.low_arena.array if self.low_arena else None,
-                           part=w.rank, n_parts=w.n_workers)
+                           part=w.rank, n_parts=w.n_workers, recompute=w.recompute)
         self.grads = w.layout.views(w.grads.array)
         self.model = self.make_model(w.rows, self.grads, acts=acts,
                                      split=ColumnSplit(self.barrier, w.rank, w.n_workers))
-        self.tasks = balance(weight_tasks(w.cfg, w.n_workers), w.n_workers)[w.rank]
+        tasks = weight_tasks(w.cfg, w.n_workers)
+        if w.recompute:  # each layer's are balanced on their own: they run before the next layer's backward
+            groups = {layer: [t for t in tasks if t.layer == layer] for layer in dict.fromkeys(t.layer for t in tasks)}
+        else:
+            groups = {None: tasks}
+        self.tasks = {layer: balance(group, w.n_workers)[w.rank] for layer, group in groups.items()}
 
     def rows(self):
         return self.worker.rows * self.worker.n_workers, self.worker.first_row  # weight gradients read all
@@ -90,14 +97,23 @@ class Hybrid(Strategy):
         self.load(self.worker.train, window)
         loss = self.model.forward()
         forward_s = clock.lap()
-        self.model.backward_inputs(scale)
-        self.barrier()  # every worker's activation gradients are in: the weight gradients read them all
-        sumsq, summing = 0.0, 0.0
-        for task in self.tasks:
-            regions = self.weight_task(task, self.grads, accumulate)
-            if last:
-                t0 = time.perf_counter()
-                sumsq += sumsq_of(regions)  # while in cache
-                summing += time.perf_counter() - t0
+        sums = [0.0, 0.0]  # Σ g², seconds summing it
+        def run(tasks):
+            self.barrier()  # every worker's activation gradients are in: the weight gradients read them all
+            for task in tasks:
+                regions = self.weight_task(task, self.grads, accumulate)
+                if last:
+                    t0 = time.perf_counter()
+                    sums[0] += sumsq_of(regions)  # while in cache
+                    sums[1] += time.perf_counter() - t0
+        if self.worker.recompute:
+            def layer_done(l):
+                run(self.tasks[l])
+                self.barrier()  # before the next layer's recompute overwrites what they read
+            self.model.backward_inputs(scale, layer_done)
+        else:
+            self.model.backward_inputs(scale)
+        run(self.tasks[None])
+        sumsq, summing = sums
         backward_s = clock.lap() - summing
         return StepReport(loss, sumsq if last else None, forward_s, backward_s, clock.converting, summing)

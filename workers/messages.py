@@ -21,6 +21,7 @@ class Init:
     threads: int
     cores: list | None
     profile: bool
+    recompute: bool  # activation checkpointing
     gemm: str  # the engine's name
     parallel: str  # the strategy's name
     arenas: dict  # what -> shared-memory name

@@ -40,7 +40,7 @@ def blas_coretype():
     return "Zen" if amd_avx512 else None
 
 
-def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers):
+def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False):
     """[(what, elements, dtype)] of a pool's shared arenas, in creation order: what
     every pool has (parameters, Adam m and v, the gradients AdamW reads, and with
     bf16 matmuls the weights' bf16 copy), then what its strategy adds."""
@@ -48,12 +48,12 @@ def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers):
     sizes = [(what, params, "float32") for what in ("params", "Adam m", "Adam v", "gradients")]
     if engine.low:
         sizes.append(("bf16 weights", params, engine.low_dtype))
-    return sizes + strategy.arena_sizes(cfg, pool_rows, seq_len, engine, n_workers)
+    return sizes + strategy.arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute)
 
 
 class WorkerPool:
     def __init__(self, cfg, n_workers, threads, *, rows, seq_len, batch_rows, train, val, optim,
-                 engine, strategy, profile=False, worker_offset=0, cores=None):
+                 engine, strategy, profile=False, recompute=False, worker_offset=0, cores=None):
         """rows: batch rows per worker; worker r reads rows from (worker_offset + r)·rows
         of each batch (worker_offset > 0 for the workers of later MPI ranks); engine:
         the trainer.gemm.Engine chosen for the run; strategy: a workers.strategy class;
@@ -62,7 +62,7 @@ class WorkerPool:
         self.layout = param_layout(cfg)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
-            sizes = arena_sizes(cfg, rows * n_workers, seq_len, engine, strategy, n_workers)
+            sizes = arena_sizes(cfg, rows * n_workers, seq_len, engine, strategy, n_workers, recompute)
             for _, size, dtype in sizes:  # one by one, so close() frees any made
                 self.arenas.append(SharedArena.create(size, dtype))
             # workers find each arena by what arena_sizes calls it
@@ -82,7 +82,8 @@ class WorkerPool:
             self.blas = self.request([msg.Init(
                 rank=r, n_workers=n_workers, config=cfg.__dict__, rows=rows, first_row=worker_offset * rows,
                 seq_len=seq_len, batch_rows=batch_rows, train=train, val=val, optim=optim, threads=threads,
-                cores=cores[r] if cores else None, profile=profile, gemm=engine.name, parallel=strategy.name,
+                cores=cores[r] if cores else None, profile=profile, recompute=recompute, gemm=engine.name,
+                parallel=strategy.name,
                 arenas=names, elements=elements, barrier=barrier_ends[r],
             ) for r in range(n_workers)], timeout=START_TIMEOUT_S)[0].blas
             for arena in self.arenas:  # every worker maps them now: drop the names

@@ -62,11 +62,11 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     workers = s.workers
     pool_rows = s.batch_size // (ranks * workers) * workers
     arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
-              arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers)]
+              arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute)]
     layout = param_layout(cfg)
     params = layout.size
     private = 2 * 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + (4 * params if s.grad_accum > 1 else 0)
-    private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers)
+    private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers, s.recompute)
     if s.no_checkpoint:
         kept = 0
     elif s.keep_last:

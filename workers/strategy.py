@@ -11,7 +11,9 @@ and, built inside each worker (`__init__(worker)`),
   - which token rows a worker loads (`load`),
   - the schedule of one micro-batch (`step` -> a StepReport), including how the
     weight-gradient tasks of `trainer.gpt.weight_tasks` are shared and how the
-    gradients end up summed in the pool's gradient buffer.
+    gradients end up summed in the pool's gradient buffer.  With recompute
+    (activation checkpointing) a layer's weight gradients run as soon as its
+    backward is done (`GPT.backward_inputs(scale, layer_done)`), the embedding's last.
 Register a new one in workers/strategies.py.
 """
 import time
@@ -25,12 +27,12 @@ class Strategy:
     name = None
 
     @staticmethod
-    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers):
+    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False):
         """[(what, elements, dtype)] of the shared arenas it adds."""
         return []
 
     @staticmethod
-    def private_bytes(cfg, pool_rows, seq_len, engine, n_workers):
+    def private_bytes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False):
         """Bytes of activations each worker holds in private memory."""
         return 0
 
@@ -41,7 +43,7 @@ class Strategy:
     def make_model(self, rows, grads, **kwargs):
         w = self.worker
         return GPT(w.cfg, rows, w.seq_len, w.layout.views(w.params.array), grads, w.low_params,
-                   layers=w.layers, **kwargs)
+                   layers=w.layers, recompute=w.recompute, **kwargs)
 
     def rows(self):
         """-> (rows, first row in the global batch) of the tokens this worker loads."""

@@ -39,7 +39,7 @@ class Worker:
         self.layout = layout = param_layout(self.cfg)
         self.arena_names, self.elements, self.barrier_ends = init.arenas, init.elements, init.barrier
         self.rows, self.first_row = init.rows, init.first_row  # each worker's rows; the pool's first row
-        self.seq_len, self.batch_rows = init.seq_len, init.batch_rows
+        self.seq_len, self.batch_rows, self.recompute = init.seq_len, init.batch_rows, init.recompute
         # the arena objects are kept: dropping one would unmap it
         attach = lambda what: SharedArena.attach(self.arena_names[what], layout.size)  # noqa: E731
         self.params, self.m, self.v, self.grads = (attach(what) for what in ("params", "Adam m", "Adam v",
