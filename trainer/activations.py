@@ -10,11 +10,12 @@ Alone (one process, or data parallelism) full and mine are the same rows.  In bf
 the activations only matmuls read (LOW_ONLY) keep their fp32 rows in a one-layer
 private scratch: the bf16 copy is all that must outlive the layer.
 
-With recompute (activation checkpointing) only the blocks' inputs (residual) keep
-every layer: every other per-layer activation has one layer's room, seen as every
-layer's (layer stride 0), which the backward refills by running the block's forward
-again; dresidual keeps two layers in turn (a layer's weight gradients read
-dresidual[l+1] after dresidual[l] is written).
+A layer's weight gradients run as soon as its backward is done (gpt.py), so the
+activations' gradients keep one layer's room, seen as every layer's (layer stride
+0); dresidual keeps two layers in turn (those weight gradients read dresidual[l+1]
+after dresidual[l] is written).  With recompute (activation checkpointing) so does
+every other per-layer activation but the blocks' inputs (residual): the backward
+refills them by running the block's forward again.
 """
 import numpy as np
 
@@ -55,15 +56,18 @@ LOW_COPIES = ("ln1", "atty", "ln2", "fch_gelu", "lnf", "dqkv", "dresid2", "dfch"
 LOW_ONLY = ("ln1", "ln2", "fch_gelu", "lnf")
 
 
+GRADIENTS = ("dresid2", "dln1", "dln2", "dqkv", "dfch")  # and dresidual
+
+
 def stored_layers(name, layers, recompute):
-    """How many of an activation's `layers` are stored."""
-    if not recompute or name == "residual":
-        return layers
-    return 2 if name == "dresidual" else 1
+    """How many of an activation's `layers` are stored (see above)."""
+    if name == "dresidual":
+        return 2
+    return 1 if name in GRADIENTS or (recompute and name != "residual") else layers
 
 
 def stored(shapes, recompute):
-    """shapes as stored: with recompute, per-layer ones keep one layer (dresidual two)."""
+    """shapes as stored (see stored_layers)."""
     return [(name, (stored_layers(name, shape[0], recompute),) + shape[1:] if axis == 1 else shape, axis)
             for name, shape, axis in shapes]
 
@@ -143,7 +147,7 @@ class Activations:
     """The table for `rows` batch rows of T tokens (every worker's, when shared), of
     which worker `part` of n_parts owns a contiguous 1/n_parts.  `arena` and
     `low_arena` (shared memory in a pool) are allocated here when not given;
-    low_dtype turns on the bf16 copies; recompute stores one layer (see above)."""
+    low_dtype turns on the bf16 copies; recompute: see above."""
 
     def __init__(self, cfg, rows, T, training, *, low_dtype=None, arena=None, low_arena=None,
                  part=0, n_parts=1, recompute=False):

@@ -178,21 +178,18 @@ class GPT:
         """Every gradient of loss_scale · Σ −log p into self.grads (overwritten), for a
         model alone with its rows."""
         tasks = weight_tasks(self.cfg)
-        def layer_done(l):
+        def run(layer):
             for task in tasks:
-                if task.layer == l:
+                if task.layer == layer:
                     self.backward_weights(task, self.grads)
-        recompute = self.acts.recompute
-        self.backward_inputs(loss_scale, layer_done if recompute else None)
-        for task in tasks:
-            if task.layer is None or not recompute:
-                self.backward_weights(task, self.grads)
+        self.backward_inputs(loss_scale, run)
+        run(None)  # the embedding's
 
-    def backward_inputs(self, loss_scale, layer_done=None):
-        """The gradient of every activation of this worker's rows, kept for
-        backward_weights.  With recompute a layer's activations and their gradients
-        last only until the next layer's backward: layer_done(l) runs the layer's
-        weight gradients before then (and the embedding's follow the last)."""
+    def backward_inputs(self, loss_scale, layer_done):
+        """The gradient of every activation of this worker's rows, layer by layer.
+        A layer's activation gradients (and with recompute its activations) last
+        only until the next layer's backward: layer_done(l) runs the layer's weight
+        gradients before then; the embedding's follow the last layer's."""
         nn, mine, full, made, p = self.layers, self.acts.mine, self.acts.full, self.acts.made, self.params
         L = self.cfg.n_layer
         nn.crossentropy_backward(mine.logits, self.targets, self.rows, loss_scale)
@@ -203,8 +200,7 @@ class GPT:
             if self.acts.recompute and l < L - 1:  # the forward left the last layer's in place
                 self.block_forward(l, self.blocks[l], again=True)
             self.block_backward(l, self.blocks[l])
-            if layer_done:
-                layer_done(l)
+            layer_done(l)
 
     def block_backward(self, l, b):
         """dresidual[l+1] -> dresidual[l] and the block's activation gradients."""

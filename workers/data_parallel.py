@@ -14,14 +14,14 @@ from workers.strategy import Stopwatch, Strategy
 
 
 def buckets_of(tasks):
-    """Weight-gradient tasks -> reduction buckets in the order they are computed: the
-    embedding's (the biggest, so its reduction overlaps the most work), then each
-    layer's, last layer first."""
+    """Weight-gradient tasks -> reduction buckets in the order they are computed: each
+    layer's as its backward ends, last layer first, then the embedding's (it reads
+    dresidual[0])."""
     layers = {}
     for task in tasks:
         if task.layer is not None:
             layers.setdefault(task.layer, []).insert(0, task)
-    return [[task for task in tasks if task.layer is None]] + [layers[l] for l in sorted(layers, reverse=True)]
+    return [layers[l] for l in sorted(layers, reverse=True)] + [[task for task in tasks if task.layer is None]]
 
 
 class DataParallel(Strategy):
@@ -47,8 +47,6 @@ class DataParallel(Strategy):
         self.grads = w.layout.views(self.buffers[w.rank].array)
         self.model = self.make_model(w.rows, self.grads)  # its own rows, private
         self.buckets = buckets_of(weight_tasks(w.cfg))
-        if w.recompute:  # layer by layer inside the backward, the embedding's last (it reads dresidual[0])
-            self.buckets = self.buckets[1:] + self.buckets[:1]
         self.bucket_of_layer = {tasks[0].layer: tasks for tasks in self.buckets}
         self.reducer = ReduceScatter([b.array for b in self.buffers], w.rank,
                                      bucket_ranges(w.layout, self.buckets), PipeProgress(w.barrier_ends))
@@ -68,13 +66,8 @@ class DataParallel(Strategy):
                 self.weight_task(task, self.grads, accumulate)
             if last:
                 self.reducer.bucket_done()  # reduces whatever every worker has finished
-        if self.worker.recompute:
-            self.model.backward_inputs(scale, lambda l: run(self.bucket_of_layer[l]))
-            run(self.bucket_of_layer[None])
-        else:
-            self.model.backward_inputs(scale)
-            for tasks in self.buckets:
-                run(tasks)
+        self.model.backward_inputs(scale, lambda l: run(self.bucket_of_layer[l]))
+        run(self.bucket_of_layer[None])
         backward_s = clock.lap() - (self.reducer.seconds - reduce0)  # the reducing overlaps it
         sumsq = self.reducer.finish() if last else None  # the rest, after waiting for slower workers
         return StepReport(loss, sumsq, forward_s, backward_s, clock.converting, self.reducer.seconds - reduce0)

@@ -82,11 +82,8 @@ class Hybrid(Strategy):
         self.grads = w.layout.views(w.grads.array)
         self.model = self.make_model(w.rows, self.grads, acts=acts,
                                      split=ColumnSplit(self.barrier, w.rank, w.n_workers))
-        tasks = weight_tasks(w.cfg, w.n_workers)
-        if w.recompute:  # each layer's are balanced on their own: they run before the next layer's backward
-            groups = {layer: [t for t in tasks if t.layer == layer] for layer in dict.fromkeys(t.layer for t in tasks)}
-        else:
-            groups = {None: tasks}
+        tasks = weight_tasks(w.cfg, w.n_workers)  # each layer's balanced on their own (see step)
+        groups = {layer: [t for t in tasks if t.layer == layer] for layer in dict.fromkeys(t.layer for t in tasks)}
         self.tasks = {layer: balance(group, w.n_workers)[w.rank] for layer, group in groups.items()}
 
     def rows(self):
@@ -106,13 +103,10 @@ class Hybrid(Strategy):
                     t0 = time.perf_counter()
                     sums[0] += sumsq_of(regions)  # while in cache
                     sums[1] += time.perf_counter() - t0
-        if self.worker.recompute:
-            def layer_done(l):
-                run(self.tasks[l])
-                self.barrier()  # before the next layer's recompute overwrites what they read
-            self.model.backward_inputs(scale, layer_done)
-        else:
-            self.model.backward_inputs(scale)
+        def layer_done(l):
+            run(self.tasks[l])
+            self.barrier()  # before the next layer's backward overwrites what they read
+        self.model.backward_inputs(scale, layer_done)
         run(self.tasks[None])
         sumsq, summing = sums
         backward_s = clock.lap() - summing
