@@ -21,8 +21,8 @@ def compare_gradients(n_layer, n_head, n_embd, n_ctx, B, T, seed=0):
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, B * T + 1)
     model = GPT(cfg, B, T, params, grads)
     model.load_batch(tokens)
-    loss = model.forward() / (B * T)
-    model.backward(1.0 / (B * T))
+    loss = model.forward(1.0 / (B * T)) / (B * T)
+    model.backward()
     reference = TorchGPT2(state, n_layer, n_head)
     t = torch.from_numpy(tokens)
     torch_loss = reference(t[:-1].view(B, T), t[1:].view(B, T))
@@ -67,8 +67,8 @@ def test_recompute_changes_no_number(n_layer):
         _, grads = layout.allocate()
         model = GPT(cfg, 4, 32, params, grads, recompute=recompute)
         model.load_batch(tokens)
-        results.append((model.forward(), grads))
-        model.backward(1.0 / 128)
+        results.append((model.forward(1.0 / 128), grads))
+        model.backward()
     (loss, grads), (loss_again, grads_again) = results
     assert loss == loss_again
     for name in grads:

@@ -67,8 +67,9 @@ def train_tiny(root, workers, name, *extra, env=None, B=B, T=T):
 
 STRATEGIES = ["hybrid", "data"]
 RUNS = [(p, w, False) for p in STRATEGIES for w in (1, 2, 4)] + [(p, w, True) for p in STRATEGIES for w in (1, 2)]
-# attention blocks of 8 positions: T=32 spans 4 query x 4 key blocks, 6 of them skipped
-SMALL_BLOCKS = {"COREGPT_ATTENTION_BLOCK": "8"}
+# attention blocks of 8 positions: T=32 spans 4 query x 4 key blocks, 6 of them skipped;
+# the lm head 40 rows at a time: 4 chunks of B·T = 128 rows, the last of 8
+SMALL_CHUNKS = {"COREGPT_ATTENTION_BLOCK": "8", "COREGPT_HEAD_ROWS": "40"}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def runs(case):
     root = case[0]
     return {(p, w, rc): train_tiny(root, w, f"{p}{w}{'-recompute' * rc}", "--parallel", p,
                                    *(["--oversubscribe"] if w > 2 else []), *(["--recompute"] if rc else []),
-                                   env=SMALL_BLOCKS) for p, w, rc in RUNS}
+                                   env=SMALL_CHUNKS) for p, w, rc in RUNS}
 
 
 def check_against_pytorch(run, expected):
@@ -112,7 +113,7 @@ def test_more_workers_equal_one(runs, parallel, workers, recompute):
 
 @pytest.mark.parametrize("parallel", STRATEGIES)
 def test_same_seed_same_workers_is_bitwise_identical(case, runs, parallel):
-    again = train_tiny(case[0], 2, f"{parallel}2-again", "--parallel", parallel, env=SMALL_BLOCKS)[0]
+    again = train_tiny(case[0], 2, f"{parallel}2-again", "--parallel", parallel, env=SMALL_CHUNKS)[0]
     assert again == runs[parallel, 2, False][0]
 
 

@@ -53,6 +53,20 @@ def test_gemm_operand_layouts(engine):
         scale = np.abs(low(x)) @ np.abs(low(y)[:, cols])
         assert np.all(np.abs(out[:, cols] - expected) <= 1e-5 * scale + 1e-30), (engine.name, label)
         assert np.isnan(out[:, :40]).all() == (cols != slice(None)), "wrote outside its columns"
+        gemm.matmul(out[:, cols], ox, oy[:, cols], accumulate=True)  # += (the lm head's later chunks)
+        assert np.all(np.abs(out[:, cols] - 2 * expected) <= 2e-5 * scale + 1e-30), (engine.name, label)
+
+
+def test_accumulate_without_a_cblas_symbol(monkeypatch):
+    """Where NumPy's BLAS exports no cblas_sgemm, out += a @ b still holds."""
+    engine = gemm.Engine("numpy")
+    monkeypatch.setattr(gemm.Cblas, "find", classmethod(lambda cls: None))
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((30, 20), dtype=np.float32), rng.standard_normal((20, 10), dtype=np.float32)
+    out = np.ones((30, 10), dtype=np.float32)
+    engine.matmul(out, a.T.copy().T, b, accumulate=True)
+    assert engine.cblas is None
+    np.testing.assert_allclose(out, 1 + a.astype(np.float64) @ b, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("engine", sorted({e for e in ENGINES if e.endswith("bf16")}), indirect=True)
@@ -114,8 +128,8 @@ def test_gpt2_124m_bf16_gradients_align_with_fp32():
             engine.to_low(low[name], params[name])
         model = GPT(cfg, B, T, params, grads, low_params=low)
         model.load_batch(tokens)
-        model.forward()
-        model.backward(1.0 / (B * T))
+        model.forward(1.0 / (B * T))
+        model.backward()
     finally:
         gemm.install("numpy")
     cosine = {name: float(np.dot(grads[name].ravel(), g.ravel().astype(np.float32))

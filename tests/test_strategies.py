@@ -8,6 +8,7 @@ import torch
 
 from conftest import TINY, write_token_file
 from torch_gpt2 import TorchGPT2, random_state
+from trainer import activations
 from trainer.gemm import Engine
 from trainer.params import GPTConfig, param_layout
 from workers import messages as msg
@@ -52,7 +53,11 @@ def pool_gradients(path, state, parallel, workers, recompute=False):
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("workers", [1, 2, 3, 4])
 @pytest.mark.parametrize("parallel", list(STRATEGIES))  # a new strategy is tested here too
-def test_pool_gradients_match_autograd(reference, parallel, workers, recompute):
+def test_pool_gradients_match_autograd(reference, parallel, workers, recompute, monkeypatch):
+    """The lm head 40 rows at a time: 192 rows are 4 chunks and a shorter last one
+    (3 workers: chunks of 39)."""
+    monkeypatch.setenv("COREGPT_HEAD_ROWS", "40")  # the workers'
+    monkeypatch.setattr(activations, "HEAD_ROWS", 40)  # the arenas' sizes, here
     path, state, expected = reference
     grads, sumsq = pool_gradients(path, state, parallel, workers, recompute)
     assert set(grads) == set(expected)

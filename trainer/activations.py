@@ -17,16 +17,30 @@ after dresidual[l] is written).  With recompute (activation checkpointing) so do
 every other per-layer activation but the blocks' inputs (residual): the backward
 refills them by running the block's forward again.
 """
+import os
+
 import numpy as np
 
 from trainer.gemm import to_low
 from trainer.params import Layout
 
 
-def activation_shapes(cfg, B, T, training):
-    """[(name, shape, row axis)] of every activation of B batch rows: the row axis is
-    the one that runs over the batch (B or N = B·T), after the layer axis if any
-    (a row axis of 1 means a layer axis first)."""
+# rows of logits at a time: the lm head never holds all N x V of them (gpt.py's head).
+# 256 rows of GPT-2's vocabulary are 51 MB; COREGPT_HEAD_ROWS changes it (the tests
+# shrink it so that a small batch already spans several chunks).
+HEAD_ROWS = int(os.environ.get("COREGPT_HEAD_ROWS", 256))
+
+
+def head_rows(N, n_parts):
+    """Rows of the logits' chunk: about HEAD_ROWS, a multiple of the n_parts workers
+    sharing them, at most N."""
+    return min(N, n_parts * max(1, HEAD_ROWS // n_parts))
+
+
+def activation_shapes(cfg, B, T, training, n_parts=1):
+    """[(name, shape, row axis)] of every activation of B batch rows shared by n_parts
+    workers: the row axis is the one that runs over the batch (B or N = B·T), after
+    the layer axis if any (a row axis of 1 means a layer axis first)."""
     L, C, NH, V, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B * T
     shapes = [
         ("residual", (L + 1, N, C), 1),
@@ -36,7 +50,7 @@ def activation_shapes(cfg, B, T, training):
         ("ln2", (L, N, C), 1), ("ln2_mean", (L, N, 1), 1), ("ln2_rstd", (L, N, 1), 1),
         ("fch", (L, N, 4 * C), 1), ("fch_gelu", (L, N, 4 * C), 1),
         ("lnf", (N, C), 0), ("lnf_mean", (N, 1), 0), ("lnf_rstd", (N, 1), 0),
-        ("logits", (N, V), 0), ("rowtmp", (N, 1), 0),
+        ("logits", (head_rows(N, n_parts), V), 0), ("rowtmp", (N, 1), 0),
     ]
     if training:  # gradients of every matmul output and layernorm input are kept for the weights
         shapes += [
@@ -72,24 +86,25 @@ def stored(shapes, recompute):
             for name, shape, axis in shapes]
 
 
-def low_shapes(cfg, B, T, training, recompute=False):
-    return stored([shape for shape in activation_shapes(cfg, B, T, training) if shape[0] in LOW_COPIES],
-                  recompute)
+def low_shapes(cfg, B, T, training, recompute=False, n_parts=1):
+    return stored([shape for shape in activation_shapes(cfg, B, T, training, n_parts)
+                   if shape[0] in LOW_COPIES], recompute)
 
 
-def low_layout(cfg, B, T, training, recompute=False):
+def low_layout(cfg, B, T, training, recompute=False, n_parts=1):
     """The layout of the bf16 copies' arena."""
-    return Layout([(name, shape) for name, shape, _ in low_shapes(cfg, B, T, training, recompute)])
+    return Layout([(name, shape) for name, shape, _ in low_shapes(cfg, B, T, training, recompute, n_parts)])
 
 
-def shared_shapes(cfg, B, T, training, low, recompute=False):
+def shared_shapes(cfg, B, T, training, low, recompute=False, n_parts=1):
     """The activations that live in the fp32 arena, as stored."""
-    return stored([shape for shape in activation_shapes(cfg, B, T, training)
+    return stored([shape for shape in activation_shapes(cfg, B, T, training, n_parts)
                    if not (low and shape[0] in LOW_ONLY)], recompute)
 
 
-def activation_layout(cfg, B, T, training, low=False, recompute=False):
-    return Layout([(name, shape) for name, shape, _ in shared_shapes(cfg, B, T, training, low, recompute)])
+def activation_layout(cfg, B, T, training, low=False, recompute=False, n_parts=1):
+    return Layout([(name, shape) for name, shape, _ in
+                   shared_shapes(cfg, B, T, training, low, recompute, n_parts)])
 
 
 class Turns:
@@ -154,15 +169,16 @@ class Activations:
         self.rows, self.part, self.n_parts, self.recompute = rows, part, n_parts, recompute
         self.low = low_dtype is not None
         layers = {name: shape[0] for name, shape, _ in activation_shapes(cfg, rows, T, training)}
-        shapes = shared_shapes(cfg, rows, T, training, self.low, recompute)
+        shapes = shared_shapes(cfg, rows, T, training, self.low, recompute, n_parts)
         if arena is None:
-            arena = np.zeros(activation_layout(cfg, rows, T, training, self.low, recompute).size, dtype=np.float32)
+            arena = np.zeros(activation_layout(cfg, rows, T, training, self.low, recompute, n_parts).size,
+                             dtype=np.float32)
         self.full, self.mine = views_of(arena, shapes, layers, part, n_parts)
         self.low_full = self.low_mine = None
         if self.low:
-            lows = low_shapes(cfg, rows, T, training, recompute)
+            lows = low_shapes(cfg, rows, T, training, recompute, n_parts)
             if low_arena is None:
-                low_arena = np.zeros(low_layout(cfg, rows, T, training, recompute).size, dtype=low_dtype)
+                low_arena = np.zeros(low_layout(cfg, rows, T, training, recompute, n_parts).size, dtype=low_dtype)
             self.low_full, self.low_mine = views_of(low_arena, lows, layers, part, n_parts)
             self.mine.update({name: one_layer_scratch((layers[name],) + shape[1:] if axis == 1 else shape,
                                                       axis, n_parts)
@@ -176,3 +192,11 @@ class Activations:
         if self.low:
             to_low(self.low_mine[name][index], self.mine[name][index])
         return self.matmul_inputs[name][index]
+
+    def made_first(self, name, rows):
+        """As made, for the first `rows` rows of `name` (a chunk's): this worker's
+        share of them is final."""
+        if self.low:
+            to_low(rows_of(self.low_full[name][:rows], 0, self.part, self.n_parts),
+                   rows_of(self.full[name][:rows], 0, self.part, self.n_parts))
+        return self.matmul_inputs[name][:rows]

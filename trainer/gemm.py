@@ -1,6 +1,7 @@
 """The GEMM engine: every matmul of the model's linear layers and lm head goes
-through `matmul(out, a, b)`, out (M,N) float32 = a (M,K) @ b (K,N), where a and b
-may be transposed or column-sliced views (expressed to BLAS as strides, never copied).
+through `matmul(out, a, b)`, out (M,N) float32 = a (M,K) @ b (K,N) (or += with
+accumulate), where a and b may be transposed or column-sliced views (expressed to
+BLAS as strides, never copied).
 
 Engines, chosen once per process by `install(name)`:
   numpy         NumPy's BLAS (OpenBLAS, Accelerate...), fp32
@@ -64,17 +65,59 @@ class OneDNN:
     def isa_name(self):
         return ISA_NAMES.get(self.isa, hex(self.isa))
 
-    def gemm(self, fn, out, a, b):
-        ta, lda = layout_of(a)
-        tb, ldb = layout_of(b)
-        tc, ldc = layout_of(out)
-        assert tc == b"N" and out.dtype == np.float32, "GEMM output must be row-major float32"
+    def gemm(self, fn, out, a, b, beta=0.0):
+        (ta, lda), (tb, ldb), ldc = operands(out, a, b)
         (M, K), N = a.shape, b.shape[1]
-        status = fn(ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 0.0,
+        status = fn(ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, beta,
                     out.ctypes.data, ldc)
         if status != 0:
             raise EngineError(f"oneDNN GEMM failed with status {status} "
                               f"({'unimplemented on this CPU' if status == 3 else 'error'})")
+
+
+class Cblas:
+    """cblas_sgemm of the BLAS NumPy itself links (found through threadpoolctl), for
+    the one GEMM NumPy has no call for: out += a @ b.  None where it cannot be found
+    (then out += a @ b goes through a temporary)."""
+    SYMBOLS = (("scipy_cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm64_", ctypes.c_int64),
+               ("cblas_sgemm", ctypes.c_int))
+    ROW_MAJOR, TRANS = 101, {b"N": 111, b"T": 112}
+
+    @classmethod
+    def find(cls):
+        from threadpoolctl import threadpool_info
+        for lib in threadpool_info():
+            if lib["user_api"] != "blas":
+                continue
+            try:
+                handle = ctypes.CDLL(lib["filepath"])
+            except OSError:
+                continue
+            for symbol, integer in cls.SYMBOLS:
+                fn = getattr(handle, symbol, None)
+                if fn is not None:
+                    fn.argtypes = [ctypes.c_int] * 3 + [integer] * 3 + [
+                        ctypes.c_float, ctypes.c_void_p, integer, ctypes.c_void_p, integer, ctypes.c_float,
+                        ctypes.c_void_p, integer]
+                    fn.restype = None
+                    return cls(fn)
+        return None
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def gemm(self, out, a, b, beta):
+        (ta, lda), (tb, ldb), ldc = operands(out, a, b)
+        (M, K), N = a.shape, b.shape[1]
+        self.fn(self.ROW_MAJOR, self.TRANS[ta], self.TRANS[tb], M, N, K, 1.0, a.ctypes.data, lda,
+                b.ctypes.data, ldb, beta, out.ctypes.data, ldc)
+
+
+def operands(out, a, b):
+    """-> ((transa, lda), (transb, ldb), ldc) of out = a @ b in row-major BLAS terms."""
+    tc, ldc = layout_of(out)
+    assert tc == b"N" and out.dtype == np.float32, "GEMM output must be row-major float32"
+    return layout_of(a), layout_of(b), ldc
 
 
 def layout_of(x):
@@ -165,6 +208,7 @@ class Engine:
         self.convert_seconds = 0.0  # spent in to_low: the profile's "convert" phase
         self.low_dtype = np.dtype(np.float32)
         self.sgemm = None
+        self.cblas = False  # not looked for yet
         if name in ("onednn", "emulated-bf16") and onednn_library():
             dnn = onednn()
             if name == "onednn" or dnn.has(ISA_AVX512_CORE):
@@ -179,13 +223,21 @@ class Engine:
     def low(self):
         return self.name.endswith("bf16")
 
-    def matmul(self, out, a, b):
+    def matmul(self, out, a, b, accumulate=False):
+        beta = 1.0 if accumulate else 0.0
         if a.dtype != np.float32:
-            self.dnn.gemm(self.dnn.lib.dnnl_gemm_bf16bf16f32, out, a, b)
+            self.dnn.gemm(self.dnn.lib.dnnl_gemm_bf16bf16f32, out, a, b, beta)
         elif self.sgemm is not None:
-            self.sgemm.gemm(self.sgemm.lib.dnnl_sgemm, out, a, b)
-        else:
+            self.sgemm.gemm(self.sgemm.lib.dnnl_sgemm, out, a, b, beta)
+        elif not accumulate:
             np.matmul(a, b, out=out)
+        else:
+            if self.cblas is False:
+                self.cblas = Cblas.find()
+            if self.cblas is not None:
+                self.cblas.gemm(out, a, b, beta)
+            else:
+                out += a @ b
 
     def to_low(self, dst, src):
         """dst = src rounded to bf16 (stored as bf16, or as float32 when emulated)."""
@@ -219,8 +271,8 @@ def engine():
     return _engine
 
 
-def matmul(out, a, b):
-    _engine.matmul(out, a, b)
+def matmul(out, a, b, accumulate=False):
+    _engine.matmul(out, a, b, accumulate)
 
 
 def to_low(dst, src):

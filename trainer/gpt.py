@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from trainer import model
-from trainer.activations import Activations
+from trainer.activations import Activations, rows_of
 
 
 def matmul_alone(fn, out, inp, weight, transposed=False):
@@ -127,27 +127,57 @@ class GPT:
         self.rows = np.arange(B * T)
         self.idx_all = np.zeros((all_rows, T), dtype=np.int64)
         self.idx = self.idx_all[acts.part * B:(acts.part + 1) * B]
-        self.targets = np.zeros(B * T, dtype=np.int64)
-        self.first_token = acts.part * B * T
+        self.targets_all = np.zeros(all_rows * T, dtype=np.int64)
+        # the vocabulary rows of the embedding's gradient this worker computes
+        self.head_slices = [(0, cfg.vocab_size)]
 
     def load_batch(self, tokens):
         """tokens: the consecutive token ids of every worker's rows, plus one (any int dtype)."""
         self.idx_all.reshape(-1)[...] = tokens[:self.idx_all.size]
-        first = self.first_token
-        self.targets[...] = tokens[first + 1:first + self.targets.size + 1]
+        self.targets_all[...] = tokens[1:self.idx_all.size + 1]
 
-    def forward(self):
-        """-> Σ over this worker's B·T targets of −log p(target); leaves probabilities
-        in logits.  Biases and residuals are added on this worker's rows."""
-        nn, mine, full, made, p = self.layers, self.acts.mine, self.acts.full, self.acts.made, self.params
+    def forward(self, loss_scale=None, grads=None):
+        """-> Σ of −log p(target) over this worker's share of the rows (see head).
+        Training (loss_scale given): also the lm head's gradients, fused with it:
+        dlnf, and this worker's head_slices of grads["wte.weight"] (default self.grads),
+        for backward_inputs to go on from.  Biases and residuals are added on this
+        worker's rows."""
+        nn, mine, p = self.layers, self.acts.mine, self.params
         B, T, C, L = self.B, self.T, self.cfg.n_embd, self.cfg.n_layer
         nn.encoder_forward(mine.residual[0].reshape(B, T, C), self.idx, p["wte.weight"], p["wpe.weight"])
         for l, block in enumerate(self.blocks):
             self.block_forward(l, block)
         nn.layernorm_forward(mine.lnf, mine.lnf_mean, mine.lnf_rstd, mine.residual[L],
                              p["ln_f.weight"], p["ln_f.bias"])
-        self.split(nn.lmhead_forward, full.logits, made("lnf"), self.weights["wte.weight"], True)
-        return nn.crossentropy_forward(mine.logits, self.targets, mine.rowtmp, self.rows)
+        return self.head(loss_scale, self.grads if grads is None else grads)
+
+    def head(self, loss_scale, grads):
+        """The tied lm head and cross-entropy, a chunk of rows at a time (Liger
+        Kernel's fused linear cross-entropy): the N x V logits are never all in
+        memory.  Each chunk's logits are a split matmul over the rows of every
+        worker; this worker takes the softmax of its share of the chunk's rows.
+        -> Σ −log p over those shares.  With loss_scale, also each chunk's dlogits,
+        dlnf of its rows, and, added up over chunks, grads["wte.weight"] of this
+        worker's head_slices of the vocabulary."""
+        nn, full, acts = self.layers, self.acts.full, self.acts
+        lnf, wte, part, n_parts = acts.made("lnf"), self.weights["wte.weight"], acts.part, acts.n_parts
+        N, chunk, loss = lnf.shape[0], full.logits.shape[0], 0.0
+        for first in range(0, N, chunk):
+            end = min(first + chunk, N)
+            logits = full.logits[:end - first]
+            self.split(nn.lmhead_forward, logits, lnf[first:end], wte, True)
+            share, targets = (rows_of(x, 0, part, n_parts) for x in (logits, self.targets_all[first:end]))
+            rows = self.rows[:share.shape[0]]
+            loss += nn.crossentropy_forward(share, targets, acts.mine.rowtmp[:rows.size], rows)
+            if loss_scale is None:
+                continue
+            nn.crossentropy_backward(share, targets, rows, loss_scale)
+            dlogits = acts.made_first("logits", end - first)
+            self.split(nn.lmhead_backward, full.dlnf[first:end], dlogits, wte)
+            for lo, hi in self.head_slices:  # every worker's dlogits are in (the split's barrier)
+                nn.lmhead_weights_backward(grads["wte.weight"][lo:hi], dlogits[:, lo:hi], lnf[first:end],
+                                           accumulate=first > 0)
+        return loss
 
     def block_forward(self, l, b, again=False):
         """residual[l] -> residual[l+1] (llm.c's gpt2_forward, one layer).  again: the
@@ -174,26 +204,25 @@ class GPT:
         out += b.fc_proj_b
         out += resid2
 
-    def backward(self, loss_scale):
-        """Every gradient of loss_scale · Σ −log p into self.grads (overwritten), for a
-        model alone with its rows."""
+    def backward(self):
+        """Every gradient of the loss_scale given to forward into self.grads
+        (overwritten), for a model alone with its rows."""
         tasks = weight_tasks(self.cfg)
         def run(layer):
             for task in tasks:
                 if task.layer == layer:
                     self.backward_weights(task, self.grads)
-        self.backward_inputs(loss_scale, run)
+        self.backward_inputs(run)
         run(None)  # the embedding's
 
-    def backward_inputs(self, loss_scale, layer_done):
-        """The gradient of every activation of this worker's rows, layer by layer.
-        A layer's activation gradients (and with recompute its activations) last
-        only until the next layer's backward: layer_done(l) runs the layer's weight
-        gradients before then; the embedding's follow the last layer's."""
-        nn, mine, full, made, p = self.layers, self.acts.mine, self.acts.full, self.acts.made, self.params
+    def backward_inputs(self, layer_done):
+        """After forward(loss_scale): the gradient of every activation of this
+        worker's rows, layer by layer.  A layer's activation gradients (and with
+        recompute its activations) last only until the next layer's backward:
+        layer_done(l) runs the layer's weight gradients before then; the
+        embedding's follow the last layer's."""
+        nn, mine, p = self.layers, self.acts.mine, self.params
         L = self.cfg.n_layer
-        nn.crossentropy_backward(mine.logits, self.targets, self.rows, loss_scale)
-        self.split(nn.lmhead_backward, full.dlnf, made("logits"), self.weights["wte.weight"])
         nn.layernorm_backward(mine.dresidual[L], None, mine.dlnf, mine.residual[L], mine.lnf_mean, mine.lnf_rstd,
                               p["ln_f.weight"], mine.norm, mine.dnorm, mine.rowtmp)
         for l in reversed(range(L)):
@@ -222,9 +251,8 @@ class GPT:
         """One WeightTask's gradients into the views `grads` (overwritten), from the
         rows of every worker; run once backward_inputs has finished on all of them."""
         nn, full, low = self.layers, self.acts.full, self.acts.matmul_inputs
-        if task.name == "wte":
-            lo, hi, dwte = task.lo, task.hi, grads["wte.weight"][task.lo:task.hi]
-            nn.lmhead_weights_backward(dwte, low.logits[:, lo:hi], low.lnf)
+        if task.name == "wte":  # the head wrote this slice of dwte (see head_slices)
+            lo, dwte = task.lo, grads["wte.weight"][task.lo:task.hi]
             dresidual0 = full.dresidual[0].reshape(*self.idx_all.shape, self.cfg.n_embd)
             nn.encoder_backward(dwte, grads["wpe.weight"] if lo == 0 else None, dresidual0, self.idx_all, lo)
             if lo == 0:

@@ -115,10 +115,11 @@ def lmhead_backward(dx, dlogits, wte):
     matmul(dx, dlogits, wte)
 
 
-def lmhead_weights_backward(dwte, dlogits, x):
-    """dlogits (N,V'), x (N,C) -> dwte (V',C) = dlogits.T @ x, overwritten; V' may be a
-    slice of the vocabulary (then dlogits is the matching column slice)."""
-    matmul(dwte, dlogits.T, x)
+def lmhead_weights_backward(dwte, dlogits, x, accumulate=False):
+    """dlogits (N,V'), x (N,C) -> dwte (V',C) = dlogits.T @ x, overwritten (or added to,
+    for a later chunk of rows); V' may be a slice of the vocabulary (then dlogits is
+    the matching column slice)."""
+    matmul(dwte, dlogits.T, x, accumulate)
 
 
 # causal self-attention, blocked, without the T x T matrix (see attention.py)

@@ -58,7 +58,7 @@ class DataParallel(Strategy):
     def step(self, window, scale, accumulate, last):
         clock = Stopwatch(lambda: 0.0, self.worker.engine)
         self.load(self.worker.train, window)
-        loss = self.model.forward()
+        loss = self.model.forward(scale, self.written(self.grads, accumulate))
         forward_s = clock.lap()
         reduce0 = self.reducer.seconds
         def run(tasks):
@@ -66,7 +66,7 @@ class DataParallel(Strategy):
                 self.weight_task(task, self.grads, accumulate)
             if last:
                 self.reducer.bucket_done()  # reduces whatever every worker has finished
-        self.model.backward_inputs(scale, lambda l: run(self.bucket_of_layer[l]))
+        self.model.backward_inputs(lambda l: run(self.bucket_of_layer[l]))
         run(self.bucket_of_layer[None])
         backward_s = clock.lap() - (self.reducer.seconds - reduce0)  # the reducing overlaps it
         sumsq = self.reducer.finish() if last else None  # the rest, after waiting for slower workers

@@ -58,11 +58,10 @@ class Hybrid(Strategy):
 
     @staticmethod
     def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False):
-        sizes = [("activations", activation_layout(cfg, pool_rows, seq_len, True, engine.low, recompute).size,
-                  "float32")]
+        shape = (cfg, pool_rows, seq_len, True)
+        sizes = [("activations", activation_layout(*shape, engine.low, recompute, n_workers).size, "float32")]
         if engine.low:
-            sizes.append(("bf16 activations", low_layout(cfg, pool_rows, seq_len, True, recompute).size,
-                          engine.low_dtype))
+            sizes.append(("bf16 activations", low_layout(*shape, recompute, n_workers).size, engine.low_dtype))
         return sizes
 
     def __init__(self, worker):
@@ -85,6 +84,7 @@ class Hybrid(Strategy):
         tasks = weight_tasks(w.cfg, w.n_workers)  # each layer's balanced on their own (see step)
         groups = {layer: [t for t in tasks if t.layer == layer] for layer in dict.fromkeys(t.layer for t in tasks)}
         self.tasks = {layer: balance(group, w.n_workers)[w.rank] for layer, group in groups.items()}
+        self.model.head_slices = [(task.lo, task.hi) for task in self.tasks[None]]  # its embedding tasks'
 
     def rows(self):
         return self.worker.rows * self.worker.n_workers, self.worker.first_row  # weight gradients read all
@@ -92,7 +92,7 @@ class Hybrid(Strategy):
     def step(self, window, scale, accumulate, last):
         clock = Stopwatch(lambda: self.barrier.seconds, self.worker.engine)
         self.load(self.worker.train, window)
-        loss = self.model.forward()
+        loss = self.model.forward(scale, self.written(self.grads, accumulate))
         forward_s = clock.lap()
         sums = [0.0, 0.0]  # Σ g², seconds summing it
         def run(tasks):
@@ -106,7 +106,7 @@ class Hybrid(Strategy):
         def layer_done(l):
             run(self.tasks[l])
             self.barrier()  # before the next layer's backward overwrites what they read
-        self.model.backward_inputs(scale, layer_done)
+        self.model.backward_inputs(layer_done)
         run(self.tasks[None])
         sumsq, summing = sums
         backward_s = clock.lap() - summing

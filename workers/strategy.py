@@ -59,13 +59,18 @@ class Strategy:
         """One micro-batch -> messages.StepReport."""
         raise NotImplementedError
 
-    def weight_task(self, task, grads, accumulate):
-        """One WeightTask into the gradient views `grads` -> the regions written.  The
-        first micro-batch of a step writes them; later ones (gradient accumulation)
-        go through a private scratch and are added."""
+    def written(self, grads, accumulate):
+        """Where a micro-batch's weight gradients go: the gradient views `grads` for the
+        first micro-batch of a step; for later ones (gradient accumulation) a private
+        scratch, added to grads by weight_task."""
         if accumulate and self.scratch is None:
             self.scratch = self.worker.layout.allocate()[1]
-        self.model.backward_weights(task, self.scratch if accumulate else grads)
+        return self.scratch if accumulate else grads
+
+    def weight_task(self, task, grads, accumulate):
+        """One WeightTask into the gradient views `grads` (see written) -> the regions
+        written."""
+        self.model.backward_weights(task, self.written(grads, accumulate))
         regions = []
         for name, lo, hi in task.params:
             if accumulate:
