@@ -3,11 +3,13 @@ machine, interleaved in rounds (the machine is shared and noisy).
 
     pip install torch==2.13.0        # benchmark-only; never a runtime dependency
     python bench/vs_pytorch.py [--rounds 3] [--steps 6] [--warmup 2] [--compile]
+                               [--batch-size 2 --seq-len 1024] [--recompute] [--two-workers-only]
 
 Each round runs every system once, in turn, in its own process: PyTorch 2 threads
 with fp32 + AdamW(fused=True); bf16 autocast + fused AdamW; with --compile also
 torch.compile of the bf16 recipe; coregpt fp32 and bf16 with 2 workers x 1 thread
-and 1 worker x 1 thread.  A step is forward + backward + clip + AdamW; the first
+and (unless --two-workers-only) 1 worker x 1 thread, and with --recompute also
+coregpt bf16 2 x 1 with --recompute.  A step is forward + backward + clip + AdamW; the first
 --warmup steps of every process (compilation included) are left out.  Prints
 every raw step time, each system's median over all rounds, the ratios, and the
 peak memory (PSS, shared memory once) of every PyTorch recipe and of coregpt's
@@ -43,6 +45,7 @@ COREGPT = {
     "coregpt fp32, 1 worker x 1 thread": (1, ["--precision", "fp32"]),
     "coregpt bf16, 1 worker x 1 thread": (1, ["--precision", "bf16"]),
 }
+RECOMPUTE = "coregpt bf16, 2 workers x 1 thread, --recompute"
 
 
 def torch_step_times(model_name, B, T, steps, threads, tokens, bf16, compile):
@@ -200,6 +203,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=4, help="steps left out (torch.compile needs 3)")
     ap.add_argument("--rounds", type=int, default=3, help="every system runs once per round")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the bf16 recipe")
+    ap.add_argument("--recompute", action="store_true", help="also coregpt bf16 2x1 with --recompute")
+    ap.add_argument("--two-workers-only", action="store_true", help="leave out coregpt's 1-worker systems")
     ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt (after --)")
     ap.add_argument("--torch-only", metavar="RECIPE", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -209,18 +214,22 @@ def main():
         print(json.dumps(torch_step_times(args.model, B, T, n, 2, tokens, **TORCH_RECIPES[args.torch_only])))
         return
     recipes = [r for r in TORCH_RECIPES if args.compile or not TORCH_RECIPES[r]["compile"]]
-    raw = {name: [] for name in recipes + list(COREGPT)}
+    systems = {name: (workers, flags) for name, (workers, flags) in COREGPT.items()
+               if workers == 2 or not args.two_workers_only}
+    if args.recompute:
+        systems[RECOMPUTE] = (2, ["--precision", "bf16", "--recompute"])
+    raw = {name: [] for name in recipes + list(systems)}
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
         data = os.path.join(tmp, "tokens.bin")
         write_tokens(data, tokens)
         for r in range(args.rounds):
-            order = recipes + list(COREGPT)
+            order = recipes + list(systems)
             order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
             for name in order:
                 if name in TORCH_RECIPES:
                     times, _ = torch_run(name, args, args.steps, args.warmup)
                 else:
-                    workers, flags = COREGPT[name]
+                    workers, flags = systems[name]
                     times, _ = coregpt_step_times(args.model, B, T, n, workers, data, flags + args.extra)
                 raw[name].append(times[args.warmup:])
                 print(f"round {r + 1}: {name}: " + " ".join(f"{t:.3f}" for t in times[args.warmup:]),
@@ -230,25 +239,33 @@ def main():
                  for name in recipes}
         peaks.update({name: coregpt_step_times(args.model, B, T, 3, 2, data, flags + args.extra,
                                                watch_memory=True)[1]
-                      for name, (workers, flags) in COREGPT.items() if workers == 2})
+                      for name, (workers, flags) in systems.items() if workers == 2})
     print(f"{args.model}, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; PyTorch with 2 threads")
     print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
-    print(f"{'':46} {'s/step':>7} {'tokens/s':>9}  round medians | raw s/step")
+    print(f"{'':50} {'s/step':>7} {'tokens/s':>9}  round medians | raw s/step")
     med = {}
     for name, rounds in raw.items():
         med[name] = statistics.median(t for times in rounds for t in times)
-        print(f"{name:46} {med[name]:7.3f} {B * T / med[name]:9.1f}  "
+        print(f"{name:50} {med[name]:7.3f} {B * T / med[name]:9.1f}  "
               + " ".join(f"{statistics.median(times):.3f}" for times in rounds) + " | "
               + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in rounds))
     best_bf16 = min((n for n in recipes if TORCH_RECIPES[n]["bf16"]), key=med.get)
     c32, c16 = med["coregpt fp32, 2 workers x 1 thread"], med["coregpt bf16, 2 workers x 1 thread"]
     print(f"coregpt bf16 2x1 over the fastest PyTorch bf16 recipe ({best_bf16}): {med[best_bf16] / c16:.2f}x")
     print(f"coregpt fp32 2x1 over pytorch fp32, fused AdamW: {med['pytorch fp32, fused AdamW'] / c32:.2f}x")
-    print(f"scaling 1 -> 2 workers: bf16 {med['coregpt bf16, 1 worker x 1 thread'] / c16:.2f}x, "
-          f"fp32 {med['coregpt fp32, 1 worker x 1 thread'] / c32:.2f}x")
+    if not args.two_workers_only:
+        print(f"scaling 1 -> 2 workers: bf16 {med['coregpt bf16, 1 worker x 1 thread'] / c16:.2f}x, "
+              f"fp32 {med['coregpt fp32, 1 worker x 1 thread'] / c32:.2f}x")
+    if args.recompute:
+        print(f"coregpt bf16 2x1 --recompute over the fastest PyTorch bf16 recipe: "
+              f"{med[best_bf16] / med[RECOMPUTE]:.2f}x; its step over coregpt's without it: "
+              f"{med[RECOMPUTE] / c16:.2f}x")
     print("peak memory (PSS of the process and its children, shared memory once):")
     for name, peak in peaks.items():
-        print(f"  {name:44} {peak:6.2f} GB")
+        print(f"  {name:50} {peak:6.2f} GB")
+    eager = peaks["pytorch bf16 autocast, fused AdamW"]
+    print("peak over PyTorch bf16 autocast (eager)'s: "
+          + ", ".join(f"{name} {peaks[name] / eager:.2f}x" for name in systems if name in peaks and "bf16" in name))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def matmul_alone(fn, out, inp, weight, transposed=False):
 
 class Matrix(NamedTuple):
     """A block's linear layer, as its weight gradient needs it."""
-    size: int  # elements of its weight, in C²
+    fan_in: int  # rows of its weight, in C
+    fan_out: int  # columns, in C
     inp: str  # the activation it multiplies
     dout: str  # its output's gradient ...
     dout_layer: int  # ... at layer l + dout_layer of that activation
@@ -36,17 +37,18 @@ class Matrix(NamedTuple):
 
 
 MATRICES = {
-    "attn.c_attn": Matrix(3, "ln1", "dqkv", 0, ("ln_1", "dln1", "residual", "ln1_mean", "ln1_rstd")),
-    "attn.c_proj": Matrix(1, "atty", "dresid2", 0, None),
-    "mlp.c_fc": Matrix(4, "ln2", "dfch", 0, ("ln_2", "dln2", "resid2", "ln2_mean", "ln2_rstd")),
-    "mlp.c_proj": Matrix(4, "fch_gelu", "dresidual", 1, None),
+    "attn.c_attn": Matrix(1, 3, "ln1", "dqkv", 0, ("ln_1", "dln1", "residual", "ln1_mean", "ln1_rstd")),
+    "attn.c_proj": Matrix(1, 1, "atty", "dresid2", 0, None),
+    "mlp.c_fc": Matrix(1, 4, "ln2", "dfch", 0, ("ln_2", "dln2", "resid2", "ln2_mean", "ln2_rstd")),
+    "mlp.c_proj": Matrix(4, 1, "fch_gelu", "dresidual", 1, None),
 }
 
 
 class WeightTask(NamedTuple):
-    """One weight gradient computed whole over the rows of every worker: a block's
-    matrix (with its bias and the layernorm before it), or rows lo…hi of the tied
-    embedding (the first slice also takes wpe and ln_f)."""
+    """One weight gradient computed over the rows of every worker: rows lo…hi of a
+    block's matrix (the first slice also takes its bias and the layernorm before
+    it), or rows lo…hi of the tied embedding (the first slice also takes wpe and
+    ln_f)."""
     name: str  # "wte" or a key of MATRICES
     layer: int | None
     lo: int
@@ -55,9 +57,9 @@ class WeightTask(NamedTuple):
     params: tuple  # ((parameter, first row, end row or None), ...) it writes
 
 
-def weight_tasks(cfg, vocab_parts=1):
+def weight_tasks(cfg, vocab_parts=1, matrix_parts=1):
     """Every weight-gradient task of a step in parameter-layout order; the embedding
-    is cut into vocab_parts slices of its rows."""
+    is cut into vocab_parts slices of its rows, each block matrix into matrix_parts."""
     C, V = cfg.n_embd, cfg.vocab_size
     cuts = [V * k // vocab_parts for k in range(vocab_parts + 1)]
     tasks = []
@@ -67,9 +69,14 @@ def weight_tasks(cfg, vocab_parts=1):
                                 + (rest if lo == 0 else ())))
     for l in range(cfg.n_layer):
         for name, matrix in MATRICES.items():
-            owners = (name,) + ((matrix.layernorm[0],) if matrix.layernorm else ())
-            params = tuple((f"h.{l}.{n}.{kind}", 0, None) for n in owners for kind in ("weight", "bias"))
-            tasks.append(WeightTask(name, l, 0, 0, matrix.size * C * C, params))
+            norm = (matrix.layernorm[0],) if matrix.layernorm else ()
+            rest = ((f"h.{l}.{name}.bias", 0, None),) + tuple(
+                (f"h.{l}.{n}.{kind}", 0, None) for n in norm for kind in ("weight", "bias"))
+            rows = matrix.fan_in * C
+            cuts = [rows * k // matrix_parts for k in range(matrix_parts + 1)]
+            for lo, hi in zip(cuts, cuts[1:]):
+                tasks.append(WeightTask(name, l, lo, hi, (hi - lo) * matrix.fan_out * C,
+                                        ((f"h.{l}.{name}.weight", lo, hi),) + (rest if lo == 0 else ())))
     return tasks
 
 
@@ -260,11 +267,14 @@ class GPT:
                                               full.residual[self.cfg.n_layer], full.lnf_mean, full.lnf_rstd,
                                               self.norm_all)
             return
-        l, matrix, h = task.layer, MATRICES[task.name], f"h.{task.layer}."
+        l, matrix, h, lo, hi = task.layer, MATRICES[task.name], f"h.{task.layer}.", task.lo, task.hi
         dout, width = full[matrix.dout][l + matrix.dout_layer], full[matrix.dout].shape[-1]
         low_dout = low[matrix.dout][l + matrix.dout_layer].reshape(-1, width)
         inp = low[matrix.inp][l]
-        nn.matmul_weights_backward(grads[h + task.name + ".weight"], low_dout, inp.reshape(-1, inp.shape[-1]))
+        nn.matmul_weights_backward(grads[h + task.name + ".weight"][lo:hi], low_dout,
+                                   inp.reshape(-1, inp.shape[-1])[:, lo:hi])
+        if lo > 0:
+            return
         nn.bias_backward(grads[h + task.name + ".bias"], dout.reshape(-1, width))
         if matrix.layernorm:
             name, dln, x, mean, rstd = matrix.layernorm

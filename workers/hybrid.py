@@ -43,13 +43,24 @@ class ColumnSplit:
 
 def balance(tasks, n_parts):
     """Weight-gradient tasks -> [[task] by part]: greedy, longest first to the least
-    loaded part (ties in list order), which balances them to within one matrix."""
+    loaded part (ties in list order), which balances them to within one task."""
     parts, load = [[] for _ in range(n_parts)], [0] * n_parts
     for task in sorted(tasks, key=lambda t: -t.cost):
         r = load.index(min(load))
         parts[r].append(task)
         load[r] += task.cost
     return parts
+
+
+def assign(cfg, n_parts):
+    """-> [{layer (None: the embedding's): [task]} by part].  Each layer's weight
+    gradients run between two barriers, so each layer's are balanced on their own:
+    every matrix is cut into n_parts slices of rows, and the embedding into n_parts
+    slices of the vocabulary, which balances them to within a few rows."""
+    tasks = weight_tasks(cfg, n_parts, n_parts)
+    layers = {layer: [t for t in tasks if t.layer == layer] for layer in dict.fromkeys(t.layer for t in tasks)}
+    shares = {layer: balance(group, n_parts) for layer, group in layers.items()}
+    return [{layer: share[r] for layer, share in shares.items()} for r in range(n_parts)]
 
 
 class Hybrid(Strategy):
@@ -81,9 +92,7 @@ class Hybrid(Strategy):
         self.grads = w.layout.views(w.grads.array)
         self.model = self.make_model(w.rows, self.grads, acts=acts,
                                      split=ColumnSplit(self.barrier, w.rank, w.n_workers))
-        tasks = weight_tasks(w.cfg, w.n_workers)  # each layer's balanced on their own (see step)
-        groups = {layer: [t for t in tasks if t.layer == layer] for layer in dict.fromkeys(t.layer for t in tasks)}
-        self.tasks = {layer: balance(group, w.n_workers)[w.rank] for layer, group in groups.items()}
+        self.tasks = assign(w.cfg, w.n_workers)[w.rank]
         self.model.head_slices = [(task.lo, task.hi) for task in self.tasks[None]]  # its embedding tasks'
 
     def rows(self):
