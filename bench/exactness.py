@@ -1,15 +1,19 @@
-"""The README's exactness figures, measured: the parity case of tests/test_parity.py
+"""The README's exactness figures, measured: the parity cases of tests/test_parity.py
 (tiny GPT-2, 8 steps through `python -m launch train`) against PyTorch 2.13's
-AdamW + clip_grad_norm_, for hybrid and data at 1, 2 and 4 workers.
+AdamW + clip_grad_norm_: at T=32 for hybrid and data at 1, 2 and 4 workers and,
+with --recompute, at 1 and 2; at a context of 512 (T=512, the default attention
+blocks and lm-head chunks) for both strategies at 1 and 2 workers, with and
+without --recompute.
 
-    python bench/exactness.py [--attention-block 8]
+    python bench/exactness.py [--attention-block 8] [--head-rows 40]
 
 Prints, per run, the largest |loss − PyTorch's|, |weight − PyTorch's| and relative
-|grad_norm − the float64 norm|, and against one hybrid worker's run."""
+|grad_norm − the float64 norm|, and (T=32) against one hybrid worker's run."""
 import argparse
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -17,32 +21,60 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 from conftest import write_tiny_inputs  # noqa: E402
-from test_parity import N_TOKENS, RUNS, torch_reference, train_tiny  # noqa: E402
+from test_parity import LONG_B, LONG_T, N_TOKENS, RUNS, STRATEGIES, torch_reference, train_tiny  # noqa: E402
+
+
+def deviations(run, expected):
+    """-> (max |Δloss|, max |Δweight|, max relative |Δgrad norm|) of a run against torch_reference's."""
+    (losses, weights, rows, _), (expected_losses, expected_weights, norms) = run, expected
+    logged = np.array([r["grad_norm"] for r in rows if "grad_norm" in r])
+    return (np.abs(np.array(losses) - expected_losses).max(),
+            max(np.abs(weights[n] - w).max() for n, w in expected_weights.items()),
+            (np.abs(logged - norms) / np.array(norms)).max())
+
+
+def name(parallel, workers, recompute):
+    return f"{parallel} W={workers}{' recompute' if recompute else ''}"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--attention-block", type=int, default=8, help="COREGPT_ATTENTION_BLOCK of the runs")
+    p.add_argument("--attention-block", type=int, default=8, help="COREGPT_ATTENTION_BLOCK of the T=32 runs")
+    p.add_argument("--head-rows", type=int, default=40, help="COREGPT_HEAD_ROWS of the T=32 runs")
     args = p.parse_args()
-    env = {"COREGPT_ATTENTION_BLOCK": str(args.attention_block)}
+    env = {"COREGPT_ATTENTION_BLOCK": str(args.attention_block), "COREGPT_HEAD_ROWS": str(args.head_rows)}
     with tempfile.TemporaryDirectory(prefix="coregpt-exactness-") as tmp:
-        from pathlib import Path
-        root = Path(tmp)
+        root = Path(tmp) / "t32"
+        root.mkdir()
         state, tokens = write_tiny_inputs(root, seed=0, n_tokens=N_TOKENS)
-        losses, weights, norms = torch_reference(state, tokens)
+        expected = torch_reference(state, tokens)
         runs = {}
-        for parallel, workers in RUNS:
-            extra = ["--parallel", parallel] + (["--oversubscribe"] if workers > 2 else [])
-            runs[parallel, workers] = train_tiny(root, workers, f"{parallel}{workers}", *extra, env=env)
-        one = runs["hybrid", 1]
-        print(f"{'run':<10} {'loss':>9} {'weights':>9} {'grad norm':>9}   vs hybrid W=1: {'loss':>9} {'weights':>9}")
-        for (parallel, workers), (run_losses, run_weights, rows, _) in runs.items():
-            logged = np.array([r["grad_norm"] for r in rows if "grad_norm" in r])
-            print(f"{parallel} W={workers:<3} {np.abs(np.array(run_losses) - losses).max():9.2e} "
-                  f"{max(np.abs(run_weights[n] - w).max() for n, w in weights.items()):9.2e} "
-                  f"{(np.abs(logged - norms) / np.array(norms)).max():9.2e}                  "
-                  f"{np.abs(np.array(run_losses) - one[0]).max():9.2e} "
-                  f"{max(np.abs(run_weights[n] - w).max() for n, w in one[1].items()):9.2e}")
+        for parallel, workers, recompute in RUNS:
+            extra = (["--parallel", parallel] + (["--oversubscribe"] if workers > 2 else [])
+                     + (["--recompute"] if recompute else []))
+            runs[parallel, workers, recompute] = train_tiny(root, workers, name(parallel, workers, recompute)
+                                                            .replace(" ", "-"), *extra, env=env)
+        one = runs["hybrid", 1, False]
+        print("T=32:")
+        print(f"{'run':<22} {'loss':>9} {'weights':>9} {'grad norm':>9}   vs hybrid W=1: {'loss':>9} {'weights':>9}")
+        for key, run in runs.items():
+            loss, weight, norm = deviations(run, expected)
+            print(f"{name(*key):<22} {loss:9.2e} {weight:9.2e} {norm:9.2e}                  "
+                  f"{np.abs(np.array(run[0]) - one[0]).max():9.2e} "
+                  f"{max(np.abs(run[1][n] - w).max() for n, w in one[1].items()):9.2e}")
+        root = Path(tmp) / "t512"
+        root.mkdir()
+        state, tokens = write_tiny_inputs(root, seed=1, n_tokens=5 * LONG_B * LONG_T + 7, n_ctx=LONG_T)
+        expected = torch_reference(state, tokens, B=LONG_B, T=LONG_T)
+        print(f"T=512 (B={LONG_B}, context 512, default blocks and chunks):")
+        for parallel in STRATEGIES:
+            for workers in (1, 2):
+                for recompute in (False, True):
+                    run = train_tiny(root, workers, name(parallel, workers, recompute).replace(" ", "-"),
+                                     "--parallel", parallel, *(["--recompute"] if recompute else []),
+                                     B=LONG_B, T=LONG_T)
+                    loss, weight, norm = deviations(run, expected)
+                    print(f"{name(parallel, workers, recompute):<22} {loss:9.2e} {weight:9.2e} {norm:9.2e}")
 
 
 if __name__ == "__main__":
