@@ -65,7 +65,10 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
               arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute)]
     layout = param_layout(cfg)
     params = layout.size
-    private = 2 * 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + (4 * params if s.grad_accum > 1 else 0)
+    # each worker's own buffers: the rows every layernorm weight gradient normalises
+    # (N x C), bf16's one-layer fp32 rows, attention's blocks, NumPy's temporaries:
+    # 8 floats per row and channel of the pool holds the measured peaks (README)
+    private = 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + (4 * params if s.grad_accum > 1 else 0)
     private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers, s.recompute)
     if s.no_checkpoint:
         kept = 0
