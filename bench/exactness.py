@@ -3,7 +3,8 @@
 AdamW + clip_grad_norm_: at T=32 for hybrid and data at 1, 2 and 4 workers and,
 with --recompute, at 1 and 2; at a context of 512 (T=512, the default attention
 blocks and lm-head chunks) for both strategies at 1 and 2 workers, with and
-without --recompute.
+without --recompute; and one step's gradients against autograd on the tiny
+model and at GPT-2 124M shapes (tests/test_model.py).
 
     python bench/exactness.py [--attention-block 8] [--head-rows 40]
 
@@ -21,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 from conftest import write_tiny_inputs  # noqa: E402
+from test_model import compare_gradients  # noqa: E402
 from test_parity import LONG_B, LONG_T, N_TOKENS, RUNS, STRATEGIES, torch_reference, train_tiny  # noqa: E402
 
 
@@ -75,6 +77,11 @@ def main():
                                      B=LONG_B, T=LONG_T)
                     loss, weight, norm = deviations(run, expected)
                     print(f"{name(parallel, workers, recompute):<22} {loss:9.2e} {weight:9.2e} {norm:9.2e}")
+    shapes = {"tiny, B=4, T=32": (2, 4, 64, 64, 4, 32), "GPT-2 124M, B=2, T=64": (12, 12, 768, 1024, 2, 64)}
+    for label, shape in shapes.items():
+        n_layer, n_head, n_embd, n_ctx, B, T = shape
+        loss, torch_loss, rel = compare_gradients(n_layer, n_head, n_embd, n_ctx, B=B, T=T)
+        print(f"gradients, {label}: loss {abs(loss - torch_loss):.2e}, worst relative {max(rel.values()):.2e}")
 
 
 if __name__ == "__main__":
