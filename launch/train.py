@@ -30,7 +30,7 @@ from workers import messages as msg
 from workers.comm import LocalGroup
 from workers.placement import place, read_topology
 from workers.pool import WorkerPool
-from workers.resources import check as check_resources, plan_for
+from workers.resources import check as check_resources, lighter_settings, plan_for
 from workers.strategies import STRATEGIES
 
 # what a resumed run may change; everything else is the run's own
@@ -129,7 +129,10 @@ def setup(s, given, group):
         s = dataclasses.replace(s, out_dir=os.path.join("runs", datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")))
     strategy = STRATEGIES[s.parallel]
     plan = plan_for(cfg, s, group.local_size, group.size, engine, strategy)
-    warning = check_resources(plan, s.out_dir if group.is_root else os.devnull)
+    def lighter():
+        return [(flags, plan_for(cfg, dataclasses.replace(s, **changes), group.local_size, group.size, engine,
+                                 strategy)) for flags, changes in lighter_settings(s, group.size)]
+    warning = check_resources(plan, s.out_dir if group.is_root else os.devnull, lighter=lighter)
     if group.is_root:
         lock = prepare_out_dir(s, lock)
         try:

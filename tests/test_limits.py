@@ -108,6 +108,37 @@ def test_model_bigger_than_memory_is_one_line(tmp_path, corpus):
     assert not out.exists()
 
 
+def test_memory_refusal_names_the_cheapest_settings_that_fit(tmp_path, corpus, monkeypatch, capsys):
+    """Too big for the memory there is: the one line names the first lighter settings
+    that fit (--recompute, then the batch split into accumulated micro-batches)."""
+    from launch import cli
+    from launch.config import Settings
+    s = Settings(batch_size=8, workers=2)
+    assert [flags for flags, _ in resources.lighter_settings(s, ranks=1)] == [
+        "--recompute", "--batch-size 4 --grad-accum 2", "--batch-size 4 --grad-accum 2 --recompute",
+        "--batch-size 2 --grad-accum 4", "--batch-size 2 --grad-accum 4 --recompute"]
+    plan = lambda gb: resources.Plan([("x", gb * 1e9)], params=1, workers=1, local_ranks=1,  # noqa: E731
+                                     private_per_worker=0, checkpoints=0)
+    lighter = [("--recompute", plan(12)), ("--batch-size 4 --grad-accum 2", plan(8))]
+    with pytest.raises(resources.ResourceError, match=r"; --batch-size 4 --grad-accum 2 fits \(8\.[0-9] GB\); or "):
+        resources.check(plan(20), tmp_path, memory=10e9, cgroup=None, shm_free=None, lighter=lambda: lighter)
+    # through `launch train`: between what the run needs and what it needs with --recompute
+    args = ["train", "--model", "gpt2", "--batch-size", 2, "--seq-len", 1024, "--workers", 1, "--data", corpus,
+            "--out-dir", tmp_path / "run"]
+    needs = {}
+    for extra in ([], ["--recompute"]):
+        monkeypatch.setattr(resources, "meminfo_available", lambda: 10 ** 6)
+        monkeypatch.setattr(resources, "cgroup_memory_left", lambda: None)
+        assert cli.main(list(map(str, args + extra))) == 2
+        needs[bool(extra)] = float(re.search(r"this run needs ([\d.]+) GB", capsys.readouterr().err).group(1))
+    assert needs[True] < needs[False]
+    monkeypatch.setattr(resources, "meminfo_available", lambda: int((needs[True] + needs[False]) / 2 * 1e9))
+    assert cli.main(list(map(str, args))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "; --recompute fits (" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_disk_full_while_checkpointing_then_resume(tmp_path):
     """--out-dir on a 70 MB tmpfs: the step-2 checkpoint (40 MB) fits, step 4's does
     not.  One line, exit 1, no partial directory, `latest` still step 2, which loads;

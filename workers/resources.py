@@ -84,6 +84,22 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     return Plan(arenas, params, workers, local_ranks, private, kept, loading)
 
 
+def lighter_settings(s, ranks):
+    """Changes to settings `s` that need less memory, cheapest first -> [(flags,
+    {setting: value})]: --recompute; then the batch per step halved, quartered, …
+    with --grad-accum multiplied to keep the batch (and also with --recompute)."""
+    lighter = [] if s.recompute else [("--recompute", {"recompute": True})]
+    k = 2
+    while s.batch_size % (k * ranks * s.workers) == 0:
+        batch, accum = s.batch_size // k, s.grad_accum * k
+        changes = {"batch_size": batch, "grad_accum": accum}
+        lighter.append((f"--batch-size {batch} --grad-accum {accum}", changes))
+        if not s.recompute:
+            lighter.append((f"--batch-size {batch} --grad-accum {accum} --recompute", {**changes, "recompute": True}))
+        k *= 2
+    return lighter
+
+
 class Plan:
     """Bytes one machine needs for a run: `local_ranks` pools of `workers` workers."""
 
@@ -107,9 +123,11 @@ MACHINE = object()  # "read it from the machine"
 
 
 def check(plan, out_dir, shm_dir="/dev/shm", memory=MACHINE, cgroup=MACHINE, shm_free=MACHINE,
-          disk_free=MACHINE):
+          disk_free=MACHINE, lighter=list):
     """Raise ResourceError if the plan does not fit; -> a warning line or None.
-    The keyword arguments replace what is read from the machine (None: unknown)."""
+    The keyword arguments replace what is read from the machine (None: unknown);
+    lighter() -> [(flags, Plan)] of lighter settings, cheapest first: the memory
+    error names the first that fits."""
     memory = meminfo_available() if memory is MACHINE else memory
     cgroup = cgroup_memory_left() if cgroup is MACHINE else cgroup
     limits = [(m, where) for m, where in ((memory, "available"), (cgroup, "left under the cgroup limit"))
@@ -117,9 +135,11 @@ def check(plan, out_dir, shm_dir="/dev/shm", memory=MACHINE, cgroup=MACHINE, shm
     if limits:
         have, where = min(limits)
         if plan.memory > have:
+            fits = next(((flags, p) for flags, p in lighter() if p.memory <= have), None)
+            fix = f"{fits[0]} fits ({fits[1].memory / GB:.1f} GB); or " if fits else ""
             raise ResourceError(
                 f"memory: this run needs {plan.memory / GB:.1f} GB (parameters, gradients and Adam moments "
-                f"take {16 * plan.params / GB:.1f} GB) but {have / GB:.1f} GB are {where}; choose a smaller "
+                f"take {16 * plan.params / GB:.1f} GB) but {have / GB:.1f} GB are {where}; {fix}choose a smaller "
                 f"--model or --batch-size, fewer --workers, or a machine with more memory")
     if shm_free is MACHINE:  # no /dev/shm (macOS): POSIX shared memory is not a filesystem there
         shm_free = free_bytes(shm_dir) if os.path.isdir(shm_dir) else None
