@@ -60,7 +60,7 @@ SETTINGS = {
     "resume": (bool, False, "continue the run in --out-dir from its latest checkpoint"),
     "seed": (int, 1337, "seed for initialisation and sampling"),
     "recompute": (bool, False, "keep only each block's input and recompute its forward in the backward "
-                               "(activation checkpointing): less memory, about a third more compute"),
+                               "(activation checkpointing): less memory, about a fifth more time per step"),
     "profile": (bool, False, "log per-step phase times (forward, backward, reduce, update, waiting) "
                              "and print a per-layer-type table at the end"),
     "skip_nonfinite": (bool, False, "skip (and count) a step whose loss or gradient is NaN/inf "

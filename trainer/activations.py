@@ -52,7 +52,7 @@ def activation_shapes(cfg, B, T, training, n_parts=1):
         ("lnf", (N, C), 0), ("lnf_mean", (N, 1), 0), ("lnf_rstd", (N, 1), 0),
         ("logits", (head_rows(N, n_parts), V), 0), ("rowtmp", (N, 1), 0),
     ]
-    if training:  # gradients of every matmul output and layernorm input are kept for the weights
+    if training:  # gradients of every matmul output and layernorm input, for the weights' (one layer's)
         shapes += [
             ("dresidual", (L + 1, N, C), 1), ("dresid2", (L, N, C), 1),
             ("dln1", (L, N, C), 1), ("dln2", (L, N, C), 1), ("dlnf", (N, C), 0),

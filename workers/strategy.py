@@ -12,8 +12,8 @@ and, built inside each worker (`__init__(worker)`),
   - the schedule of one micro-batch (`step` -> a StepReport), including how the
     weight-gradient tasks of `trainer.gpt.weight_tasks` are shared and how the
     gradients end up summed in the pool's gradient buffer.  A layer's weight
-    gradients run as soon as its backward is done (`GPT.backward_inputs(scale,
-    layer_done)`), the embedding's after the last.
+    gradients run as soon as its backward is done (`GPT.backward_inputs(layer_done)`),
+    the embedding's after the last.
 Register a new one in workers/strategies.py.
 """
 import time
