@@ -6,7 +6,7 @@ import os
 import tomllib
 from importlib import resources
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, knob
 from workers.strategies import STRATEGIES
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -211,4 +211,6 @@ def check(s, group=None):
     if s.min_lr is None:
         s = dataclasses.replace(s, min_lr=s.lr / 10)
     need(not (s.resume and s.out_dir is None), "--resume needs --out-dir naming the run to continue")
+    for name in ("COREGPT_ATTENTION_BLOCK", "COREGPT_HEAD_ROWS"):
+        knob(name, 1)  # a malformed size is one line here, not a worker failing later
     return s

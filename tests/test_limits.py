@@ -95,6 +95,18 @@ except ResourceError as e:
     assert "rc=0 left: 0" in done.stdout
 
 
+@pytest.mark.parametrize("name", ["COREGPT_ATTENTION_BLOCK", "COREGPT_HEAD_ROWS"])
+@pytest.mark.parametrize("value", ["abc", "-3", "0"])
+def test_malformed_size_variables_are_one_line(tmp_path, corpus, name, value):
+    """The block sizes tests shrink through the environment: a bad one never reaches
+    a worker (a negative attention block once skipped every block silently)."""
+    done = launch("train", "--data", corpus, "--steps", 1, "--workers", 1, "--out-dir", tmp_path / "run",
+                  env={name: value})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"coregpt: error: {name} must be a positive integer, got {value!r}"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_model_bigger_than_memory_is_one_line(tmp_path, corpus):
     """Bigger than any machine (GPT-2 XL on this 24 GB one is measured in the README)."""
     out = tmp_path / "run"

@@ -8,7 +8,6 @@ import torch
 
 from conftest import TINY, write_token_file
 from torch_gpt2 import TorchGPT2, random_state
-from trainer import activations
 from trainer.gemm import Engine
 from trainer.params import GPTConfig, param_layout
 from workers import messages as msg
@@ -56,8 +55,7 @@ def pool_gradients(path, state, parallel, workers, recompute=False):
 def test_pool_gradients_match_autograd(reference, parallel, workers, recompute, monkeypatch):
     """The lm head 40 rows at a time: 192 rows are 4 chunks and a shorter last one
     (3 workers: chunks of 39)."""
-    monkeypatch.setenv("COREGPT_HEAD_ROWS", "40")  # the workers'
-    monkeypatch.setattr(activations, "HEAD_ROWS", 40)  # the arenas' sizes, here
+    monkeypatch.setenv("COREGPT_HEAD_ROWS", "40")  # read where the arenas are sized and in the workers
     path, state, expected = reference
     grads, sumsq = pool_gradients(path, state, parallel, workers, recompute)
     assert set(grads) == set(expected)

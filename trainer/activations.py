@@ -17,10 +17,9 @@ after dresidual[l] is written).  With recompute (activation checkpointing) so do
 every other per-layer activation but the blocks' inputs (residual): the backward
 refills them by running the block's forward again.
 """
-import os
-
 import numpy as np
 
+from trainer.errors import knob
 from trainer.gemm import to_low
 from trainer.params import Layout
 
@@ -28,13 +27,13 @@ from trainer.params import Layout
 # rows of logits at a time: the lm head never holds all N x V of them (gpt.py's head).
 # 256 rows of GPT-2's vocabulary are 51 MB; COREGPT_HEAD_ROWS changes it (the tests
 # shrink it so that a small batch already spans several chunks).
-HEAD_ROWS = int(os.environ.get("COREGPT_HEAD_ROWS", 256))
+HEAD_ROWS = 256
 
 
 def head_rows(N, n_parts):
     """Rows of the logits' chunk: about HEAD_ROWS, a multiple of the n_parts workers
     sharing them, at most N."""
-    return min(N, n_parts * max(1, HEAD_ROWS // n_parts))
+    return min(N, n_parts * max(1, knob("COREGPT_HEAD_ROWS", HEAD_ROWS) // n_parts))
 
 
 def activation_shapes(cfg, B, T, training, n_parts=1):

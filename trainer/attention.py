@@ -9,13 +9,17 @@ queries at positions start… (start > 0 when earlier keys and values are cached
 lse (B,NH,T').  Heads are strided views of those arrays: BLAS reads each head's
 rows in place, so nothing is copied.
 """
-import os
-
 import numpy as np
+
+from trainer.errors import knob
 
 # queries and keys per block: one head's 128 x 128 fp32 scores (64 KB) stay in L2.
 # COREGPT_ATTENTION_BLOCK shrinks it (the tests: T=32 then spans several blocks).
-BLOCK = int(os.environ.get("COREGPT_ATTENTION_BLOCK", 128))
+BLOCK = 128
+
+
+def block_size():
+    return knob("COREGPT_ATTENTION_BLOCK", BLOCK)
 
 _scratch = {}
 
@@ -54,7 +58,7 @@ def causal_mask(scores, q0, k0):
 def attention_forward(out, lse, qkv, n_head, start=0, block=None):
     """qkv (B,T,3C) -> out (B,T−start,C), lse (B,NH,T−start)."""
     B, T, C3 = qkv.shape
-    C, n, block = C3 // 3, T - start, block or BLOCK
+    C, n, block = C3 // 3, T - start, block or block_size()
     hs = C // n_head
     scale = np.float32(1.0 / np.sqrt(hs))
     q, k, v = heads(qkv, n_head, 3)
@@ -102,7 +106,7 @@ def attention_forward(out, lse, qkv, n_head, start=0, block=None):
 def attention_backward(dqkv, dout, qkv, out, lse, n_head, block=None):
     """dout (B,T,C) -> dqkv (B,T,3C) overwritten; out and lse as the forward left them."""
     B, T, C3 = qkv.shape
-    C, block = C3 // 3, block or BLOCK
+    C, block = C3 // 3, block or block_size()
     hs = C // n_head
     scale = np.float32(1.0 / np.sqrt(hs))
     q, k, v = heads(qkv, n_head, 3)

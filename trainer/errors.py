@@ -4,8 +4,22 @@ for an exception class).  Exit status: 2 for the ValueErrors and limits known up
 front, 1 for a run that fails."""
 
 
+import os
+
+
 class ConfigError(ValueError):
     """A bad setting or config file; the message says what to change."""
+
+
+def knob(name, default):
+    """A positive integer from the environment variable `name` (the COREGPT_* sizes
+    that tests shrink), else default; anything else is a ConfigError."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 class DataError(ValueError):
