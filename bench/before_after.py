@@ -48,13 +48,13 @@ def main():
         for r in range(args.rounds):
             for prec in precisions:
                 for side in (["after", "before"] if r % 2 == 0 else ["before", "after"]):
-                    times, _ = coregpt_step_times(args.model, B, T, n, args.workers, data, ["--precision", prec],
-                                                  repo=sides[side])
+                    times = coregpt_step_times(args.model, B, T, n, args.workers, data, ["--precision", prec],
+                                               repo=sides[side]).times
                     raw[side, prec].append(times[args.warmup:])
                     print(f"round {r + 1}: {side} {prec}: " + " ".join(f"{t:.3f}" for t in times[args.warmup:]),
                           file=sys.stderr, flush=True)
         peaks = {(side, prec): coregpt_step_times(args.model, B, T, 3, args.workers, data, ["--precision", prec],
-                                                  watch_memory=True, repo=sides[side])[1]
+                                                  watch_memory=True, repo=sides[side]).peak
                  for side in sides for prec in precisions}
     print(f"{args.model}, B={B}, T={T}, {args.workers} workers x 1 thread; median of {args.rounds} rounds x "
           f"{args.steps} steps after {args.warmup} warm-up")

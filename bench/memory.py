@@ -1,12 +1,11 @@
 """A run's planned and measured memory: `launch train` for a few steps on random
-tokens, 2 workers x 1 thread, with the header's memory plan and the peak PSS of the
+tokens, 1 thread per worker, with the header's memory plan and the peak PSS of the
 coordinator and its workers (shared memory once), sampled every 0.1 s.
 
     python bench/memory.py --model gpt2-medium --batch-size 4 --seq-len 1024 -- --precision bf16 --recompute
 
 Prints the plan, the measured peak, planned / measured, and each step's time."""
 import argparse
-import json
 import os
 import re
 import sys
@@ -17,7 +16,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.vs_pytorch import run_watched  # noqa: E402
+from bench.vs_pytorch import coregpt_step_times  # noqa: E402
 from trainer.data import write_tokens  # noqa: E402
 from trainer.params import GPT2_VOCAB, PRESETS  # noqa: E402
 
@@ -33,24 +32,16 @@ def main():
     args = p.parse_args()
     B, T = args.batch_size, args.seq_len
     with tempfile.TemporaryDirectory(prefix="coregpt-memory-") as tmp:
-        data, out = os.path.join(tmp, "tokens.bin"), os.path.join(tmp, "run")
+        data = os.path.join(tmp, "tokens.bin")
         rng = np.random.default_rng(0)
         write_tokens(data, rng.integers(0, GPT2_VOCAB, (args.steps + 1) * B * T + 1).astype(np.uint16))
-        cmd = [sys.executable, "-m", "launch", "train", "--model", args.model, "--data", data,
-               "--batch-size", str(B), "--seq-len", str(T), "--steps", str(args.steps),
-               "--workers", str(args.workers), "--threads-per-worker", "1", "--eval-every", "0",
-               "--no-checkpoint", "--out-dir", out, *args.extra]
-        code, _, err, peak = run_watched(cmd, REPO, dict(os.environ, PYTHONPATH=REPO), True)
-        if code != 0:
-            raise SystemExit(f"the run failed (exit {code}):\n{err[-2000:]}")
-        shared, private = map(float, re.search(r"memory plan: shared ([\d.]+) GB .*private ~([\d.]+) GB",
-                                               err).groups())
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            steps = [json.loads(line)["step_ms"] / 1000 for line in f if "step_ms" in line]
+        run = coregpt_step_times(args.model, B, T, args.steps, args.workers, data, args.extra, watch_memory=True)
+    shared, private = map(float, re.search(r"memory plan: shared ([\d.]+) GB .*private ~([\d.]+) GB",
+                                           run.log).groups())
     print(f"{args.model} B={B} T={T} {' '.join(args.extra)}, {args.workers} workers x 1 thread")
     print(f"planned {shared + private:.2f} GB (shared {shared:.2f}, private {private:.2f}), measured peak "
-          f"{peak:.2f} GB, planned / measured {(shared + private) / peak:.3f}")
-    print("s/step: " + " ".join(f"{t:.2f}" for t in steps))
+          f"{run.peak:.2f} GB, planned / measured {(shared + private) / run.peak:.3f}")
+    print("s/step: " + " ".join(f"{t:.2f}" for t in run.times))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -158,8 +159,14 @@ def run_watched(cmd, cwd, env, watch_memory):
     return proc.returncode, out, err, peak[0] / 1e6 if watch_memory else None
 
 
+class CoregptRun(NamedTuple):
+    times: list  # seconds of each step
+    peak: float | None  # GB, when watched
+    log: str  # its stderr (the header, with the memory plan)
+
+
 def coregpt_step_times(model_name, B, T, steps, workers, data, extra, watch_memory=False, repo=REPO):
-    """-> (step times, peak GB or None)."""
+    """`launch train` on `data` -> CoregptRun."""
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
         out = os.path.join(tmp, "run")
         cmd = [sys.executable, "-m", "launch", "train", "--model", model_name, "--data", data,
@@ -171,7 +178,7 @@ def coregpt_step_times(model_name, B, T, steps, workers, data, extra, watch_memo
             raise SystemExit(f"coregpt run failed:\n{err[-2000:]}")
         with open(os.path.join(out, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-        return [r["step_ms"] / 1000 for r in rows if "step_ms" in r], peak
+        return CoregptRun([r["step_ms"] / 1000 for r in rows if "step_ms" in r], peak, err)
 
 
 def torch_run(name, args, steps, warmup, watch_memory=False):
@@ -230,7 +237,7 @@ def main():
                     times, _ = torch_run(name, args, args.steps, args.warmup)
                 else:
                     workers, flags = systems[name]
-                    times, _ = coregpt_step_times(args.model, B, T, n, workers, data, flags + args.extra)
+                    times = coregpt_step_times(args.model, B, T, n, workers, data, flags + args.extra).times
                 raw[name].append(times[args.warmup:])
                 print(f"round {r + 1}: {name}: " + " ".join(f"{t:.3f}" for t in times[args.warmup:]),
                       file=sys.stderr, flush=True)
@@ -238,7 +245,7 @@ def main():
         peaks = {name: torch_run(name, args, 1, 3 if TORCH_RECIPES[name]["compile"] else 2, watch_memory=True)[1]
                  for name in recipes}
         peaks.update({name: coregpt_step_times(args.model, B, T, 3, 2, data, flags + args.extra,
-                                               watch_memory=True)[1]
+                                               watch_memory=True).peak
                       for name, (workers, flags) in systems.items() if workers == 2})
     print(f"{args.model}, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; PyTorch with 2 threads")
     print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
