@@ -114,7 +114,8 @@ class Hybrid(Strategy):
                     sums[1] += time.perf_counter() - t0
         def layer_done(l):
             run(self.tasks[l])
-            self.barrier()  # before the next layer's backward overwrites what they read
+            if l:  # before the next layer's backward overwrites what they read (the embedding's run waits anyway)
+                self.barrier()
         self.model.backward_inputs(layer_done)
         run(self.tasks[None])
         sumsq, summing = sums
