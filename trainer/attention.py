@@ -21,6 +21,7 @@ BLOCK = 128
 def block_size():
     return knob("COREGPT_ATTENTION_BLOCK", BLOCK)
 
+
 _scratch = {}
 
 

@@ -2,8 +2,6 @@
 any layer can raise or catch them (launch -> workers -> trainer never turns around
 for an exception class).  Exit status: 2 for the ValueErrors and limits known up
 front, 1 for a run that fails."""
-
-
 import os
 
 
