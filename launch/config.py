@@ -6,6 +6,7 @@ import os
 import tomllib
 from importlib import resources
 
+from trainer.checkpoint import OPTIMS
 from trainer.errors import ConfigError, knob
 from workers.strategies import STRATEGIES
 
@@ -38,6 +39,8 @@ SETTINGS = {
     "beta1": (float, 0.9, "AdamW beta1"),
     "beta2": (float, 0.95, "AdamW beta2"),
     "eps": (float, 1e-8, "AdamW epsilon"),
+    "optim": (str, "adamw", "adamw (fp32 moments, 8 bytes a parameter) or adamw8bit (bitsandbytes' "
+                            "AdamW8bit: 8-bit blockwise moments, 2 bytes a parameter)"),
     "precision": (str, "fp32", "fp32, or bf16: matmul inputs rounded to bf16, fp32 accumulation; "
                                "weights, gradients, optimizer and other layers stay fp32"),
     "gemm": (str, "auto", "GEMM engine: auto (oneDNN where it is faster, else NumPy's BLAS), numpy "
@@ -197,6 +200,7 @@ def check(s, group=None):
         need(getattr(s, name) >= 0, f"--{name.replace('_', '-')} must not be negative")
     need(s.weight_decay >= 0 and s.grad_clip >= 0, "--weight-decay and --grad-clip must not be negative")
     need(0 <= s.beta1 < 1 and 0 <= s.beta2 < 1 and s.eps > 0, "AdamW needs 0 <= beta < 1 and eps > 0")
+    need(s.optim in OPTIMS, f"--optim must be {' or '.join(OPTIMS)}, got {s.optim!r}")
     from workers.placement import read_topology
     cores = read_topology().available(s.smt)  # physical cores (or hyperthreads), capped by a CPU quota
     local_workers = local_ranks * s.workers  # every worker on this machine

@@ -106,12 +106,12 @@ class Metrics:
 
 
 def checkpoint(s, cfg, step, arrays, counts):
-    params, m, v = arrays
+    params, optimizer = arrays
     state = {"seed": s.seed, "data_window": step * s.grad_accum, "adam_steps": counts["updates"],
              "skipped_nonfinite": counts["skipped"], "config": run_settings(s)}
     from safetensors import SafetensorError
     try:  # a failed write leaves no partial directory, and `latest` still names the previous one
-        path = save_checkpoint(s.out_dir, step, cfg, params, m, v, state)
+        path = save_checkpoint(s.out_dir, step, cfg, params, optimizer, state)
     except (OSError, SafetensorError) as e:
         raise write_failed(f"the step {step} checkpoint in {os.path.join(s.out_dir, 'checkpoints')}",
                            e, s.out_dir) from None

@@ -47,6 +47,7 @@ def resume_settings(s, given):
         raise DataError(f"--resume: {s.out_dir} has no checkpoint to resume from")
     state = read_state(ckpt)
     saved = {k: v for k, v in state["config"].items() if k in SETTINGS}
+    saved.setdefault("optim", "adamw")  # a checkpoint from before --optim
     saved.update({k: getattr(s, k) for k in given if k in RESUME_KEEPS})
     if "workers" in given and "threads_per_worker" not in given:
         saved["threads_per_worker"] = None  # derive it again for the new worker count
@@ -62,7 +63,7 @@ def build_model(s, ckpt):
     """-> (GPTConfig, tensors or None).  None means: GPT-2 initialisation, or on
     --resume the checkpoint, streamed into the arenas once they exist."""
     if ckpt is not None:
-        return check_checkpoint(ckpt), None
+        return check_checkpoint(ckpt, s.optim), None
     if not s.init_from:
         overrides = dict(n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
         return preset_config(s.model, overrides, GPT2_VOCAB), None
@@ -191,13 +192,13 @@ def run_pool(run, group):
         with StopRequest() as stop:
             pool = WorkerPool(cfg, s.workers, s.threads_per_worker, rows=s.batch_size // workers,
                               seq_len=s.seq_len, batch_rows=s.batch_size, train=run.train_path,
-                              val=run.val_path, optim=dict(beta1=s.beta1, beta2=s.beta2, eps=s.eps,
-                                                           weight_decay=s.weight_decay),
+                              val=run.val_path, optim=dict(kind=s.optim, beta1=s.beta1, beta2=s.beta2,
+                                                           eps=s.eps, weight_decay=s.weight_decay),
                               engine=run.engine, strategy=run.strategy, profile=s.profile,
                               recompute=s.recompute,
                               worker_offset=group.rank * s.workers, cores=cores)
             log(f"coregpt: matmuls: {run.engine_text}; workers' BLAS: {pool.blas or 'none found'}")
-            arrays = tuple(pool.layout.views(a.array) for a in (pool.params, pool.m, pool.v))
+            arrays = pool.layout.views(pool.params.array), pool.optimizer_views()
             load_state(cfg, s, arrays, run.tensors, run.ckpt)
             run.tensors = None
             pool.request(msg.Cast())  # the bf16 copy of the loaded weights, if any
@@ -217,9 +218,9 @@ def run_pool(run, group):
 
 
 def load_state(cfg, s, arrays, tensors, ckpt):
-    params, m, v = arrays
+    params, optimizer = arrays
     if ckpt is not None:
-        stream_checkpoint(ckpt, params, m, v)
+        stream_checkpoint(ckpt, params, optimizer)
     elif tensors is None:
         init_gpt2(cfg, params, s.seed)
     else:

@@ -50,9 +50,10 @@ def checkpoint_files(run, step):
         os.path.join(ckpt, "optimizer.safetensors"))
 
 
-@pytest.mark.parametrize("schedule, recompute", [("constant", None), ("cosine", None), ("cosine", True)])
-def test_resume_is_bit_identical(tmp_path, tiny, schedule, recompute):
-    common = flags(tiny, steps=8, lr_schedule=schedule, warmup=2, lr=1e-3, recompute=recompute)
+@pytest.mark.parametrize("schedule, recompute, optim", [("constant", None, None), ("cosine", None, None),
+                                                       ("cosine", True, None), ("cosine", None, "adamw8bit")])
+def test_resume_is_bit_identical(tmp_path, tiny, schedule, recompute, optim):
+    common = flags(tiny, steps=8, lr_schedule=schedule, warmup=2, lr=1e-3, recompute=recompute, optim=optim)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train_ok(*common, "--out-dir", straight)
     train_ok(*common, "--ckpt-every", 4, "--out-dir", stopped)
@@ -64,7 +65,10 @@ def test_resume_is_bit_identical(tmp_path, tiny, schedule, recompute):
     rows = read_metrics(stopped)
     assert [r["step"] for r in rows] == list(range(1, 9))  # replaced, not duplicated
     assert losses(stopped) == losses(straight)
-    for a, b in zip(checkpoint_files(straight, 8), checkpoint_files(stopped, 8)):
+    model, optimizer = checkpoint_files(straight, 8)
+    assert optimizer["m.h.0.mlp.c_fc.weight"].dtype == (np.uint8 if optim else np.float32)  # kept by --resume
+    assert optimizer["m.h.0.ln_1.bias"].dtype == np.float32  # under 4096 elements: fp32 moments
+    for a, b in zip((model, optimizer), checkpoint_files(stopped, 8)):
         assert a.keys() == b.keys()
         for name in a:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -122,13 +122,19 @@ def test_model_bigger_than_memory_is_one_line(tmp_path, corpus):
 
 def test_memory_refusal_names_the_cheapest_settings_that_fit(tmp_path, corpus, monkeypatch, capsys):
     """Too big for the memory there is: the one line names the first lighter settings
-    that fit (--recompute, then the batch split into accumulated micro-batches)."""
+    that fit (--recompute, 8-bit Adam moments, then the batch split into accumulated
+    micro-batches)."""
     from launch import cli
     from launch.config import Settings
     s = Settings(batch_size=8, workers=2)
     assert [flags for flags, _ in resources.lighter_settings(s, ranks=1)] == [
-        "--recompute", "--batch-size 4 --grad-accum 2", "--batch-size 4 --grad-accum 2 --recompute",
-        "--batch-size 2 --grad-accum 4", "--batch-size 2 --grad-accum 4 --recompute"]
+        "--recompute", "--optim adamw8bit", "--recompute --optim adamw8bit",
+        "--batch-size 4 --grad-accum 2", "--batch-size 4 --grad-accum 2 --optim adamw8bit",
+        "--batch-size 4 --grad-accum 2 --recompute", "--batch-size 4 --grad-accum 2 --recompute --optim adamw8bit",
+        "--batch-size 2 --grad-accum 4", "--batch-size 2 --grad-accum 4 --optim adamw8bit",
+        "--batch-size 2 --grad-accum 4 --recompute", "--batch-size 2 --grad-accum 4 --recompute --optim adamw8bit"]
+    assert [flags for flags, _ in resources.lighter_settings(Settings(batch_size=2, workers=2, recompute=True,
+                                                                      optim="adamw8bit"), ranks=1)] == []
     plan = lambda gb: resources.Plan([("x", gb * 1e9)], params=1, workers=1, local_ranks=1,  # noqa: E731
                                      private_per_worker=0, checkpoints=0)
     lighter = [("--recompute", plan(12)), ("--batch-size 4 --grad-accum 2", plan(8))]

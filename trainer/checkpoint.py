@@ -9,12 +9,30 @@ import json
 import os
 import shutil
 
+import numpy as np
+
+from trainer.adamw8bit import QBLOCK, quantized
 from trainer.files import atomic_write
 from trainer.params import GPTConfig, param_shapes
 from trainer.weights import WeightsError, latest_checkpoint, save_model
 
-# a checkpoint's files and the prefixes of the tensors each holds for every parameter
-FILES = (("model.safetensors", ("",)), ("optimizer.safetensors", ("m.", "v.")))
+OPTIMS = ("adamw", "adamw8bit")
+
+
+def optimizer_tensors(cfg, optim):
+    """{prefix: {parameter: (shape, safetensors dtype)}} of the optimizer state
+    `optim` keeps for each parameter: fp32 m and v; or with adamw8bit, uint8 codes
+    and per-block absmax for the quantised tensors and fp32 m and v for the rest
+    (trainer/adamw8bit.py)."""
+    tensors = {"m.": {}, "v.": {}} | ({"m_absmax.": {}, "v_absmax.": {}} if optim == "adamw8bit" else {})
+    for name, shape in param_shapes(cfg):
+        for moment in ("m", "v"):
+            if optim == "adamw8bit" and quantized(shape):
+                tensors[f"{moment}."][name] = shape, "U8"
+                tensors[f"{moment}_absmax."][name] = (-(-int(np.prod(shape)) // QBLOCK),), "F32"
+            else:
+                tensors[f"{moment}."][name] = shape, "F32"
+    return tensors
 
 
 def fsync_dir(path):
@@ -25,8 +43,9 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def save_checkpoint(run_dir, step, cfg, params, m, v, state):
-    """params, m, v: {hf_name: array}; state: JSON-able run state -> checkpoint path."""
+def save_checkpoint(run_dir, step, cfg, params, optimizer, state):
+    """params: {hf_name: array}; optimizer: {prefix: {hf_name: array}} (as
+    optimizer_tensors names them); state: JSON-able run state -> checkpoint path."""
     from safetensors.numpy import save_file
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
@@ -38,8 +57,8 @@ def save_checkpoint(run_dir, step, cfg, params, m, v, state):
     os.makedirs(tmp)
     try:
         save_model(tmp, cfg, params)
-        optimizer = {f"m.{k}": a for k, a in m.items()} | {f"v.{k}": a for k, a in v.items()}
-        save_file(optimizer, os.path.join(tmp, "optimizer.safetensors"))
+        save_file({prefix + name: a for prefix, views in optimizer.items() for name, a in views.items()},
+                  os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(dict(state, step=step), f, indent=2)
         for file in os.listdir(tmp):
@@ -84,16 +103,19 @@ def saved_setting(run_dir, key):
     return read_state(ckpt)["config"].get(key) if ckpt else None
 
 
-def check_checkpoint(ckpt_dir):
+def check_checkpoint(ckpt_dir, optim):
     """-> the GPTConfig of a checkpoint to resume, once its files' headers show every
-    parameter and Adam moment with its shape (no tensor is read: see stream_checkpoint)."""
+    parameter and every tensor of optimizer `optim`'s state with its shape and dtype
+    (no tensor is read: see stream_checkpoint)."""
     from safetensors import SafetensorError, safe_open
     try:
         with open(os.path.join(ckpt_dir, "config.json")) as f:
             cfg = GPTConfig.from_hf(json.load(f))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WeightsError(f"{ckpt_dir}: unreadable config.json ({e})") from None
-    for file, prefixes in FILES:
+    files = (("model.safetensors", {"": {name: (shape, "F32") for name, shape in param_shapes(cfg)}}),
+             ("optimizer.safetensors", optimizer_tensors(cfg, optim)))
+    for file, expected in files:
         path = os.path.join(ckpt_dir, file)
         try:
             with safe_open(path, framework="numpy") as f:
@@ -103,31 +125,30 @@ def check_checkpoint(ckpt_dir):
                     found[name] = tuple(tensor.get_shape()), tensor.get_dtype()
         except (OSError, SafetensorError) as e:
             raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
-        for prefix in prefixes:
-            for name, shape in param_shapes(cfg):
+        for prefix, tensors in expected.items():
+            for name, (shape, dtype) in tensors.items():
                 name = prefix + name
                 if name not in found:
                     raise WeightsError(f"{path}: tensor {name} is missing")
                 if found[name][0] != shape:
                     raise WeightsError(f"{path}: tensor {name} has shape {found[name][0]}, expected {shape}")
-                if found[name][1] != "F32":
-                    raise WeightsError(f"{path}: tensor {name} is {found[name][1]}, expected F32")
+                if found[name][1] != dtype:
+                    raise WeightsError(f"{path}: tensor {name} is {found[name][1]}, expected {dtype}")
     return cfg
 
 
-def stream_checkpoint(ckpt_dir, params, m, v):
-    """Read a checkpoint (checked by check_checkpoint) into the arrays' views {name:
-    view}: each tensor's bytes go from the file straight into its view, with no copy
+def stream_checkpoint(ckpt_dir, params, optimizer):
+    """Read a checkpoint (checked by check_checkpoint) into the views {name: view} of
+    params and {prefix: {name: view}} of optimizer: each tensor's bytes go from the file straight into its view, with no copy
     in between and no mapping of the file (mapped pages would count as the
     coordinator's memory), so loading needs nothing beside the arenas."""
-    views_of = {"": params, "m.": m, "v.": v}
-    for file, prefixes in FILES:
+    for file, views_of in (("model.safetensors", {"": params}), ("optimizer.safetensors", optimizer)):
         path = os.path.join(ckpt_dir, file)
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(header_size))
-            for prefix in prefixes:
-                for name, view in views_of[prefix].items():
+            for prefix, views in views_of.items():
+                for name, view in views.items():
                     begin, end = header[prefix + name]["data_offsets"]
                     target = memoryview(view).cast("B")
                     f.seek(8 + header_size + begin)

@@ -101,15 +101,6 @@ def param_layout(cfg):
     return Layout(param_shapes(cfg))
 
 
-def decay_segments(layout):
-    """[(start, end, decays)] covering the arena: weight decay on 2-D tensors only."""
-    segments = []
-    for name, shape in layout.shapes.items():
-        start = layout.offsets[name]
-        segments.append((start, start + int(np.prod(shape)), len(shape) == 2))
-    return segments
-
-
 def shard_bounds(size, n_shards):
     """Contiguous, ALIGN-aligned [start, end) of each worker's optimizer shard."""
     step = -(-size // (n_shards * ALIGN)) * ALIGN

@@ -17,7 +17,7 @@ class Init:
     batch_rows: int  # the global batch
     train: str
     val: str | None
-    optim: dict  # beta1, beta2, eps, weight_decay
+    optim: dict  # kind (adamw or adamw8bit), beta1, beta2, eps, weight_decay
     threads: int
     cores: list | None
     profile: bool

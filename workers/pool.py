@@ -11,6 +11,7 @@ import time
 
 import zmq
 
+from trainer.adamw8bit import State8, side_layout
 from trainer.errors import WorkerError
 from trainer.params import param_layout
 from workers import messages as msg
@@ -40,12 +41,23 @@ def blas_coretype():
     return "Zen" if amd_avx512 else None
 
 
-def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False):
+def optimizer_arenas(layout, optim):
+    """[(what, elements, dtype)] of the optimizer's state: Adam m and v laid out like
+    the parameters, in fp32; or with adamw8bit as one byte each, plus the fp32 side
+    of the 8-bit state (absmax per block, the small tensors' moments)."""
+    if optim == "adamw8bit":
+        return [("Adam m", layout.size, "uint8"), ("Adam v", layout.size, "uint8"),
+                ("Adam absmax", side_layout(layout).size, "float32")]
+    return [("Adam m", layout.size, "float32"), ("Adam v", layout.size, "float32")]
+
+
+def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False, optim="adamw"):
     """[(what, elements, dtype)] of a pool's shared arenas, in creation order: what
-    every pool has (parameters, Adam m and v, the gradients AdamW reads, and with
-    bf16 matmuls the weights' bf16 copy), then what its strategy adds."""
-    params = param_layout(cfg).size
-    sizes = [(what, params, "float32") for what in ("params", "Adam m", "Adam v", "gradients")]
+    every pool has (parameters, the optimizer's state, the gradients AdamW reads, and
+    with bf16 matmuls the weights' bf16 copy), then what its strategy adds."""
+    layout = param_layout(cfg)
+    params = layout.size
+    sizes = [("params", params, "float32")] + optimizer_arenas(layout, optim) + [("gradients", params, "float32")]
     if engine.low:
         sizes.append(("bf16 weights", params, engine.low_dtype))
     return sizes + strategy.arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute)
@@ -62,12 +74,14 @@ class WorkerPool:
         self.layout = param_layout(cfg)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
-            sizes = arena_sizes(cfg, rows * n_workers, seq_len, engine, strategy, n_workers, recompute)
+            sizes = arena_sizes(cfg, rows * n_workers, seq_len, engine, strategy, n_workers, recompute,
+                                optim["kind"])
             for _, size, dtype in sizes:  # one by one, so close() frees any made
                 self.arenas.append(SharedArena.create(size, dtype))
             # workers find each arena by what arena_sizes calls it
             arena = {what: a for (what, _, _), a in zip(sizes, self.arenas)}
             self.params, self.m, self.v, self.grads = (arena[k] for k in ("params", "Adam m", "Adam v", "gradients"))
+            self.absmax = arena.get("Adam absmax")  # adamw8bit's
             names = {what: a.name for what, a in arena.items()}
             elements = {what: n for what, n, _ in sizes}
             self.tmpdir = self.socket_dir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
@@ -95,6 +109,12 @@ class WorkerPool:
         except BaseException:
             self.close()
             raise
+
+    def optimizer_views(self):
+        """{prefix: {parameter: view}} of the optimizer's state, as checkpoints name it."""
+        if self.absmax is None:
+            return {"m.": self.layout.views(self.m.array), "v.": self.layout.views(self.v.array)}
+        return State8(self.layout, self.m.array, self.v.array, self.absmax.array).views()
 
     def _start(self, endpoint, threads):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -62,7 +62,7 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     workers = s.workers
     pool_rows = s.batch_size // (ranks * workers) * workers
     arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
-              arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute)]
+              arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute, s.optim)]
     layout = param_layout(cfg)
     params = layout.size
     # each worker's own buffers: the rows every layernorm weight gradient normalises
@@ -81,13 +81,15 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     # GPT-2 init writes in place.  (A checkpoint is written straight from the arenas.)
     largest = max(int(np.prod(shape)) for shape in layout.shapes.values())
     loading = 4 * (largest if s.resume else params if s.init_from else 0)
-    return Plan(arenas, params, workers, local_ranks, private, kept, loading)
+    optimizer = sum(b for what, b in arenas if what.startswith("Adam"))
+    return Plan(arenas, params, workers, local_ranks, private, kept, loading, optimizer)
 
 
 def lighter_settings(s, ranks):
     """Changes to settings `s` that need less memory, cheapest first -> [(flags,
-    {setting: value})]: --recompute; then the batch per step halved, quartered, …
-    with --grad-accum multiplied to keep the batch (and also with --recompute)."""
+    {setting: value})]: --recompute; 8-bit Adam moments (alone, then with it); then
+    the batch per step halved, quartered, … with --grad-accum multiplied to keep the
+    batch (each also with --recompute, and with 8-bit moments)."""
     lighter = [] if s.recompute else [("--recompute", {"recompute": True})]
     k = 2
     while s.batch_size % (k * ranks * s.workers) == 0:
@@ -97,20 +99,30 @@ def lighter_settings(s, ranks):
         if not s.recompute:
             lighter.append((f"--batch-size {batch} --grad-accum {accum} --recompute", {**changes, "recompute": True}))
         k *= 2
-    return lighter
+    if s.optim == "adamw8bit":
+        return lighter
+    eight_bit = lambda flags, changes: (f"{flags} --optim adamw8bit".strip(), {**changes, "optim": "adamw8bit"})  # noqa: E731
+    first = [] if s.recompute else lighter[:1]  # --recompute alone: the same numbers, only slower
+    options = first + [eight_bit("", {})] + [eight_bit(*option) for option in first]
+    for option in lighter[len(first):]:
+        options += [option, eight_bit(*option)]
+    return options
 
 
 class Plan:
     """Bytes one machine needs for a run: `local_ranks` pools of `workers` workers."""
 
-    def __init__(self, arenas, params, workers, local_ranks, private_per_worker, checkpoints, loading=0):
+    def __init__(self, arenas, params, workers, local_ranks, private_per_worker, checkpoints, loading=0,
+                 optimizer=None):
+        """optimizer: bytes of the optimizer's state (default: AdamW's fp32 m and v)."""
         self.arenas = arenas  # [(what, bytes)] of one pool
         self.shm = local_ranks * sum(b for _, b in arenas)
         self.params = params
         coordinator = PROCESS_BYTES + loading  # loading: weights (and Adam state) read from files
         self.private = local_ranks * (coordinator + workers * (PROCESS_BYTES + private_per_worker))
         self.memory = self.shm + self.private
-        self.checkpoint = 3 * 4 * params + 2 ** 20  # weights, Adam m and v, JSON
+        self.optimizer = 8 * params if optimizer is None else optimizer
+        self.checkpoint = 4 * params + self.optimizer + 2 ** 20  # weights, optimizer state, JSON
         self.checkpoints = checkpoints  # how many the run keeps at most (0: none written)
 
     def describe(self):
@@ -139,7 +151,7 @@ def check(plan, out_dir, shm_dir="/dev/shm", memory=MACHINE, cgroup=MACHINE, shm
             fix = f"{fits[0]} fits ({fits[1].memory / GB:.1f} GB); or " if fits else ""
             raise ResourceError(
                 f"memory: this run needs {plan.memory / GB:.1f} GB (parameters, gradients and Adam moments "
-                f"take {16 * plan.params / GB:.1f} GB) but {have / GB:.1f} GB are {where}; {fix}choose a smaller "
+                f"take {(8 * plan.params + plan.optimizer) / GB:.1f} GB) but {have / GB:.1f} GB are {where}; {fix}choose a smaller "
                 f"--model or --batch-size, fewer --workers, or a machine with more memory")
     if shm_free is MACHINE:  # no /dev/shm (macOS): POSIX shared memory is not a filesystem there
         shm_free = free_bytes(shm_dir) if os.path.isdir(shm_dir) else None

@@ -13,8 +13,9 @@ import zmq
 
 from trainer import gemm, model
 from trainer.data import open_tokens
+from trainer.adamw8bit import State8, block_bounds
 from trainer.optim import BLOCK, adamw_update, sum_squares
-from trainer.params import GPTConfig, decay_segments, param_layout, shard_bounds
+from trainer.params import GPTConfig, param_layout, shard_bounds
 from trainer.profile import TimedLayers
 from workers import messages as msg
 from workers.barrier import PeerGone
@@ -41,17 +42,27 @@ class Worker:
         self.rows, self.first_row = init.rows, init.first_row  # each worker's rows; the pool's first row
         self.seq_len, self.batch_rows, self.recompute = init.seq_len, init.batch_rows, init.recompute
         # the arena objects are kept: dropping one would unmap it
-        attach = lambda what: SharedArena.attach(self.arena_names[what], layout.size)  # noqa: E731
-        self.params, self.m, self.v, self.grads = (attach(what) for what in ("params", "Adam m", "Adam v",
-                                                                            "gradients"))
+        attach = lambda what, dtype=np.float32: SharedArena.attach(  # noqa: E731
+            self.arena_names[what], self.elements[what], dtype)
+        self.params, self.grads = attach("params"), attach("gradients")
+        self.optim = init.optim
+        eight_bit = self.optim["kind"] == "adamw8bit"
+        self.m, self.v = (attach(what, np.uint8 if eight_bit else np.float32) for what in ("Adam m", "Adam v"))
+        self.state8 = None
+        if eight_bit:
+            self.absmax = attach("Adam absmax")
+            self.state8 = State8(layout, self.m.array, self.v.array, self.absmax.array)
         self.params_low = self.low_params = None
         if self.engine.low:
             self.params_low = SharedArena.attach(self.arena_names["bf16 weights"], layout.size, self.engine.low_dtype)
             self.low_params = layout.views(self.params_low.array)
-        self.lo, self.hi = shard_bounds(layout.size, self.n_workers)[self.rank]
-        self.segments = [(max(s, self.lo), min(e, self.hi), decays)
-                         for s, e, decays in decay_segments(layout) if s < self.hi and e > self.lo]
-        self.optim = init.optim
+        shards = shard_bounds(layout.size, self.n_workers)
+        self.lo, self.hi = (block_bounds(layout, shards) if eight_bit else shards)[self.rank]
+        # (tensor, start, end) of each parameter's part of this worker's shard
+        self.segments = [(name, max(first, self.lo), min(first + int(np.prod(shape)), self.hi))
+                         for name, shape in layout.shapes.items()
+                         for first in (layout.offsets[name],)
+                         if first < self.hi and first + int(np.prod(shape)) > self.lo]
         self.train = open_tokens(init.train)
         self.val = open_tokens(init.val) if init.val else None
         self.layers = TimedLayers(model) if init.profile else model
@@ -77,11 +88,15 @@ class Worker:
         p, g, m, v = self.params.array, self.grads.array, self.m.array, self.v.array
         low = self.params_low.array if self.params_low else None
         o = self.optim
-        for s, e, decays in self.segments:
-            adamw_update(p[s:e], g[s:e], m[s:e], v[s:e], self.tmp, lr=lr, t=t,
-                         beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"],
-                         weight_decay=o["weight_decay"] if decays else 0.0, grad_scale=scale,
-                         p_low=None if low is None else low[s:e])
+        for name, s, e in self.segments:
+            decays = len(self.layout.shapes[name]) == 2  # weight decay on 2-D tensors only
+            adamw = dict(lr=lr, t=t, beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"],
+                         weight_decay=o["weight_decay"] if decays else 0.0, grad_scale=scale)
+            p_low = None if low is None else low[s:e]
+            if self.state8:
+                self.state8.update(name, s, e, p[s:e], g[s:e], p_low, **adamw)
+            else:
+                adamw_update(p[s:e], g[s:e], m[s:e], v[s:e], self.tmp, p_low=p_low, **adamw)
         return msg.UpdateReport(time.perf_counter() - t0, self.engine.convert_seconds - conv0)
 
     def cast(self):
