@@ -186,10 +186,16 @@ def check(s, group=None):
     need(s.precision in PRECISIONS, f"--precision must be fp32 or bf16, got {s.precision!r}")
     need(s.parallel in STRATEGIES, f"--parallel must be {' or '.join(STRATEGIES)}, got {s.parallel!r}")
     need(s.gemm in GEMMS, f"--gemm must be one of {', '.join(GEMMS)}, got {s.gemm!r}")
-    need(s.batch_size % (ranks * s.workers) == 0,
-         f"--batch-size {s.batch_size} is not divisible by --workers {s.workers}"
-         + (f" x {ranks} MPI ranks" if ranks > 1 else ""))
+    unit = STRATEGIES[s.parallel].batch_unit(s.workers)  # > 1: each worker takes whole batch rows
+    per_rank = f" x {ranks} MPI ranks" if ranks > 1 else ""
+    need(s.batch_size % (ranks * unit) == 0,
+         f"--batch-size {s.batch_size} is not divisible by --workers {s.workers}{per_rank} "
+         f"(--parallel {s.parallel} gives each worker whole rows)" if unit > 1 else
+         f"--batch-size {s.batch_size} is not divisible by the {ranks} MPI ranks")
     need(s.seq_len >= 1, f"--seq-len must be at least 1, got {s.seq_len}")
+    need(s.batch_size // ranks * s.seq_len >= s.workers,
+         f"--batch-size x --seq-len gives {s.batch_size // ranks * s.seq_len} tokens a step, fewer than "
+         f"--workers {s.workers}")
     need(s.steps >= 0, f"--steps must not be negative, got {s.steps}")
     need(s.lr >= 0, f"--lr must not be negative, got {s.lr}")
     need(s.min_lr is None or s.min_lr >= 0, f"--min-lr must not be negative, got {s.min_lr}")

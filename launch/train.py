@@ -173,7 +173,6 @@ def run_pool(run, group):
         log(f"coregpt: {s.out_dir} is already at step {start} of {s.steps}; raise --steps to continue")
         return s.out_dir
     metrics = Metrics(s.out_dir, start) if group.is_root else NoMetrics()
-    workers = group.size * s.workers
     log(f"coregpt: {cfg.n_layer} layers, {cfg.n_embd} channels, {cfg.n_head} heads; "
         f"batch {s.batch_size}x{s.seq_len}"
         + (f"x{s.grad_accum} accumulated" if s.grad_accum > 1 else "")
@@ -190,13 +189,13 @@ def run_pool(run, group):
     pool = None
     try:
         with StopRequest() as stop:
-            pool = WorkerPool(cfg, s.workers, s.threads_per_worker, rows=s.batch_size // workers,
+            pool = WorkerPool(cfg, s.workers, s.threads_per_worker, pool_rows=s.batch_size // group.size,
                               seq_len=s.seq_len, batch_rows=s.batch_size, train=run.train_path,
                               val=run.val_path, optim=dict(kind=s.optim, beta1=s.beta1, beta2=s.beta2,
                                                            eps=s.eps, weight_decay=s.weight_decay),
                               engine=run.engine, strategy=run.strategy, profile=s.profile,
                               recompute=s.recompute,
-                              worker_offset=group.rank * s.workers, cores=cores)
+                              first_row=group.rank * (s.batch_size // group.size), cores=cores)
             log(f"coregpt: matmuls: {run.engine_text}; workers' BLAS: {pool.blas or 'none found'}")
             arrays = pool.layout.views(pool.params.array), pool.optimizer_views()
             load_state(cfg, s, arrays, run.tensors, run.ckpt)

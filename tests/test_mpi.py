@@ -76,7 +76,7 @@ def test_bad_input_under_mpi_is_one_line(case, tmp_path):  # noqa: F811
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing.bin does not exist" in lines[0], done.stderr
-    done = mpi_launch(2, *parity_flags(root, tmp_path / "run", "--backend", "mpi", "--workers", 4))
+    done = mpi_launch(2, *parity_flags(root, tmp_path / "run", "--backend", "mpi", "--workers", 4, "--parallel", "data"))
     assert done.returncode == 2 and "not divisible by --workers 4 x 2 MPI ranks" in done.stderr
     # without --backend mpi, two ranks would train two copies into one directory
     done = mpi_launch(2, *parity_flags(root, tmp_path / "run"))

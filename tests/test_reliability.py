@@ -53,7 +53,7 @@ BAD_TRAIN = [
     (["--workers", "-1"], "--workers must be at least 1, got -1"),
     (["--workers", "0"], "--workers must be at least 1, got 0"),
     (["--workers", "x"], "argument --workers: invalid int value: 'x'"),
-    (["--workers", "3"], "--batch-size 4 is not divisible by --workers 3"),
+    (["--workers", "3", "--parallel", "data"], "--batch-size 4 is not divisible by --workers 3"),
     (["--workers", "2", "--threads-per-worker", "1"], "exceeds the 1 available cores; lower them or pass "
                                                       "--oversubscribe"),
     (["--data", "{d}/nope.bin"], "does not exist"),
@@ -278,8 +278,8 @@ def test_shared_memory_and_socket_permissions(files):
         arena.unlink()
         arena.close()
     cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
-    pool = WorkerPool(cfg, 1, 1, rows=4, seq_len=32, batch_rows=4, train=str(files / "tokens.bin"),
-                      val=None, optim=dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1),
+    pool = WorkerPool(cfg, 1, 1, pool_rows=4, seq_len=32, batch_rows=4, train=str(files / "tokens.bin"),
+                      val=None, optim=dict(kind="adamw", beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1),
                       engine=Engine("numpy"), strategy=Hybrid)
     try:
         assert pool.socket_dir_mode == 0o700

@@ -101,7 +101,8 @@ def test_bad_config_is_one_line_exit_2(tmp_path, content, message):
 @pytest.mark.parametrize("flags, message", [
     (["--workers", 0], "--workers must be at least 1"),
     (["--workers", "two"], "invalid int value: 'two'"),
-    (["--workers", 3], "--batch-size 4 is not divisible by --workers 3"),
+    (["--workers", 3, "--parallel", "data"], "--batch-size 4 is not divisible by --workers 3 (--parallel data "
+                                             "gives each worker whole rows)"),
     (["--workers", 2, "--threads-per-worker", 2], "exceeds the"),
     (["--seq-len", 128], "--seq-len 128 is above the model's context of 64"),
     (["--steps", -1], "--steps must not be negative"),

@@ -17,6 +17,14 @@ from workers.strategies import STRATEGIES
 B, T = 12, 16  # 12 rows: divisible by 1, 2, 3 and 4 workers
 
 
+def autograd(tokens, state, rows):
+    """PyTorch's gradients of the first window of `rows` rows."""
+    model = TorchGPT2(state, TINY["n_layer"], TINY["n_head"])
+    window = torch.from_numpy(tokens[:rows * T + 1].astype(np.int64))
+    model(window[:-1].view(rows, T), window[1:].view(rows, T)).backward()
+    return model.grads()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Random tiny weights, a token file, and PyTorch's gradients of the first window."""
@@ -24,25 +32,22 @@ def reference(tmp_path_factory):
     tokens = np.random.default_rng(7).integers(0, TINY["vocab"], 4 * B * T)
     write_token_file(path, tokens)
     state = random_state(TINY["n_layer"], TINY["n_embd"], TINY["vocab"], TINY["n_ctx"], seed=7)
-    model = TorchGPT2(state, TINY["n_layer"], TINY["n_head"])
-    window = torch.from_numpy(tokens[:B * T + 1].astype(np.int64))
-    model(window[:-1].view(B, T), window[1:].view(B, T)).backward()
-    return path, state, model.grads()
+    return path, state, autograd(tokens, state, B), tokens
 
 
-def pool_gradients(path, state, parallel, workers, recompute=False):
+def pool_gradients(path, state, parallel, workers, recompute=False, rows=B):
     """One step of the pool on the first window -> ({name: gradient}, Σ g² the workers report)."""
     cfg = GPTConfig(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"],
                     block_size=TINY["n_ctx"])
-    pool = WorkerPool(cfg, workers, 1, rows=B // workers, seq_len=T, batch_rows=B, train=str(path), val=None,
-                      optim=dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1), engine=Engine("numpy"),
+    pool = WorkerPool(cfg, workers, 1, pool_rows=rows, seq_len=T, batch_rows=rows, train=str(path), val=None,
+                      optim=dict(kind="adamw", beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1), engine=Engine("numpy"),
                       strategy=STRATEGIES[parallel], recompute=recompute)
     try:
         params = param_layout(cfg).views(pool.params.array)
         for name, value in state.items():
             params[name][...] = value.numpy()
         pool.request(msg.Cast())
-        reports = pool.request(msg.Step(window=0, scale=1.0 / (B * T), accumulate=False, last=True))
+        reports = pool.request(msg.Step(window=0, scale=1.0 / (rows * T), accumulate=False, last=True))
         grads = {name: view.copy() for name, view in param_layout(cfg).views(pool.grads.array).items()}
         return grads, sum(r.sumsq for r in reports)
     finally:
@@ -56,8 +61,24 @@ def test_pool_gradients_match_autograd(reference, parallel, workers, recompute, 
     """The lm head 40 rows at a time: 192 rows are 4 chunks and a shorter last one
     (3 workers: chunks of 39)."""
     monkeypatch.setenv("COREGPT_HEAD_ROWS", "40")  # read where the arenas are sized and in the workers
-    path, state, expected = reference
+    path, state, expected, _ = reference
     grads, sumsq = pool_gradients(path, state, parallel, workers, recompute)
+    check(grads, sumsq, expected)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("rows, workers", [(1, 2), (3, 2), (1, 4), (6, 4)])
+def test_hybrid_splits_a_batch_the_workers_do_not_divide(reference, rows, workers, recompute, monkeypatch):
+    """Token rows split unevenly, and attention's (row, head) pairs cut through batch
+    rows: 3 rows of 4 heads over 2 workers are row 0 and heads 0-1 of row 1, then
+    heads 2-3 of row 1 and row 2."""
+    monkeypatch.setenv("COREGPT_HEAD_ROWS", "40")
+    path, state, _, tokens = reference
+    grads, sumsq = pool_gradients(path, state, "hybrid", workers, recompute, rows=rows)
+    check(grads, sumsq, autograd(tokens, state, rows))
+
+
+def check(grads, sumsq, expected):
     assert set(grads) == set(expected)
     rel = {name: float(np.abs(grads[name] - g).max() / np.abs(g).max()) for name, g in expected.items()}
     worst = max(rel, key=rel.get)

@@ -2,7 +2,8 @@
 one arena (llm.c's ActivationTensors), seen four ways:
 
     full      fp32, the rows of every worker sharing the arena
-    mine      fp32, this worker's rows (a contiguous 1/n_parts of the batch axis)
+    mine      fp32, this worker's rows (a contiguous 1/n_parts of the token rows,
+              uneven by one when they do not divide)
     low_full  bf16 copies of what matmuls read, every worker's rows (bf16 only)
     low_mine  ... this worker's rows, which it converts (`made`) before a matmul reads them
 
@@ -38,13 +39,14 @@ def head_rows(N, n_parts):
 
 def activation_shapes(cfg, B, T, training, n_parts=1):
     """[(name, shape, row axis)] of every activation of B batch rows shared by n_parts
-    workers: the row axis is the one that runs over the batch (B or N = B·T), after
-    the layer axis if any (a row axis of 1 means a layer axis first)."""
+    workers: the row axis is the one split between them (the N = B·T token rows; for
+    lse the B·NH (row, head) pairs of attention), after the layer axis if any (a row
+    axis of 1 means a layer axis first)."""
     L, C, NH, V, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B * T
     shapes = [
         ("residual", (L + 1, N, C), 1),
         ("ln1", (L, N, C), 1), ("ln1_mean", (L, N, 1), 1), ("ln1_rstd", (L, N, 1), 1),
-        ("qkv", (L, B, T, 3 * C), 1), ("lse", (L, B, NH, T), 1), ("atty", (L, B, T, C), 1),
+        ("qkv", (L, N, 3 * C), 1), ("lse", (L, B * NH, T), 1), ("atty", (L, N, C), 1),
         ("resid2", (L, N, C), 1),
         ("ln2", (L, N, C), 1), ("ln2_mean", (L, N, 1), 1), ("ln2_rstd", (L, N, 1), 1),
         ("fch", (L, N, 4 * C), 1), ("fch_gelu", (L, N, 4 * C), 1),
@@ -55,8 +57,8 @@ def activation_shapes(cfg, B, T, training, n_parts=1):
         shapes += [
             ("dresidual", (L + 1, N, C), 1), ("dresid2", (L, N, C), 1),
             ("dln1", (L, N, C), 1), ("dln2", (L, N, C), 1), ("dlnf", (N, C), 0),
-            ("dqkv", (L, B, T, 3 * C), 1), ("dfch", (L, N, 4 * C), 1),
-            ("norm", (N, C), 0), ("dnorm", (N, C), 0), ("datty", (B, T, C), 0),
+            ("dqkv", (L, N, 3 * C), 1), ("dfch", (L, N, 4 * C), 1),
+            ("norm", (N, C), 0), ("dnorm", (N, C), 0), ("datty", (N, C), 0),
             ("gelu_th", (N, 4 * C), 0), ("gelu_slope", (N, 4 * C), 0),
         ]
     return shapes
@@ -127,17 +129,23 @@ def every_layer(array, layers):
     return Turns(array, layers)
 
 
+def share(n, part, n_parts):
+    """Worker `part`'s rows lo…hi of n: a contiguous 1/n_parts (uneven by at most one)."""
+    return n * part // n_parts, n * (part + 1) // n_parts
+
+
 def rows_of(full, axis, part, n_parts):
-    """The view of worker `part`'s batch rows (a contiguous 1/n_parts of `axis`)."""
-    n = full.shape[axis] // n_parts
-    return full[(slice(None),) * axis + (slice(part * n, (part + 1) * n),)]
+    """The view of worker `part`'s rows of `axis` (see share)."""
+    lo, hi = share(full.shape[axis], part, n_parts)
+    return full[(slice(None),) * axis + (slice(lo, hi),)]
 
 
-def one_layer_scratch(shape, axis, n_parts):
+def one_layer_scratch(shape, axis, part, n_parts):
     """A private buffer of one layer's rows of this worker, seen as every layer's:
     the fp32 side of a LOW_ONLY activation."""
     rows = list(shape)
-    rows[axis] //= n_parts
+    lo, hi = share(rows[axis], part, n_parts)
+    rows[axis] = hi - lo
     if axis == 0:
         return np.zeros(rows, dtype=np.float32)
     return every_layer(np.zeros([1] + rows[1:], dtype=np.float32), rows[0])
@@ -159,13 +167,14 @@ def views_of(arena, shapes, layers, part, n_parts):
 
 class Activations:
     """The table for `rows` batch rows of T tokens (every worker's, when shared), of
-    which worker `part` of n_parts owns a contiguous 1/n_parts.  `arena` and
+    whose token rows worker `part` of n_parts owns a contiguous 1/n_parts.  `arena` and
     `low_arena` (shared memory in a pool) are allocated here when not given;
     low_dtype turns on the bf16 copies; recompute: see above."""
 
     def __init__(self, cfg, rows, T, training, *, low_dtype=None, arena=None, low_arena=None,
                  part=0, n_parts=1, recompute=False):
         self.rows, self.part, self.n_parts, self.recompute = rows, part, n_parts, recompute
+        self.tokens = share(rows * T, part, n_parts)  # this worker's token rows lo…hi
         self.low = low_dtype is not None
         layers = {name: shape[0] for name, shape, _ in activation_shapes(cfg, rows, T, training)}
         shapes = shared_shapes(cfg, rows, T, training, self.low, recompute, n_parts)
@@ -180,7 +189,7 @@ class Activations:
                 low_arena = np.zeros(low_layout(cfg, rows, T, training, recompute, n_parts).size, dtype=low_dtype)
             self.low_full, self.low_mine = views_of(low_arena, lows, layers, part, n_parts)
             self.mine.update({name: one_layer_scratch((layers[name],) + shape[1:] if axis == 1 else shape,
-                                                      axis, n_parts)
+                                                      axis, part, n_parts)
                               for name, shape, axis in lows if name in LOW_ONLY})
         # what matmuls read: the bf16 copies, or the fp32 rows themselves
         self.matmul_inputs = self.low_full if self.low else self.full

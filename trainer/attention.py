@@ -7,7 +7,8 @@ go through one batched matmul.
 Shapes: qkv (B,T,3C) as c_attn writes it; out (B,T',C) for the T' = T − start
 queries at positions start… (start > 0 when earlier keys and values are cached);
 lse (B,NH,T').  Heads are strided views of those arrays: BLAS reads each head's
-rows in place, so nothing is copied.
+rows in place, so nothing is copied.  `heads_of` = (h0, h1) runs only those heads
+(lse then holds only theirs): workers sharing a batch row split its heads.
 """
 import numpy as np
 
@@ -33,12 +34,13 @@ def scratch(name, shape, dtype=np.float32):
     return _scratch[key]
 
 
-def heads(x, n_head, parts):
+def heads(x, n_head, parts, heads_of=None):
     """(B,T,parts·C) -> `parts` views (B,NH,T,HS), no copy: each head's (T,HS) matrix
-    has unit column stride, so BLAS reads it in place."""
+    has unit column stride, so BLAS reads it in place.  heads_of: only heads h0…h1."""
     B, T, width = x.shape
+    h0, h1 = heads_of or (0, n_head)
     split = x.reshape(B, T, parts, n_head, width // parts // n_head)
-    return [split[:, :, i].transpose(0, 2, 1, 3) for i in range(parts)]
+    return [split[:, :, i, h0:h1].transpose(0, 2, 1, 3) for i in range(parts)]
 
 
 _masks = {}
@@ -56,14 +58,15 @@ def causal_mask(scores, q0, k0):
     scores += _masks[key]
 
 
-def attention_forward(out, lse, qkv, n_head, start=0, block=None):
-    """qkv (B,T,3C) -> out (B,T−start,C), lse (B,NH,T−start)."""
+def attention_forward(out, lse, qkv, n_head, start=0, block=None, heads_of=None):
+    """qkv (B,T,3C) -> out (B,T−start,C), lse (B,NH,T−start) (NH: of heads_of)."""
     B, T, C3 = qkv.shape
     C, n, block = C3 // 3, T - start, block or block_size()
     hs = C // n_head
     scale = np.float32(1.0 / np.sqrt(hs))
-    q, k, v = heads(qkv, n_head, 3)
-    (y,) = heads(out, n_head, 1)
+    q, k, v = heads(qkv, n_head, 3, heads_of)
+    (y,) = heads(out, n_head, 1, heads_of)
+    n_head = q.shape[1]  # the heads run here
     for i0 in range(0, n, block):
         i1 = min(i0 + block, n)
         bq = i1 - i0
@@ -104,16 +107,18 @@ def attention_forward(out, lse, qkv, n_head, start=0, block=None):
         lse[:, :, i0:i1] = l[..., 0]
 
 
-def attention_backward(dqkv, dout, qkv, out, lse, n_head, block=None):
-    """dout (B,T,C) -> dqkv (B,T,3C) overwritten; out and lse as the forward left them."""
+def attention_backward(dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=None):
+    """dout (B,T,C) -> dqkv (B,T,3C) overwritten (heads_of's); out and lse as the
+    forward left them."""
     B, T, C3 = qkv.shape
     C, block = C3 // 3, block or block_size()
     hs = C // n_head
     scale = np.float32(1.0 / np.sqrt(hs))
-    q, k, v = heads(qkv, n_head, 3)
-    dq, dk, dv = heads(dqkv, n_head, 3)
-    (do,) = heads(dout, n_head, 1)
-    (o,) = heads(out, n_head, 1)
+    q, k, v = heads(qkv, n_head, 3, heads_of)
+    dq, dk, dv = heads(dqkv, n_head, 3, heads_of)
+    (do,) = heads(dout, n_head, 1, heads_of)
+    (o,) = heads(out, n_head, 1, heads_of)
+    n_head = q.shape[1]  # the heads run here
     d = scratch("D", (B, n_head, T, 1))
     np.einsum("bhtd,bhtd->bht", do, o, out=d[..., 0])  # D = rowsum(dO ∘ O)
     for j0 in range(0, T, block):

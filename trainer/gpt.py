@@ -6,7 +6,10 @@ Every matmul goes through `split`, a hook the parallel strategy supplies: alone 
 process, or data parallelism) it is the plain matmul; the hybrid strategy runs each
 worker's share of it over the rows of every worker, between barriers.  Before a
 matmul reads an activation, this worker makes the bf16 copy of its own rows
-(`Activations.made`; nothing without bf16).
+(`Activations.made`; nothing without bf16).  Row-wise layers run on this worker's
+token rows; attention on its share of the (batch row, head) pairs, which are the
+same rows when the workers divide the batch, and otherwise need `sync` (a barrier)
+before and after it.
 
 Weight gradients are cut into tasks, one ordered list the strategies share
 (`weight_tasks`): the hybrid strategy balances them over workers, data parallelism
@@ -17,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from trainer import model
-from trainer.activations import Activations, rows_of
+from trainer.activations import Activations, rows_of, share
 
 
 def matmul_alone(fn, out, inp, weight, transposed=False):
@@ -55,6 +58,22 @@ class WeightTask(NamedTuple):
     hi: int
     cost: int  # weight elements, to balance tasks
     params: tuple  # ((parameter, first row, end row or None), ...) it writes
+
+
+def attention_pieces(B, n_head, part, n_parts):
+    """Worker `part`'s share of the B·n_head (row, head) pairs, contiguous in row
+    order, as rectangles [(b0, b1, h0, h1)]: whole rows where it can."""
+    lo, hi = share(B * n_head, part, n_parts)
+    pieces = []
+    while lo < hi:
+        b, h = divmod(lo, n_head)
+        if h == 0 and hi - lo >= n_head:
+            rows = (hi - lo) // n_head
+            pieces.append((b, b + rows, 0, n_head))
+        else:
+            pieces.append((b, b + 1, h, min(n_head, h + hi - lo)))
+        lo += (pieces[-1][1] - b) * (pieces[-1][3] - h)
+    return pieces
 
 
 def weight_tasks(cfg, vocab_parts=1, matrix_parts=1):
@@ -107,16 +126,17 @@ def blocks_of(cfg, params, weights):
 
 
 class GPT:
-    """The model for this worker's B rows of T tokens.  params (and grads, to train)
-    are dicts of views; low_params (bf16 views of the weights) turns on bf16 matmuls.
-    acts: the activation table (allocated here for B rows when not given; a pool
-    shares one over the rows of every worker).  split: the matmul hook (see above).
+    """The model for B rows of T tokens (every worker's, when a pool shares the
+    activation table `acts`; this worker's share of them is acts.tokens).  params
+    (and grads, to train) are dicts of views; low_params (bf16 views of the weights)
+    turns on bf16 matmuls.  acts is allocated here when not given.  split: the matmul hook (see above).
     layers: model.py, or a stand-in with the same functions (the profiler's).
     recompute (for a table made here; a given one says itself): keep only each
-    block's input and run the block's forward again inside its backward."""
+    block's input and run the block's forward again inside its backward.
+    sync: the barrier attention needs when the workers split a batch row (above)."""
 
     def __init__(self, cfg, B, T, params, grads=None, low_params=None, *, acts=None,
-                 split=matmul_alone, layers=model, recompute=False):
+                 split=matmul_alone, layers=model, recompute=False, sync=None):
         if T > cfg.block_size:
             raise ValueError(f"seq-len {T} is above the model's context of {cfg.block_size}")
         self.cfg, self.B, self.T, self.params, self.grads = cfg, B, T, params, grads
@@ -128,13 +148,15 @@ class GPT:
         self.acts = acts
         self.weights = params if low_params is None else low_params  # what matmuls read
         self.blocks = blocks_of(cfg, params, self.weights)
-        all_rows = acts.rows
         if training:  # layernorm weight gradients normalise the rows of all workers
-            self.norm_all = np.zeros((all_rows * T, cfg.n_embd), dtype=np.float32)
+            self.norm_all = np.zeros((B * T, cfg.n_embd), dtype=np.float32)
         self.rows = np.arange(B * T)
-        self.idx_all = np.zeros((all_rows, T), dtype=np.int64)
-        self.idx = self.idx_all[acts.part * B:(acts.part + 1) * B]
-        self.targets_all = np.zeros(all_rows * T, dtype=np.int64)
+        self.idx_all = np.zeros((B, T), dtype=np.int64)
+        self.first, end = acts.tokens
+        self.idx = self.idx_all.reshape(-1)[self.first:end]
+        self.targets_all = np.zeros(B * T, dtype=np.int64)
+        self.pieces = attention_pieces(B, cfg.n_head, acts.part, acts.n_parts)
+        self.sync = sync if B % acts.n_parts else lambda: None
         # the vocabulary rows of the embedding's gradient this worker computes
         self.head_slices = [(0, cfg.vocab_size)]
 
@@ -149,9 +171,8 @@ class GPT:
         dlnf, and this worker's head_slices of grads["wte.weight"] (default self.grads),
         for backward_inputs to go on from.  Biases and residuals are added on this
         worker's rows."""
-        nn, mine, p = self.layers, self.acts.mine, self.params
-        B, T, C, L = self.B, self.T, self.cfg.n_embd, self.cfg.n_layer
-        nn.encoder_forward(mine.residual[0].reshape(B, T, C), self.idx, p["wte.weight"], p["wpe.weight"])
+        nn, mine, p, L = self.layers, self.acts.mine, self.params, self.cfg.n_layer
+        nn.encoder_forward(mine.residual[0], self.idx, p["wte.weight"], p["wpe.weight"], self.first, self.T)
         for l, block in enumerate(self.blocks):
             self.block_forward(l, block)
         nn.layernorm_forward(mine.lnf, mine.lnf_mean, mine.lnf_rstd, mine.residual[L],
@@ -189,13 +210,15 @@ class GPT:
     def block_forward(self, l, b, again=False):
         """residual[l] -> residual[l+1] (llm.c's gpt2_forward, one layer).  again: the
         recompute inside the backward, which stops at what the backward reads."""
-        nn, mine, full, made, split, C = (self.layers, self.acts.mine, self.acts.full, self.acts.made,
-                                          self.split, self.cfg.n_embd)
+        nn, mine, full, made, split = self.layers, self.acts.mine, self.acts.full, self.acts.made, self.split
         nn.layernorm_forward(mine.ln1[l], mine.ln1_mean[l], mine.ln1_rstd[l], mine.residual[l], b.ln_1_w, b.ln_1_b)
-        split(nn.matmul_forward, full.qkv[l].reshape(-1, 3 * C), made("ln1", l), b.attn_w)
+        split(nn.matmul_forward, full.qkv[l], made("ln1", l), b.attn_w)
         mine.qkv[l] += b.attn_b
-        nn.attention_forward(mine.atty[l], mine.lse[l], mine.qkv[l], self.cfg.n_head)
-        split(nn.matmul_forward, full.resid2[l], made("atty", l).reshape(-1, C), b.attn_proj_w)
+        self.sync()  # every worker's rows of qkv have their bias
+        for heads, qkv, atty, lse, _, _ in self.attention_views(l):
+            nn.attention_forward(atty, lse, qkv, self.cfg.n_head, heads_of=heads)
+        self.sync()  # all of atty is in before this worker converts its rows
+        split(nn.matmul_forward, full.resid2[l], made("atty", l), b.attn_proj_w)
         resid2 = mine.resid2[l]
         resid2 += b.attn_proj_b
         resid2 += mine.residual[l]
@@ -210,6 +233,19 @@ class GPT:
         out = mine.residual[l + 1]
         out += b.fc_proj_b
         out += resid2
+
+    def attention_views(self, l):
+        """-> for each of this worker's attention pieces (b0, b1, h0, h1): (h0, h1)
+        and batch rows b0…b1 of layer l's qkv, atty, lse (heads h0…h1), dqkv and
+        datty (None when not training), each (rows, T, width)."""
+        full, B, T = self.acts.full, self.B, self.T
+        def rows(name, *layer):
+            return full[name][layer].reshape(B, T, -1) if name in full else None
+        qkv, atty, dqkv, datty = rows("qkv", l), rows("atty", l), rows("dqkv", l), rows("datty")
+        lse = full.lse[l].reshape(B, self.cfg.n_head, T)
+        for b0, b1, h0, h1 in self.pieces:
+            yield ((h0, h1), qkv[b0:b1], atty[b0:b1], lse[b0:b1, h0:h1],
+                   None if dqkv is None else dqkv[b0:b1], None if datty is None else datty[b0:b1])
 
     def backward(self):
         """Every gradient of the loss_scale given to forward into self.grads
@@ -240,17 +276,18 @@ class GPT:
 
     def block_backward(self, l, b):
         """dresidual[l+1] -> dresidual[l] and the block's activation gradients."""
-        nn, mine, full, made, split, C = (self.layers, self.acts.mine, self.acts.full, self.acts.made,
-                                          self.split, self.cfg.n_embd)
+        nn, mine, full, made, split = self.layers, self.acts.mine, self.acts.full, self.acts.made, self.split
         ln_scratch = (mine.norm, mine.dnorm, mine.rowtmp)
         split(nn.matmul_backward, full.dfch[l], made("dresidual", l + 1), b.fc_proj_w, True)
         nn.gelu_backward(mine.dfch[l], mine.fch[l], mine.gelu_th, mine.gelu_slope)
         split(nn.matmul_backward, full.dln2[l], made("dfch", l), b.fc_w, True)
         nn.layernorm_backward(mine.dresid2[l], mine.dresidual[l + 1], mine.dln2[l], mine.resid2[l],
                               mine.ln2_mean[l], mine.ln2_rstd[l], b.ln_2_w, *ln_scratch)
-        split(nn.matmul_backward, full.datty.reshape(-1, C), made("dresid2", l), b.attn_proj_w, True)
-        nn.attention_backward(mine.dqkv[l], mine.datty, mine.qkv[l], mine.atty[l], mine.lse[l], self.cfg.n_head)
-        split(nn.matmul_backward, full.dln1[l], made("dqkv", l).reshape(-1, 3 * C), b.attn_w, True)
+        split(nn.matmul_backward, full.datty, made("dresid2", l), b.attn_proj_w, True)
+        for heads, qkv, atty, lse, dqkv, datty in self.attention_views(l):
+            nn.attention_backward(dqkv, datty, qkv, atty, lse, self.cfg.n_head, heads_of=heads)
+        self.sync()  # all of dqkv is in before this worker converts its rows
+        split(nn.matmul_backward, full.dln1[l], made("dqkv", l), b.attn_w, True)
         nn.layernorm_backward(mine.dresidual[l], mine.dresid2[l], mine.dln1[l], mine.residual[l],
                               mine.ln1_mean[l], mine.ln1_rstd[l], b.ln_1_w, *ln_scratch)
 

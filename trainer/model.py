@@ -18,10 +18,16 @@ GELU_S = np.float32(np.sqrt(2.0 / np.pi))
 GELU_K = np.float32(0.044715)
 
 
-def encoder_forward(out, idx, wte, wpe):
-    """idx (B,T) int -> out (B,T,C) = wte[idx] + wpe[:T]"""
+def encoder_forward(out, idx, wte, wpe, first, T):
+    """idx (n,) int, the token rows first…first+n of rows of T -> out (n,C) =
+    wte[idx] + wpe[position], position = row mod T"""
     np.take(wte, idx, axis=0, out=out)
-    out += wpe[:idx.shape[1]]
+    lo = 0
+    while lo < idx.size:  # one run of positions per batch row touched
+        pos = (first + lo) % T
+        n = min(T - pos, idx.size - lo)
+        out[lo:lo + n] += wpe[pos:pos + n]
+        lo += n
 
 
 def encoder_backward(dwte, dwpe, dout, idx, vocab_lo=0):

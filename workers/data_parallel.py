@@ -45,7 +45,8 @@ class DataParallel(Strategy):
         self.buffers = [w.grads] + [SharedArena.attach(w.arena_names[f"gradients of worker {r}"], w.layout.size)
                                     for r in range(1, w.n_workers)]
         self.grads = w.layout.views(self.buffers[w.rank].array)
-        self.model = self.make_model(w.rows, self.grads)  # its own rows, private
+        self.own_rows = w.pool_rows // w.n_workers  # the batch divides (config.check)
+        self.model = self.make_model(self.own_rows, self.grads)  # its own rows, private
         self.buckets = buckets_of(weight_tasks(w.cfg))
         self.bucket_of_layer = {tasks[0].layer: tasks for tasks in self.buckets}
         self.reducer = ReduceScatter([b.array for b in self.buffers], w.rank,
@@ -53,7 +54,7 @@ class DataParallel(Strategy):
 
     def rows(self):
         w = self.worker
-        return w.rows, w.first_row + w.rank * w.rows
+        return self.own_rows, w.first_row + w.rank * self.own_rows
 
     def step(self, window, scale, accumulate, last):
         clock = Stopwatch(lambda: 0.0, self.worker.engine)

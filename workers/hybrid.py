@@ -68,6 +68,10 @@ class Hybrid(Strategy):
     summary = "matmuls split by columns over every worker's rows"
 
     @staticmethod
+    def batch_unit(n_workers):
+        return 1  # token rows, and attention's (row, head) pairs: a batch of 1 splits too
+
+    @staticmethod
     def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False):
         shape = (cfg, pool_rows, seq_len, True)
         sizes = [("activations", activation_layout(*shape, engine.low, recompute, n_workers).size, "float32")]
@@ -85,18 +89,18 @@ class Hybrid(Strategy):
         if w.engine.low:
             self.low_arena = SharedArena.attach(w.arena_names["bf16 activations"], w.elements["bf16 activations"],
                                                 w.engine.low_dtype)
-        acts = Activations(w.cfg, w.rows * w.n_workers, w.seq_len, True,
+        acts = Activations(w.cfg, w.pool_rows, w.seq_len, True,
                            low_dtype=w.engine.low_dtype if w.engine.low else None, arena=self.arena.array,
                            low_arena=self.low_arena.array if self.low_arena else None,
                            part=w.rank, n_parts=w.n_workers, recompute=w.recompute)
         self.grads = w.layout.views(w.grads.array)
-        self.model = self.make_model(w.rows, self.grads, acts=acts,
+        self.model = self.make_model(w.pool_rows, self.grads, acts=acts, sync=self.barrier,
                                      split=ColumnSplit(self.barrier, w.rank, w.n_workers))
         self.tasks = assign(w.cfg, w.n_workers)[w.rank]
         self.model.head_slices = [(task.lo, task.hi) for task in self.tasks[None]]  # its embedding tasks'
 
     def rows(self):
-        return self.worker.rows * self.worker.n_workers, self.worker.first_row  # weight gradients read all
+        return self.worker.pool_rows, self.worker.first_row  # weight gradients read all
 
     def step(self, window, scale, accumulate, last):
         clock = Stopwatch(lambda: self.barrier.seconds, self.worker.engine)

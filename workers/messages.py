@@ -11,7 +11,7 @@ class Init:
     rank: int
     n_workers: int
     config: dict  # GPTConfig's fields
-    rows: int  # batch rows of each worker
+    pool_rows: int  # batch rows of the pool (split between its workers by the strategy)
     first_row: int  # of this pool's rows in the global batch (MPI ranks after the first)
     seq_len: int
     batch_rows: int  # the global batch

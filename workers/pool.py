@@ -64,17 +64,17 @@ def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=
 
 
 class WorkerPool:
-    def __init__(self, cfg, n_workers, threads, *, rows, seq_len, batch_rows, train, val, optim,
-                 engine, strategy, profile=False, recompute=False, worker_offset=0, cores=None):
-        """rows: batch rows per worker; worker r reads rows from (worker_offset + r)·rows
-        of each batch (worker_offset > 0 for the workers of later MPI ranks); engine:
+    def __init__(self, cfg, n_workers, threads, *, pool_rows, seq_len, batch_rows, train, val, optim,
+                 engine, strategy, profile=False, recompute=False, first_row=0, cores=None):
+        """pool_rows: batch rows of the pool, rows first_row… of each batch (first_row > 0
+        for the pools of later MPI ranks), shared by the workers as `strategy` says; engine:
         the trainer.gemm.Engine chosen for the run; strategy: a workers.strategy class;
         cores: the logical CPUs of each worker (None: not pinned)."""
         self.n = n_workers
         self.layout = param_layout(cfg)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
-            sizes = arena_sizes(cfg, rows * n_workers, seq_len, engine, strategy, n_workers, recompute,
+            sizes = arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute,
                                 optim["kind"])
             for _, size, dtype in sizes:  # one by one, so close() frees any made
                 self.arenas.append(SharedArena.create(size, dtype))
@@ -94,7 +94,7 @@ class WorkerPool:
             barrier_ends = self._start(endpoint, threads)
             self._gather(timeout=START_TIMEOUT_S)  # Hello
             self.blas = self.request([msg.Init(
-                rank=r, n_workers=n_workers, config=cfg.__dict__, rows=rows, first_row=worker_offset * rows,
+                rank=r, n_workers=n_workers, config=cfg.__dict__, pool_rows=pool_rows, first_row=first_row,
                 seq_len=seq_len, batch_rows=batch_rows, train=train, val=val, optim=optim, threads=threads,
                 cores=cores[r] if cores else None, profile=profile, recompute=recompute, gemm=engine.name,
                 parallel=strategy.name,

@@ -60,7 +60,7 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     from trainer.params import param_layout
     from workers.pool import arena_sizes
     workers = s.workers
-    pool_rows = s.batch_size // (ranks * workers) * workers
+    pool_rows = s.batch_size // ranks
     arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
               arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute, s.optim)]
     layout = param_layout(cfg)
@@ -90,9 +90,11 @@ def lighter_settings(s, ranks):
     {setting: value})]: --recompute; 8-bit Adam moments (alone, then with it); then
     the batch per step halved, quartered, … with --grad-accum multiplied to keep the
     batch (each also with --recompute, and with 8-bit moments)."""
+    from workers.strategies import STRATEGIES
     lighter = [] if s.recompute else [("--recompute", {"recompute": True})]
+    rows = ranks * STRATEGIES[s.parallel].batch_unit(s.workers)  # what the batch must divide by
     k = 2
-    while s.batch_size % (k * ranks * s.workers) == 0:
+    while s.batch_size % (k * rows) == 0:
         batch, accum = s.batch_size // k, s.grad_accum * k
         changes = {"batch_size": batch, "grad_accum": accum}
         lighter.append((f"--batch-size {batch} --grad-accum {accum}", changes))

@@ -3,6 +3,7 @@ workers share a step.  The coordinator, the pool, the memory plan and the rest o
 the worker ask a strategy; none of them branch on which one it is.
 
 A strategy class says, before any process starts,
+  - what a pool's batch rows must divide by (`batch_unit`),
   - the shared arenas it needs beyond parameters, Adam m and v and the gradient
     buffer every pool has (`arena_sizes`), and the private bytes of each worker
     (`private_bytes`: its activations, when they are not shared);
@@ -25,6 +26,11 @@ from trainer.optim import sum_squares
 
 class Strategy:
     name = None
+
+    @staticmethod
+    def batch_unit(n_workers):
+        """What a pool's batch rows must divide by: each worker takes whole rows."""
+        return n_workers
 
     @staticmethod
     def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False):

@@ -39,7 +39,7 @@ class Worker:
         self.cfg = GPTConfig(**init.config)
         self.layout = layout = param_layout(self.cfg)
         self.arena_names, self.elements, self.barrier_ends = init.arenas, init.elements, init.barrier
-        self.rows, self.first_row = init.rows, init.first_row  # each worker's rows; the pool's first row
+        self.pool_rows, self.first_row = init.pool_rows, init.first_row
         self.seq_len, self.batch_rows, self.recompute = init.seq_len, init.batch_rows, init.recompute
         # the arena objects are kept: dropping one would unmap it
         attach = lambda what, dtype=np.float32: SharedArena.attach(  # noqa: E731
