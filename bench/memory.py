@@ -4,7 +4,9 @@ coordinator and its workers (shared memory once), sampled every 0.1 s.
 
     python bench/memory.py --model gpt2-medium --batch-size 4 --seq-len 1024 -- --precision bf16 --recompute
 
-Prints the plan, the measured peak, planned / measured, and each step's time."""
+Prints the plan, the measured peak, planned / measured, and each step's time.  With
+--resume the run also writes its checkpoint, and a second `launch train --resume`
+trains one more step from it; its peak and step are printed too."""
 import argparse
 import os
 import re
@@ -16,7 +18,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.vs_pytorch import coregpt_step_times  # noqa: E402
+from bench.vs_pytorch import coregpt_run, coregpt_step_times  # noqa: E402
 from trainer.data import write_tokens  # noqa: E402
 from trainer.params import GPT2_VOCAB, PRESETS  # noqa: E402
 
@@ -28,6 +30,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="checkpoint, then resume for one more step")
     p.add_argument("extra", nargs="*", help="extra `launch train` flags (after --)")
     args = p.parse_args()
     B, T = args.batch_size, args.seq_len
@@ -35,13 +38,21 @@ def main():
         data = os.path.join(tmp, "tokens.bin")
         rng = np.random.default_rng(0)
         write_tokens(data, rng.integers(0, GPT2_VOCAB, (args.steps + 1) * B * T + 1).astype(np.uint16))
-        run = coregpt_step_times(args.model, B, T, args.steps, args.workers, data, args.extra, watch_memory=True)
+        out = os.path.join(tmp, "run") if args.resume else None
+        run = coregpt_step_times(args.model, B, T, args.steps, args.workers, data, args.extra, watch_memory=True,
+                                 out=out)
+        if args.resume:
+            cmd = [sys.executable, "-m", "launch", "train", "--resume", "--out-dir", out, "--steps", str(args.steps + 1)]
+            resumed = coregpt_run(cmd, out, watch_memory=True)
     shared, private = map(float, re.search(r"memory plan: shared ([\d.]+) GB .*private ~([\d.]+) GB",
                                            run.log).groups())
     print(f"{args.model} B={B} T={T} {' '.join(args.extra)}, {args.workers} workers x 1 thread")
     print(f"planned {shared + private:.2f} GB (shared {shared:.2f}, private {private:.2f}), measured peak "
           f"{run.peak:.2f} GB, planned / measured {(shared + private) / run.peak:.3f}")
     print("s/step: " + " ".join(f"{t:.2f}" for t in run.times))
+    if args.resume:
+        print(f"checkpoint written; --resume: measured peak {resumed.peak:.2f} GB, step {args.steps + 1} "
+              f"{resumed.times[0]:.2f} s")
 
 
 if __name__ == "__main__":

@@ -165,20 +165,29 @@ class CoregptRun(NamedTuple):
     log: str  # its stderr (the header, with the memory plan)
 
 
-def coregpt_step_times(model_name, B, T, steps, workers, data, extra, watch_memory=False, repo=REPO):
-    """`launch train` on `data` -> CoregptRun."""
+def coregpt_step_times(model_name, B, T, steps, workers, data, extra, watch_memory=False, repo=REPO, out=None):
+    """`launch train` on `data` -> CoregptRun.  out: the run directory to keep, with
+    its checkpoint (default: a temporary one, no checkpoint)."""
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
-        out = os.path.join(tmp, "run")
+        run_dir = out or os.path.join(tmp, "run")
         cmd = [sys.executable, "-m", "launch", "train", "--model", model_name, "--data", data,
                "--batch-size", str(B), "--seq-len", str(T), "--steps", str(steps), "--lr-schedule",
                "constant", "--workers", str(workers), "--threads-per-worker", "1", "--eval-every", "0",
-               "--no-checkpoint", "--out-dir", out, *extra]
-        code, _, err, peak = run_watched(cmd, repo, dict(os.environ, PYTHONPATH=repo), watch_memory)
-        if code != 0:
-            raise SystemExit(f"coregpt run failed:\n{err[-2000:]}")
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
-        return CoregptRun([r["step_ms"] / 1000 for r in rows if "step_ms" in r], peak, err)
+               *([] if out else ["--no-checkpoint"]), "--out-dir", run_dir, *extra]
+        return coregpt_run(cmd, run_dir, watch_memory, repo)
+
+
+def coregpt_run(cmd, run_dir, watch_memory=False, repo=REPO):
+    """A `launch train` command writing run_dir -> CoregptRun of the steps it added."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    before = os.path.getsize(metrics) if os.path.exists(metrics) else 0
+    code, _, err, peak = run_watched(cmd, repo, dict(os.environ, PYTHONPATH=repo), watch_memory)
+    if code != 0:
+        raise SystemExit(f"coregpt run failed:\n{err[-2000:]}")
+    with open(metrics) as f:
+        f.seek(before)
+        rows = [json.loads(line) for line in f]
+    return CoregptRun([r["step_ms"] / 1000 for r in rows if "step_ms" in r], peak, err)
 
 
 def torch_run(name, args, steps, warmup, watch_memory=False):

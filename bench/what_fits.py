@@ -1,0 +1,70 @@
+"""What fits in memory: for each preset, full training with AdamW and with
+`--optim adamw8bit`, at B=1, T=1024, bf16, --recompute, 2 workers (hybrid): the
+header's planned peak, and with --measure the measured peak (PSS of coordinator
+and workers, shared memory once; bench/memory.py's way, 1 step) of every run whose
+plan fits the memory available here.
+
+    python bench/what_fits.py [--measure] [--models gpt2,gpt2-xl]
+
+Prints a Markdown table.  (LoRA, issue 17, is not built yet: no column.)"""
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench.vs_pytorch import coregpt_step_times  # noqa: E402
+from launch.config import Settings, check  # noqa: E402
+from launch.train import choose_engine  # noqa: E402
+from trainer.data import write_tokens  # noqa: E402
+from trainer.params import GPT2_VOCAB  # noqa: E402
+from trainer.weights import preset_config  # noqa: E402
+from workers.resources import meminfo_available, plan_for  # noqa: E402
+from workers.strategies import STRATEGIES  # noqa: E402
+
+OPTIMS = ("adamw", "adamw8bit")
+FLAGS = ["--precision", "bf16", "--recompute"]
+
+
+def planned(model, optim, B, T, workers):
+    s = check(Settings(model=model, batch_size=B, seq_len=T, workers=workers, precision="bf16", recompute=True,
+                       optim=optim, threads_per_worker=1, oversubscribe=True, no_checkpoint=True))
+    cfg = preset_config(model, {}, GPT2_VOCAB)
+    engine, _ = choose_engine(s)
+    return plan_for(cfg, s, 1, 1, engine, STRATEGIES[s.parallel]).memory / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="gpt2,gpt2-medium,gpt2-large,gpt2-xl")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--measure", action="store_true", help="run the ones that fit for one step")
+    args = p.parse_args()
+    B, T, W = args.batch_size, args.seq_len, args.workers
+    available = meminfo_available() / 1e9
+    print(f"B={B}, T={T}, {W} workers x 1 thread, {' '.join(FLAGS)}; {available:.1f} GB available here")
+    print("\n| model | " + " | ".join(f"{optim} planned | measured" for optim in OPTIMS) + " |")
+    print("|---|" + "---:|---:|" * len(OPTIMS))
+    with tempfile.TemporaryDirectory(prefix="coregpt-fits-") as tmp:
+        data = os.path.join(tmp, "tokens.bin")
+        write_tokens(data, np.random.default_rng(0).integers(0, GPT2_VOCAB, 2 * B * T + 1).astype(np.uint16))
+        for model in args.models.split(","):
+            cells = []
+            for optim in OPTIMS:
+                plan = planned(model, optim, B, T, W)
+                measured = "does not fit" if plan > available else "-"
+                if args.measure and plan <= available:
+                    run = coregpt_step_times(model, B, T, 1, W, data, FLAGS + ["--optim", optim], watch_memory=True)
+                    measured = f"{run.peak:.2f} GB ({run.times[0]:.0f} s/step)"
+                cells += [f"{plan:.2f} GB", measured]
+            print(f"| {model} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
