@@ -129,7 +129,8 @@ class GPT:
     """The model for B rows of T tokens (every worker's, when a pool shares the
     activation table `acts`; this worker's share of them is acts.tokens).  params
     (and grads, to train) are dicts of views; low_params (bf16 views of the weights)
-    turns on bf16 matmuls.  acts is allocated here when not given.  split: the matmul hook (see above).
+    turns on bf16 matmuls.  acts is allocated here when not given.  split: the
+    matmul hook (see above).
     layers: model.py, or a stand-in with the same functions (the profiler's).
     recompute (for a table made here; a given one says itself): keep only each
     block's input and run the block's forward again inside its backward.
