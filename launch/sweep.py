@@ -21,6 +21,7 @@ import time
 from datetime import datetime, timezone
 
 from trainer.errors import ConfigError
+from workers.strategies import STRATEGIES
 from trainer.profile import clock
 
 AXES = {"workers": ("--workers", int), "threads": ("--threads-per-worker", int),
@@ -105,12 +106,14 @@ def sweep(argv):
               for par in axes["parallel"] for prec in axes["precision"] for b in axes["batch_size"]
               for w in axes["workers"] for t in axes["threads"]]
     rows, start, interrupted = [], time.monotonic(), False
-    runs = [pt for pt in points if (pt["workers"] * pt["threads"] <= cores or args.oversubscribe)
-            and pt["batch_size"] % pt["workers"] == 0]
+    def splits(pt):  # --parallel data gives each worker whole rows; hybrid splits any batch
+        strategy = STRATEGIES.get(pt["parallel"])  # an unknown one fails in its run, with train's message
+        return strategy is None or pt["batch_size"] % strategy.batch_unit(pt["workers"]) == 0
+    runs = [pt for pt in points if (pt["workers"] * pt["threads"] <= cores or args.oversubscribe) and splits(pt)]
     try:
         for point in points:
             row = dict(point, cores_used=point["workers"] * point["threads"])
-            if point["batch_size"] % point["workers"]:
+            if not splits(point):
                 row["status"] = f"skipped: batch {point['batch_size']} not divisible by {point['workers']} workers"
             elif row["cores_used"] > cores and not args.oversubscribe:
                 row["status"] = f"skipped: oversubscribed ({point['workers']}x{point['threads']} > {cores} cores)"
