@@ -304,10 +304,14 @@ def test_simulated_macos_trains_unpinned_with_the_same_losses(tmp_path):
     flags = ["train", "--init-from", tmp_path / "init", "--data", tmp_path / "tokens.bin", "--batch-size", 4,
              "--seq-len", 32, "--steps", 4, "--workers", 2, "--threads-per-worker", 1, "--eval-every", 0,
              "--oversubscribe"]
-    mac = launch(*flags, "--out-dir", tmp_path / "mac", env={"PYTHONPATH": f"{site}:{REPO}"})
+    # both runs on the same OpenBLAS kernels: without /proc/cpuinfo the workers cannot
+    # tell an AMD CPU with AVX-512, where Linux runs get the Zen kernels (pool.blas_coretype),
+    # and other kernels round attention's matmuls differently
+    blas = {"OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE") or "Haswell"}
+    mac = launch(*flags, "--out-dir", tmp_path / "mac", env={"PYTHONPATH": f"{site}:{REPO}", **blas})
     assert mac.returncode == 0, mac.stderr
     assert "no CPU pinning on this OS" in mac.stderr and "workers not pinned" in mac.stderr
-    linux = launch(*flags, "--out-dir", tmp_path / "linux")
+    linux = launch(*flags, "--out-dir", tmp_path / "linux", env=blas)
     assert linux.returncode == 0 and "worker 0: cpus" in linux.stderr
     losses = [[r["loss"] for r in read_metrics(tmp_path / run) if "loss" in r] for run in ("mac", "linux")]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
