@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from torch_gpt2 import TorchGPT2, random_state
+from trainer import gemm
 from trainer.gpt import GPT
 from workers.hybrid import assign
 from trainer.params import PRESETS, GPTConfig, init_gpt2, param_layout
@@ -136,13 +137,20 @@ def test_weight_gradient_tasks_cover_every_parameter_once(n_parts):
         assert max(per_part) - min(per_part) <= slack, (layer, per_part)
 
 
+@pytest.fixture(params=["numpy", "onednn"])
+def fp32_engine(request):
+    """Attention's batched matmuls by NumPy, or by oneDNN's matmul primitive."""
+    yield gemm.install(request.param)
+    gemm.install("numpy")  # other in-process tests expect the default
+
+
 @pytest.mark.parametrize("B, T, n_head, head_size, block", [
     (2, 32, 4, 16, 8),  # 4 x 4 blocks, the 6 above the diagonal skipped
     (1, 37, 2, 8, 8),  # T not a multiple of the block: a short last block
     (2, 24, 3, 8, 128),  # one block (the default size)
     (1, 50, 3, 8, 16),
 ])
-def test_blocked_attention_matches_autograd(B, T, n_head, head_size, block):
+def test_blocked_attention_matches_autograd(fp32_engine, B, T, n_head, head_size, block):
     """trainer.attention against PyTorch's causal SDPA in float64 and its autograd:
     the output, and the gradient of every q, k and v, across block boundaries."""
     from trainer.attention import attention_backward, attention_forward

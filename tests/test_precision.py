@@ -57,6 +57,62 @@ def test_gemm_operand_layouts(engine):
         assert np.all(np.abs(out[:, cols] - 2 * expected) <= 2e-5 * scale + 1e-30), (engine.name, label)
 
 
+@pytest.mark.parametrize("engine", sorted(set(ENGINES)), indirect=True)
+def test_batched_operand_layouts(engine):
+    """gemm.batched on stacks of heads as attention passes them: strided head views of
+    a (B,T,3C) array, a transposed operand, a strided output, the scale and +=."""
+    B, T, NH, HS = 2, 40, 3, 8
+    rng = np.random.default_rng(2)
+    qkv = rng.standard_normal((B, T, 3 * NH * HS), dtype=np.float32)
+    low = np.empty(qkv.shape, engine.low_dtype)
+    engine.to_low(low, qkv) if engine.low else None
+    heads = (low if engine.low else qkv).reshape(B, T, 3, NH, HS)
+    q, k = heads[:, :, 0].transpose(0, 2, 1, 3), heads[:, :, 1].transpose(0, 2, 1, 3)
+    exact = (as_bf16 if engine.low else np.float64)(qkv).reshape(B, T, 3, NH, HS)
+    eq, ek = exact[:, :, 0].transpose(0, 2, 1, 3), exact[:, :, 1].transpose(0, 2, 1, 3)
+    scores = np.full((B, NH, 16, 24), np.nan, dtype=np.float32)
+    engine.batched(scores, k[:, :, 8:24], q[:, :, 0:24].swapaxes(-1, -2), scale=0.25)
+    expected = 0.25 * eq[:, :, 0:24] @ ek[:, :, 8:24].swapaxes(-1, -2)
+    np.testing.assert_allclose(scores, expected.swapaxes(-1, -2), rtol=0, atol=1e-5)
+    into = np.full((B, T, NH * HS), np.nan, dtype=np.float32)  # a strided output, as dq in dqkv
+    out = into.reshape(B, T, NH, HS).transpose(0, 2, 1, 3)[:, :, 4:20]
+    a = np.ascontiguousarray(scores[:, :, :, :16]).astype(k.dtype)
+    engine.batched(out, a.swapaxes(-1, -2), k[:, :, 8:24])
+    engine.batched(out, a.swapaxes(-1, -2), k[:, :, 8:24], accumulate=True)
+    expected = 2 * a.astype(np.float64).swapaxes(-1, -2) @ ek[:, :, 8:24]
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5)
+    assert np.isnan(into[:, :4]).all() and np.isnan(into[:, 20:]).all(), "wrote outside its rows"
+
+
+@pytest.mark.parametrize("engine", sorted({e for e in ENGINES if e.endswith("bf16")}), indirect=True)
+def test_bf16_attention_multiplies_bf16_inputs(engine):
+    """In bf16 attention's matmuls read bf16 copies (q, k, v, P, dO, dS): oneDNN's bf16
+    units and the portable engine (ml_dtypes rounding, then an fp32 GEMM) agree, and
+    both stay within bf16's precision of PyTorch's float64 attention."""
+    from trainer.attention import attention_backward, attention_forward
+    B, T, NH, HS = 2, 48, 3, 16
+    C = NH * HS
+    rng = np.random.default_rng(3)
+    qkv = rng.normal(0, 1, (B, T, 3 * C)).astype(np.float32)
+    dout = rng.normal(0, 1, (B, T, C)).astype(np.float32)
+
+    def run(name):
+        gemm.install(name)
+        out, lse, dqkv = np.zeros((B, T, C), np.float32), np.zeros((B, NH, T), np.float32), np.zeros_like(qkv)
+        attention_forward(out, lse, qkv, NH, block=16)
+        attention_backward(dqkv, dout, qkv, out, lse, NH, block=16)
+        return out, dqkv
+    ours, portable = run(engine.name), run("emulated-bf16")
+    reference = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
+    q, k, v = (x.view(B, T, NH, HS).transpose(1, 2) for x in reference.split(C, dim=2))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    y.backward(torch.from_numpy(dout.astype(np.float64)))
+    for mine, other, exact in zip(ours, portable, (y.detach().numpy(), reference.grad.numpy())):
+        scale = np.abs(exact).max()
+        assert np.abs(mine - other).max() <= 1e-5 * scale  # the same rounding, summed in another order
+        assert 1e-4 * scale <= np.abs(mine - exact).max() <= 1e-2 * scale  # bf16 inputs, not fp32
+
+
 def test_accumulate_without_a_cblas_symbol(monkeypatch):
     """Where NumPy's BLAS exports no cblas_sgemm, out += a @ b still holds."""
     engine = gemm.Engine("numpy")
