@@ -4,6 +4,7 @@ machine, interleaved in rounds (the machine is shared and noisy).
     pip install torch==2.13.0        # benchmark-only; never a runtime dependency
     python bench/vs_pytorch.py [--rounds 3] [--steps 6] [--warmup 2] [--compile]
                                [--batch-size 2 --seq-len 1024] [--recompute] [--two-workers-only]
+                               [--bf16-only]
 
 Each round runs every system once, in turn, in its own process: PyTorch 2 threads
 with fp32 + AdamW(fused=True); bf16 autocast + fused AdamW; with --compile also
@@ -221,6 +222,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also torch.compile the bf16 recipe")
     ap.add_argument("--recompute", action="store_true", help="also coregpt bf16 2x1 with --recompute")
     ap.add_argument("--two-workers-only", action="store_true", help="leave out coregpt's 1-worker systems")
+    ap.add_argument("--bf16-only", action="store_true", help="leave out the fp32 systems (slow at T=1024)")
     ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt (after --)")
     ap.add_argument("--torch-only", metavar="RECIPE", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -229,9 +231,10 @@ def main():
     if args.torch_only:
         print(json.dumps(torch_step_times(args.model, B, T, n, 2, tokens, **TORCH_RECIPES[args.torch_only])))
         return
-    recipes = [r for r in TORCH_RECIPES if args.compile or not TORCH_RECIPES[r]["compile"]]
+    recipes = [r for r in TORCH_RECIPES if (args.compile or not TORCH_RECIPES[r]["compile"])
+               and (TORCH_RECIPES[r]["bf16"] or not args.bf16_only)]
     systems = {name: (workers, flags) for name, (workers, flags) in COREGPT.items()
-               if workers == 2 or not args.two_workers_only}
+               if (workers == 2 or not args.two_workers_only) and ("bf16" in flags or not args.bf16_only)}
     if args.recompute:
         systems[RECOMPUTE] = (2, ["--precision", "bf16", "--recompute"])
     raw = {name: [] for name in recipes + list(systems)}
@@ -266,12 +269,14 @@ def main():
               + " ".join(f"{statistics.median(times):.3f}" for times in rounds) + " | "
               + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in rounds))
     best_bf16 = min((n for n in recipes if TORCH_RECIPES[n]["bf16"]), key=med.get)
-    c32, c16 = med["coregpt fp32, 2 workers x 1 thread"], med["coregpt bf16, 2 workers x 1 thread"]
+    c16 = med["coregpt bf16, 2 workers x 1 thread"]
     print(f"coregpt bf16 2x1 over the fastest PyTorch bf16 recipe ({best_bf16}): {med[best_bf16] / c16:.2f}x")
-    print(f"coregpt fp32 2x1 over pytorch fp32, fused AdamW: {med['pytorch fp32, fused AdamW'] / c32:.2f}x")
+    if not args.bf16_only:
+        c32 = med["coregpt fp32, 2 workers x 1 thread"]
+        print(f"coregpt fp32 2x1 over pytorch fp32, fused AdamW: {med['pytorch fp32, fused AdamW'] / c32:.2f}x")
     if not args.two_workers_only:
-        print(f"scaling 1 -> 2 workers: bf16 {med['coregpt bf16, 1 worker x 1 thread'] / c16:.2f}x, "
-              f"fp32 {med['coregpt fp32, 1 worker x 1 thread'] / c32:.2f}x")
+        print(f"scaling 1 -> 2 workers: bf16 {med['coregpt bf16, 1 worker x 1 thread'] / c16:.2f}x"
+              + ("" if args.bf16_only else f", fp32 {med['coregpt fp32, 1 worker x 1 thread'] / c32:.2f}x"))
     if args.recompute:
         print(f"coregpt bf16 2x1 --recompute over the fastest PyTorch bf16 recipe: "
               f"{med[best_bf16] / med[RECOMPUTE]:.2f}x; its step over coregpt's without it: "
