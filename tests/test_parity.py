@@ -102,12 +102,15 @@ def test_run_matches_pytorch(case, runs, parallel, workers, recompute):
                          [key for key in RUNS if key[1] > 1 or key[2]] + [("data", 1, False)])
 def test_more_workers_equal_one(runs, parallel, workers, recompute):
     """Splitting the batch, the strategy or recomputing changes only the order of sums:
-    losses and final weights within 1e-5 of one hybrid worker's (the README quotes
-    what is measured)."""
+    losses within 1e-5 of one hybrid worker's, final weights within 1e-4, the bound
+    both hold against PyTorch: Adam divides each gradient by its own RMS, so where a
+    gradient is near zero the other order's rounding moves its weight by a fraction of
+    lr a step (1.2e-5 and 1.6e-5 measured on a Zen 4, 6e-6 on a Xeon; the README
+    quotes what is measured)."""
     one = runs["hybrid", 1, False]
     np.testing.assert_allclose(runs[parallel, workers, recompute][0], one[0], rtol=0, atol=1e-5)
     for name, value in one[1].items():
-        np.testing.assert_allclose(runs[parallel, workers, recompute][1][name], value, rtol=0, atol=1e-5,
+        np.testing.assert_allclose(runs[parallel, workers, recompute][1][name], value, rtol=0, atol=1e-4,
                                    err_msg=name)
 
 
