@@ -13,9 +13,9 @@ Engines, chosen once per process by `install(name)`:
 
 bf16 operands are made by `to_low(dst, src)` where an activation or weight is
 produced; the engine's `low_dtype` says how they are stored.  `batched(out, a, b)`
-is the same for stacks of small matrices (attention's blocks, every (row, head) pair
-at once): one oneDNN matmul primitive per call where oneDNN is loaded, else NumPy's.  oneDNN comes from the
-`onednn-cpu-gomp` wheel (`pip install 'coregpt[bf16]'`), loaded with ctypes."""
+is matmul for stacks of small matrices (attention's blocks, every (row, head) pair
+at once): one oneDNN matmul primitive per call where oneDNN is loaded, else NumPy's.
+oneDNN comes from the `onednn-cpu-gomp` wheel (`pip install 'coregpt[bf16]'`), loaded with ctypes."""
 import ctypes
 import glob
 import os
@@ -129,11 +129,7 @@ class Primitives:
         check(lib.dnnl_matmul_primitive_desc_create(ctypes.byref(desc), self.engine, src, weights, None, dst, attr),
               "matmul")
         check(lib.dnnl_primitive_create(ctypes.byref(primitive), desc), "matmul primitive")
-        args = (ExecArg * 3)()
-        for i, (arg, md) in enumerate(zip((ARG_SRC, ARG_WEIGHTS, ARG_DST), descriptors)):
-            memory = ctypes.c_void_p()
-            check(lib.dnnl_memory_create(ctypes.byref(memory), md, self.engine, None), "memory")
-            args[i].arg, args[i].memory = arg, memory.value
+        args = self.arguments((ARG_SRC, ARG_WEIGHTS, ARG_DST), descriptors)
         return primitive, args, (attr, post_ops, desc, descriptors)  # the last kept alive with it
 
     def make_reorder(self, dst, src):
@@ -143,12 +139,17 @@ class Primitives:
         check(lib.dnnl_reorder_primitive_desc_create(ctypes.byref(desc), descriptors[0], self.engine,
                                                      descriptors[1], self.engine, None), "reorder")
         check(lib.dnnl_primitive_create(ctypes.byref(primitive), desc), "reorder primitive")
-        args = (ExecArg * 2)()
-        for i, (arg, md) in enumerate(zip((ARG_SRC, ARG_DST), descriptors)):
+        return primitive, self.arguments((ARG_SRC, ARG_DST), descriptors), (desc, descriptors)
+
+    def arguments(self, ids, descriptors):
+        """The execution arguments: one memory object per operand, its data pointer
+        set at each call."""
+        args = (ExecArg * len(ids))()
+        for i, (arg, md) in enumerate(zip(ids, descriptors)):
             memory = ctypes.c_void_p()
-            check(lib.dnnl_memory_create(ctypes.byref(memory), md, self.engine, None), "memory")
+            check(self.lib.dnnl_memory_create(ctypes.byref(memory), md, self.engine, None), "memory")
             args[i].arg, args[i].memory = arg, memory.value
-        return primitive, args, (desc, descriptors)
+        return args
 
     def convert(self, dst, src):
         key = ("reorder",) + tuple((x.shape, x.strides, x.dtype.name) for x in (dst, src))
