@@ -78,9 +78,9 @@ def cmd_sample(argv):
     args = p.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         raise ConfigError("--max-new-tokens, --temperature and --top-k must not be negative")
+    from trainer.base import load_model
     from trainer.sample import sample_text
-    from trainer.weights import load_checked
-    cfg, tensors = load_checked(args.checkpoint)
+    cfg, tensors = load_model(args.checkpoint)  # a LoRA run's: its base with the adapter merged
     text = sample_text(cfg, tensors, args.prompt, args.max_new_tokens, args.temperature,
                        args.top_k, args.seed)
     print(args.prompt + text)
@@ -90,14 +90,22 @@ def cmd_sample(argv):
 def cmd_export(argv):
     p = Parser(prog="launch export", description="Export weights for transformers or llm.c.")
     p.add_argument("--checkpoint", required=True, help="a run, a checkpoint, or anything --init-from takes")
-    p.add_argument("--format", required=True, help="hf (a GPT2LMHeadModel directory) or llmc (a v3 fp32 .bin)")
+    p.add_argument("--format", required=True, help="hf (a GPT2LMHeadModel directory), llmc (a v3 fp32 .bin) "
+                   "or peft (a LoRA run's adapter, for PeftModel.from_pretrained); hf and llmc merge an adapter")
     p.add_argument("--out", required=True, help="output directory (hf) or file (llmc); must not exist")
     args = p.parse_args(argv)
-    from trainer.export import EXPORTERS, export
-    from trainer.weights import load_checked
-    if args.format not in EXPORTERS:
-        raise ConfigError(f"unknown --format {args.format!r}; choose one of {', '.join(EXPORTERS)}")
-    cfg, tensors = load_checked(args.checkpoint)
+    from trainer.base import Adapted, adapter_dir, load_model
+    from trainer.export import EXPORTERS, export, export_peft
+    formats = (*EXPORTERS, "peft")
+    if args.format not in formats:
+        raise ConfigError(f"unknown --format {args.format!r}; choose one of {', '.join(formats)}")
+    if args.format == "peft":
+        directory = adapter_dir(args.checkpoint)
+        if directory is None:
+            raise ConfigError(f"--format peft exports a LoRA adapter; {args.checkpoint} is not a LoRA run or adapter")
+        print(export_peft(Adapted(directory), args.out))
+        return 0
+    cfg, tensors = load_model(args.checkpoint)
     print(export(cfg, tensors, args.format, args.out))
     return 0
 

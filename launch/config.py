@@ -41,6 +41,12 @@ SETTINGS = {
     "eps": (float, 1e-8, "AdamW epsilon"),
     "optim": (str, "adamw", "adamw (fp32 moments, 8 bytes a parameter) or adamw8bit (bitsandbytes' "
                             "AdamW8bit: 8-bit blockwise moments, 2 bytes a parameter)"),
+    "lora_rank": (int, 0, "LoRA rank r: train rank-r adapters beside the frozen weights (peft's LoRA); "
+                          "0 is full fine-tuning"),
+    "lora_alpha": (float, None, "LoRA alpha: the adapters are scaled by alpha / r (default r)"),
+    "lora_targets": (str, None, "layers that get adapters, from c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj "
+                                "(comma-separated; default c_attn, peft's for GPT-2)"),
+    "lora_dropout": (float, None, "dropout on the adapters' input while training (default 0; seeded)"),
     "precision": (str, "fp32", "fp32, or bf16: matmul inputs rounded to bf16, fp32 accumulation; "
                                "weights, gradients, optimizer and other layers stay fp32"),
     "gemm": (str, "auto", "GEMM engine: auto (oneDNN where it is faster, else NumPy's BLAS), numpy "
@@ -172,6 +178,29 @@ def merge(config_path, flags):
     return Settings(**values)
 
 
+def check_lora(s):
+    """-> s with LoRA's derived settings filled (alpha = r, targets c_attn, dropout 0)."""
+    lora_flags = [f"--lora-{k}" for k in ("alpha", "targets", "dropout") if getattr(s, "lora_" + k) is not None]
+    if s.lora_rank < 0 or (s.lora_rank == 0 and lora_flags):
+        raise ConfigError(f"--lora-rank must be a positive integer for {' '.join(lora_flags)}, got {s.lora_rank}"
+                          if lora_flags else f"--lora-rank must not be negative, got {s.lora_rank}")
+    if s.lora_rank == 0:
+        return s
+    from trainer.lora import DEFAULT_TARGETS, parse_targets
+    s = dataclasses.replace(s, lora_alpha=float(s.lora_rank if s.lora_alpha is None else s.lora_alpha),
+                            lora_targets=s.lora_targets or DEFAULT_TARGETS,
+                            lora_dropout=float(s.lora_dropout or 0.0))
+    if s.lora_alpha <= 0:
+        raise ConfigError(f"--lora-alpha must be positive, got {s.lora_alpha:g}")
+    if not 0 <= s.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout must be in [0, 1), got {s.lora_dropout:g}")
+    try:
+        parse_targets(s.lora_targets)
+    except ValueError as e:
+        raise ConfigError(f"{e}; choose from c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj") from None
+    return s
+
+
 def check(s, group=None):
     """-> the settings checked, with the derived ones filled; `group` is the MPI
     group under --backend mpi (ranks sharing this machine change what fits on it).
@@ -207,6 +236,7 @@ def check(s, group=None):
     need(s.weight_decay >= 0 and s.grad_clip >= 0, "--weight-decay and --grad-clip must not be negative")
     need(0 <= s.beta1 < 1 and 0 <= s.beta2 < 1 and s.eps > 0, "AdamW needs 0 <= beta < 1 and eps > 0")
     need(s.optim in OPTIMS, f"--optim must be {' or '.join(OPTIMS)}, got {s.optim!r}")
+    s = check_lora(s)
     from workers.placement import read_topology
     cores = read_topology().available(s.smt)  # physical cores (or hyperthreads), capped by a CPU quota
     local_workers = local_ranks * s.workers  # every worker on this machine

@@ -51,9 +51,13 @@ class Interrupted(Exception):
 
 
 class StepLoop:
-    def __init__(self, s, cfg, pool, group, metrics, arrays, stop, val_path):
+    def __init__(self, s, cfg, pool, group, metrics, arrays, stop, val_path, weights=None, base=None):
+        """arrays: (trained tensors, optimizer state) as checkpoints hold them;
+        weights() -> the model's weights to sample from (default arrays[0]); base:
+        a LoRA run's Base record."""
         self.s, self.cfg, self.pool, self.group, self.metrics = s, cfg, pool, group, metrics
         self.arrays, self.stop, self.val_path = arrays, stop, val_path
+        self.weights, self.base = weights or (lambda: arrays[0]), base
         self.batch_tokens = s.batch_size * s.seq_len
         self.step_tokens = self.batch_tokens * s.grad_accum
 
@@ -67,7 +71,7 @@ class StepLoop:
             if self.val_path and s.eval_every and (step % s.eval_every == 0 or last):
                 self.evaluate(step)
             if s.sample_every and (step % s.sample_every == 0 or last) and self.group.is_root:
-                text = sample_text(self.cfg, self.arrays[0], "\n", max_new_tokens=64, seed=s.seed)
+                text = sample_text(self.cfg, self.weights(), "\n", max_new_tokens=64, seed=s.seed)
                 log(f"step {step:>6}/{s.steps} | sample:\n{text}\n")
             if self.group.any(self.stop.signum is not None):  # every rank stops after the same step
                 if not s.no_checkpoint and self.group.is_root:
@@ -141,4 +145,4 @@ class StepLoop:
         log(f"step {step:>6}/{s.steps} | val loss {val:.4f}")
 
     def checkpoint(self, step):
-        return checkpoint(self.s, self.cfg, step, self.arrays, self.counts)
+        return checkpoint(self.s, self.cfg, step, self.arrays, self.counts, self.base)

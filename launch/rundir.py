@@ -105,13 +105,17 @@ class Metrics:
             pass  # a failed flush was reported by write()
 
 
-def checkpoint(s, cfg, step, arrays, counts):
+def checkpoint(s, cfg, step, arrays, counts, base=None):
+    """arrays: (trained tensors, optimizer state); base: a LoRA run's Base record."""
     params, optimizer = arrays
     state = {"seed": s.seed, "data_window": step * s.grad_accum, "adam_steps": counts["updates"],
              "skipped_nonfinite": counts["skipped"], "config": run_settings(s)}
+    if base is not None:
+        state["base"] = base
     from safetensors import SafetensorError
+    from trainer.lora import lora_of
     try:  # a failed write leaves no partial directory, and `latest` still names the previous one
-        path = save_checkpoint(s.out_dir, step, cfg, params, optimizer, state)
+        path = save_checkpoint(s.out_dir, step, cfg, params, optimizer, state, lora_of(s))
     except (OSError, SafetensorError) as e:
         raise write_failed(f"the step {step} checkpoint in {os.path.join(s.out_dir, 'checkpoints')}",
                            e, s.out_dir) from None

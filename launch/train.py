@@ -13,6 +13,7 @@ import json
 import os
 from datetime import datetime, timezone
 
+from launch.adapters import load_lora, lora_model, parameter_counts, sampling_weights
 from launch.config import SETTINGS, check
 from launch.console import Console, log
 from launch.loop import StepLoop, StopRequest
@@ -24,6 +25,7 @@ from trainer.data import check_tokens, open_tokens, resolve_data
 from trainer.errors import ConfigError, DataError, EngineError, ResourceError, RunError, WeightsError
 from trainer.files import atomic_write
 from trainer.gemm import Engine, choose
+from trainer.lora import is_peft_dir, lora_of
 from trainer.params import GPT2_VOCAB, init_gpt2
 from trainer.weights import latest_checkpoint, load_checked, preset_config
 from workers import messages as msg
@@ -102,6 +104,7 @@ class Run:
     engine_text: str
     strategy: type
     lock: int | None  # the run directory's lock (rank 0), held until the run ends
+    base: object = None  # a LoRA run's frozen base (trainer.base.Base)
 
 
 def choose_engine(s):
@@ -122,7 +125,11 @@ def setup(s, given, group):
         s, ckpt, state = resume_settings(s, given)
         s = check(s, group if s.backend == "mpi" else None)  # e.g. the new worker count vs cores
     engine, engine_text = choose_engine(s)
-    cfg, tensors = build_model(s, ckpt)
+    base = None
+    if s.lora_rank or (s.init_from and is_peft_dir(s.init_from) and not s.resume):
+        s, cfg, base, tensors = lora_model(s, ckpt, state)
+    else:
+        cfg, tensors = build_model(s, ckpt)
     if s.seq_len > cfg.block_size:
         raise DataError(f"--seq-len {s.seq_len} is above the model's context of {cfg.block_size}")
     train_path, val_path = open_data(s, cfg)
@@ -144,7 +151,7 @@ def setup(s, given, group):
     log(f"coregpt: {plan.describe()}")
     if warning:
         log(f"coregpt: {warning}")
-    return Run(s, cfg, tensors, ckpt, state, train_path, val_path, engine, engine_text, strategy, lock)
+    return Run(s, cfg, tensors, ckpt, state, train_path, val_path, engine, engine_text, strategy, lock, base)
 
 
 def train(s, given=(), group=None):
@@ -180,6 +187,10 @@ def run_pool(run, group):
         + f" {s.workers} worker(s) x {s.threads_per_worker} thread(s), {s.parallel} parallel"
         + (", recomputing activations" if s.recompute else "") + "; "
         + f"run dir {s.out_dir}")
+    lora = lora_of(s)
+    if lora:
+        log(f"coregpt: LoRA r={lora.rank}, alpha={lora.alpha:g} on {', '.join(lora.targets)}"
+            + (f", dropout {lora.dropout:g}" if lora.dropout else "") + f"; {parameter_counts(cfg, lora)}")
     topo = read_topology()
     cores = place(topo, s.workers, s.threads_per_worker, s.smt, first_worker=group.local_rank * s.workers,
                   total_workers=group.local_size * s.workers) if topo.pinning else None
@@ -194,16 +205,22 @@ def run_pool(run, group):
                               val=run.val_path, optim=dict(kind=s.optim, beta1=s.beta1, beta2=s.beta2,
                                                            eps=s.eps, weight_decay=s.weight_decay),
                               engine=run.engine, strategy=run.strategy, profile=s.profile,
-                              recompute=s.recompute,
+                              recompute=s.recompute, lora=lora,
                               first_row=group.rank * (s.batch_size // group.size), cores=cores)
             log(f"coregpt: matmuls: {run.engine_text}; workers' BLAS: {pool.blas or 'none found'}")
-            arrays = pool.layout.views(pool.params.array), pool.optimizer_views()
-            load_state(cfg, s, arrays, run.tensors, run.ckpt)
+            arrays = pool.trained(), pool.optimizer_views()
+            if lora:
+                load_lora(run, pool)
+            else:
+                load_state(cfg, s, arrays, run.tensors, run.ckpt)
             run.tensors = None
             pool.request(msg.Cast())  # the bf16 copy of the loaded weights, if any
-            StepLoop(s, cfg, pool, group, metrics, arrays, stop, run.val_path).run(start, run.state or {})
+            StepLoop(s, cfg, pool, group, metrics, arrays, stop, run.val_path,
+                     weights=sampling_weights(run, pool) if lora else None,
+                     base=run.base.record if lora else None).run(start, run.state or {})
             if group.size > 1:  # every rank applied the same updates: check they agree to the bit
-                digest = hashlib.blake2b(pool.params.array.data, digest_size=16).digest()
+                trained = pool.adapters if lora else pool.params
+                digest = hashlib.blake2b(trained.array.data, digest_size=16).digest()
                 if not group.identical(digest):
                     raise RunError("the ranks' weights differ after training; the checkpoint is rank 0's")
                 log(f"coregpt: all {group.size} ranks hold bit-identical weights (blake2b {digest.hex()})")

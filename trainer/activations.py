@@ -37,11 +37,12 @@ def head_rows(N, n_parts):
     return min(N, n_parts * max(1, knob("COREGPT_HEAD_ROWS", HEAD_ROWS) // n_parts))
 
 
-def activation_shapes(cfg, B, T, training, n_parts=1):
+def activation_shapes(cfg, B, T, training, n_parts=1, lora=None):
     """[(name, shape, row axis)] of every activation of B batch rows shared by n_parts
     workers: the row axis is the one split between them (the N = B·T token rows; for
     lse the B·NH (row, head) pairs of attention), after the layer axis if any (a row
-    axis of 1 means a layer axis first)."""
+    axis of 1 means a layer axis first).  With LoRA (trainer.lora.Lora), each target's
+    u = (alpha/r) x A^T (N, r) and, training, its gradient du."""
     L, C, NH, V, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B * T
     shapes = [
         ("residual", (L + 1, N, C), 1),
@@ -61,6 +62,9 @@ def activation_shapes(cfg, B, T, training, n_parts=1):
             ("norm", (N, C), 0), ("dnorm", (N, C), 0), ("datty", (N, C), 0),
             ("gelu_th", (N, 4 * C), 0), ("gelu_slope", (N, 4 * C), 0),
         ]
+    for target in lora.targets if lora else ():
+        shapes += [("u." + target, (L, N, lora.rank), 1)] + (
+            [("du." + target, (L, N, lora.rank), 1)] if training else [])
     return shapes
 
 
@@ -72,13 +76,24 @@ LOW_ONLY = ("ln1", "ln2", "fch_gelu", "lnf")
 
 
 GRADIENTS = ("dresid2", "dln1", "dln2", "dqkv", "dfch")  # and dresidual
+# LoRA's u.{target} and du.{target}: only matmuls read them; du is a gradient
+LORA = ("u.", "du.")
+
+
+def low_copy(name):
+    return name in LOW_COPIES or name.startswith(LORA)
+
+
+def low_only(name):
+    return name in LOW_ONLY or name.startswith(LORA)
 
 
 def stored_layers(name, layers, recompute):
     """How many of an activation's `layers` are stored (see above)."""
     if name == "dresidual":
         return 2
-    return 1 if name in GRADIENTS or (recompute and name != "residual") else layers
+    gradient = name in GRADIENTS or name.startswith("du.")
+    return 1 if gradient or (recompute and name != "residual") else layers
 
 
 def stored(shapes, recompute):
@@ -87,25 +102,25 @@ def stored(shapes, recompute):
             for name, shape, axis in shapes]
 
 
-def low_shapes(cfg, B, T, training, recompute=False, n_parts=1):
-    return stored([shape for shape in activation_shapes(cfg, B, T, training, n_parts)
-                   if shape[0] in LOW_COPIES], recompute)
+def low_shapes(cfg, B, T, training, recompute=False, n_parts=1, lora=None):
+    return stored([shape for shape in activation_shapes(cfg, B, T, training, n_parts, lora)
+                   if low_copy(shape[0])], recompute)
 
 
-def low_layout(cfg, B, T, training, recompute=False, n_parts=1):
+def low_layout(cfg, B, T, training, recompute=False, n_parts=1, lora=None):
     """The layout of the bf16 copies' arena."""
-    return Layout([(name, shape) for name, shape, _ in low_shapes(cfg, B, T, training, recompute, n_parts)])
+    return Layout([(name, shape) for name, shape, _ in low_shapes(cfg, B, T, training, recompute, n_parts, lora)])
 
 
-def shared_shapes(cfg, B, T, training, low, recompute=False, n_parts=1):
+def shared_shapes(cfg, B, T, training, low, recompute=False, n_parts=1, lora=None):
     """The activations that live in the fp32 arena, as stored."""
-    return stored([shape for shape in activation_shapes(cfg, B, T, training, n_parts)
-                   if not (low and shape[0] in LOW_ONLY)], recompute)
+    return stored([shape for shape in activation_shapes(cfg, B, T, training, n_parts, lora)
+                   if not (low and low_only(shape[0]))], recompute)
 
 
-def activation_layout(cfg, B, T, training, low=False, recompute=False, n_parts=1):
+def activation_layout(cfg, B, T, training, low=False, recompute=False, n_parts=1, lora=None):
     return Layout([(name, shape) for name, shape, _ in
-                   shared_shapes(cfg, B, T, training, low, recompute, n_parts)])
+                   shared_shapes(cfg, B, T, training, low, recompute, n_parts, lora)])
 
 
 class Turns:
@@ -169,30 +184,32 @@ class Activations:
     """The table for `rows` batch rows of T tokens (every worker's, when shared), of
     whose token rows worker `part` of n_parts owns a contiguous 1/n_parts.  `arena` and
     `low_arena` (shared memory in a pool) are allocated here when not given;
-    low_dtype turns on the bf16 copies; recompute: see above."""
+    low_dtype turns on the bf16 copies; recompute: see above; lora: LoRA's activations."""
 
     def __init__(self, cfg, rows, T, training, *, low_dtype=None, arena=None, low_arena=None,
-                 part=0, n_parts=1, recompute=False):
+                 part=0, n_parts=1, recompute=False, lora=None):
         self.rows, self.part, self.n_parts, self.recompute = rows, part, n_parts, recompute
         self.tokens = share(rows * T, part, n_parts)  # this worker's token rows lo…hi
         self.low = low_dtype is not None
-        layers = {name: shape[0] for name, shape, _ in activation_shapes(cfg, rows, T, training)}
-        shapes = shared_shapes(cfg, rows, T, training, self.low, recompute, n_parts)
+        layers = {name: shape[0] for name, shape, _ in activation_shapes(cfg, rows, T, training, lora=lora)}
+        shapes = shared_shapes(cfg, rows, T, training, self.low, recompute, n_parts, lora)
         if arena is None:
-            arena = np.zeros(activation_layout(cfg, rows, T, training, self.low, recompute, n_parts).size,
+            arena = np.zeros(activation_layout(cfg, rows, T, training, self.low, recompute, n_parts, lora).size,
                              dtype=np.float32)
         self.full, self.mine = views_of(arena, shapes, layers, part, n_parts)
         self.low_full = self.low_mine = None
         if self.low:
-            lows = low_shapes(cfg, rows, T, training, recompute, n_parts)
+            lows = low_shapes(cfg, rows, T, training, recompute, n_parts, lora)
             if low_arena is None:
-                low_arena = np.zeros(low_layout(cfg, rows, T, training, recompute, n_parts).size, dtype=low_dtype)
+                low_arena = np.zeros(low_layout(cfg, rows, T, training, recompute, n_parts, lora).size,
+                                     dtype=low_dtype)
             self.low_full, self.low_mine = views_of(low_arena, lows, layers, part, n_parts)
             self.mine.update({name: one_layer_scratch((layers[name],) + shape[1:] if axis == 1 else shape,
                                                       axis, part, n_parts)
-                              for name, shape, axis in lows if name in LOW_ONLY})
+                              for name, shape, axis in lows if low_only(name)})
         # what matmuls read: the bf16 copies, or the fp32 rows themselves
         self.matmul_inputs = self.low_full if self.low else self.full
+        self.matmul_mine = self.low_mine if self.low else self.mine
 
     def made(self, name, *index):
         """This worker's rows of `name`[index] are final: make their bf16 copy.
@@ -200,6 +217,12 @@ class Activations:
         if self.low:
             to_low(self.low_mine[name][index], self.mine[name][index])
         return self.matmul_inputs[name][index]
+
+    def made_mine(self, name, *index):
+        """As made -> this worker's rows only, as matmuls read them."""
+        if self.low:
+            to_low(self.low_mine[name][index], self.mine[name][index])
+        return self.matmul_mine[name][index]
 
     def made_first(self, name, rows):
         """As made, for the first `rows` rows of `name` (a chunk's): this worker's

@@ -1,5 +1,8 @@
 """Run checkpoints: RUN/checkpoints/step_NNNNNN/ with model.safetensors (HF GPT-2
-names), config.json, optimizer.safetensors and state.json.
+names), config.json, optimizer.safetensors and state.json.  A LoRA run's holds
+the adapter as peft writes it (adapter_model.safetensors, adapter_config.json:
+the checkpoint is a peft adapter directory) instead of model.safetensors, and
+its state.json names the frozen base by path (or seed) and sha256 (trainer/base.py).
 
 A checkpoint is written under a temporary name, every file fsynced, then
 renamed into place; `checkpoints/latest` is replaced last.  A crash at any
@@ -13,19 +16,24 @@ import numpy as np
 
 from trainer.adamw8bit import QBLOCK, quantized
 from trainer.files import atomic_write
+from trainer.lora import adapter_shapes, peft_name, save_peft
 from trainer.params import GPTConfig, param_shapes
 from trainer.weights import WeightsError, latest_checkpoint, save_model
 
 OPTIMS = ("adamw", "adamw8bit")
 
 
-def optimizer_tensors(cfg, optim):
+def trained_shapes(cfg, lora):
+    return param_shapes(cfg) if lora is None else adapter_shapes(cfg, lora)
+
+
+def optimizer_tensors(cfg, optim, lora=None):
     """{prefix: {parameter: (shape, safetensors dtype)}} of the optimizer state
-    `optim` keeps for each parameter: fp32 m and v; or with adamw8bit, uint8 codes
+    `optim` keeps for each trained tensor: fp32 m and v; or with adamw8bit, uint8 codes
     and per-block absmax for the quantised tensors and fp32 m and v for the rest
     (trainer/adamw8bit.py)."""
     tensors = {"m.": {}, "v.": {}} | ({"m_absmax.": {}, "v_absmax.": {}} if optim == "adamw8bit" else {})
-    for name, shape in param_shapes(cfg):
+    for name, shape in trained_shapes(cfg, lora):
         for moment in ("m", "v"):
             if optim == "adamw8bit" and quantized(shape):
                 tensors[f"{moment}."][name] = shape, "U8"
@@ -43,9 +51,10 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def save_checkpoint(run_dir, step, cfg, params, optimizer, state):
-    """params: {hf_name: array}; optimizer: {prefix: {hf_name: array}} (as
-    optimizer_tensors names them); state: JSON-able run state -> checkpoint path."""
+def save_checkpoint(run_dir, step, cfg, params, optimizer, state, lora=None):
+    """params: {hf_name: array} (with LoRA the adapters); optimizer: {prefix:
+    {name: array}} (as optimizer_tensors names them); state: JSON-able run state
+    (with LoRA its "base") -> checkpoint path."""
     from safetensors.numpy import save_file
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
@@ -56,7 +65,15 @@ def save_checkpoint(run_dir, step, cfg, params, optimizer, state):
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}-{os.getpid()}")
     os.makedirs(tmp)
     try:
-        save_model(tmp, cfg, params)
+        if lora is None:
+            save_model(tmp, cfg, params)
+        else:
+            base = state["base"].get("path") or f"GPT-2 init, seed {state['base']['seed']}"
+            if base.endswith("/model.safetensors"):
+                base = os.path.dirname(base)  # the directory from_pretrained takes
+            save_peft(tmp, lora, params, base)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg.to_hf(), f, indent=2)
         save_file({prefix + name: a for prefix, views in optimizer.items() for name, a in views.items()},
                   os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -103,7 +120,14 @@ def saved_setting(run_dir, key):
     return read_state(ckpt)["config"].get(key) if ckpt else None
 
 
-def check_checkpoint(ckpt_dir, optim):
+def model_file(cfg, lora):
+    """(file, {tensor name in the file: (shape, dtype)}) of a checkpoint's weights."""
+    if lora is None:
+        return "model.safetensors", {name: (shape, "F32") for name, shape in param_shapes(cfg)}
+    return "adapter_model.safetensors", {peft_name(name): (shape, "F32") for name, shape in adapter_shapes(cfg, lora)}
+
+
+def check_checkpoint(ckpt_dir, optim, lora=None):
     """-> the GPTConfig of a checkpoint to resume, once its files' headers show every
     parameter and every tensor of optimizer `optim`'s state with its shape and dtype
     (no tensor is read: see stream_checkpoint)."""
@@ -113,8 +137,8 @@ def check_checkpoint(ckpt_dir, optim):
             cfg = GPTConfig.from_hf(json.load(f))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WeightsError(f"{ckpt_dir}: unreadable config.json ({e})") from None
-    files = (("model.safetensors", {"": {name: (shape, "F32") for name, shape in param_shapes(cfg)}}),
-             ("optimizer.safetensors", optimizer_tensors(cfg, optim)))
+    weights, expected = model_file(cfg, lora)
+    files = ((weights, {"": expected}), ("optimizer.safetensors", optimizer_tensors(cfg, optim, lora)))
     for file, expected in files:
         path = os.path.join(ckpt_dir, file)
         try:
@@ -137,12 +161,15 @@ def check_checkpoint(ckpt_dir, optim):
     return cfg
 
 
-def stream_checkpoint(ckpt_dir, params, optimizer):
+def stream_checkpoint(ckpt_dir, params, optimizer, lora=None):
     """Read a checkpoint (checked by check_checkpoint) into the views {name: view} of
     params and {prefix: {name: view}} of optimizer: each tensor's bytes go from the file straight into its view, with no copy
     in between and no mapping of the file (mapped pages would count as the
-    coordinator's memory), so loading needs nothing beside the arenas."""
-    for file, views_of in (("model.safetensors", {"": params}), ("optimizer.safetensors", optimizer)):
+    coordinator's memory), so loading needs nothing beside the arenas.  With LoRA
+    params are the adapters'."""
+    weights = {"": params} if lora is None else {"": {peft_name(k): v for k, v in params.items()}}
+    for file, views_of in (("adapter_model.safetensors" if lora else "model.safetensors", weights),
+                           ("optimizer.safetensors", optimizer)):
         path = os.path.join(ckpt_dir, file)
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")

@@ -51,12 +51,39 @@ def export_hf(directory, cfg, tensors):
 EXPORTERS = {"hf": export_hf, "llmc": export_llmc}
 
 
+def export_peft(adapted, out):
+    """A LoRA adapter (trainer.base.Adapted) as peft's directory: adapter_model.safetensors
+    + adapter_config.json naming its base (the path of the file it was trained on, or,
+    for a base of GPT-2's initialisation, the HF export written beside it in base/)."""
+    check_out(out)
+    from trainer.lora import save_peft
+    tmp = f"{out}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        base = adapted.base.path
+        if base is None:  # nothing on disk to name: write the base too
+            export_hf(os.path.join(tmp, "base"), adapted.cfg, adapted.base_tensors)
+            base = os.path.join(os.path.abspath(out), "base")
+        elif base.endswith("model.safetensors"):
+            base = os.path.dirname(base)  # the directory from_pretrained takes
+        save_peft(tmp, adapted.lora, adapted.adapters, base)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def export(cfg, tensors, fmt, out):
     """fmt: a key of EXPORTERS."""
+    check_out(out)
+    EXPORTERS[fmt](out, cfg, tensors)
+    return out
+
+
+def check_out(out):
     if os.path.exists(out):
         raise WeightsError(f"--out {out} already exists; choose a new path")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise WeightsError(f"--out {out}: directory {parent} does not exist")
-    EXPORTERS[fmt](out, cfg, tensors)
-    return out

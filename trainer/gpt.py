@@ -21,6 +21,7 @@ import numpy as np
 
 from trainer import model
 from trainer.activations import Activations, rows_of, share
+from trainer.lora import fans
 
 
 def matmul_alone(fn, out, inp, weight, transposed=False):
@@ -76,10 +77,15 @@ def attention_pieces(B, n_head, part, n_parts):
     return pieces
 
 
-def weight_tasks(cfg, vocab_parts=1, matrix_parts=1):
+def weight_tasks(cfg, vocab_parts=1, matrix_parts=1, lora=None):
     """Every weight-gradient task of a step in parameter-layout order; the embedding
-    is cut into vocab_parts slices of its rows, each block matrix into matrix_parts."""
+    is cut into vocab_parts slices of its rows, each block matrix into matrix_parts.
+    With LoRA only the adapters train: one task per target and layer, writing its A and B."""
     C, V = cfg.n_embd, cfg.vocab_size
+    if lora is not None:
+        return [WeightTask(t, l, 0, lora.rank, sum(fans(cfg, t)) * lora.rank,
+                           tuple((f"h.{l}.{t}.lora_{k}", 0, None) for k in "AB"))
+                for l in range(cfg.n_layer) for t in lora.targets]
     cuts = [V * k // vocab_parts for k in range(vocab_parts + 1)]
     tasks = []
     for lo, hi in zip(cuts, cuts[1:]):
@@ -134,17 +140,20 @@ class GPT:
     layers: model.py, or a stand-in with the same functions (the profiler's).
     recompute (for a table made here; a given one says itself): keep only each
     block's input and run the block's forward again inside its backward.
-    sync: the barrier attention needs when the workers split a batch row (above)."""
+    sync: the barrier attention needs when the workers split a batch row (above).
+    lora (trainer.lora.Lora): the base weights are frozen and adapters (low_adapters:
+    their bf16 copies) beside its targets train; grads then holds the adapters'."""
 
     def __init__(self, cfg, B, T, params, grads=None, low_params=None, *, acts=None,
-                 split=matmul_alone, layers=model, recompute=False, sync=None):
+                 split=matmul_alone, layers=model, recompute=False, sync=None,
+                 lora=None, adapters=None, low_adapters=None):
         if T > cfg.block_size:
             raise ValueError(f"seq-len {T} is above the model's context of {cfg.block_size}")
         self.cfg, self.B, self.T, self.params, self.grads = cfg, B, T, params, grads
         self.split, self.layers = split, layers
         training = grads is not None
         if acts is None:
-            acts = Activations(cfg, B, T, training, recompute=recompute,
+            acts = Activations(cfg, B, T, training, recompute=recompute, lora=lora,
                                low_dtype=None if low_params is None else low_params["wte.weight"].dtype)
         self.acts = acts
         self.weights = params if low_params is None else low_params  # what matmuls read
@@ -159,7 +168,12 @@ class GPT:
         self.pieces = attention_pieces(B, cfg.n_head, acts.part, acts.n_parts)
         self.sync = sync if B % acts.n_parts else lambda: None
         # the vocabulary rows of the embedding's gradient this worker computes
-        self.head_slices = [(0, cfg.vocab_size)]
+        self.head_slices = [(0, cfg.vocab_size)] if lora is None else []
+        self.lora, self.adapters = lora, None
+        if lora is not None:  # [{target: (A, B) as matmuls read them}] by layer
+            read = adapters if low_adapters is None else low_adapters
+            self.adapters = [{t: (read[f"h.{l}.{t}.lora_A"], read[f"h.{l}.{t}.lora_B"]) for t in lora.targets}
+                             for l in range(cfg.n_layer)]
 
     def load_batch(self, tokens):
         """tokens: the consecutive token ids of every worker's rows, plus one (any int dtype)."""
@@ -215,6 +229,7 @@ class GPT:
         nn.layernorm_forward(mine.ln1[l], mine.ln1_mean[l], mine.ln1_rstd[l], mine.residual[l], b.ln_1_w, b.ln_1_b)
         split(nn.matmul_forward, full.qkv[l], made("ln1", l), b.attn_w)
         mine.qkv[l] += b.attn_b
+        self.lora_forward(l, "attn.c_attn", mine.qkv[l])
         self.sync()  # every worker's rows of qkv have their bias
         for heads, qkv, atty, lse, _, _ in self.attention_views(l):
             nn.attention_forward(atty, lse, qkv, self.cfg.n_head, heads_of=heads)
@@ -223,17 +238,41 @@ class GPT:
         resid2 = mine.resid2[l]
         resid2 += b.attn_proj_b
         resid2 += mine.residual[l]
+        self.lora_forward(l, "attn.c_proj", resid2)
         nn.layernorm_forward(mine.ln2[l], mine.ln2_mean[l], mine.ln2_rstd[l], resid2, b.ln_2_w, b.ln_2_b)
         split(nn.matmul_forward, full.fch[l], made("ln2", l), b.fc_w)
         mine.fch[l] += b.fc_b
+        self.lora_forward(l, "mlp.c_fc", mine.fch[l])
         nn.gelu_forward(mine.fch_gelu[l], mine.fch[l])
-        if again:
+        if again:  # the backward reads fch_gelu's bf16 copy, and u of the projection after it
             made("fch_gelu", l)
+            self.lora_forward(l, "mlp.c_proj", None)
             return
         split(nn.matmul_forward, full.residual[l + 1], made("fch_gelu", l), b.fc_proj_w)
         out = mine.residual[l + 1]
         out += b.fc_proj_b
         out += resid2
+        self.lora_forward(l, "mlp.c_proj", out)
+
+    def lora_forward(self, l, target, out):
+        """out (this worker's rows of the frozen layer's output) += s · x A^T B^T, if
+        `target` has an adapter; out None: only u (for the backward's recompute)."""
+        if self.lora is None or target not in self.lora.targets:
+            return
+        nn, acts, (a, b) = self.layers, self.acts, self.adapters[l][target]
+        x = acts.matmul_mine[MATRICES[target].inp][l]  # made by the frozen layer's matmul
+        nn.lora_down_forward(acts.mine["u." + target][l], x, a, self.lora.scale)
+        u = acts.made_mine("u." + target, l)
+        if out is not None:
+            nn.lora_up_forward(out, u, b)
+
+    def lora_backward(self, l, target, dx, dout):
+        """dx (this worker's rows of the frozen layer's input gradient) += du A, du = s · dout B."""
+        if self.lora is None or target not in self.lora.targets:
+            return
+        nn, acts, (a, b) = self.layers, self.acts, self.adapters[l][target]
+        nn.lora_up_backward(acts.mine["du." + target][l], dout, b, self.lora.scale)
+        nn.lora_down_backward(dx, acts.made_mine("du." + target, l), a)
 
     def attention_views(self, l):
         """-> for each of this worker's attention pieces (b0, b1, h0, h1): (h0, h1)
@@ -251,7 +290,7 @@ class GPT:
     def backward(self):
         """Every gradient of the loss_scale given to forward into self.grads
         (overwritten), for a model alone with its rows."""
-        tasks = weight_tasks(self.cfg)
+        tasks = weight_tasks(self.cfg, lora=self.lora)
         def run(layer):
             for task in tasks:
                 if task.layer == layer:
@@ -280,15 +319,21 @@ class GPT:
         nn, mine, full, made, split = self.layers, self.acts.mine, self.acts.full, self.acts.made, self.split
         ln_scratch = (mine.norm, mine.dnorm, mine.rowtmp)
         split(nn.matmul_backward, full.dfch[l], made("dresidual", l + 1), b.fc_proj_w, True)
+        self.lora_backward(l, "mlp.c_proj", mine.dfch[l], self.acts.matmul_mine["dresidual"][l + 1])
         nn.gelu_backward(mine.dfch[l], mine.fch[l], mine.gelu_th, mine.gelu_slope)
         split(nn.matmul_backward, full.dln2[l], made("dfch", l), b.fc_w, True)
+        self.lora_backward(l, "mlp.c_fc", mine.dln2[l], self.acts.matmul_mine["dfch"][l])
         nn.layernorm_backward(mine.dresid2[l], mine.dresidual[l + 1], mine.dln2[l], mine.resid2[l],
                               mine.ln2_mean[l], mine.ln2_rstd[l], b.ln_2_w, *ln_scratch)
         split(nn.matmul_backward, full.datty, made("dresid2", l), b.attn_proj_w, True)
+        if self.lora and "attn.c_proj" in self.lora.targets:
+            self.lora_backward(l, "attn.c_proj", mine.datty, self.acts.matmul_mine["dresid2"][l])
+            self.sync()  # attention may read other workers' rows of datty
         for heads, qkv, atty, lse, dqkv, datty in self.attention_views(l):
             nn.attention_backward(dqkv, datty, qkv, atty, lse, self.cfg.n_head, heads_of=heads)
         self.sync()  # all of dqkv is in before this worker converts its rows
         split(nn.matmul_backward, full.dln1[l], made("dqkv", l), b.attn_w, True)
+        self.lora_backward(l, "attn.c_attn", mine.dln1[l], self.acts.matmul_mine["dqkv"][l])
         nn.layernorm_backward(mine.dresidual[l], mine.dresid2[l], mine.dln1[l], mine.residual[l],
                               mine.ln1_mean[l], mine.ln1_rstd[l], b.ln_1_w, *ln_scratch)
 
@@ -309,6 +354,11 @@ class GPT:
         dout, width = full[matrix.dout][l + matrix.dout_layer], full[matrix.dout].shape[-1]
         low_dout = low[matrix.dout][l + matrix.dout_layer].reshape(-1, width)
         inp = low[matrix.inp][l]
+        if self.lora is not None:  # the adapter's A and B; the frozen weight has no gradient
+            name = h + task.name
+            nn.lora_weights_backward(grads[name + ".lora_A"], grads[name + ".lora_B"], low["du." + task.name][l],
+                                     low_dout, low["u." + task.name][l], inp.reshape(-1, inp.shape[-1]))
+            return
         nn.matmul_weights_backward(grads[h + task.name + ".weight"][lo:hi], low_dout,
                                    inp.reshape(-1, inp.shape[-1])[:, lo:hi])
         if lo > 0:

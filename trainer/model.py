@@ -106,6 +106,37 @@ def matmul_weights_backward(dw, dout, inp):
     matmul(dw, inp.T, dout)
 
 
+# LoRA beside a frozen linear layer (trainer/lora.py): out += s · x A^T B^T, s = alpha / r.
+# u = s · x A^T and du = s · dout B carry the scale, so the weight gradients need none.
+def lora_down_forward(u, x, a, scale):
+    """x (n,in), A (r,in) -> u (n,r) = s · x @ A.T, overwritten."""
+    matmul(u, x, a.T)
+    u *= np.float32(scale)
+
+
+def lora_up_forward(out, u, b):
+    """u (n,r), B (out,r) -> out (n,out) += u @ B.T (the frozen layer's x @ W is in out)."""
+    matmul(out, u, b.T, accumulate=True)
+
+
+def lora_up_backward(du, dout, b, scale):
+    """dout (n,out) -> du (n,r) = s · dout @ B, overwritten."""
+    matmul(du, dout, b)
+    du *= np.float32(scale)
+
+
+def lora_down_backward(dx, du, a):
+    """du (n,r) -> dx (n,in) += du @ A (the frozen layer's dout @ W.T is in dx)."""
+    matmul(dx, du, a, accumulate=True)
+
+
+def lora_weights_backward(da, db, du, dout, u, x):
+    """du (N,r), dout (N,out), u (N,r), x (N,in) -> dA (r,in) = du.T @ x and
+    dB (out,r) = dout.T @ u, overwritten."""
+    matmul(da, du.T, x)
+    matmul(db, dout.T, u)
+
+
 def bias_backward(db, dout):
     """dout (N,OC) -> db (OC) = Σ over rows, overwritten (from fp32 dout in every precision)."""
     np.sum(dout, axis=0, out=db)

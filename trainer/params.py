@@ -111,13 +111,26 @@ def init_gpt2(cfg, params, seed):
     """GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by
     1/sqrt(2·n_layer), zero biases, unit LayerNorm gains."""
     rng = np.random.default_rng(seed)
-    proj_std = 0.02 / np.sqrt(2 * cfg.n_layer)
     for name, view in params.items():
-        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            view[...] = 1.0
-        elif view.ndim == 1:
-            view[...] = 0.0
-        else:
-            std = proj_std if name.endswith("c_proj.weight") else 0.02
-            rng.standard_normal(out=view, dtype=np.float32)
-            view *= np.float32(std)
+        init_tensor(cfg, name, view, rng)
+
+
+def gpt2_init_tensors(cfg, seed):
+    """init_gpt2's tensors one at a time, (name, array) in layout order, each made as
+    it is asked for (the same values init_gpt2 writes in place)."""
+    rng = np.random.default_rng(seed)
+    for name, shape in param_shapes(cfg):
+        tensor = np.empty(shape, dtype=np.float32)
+        init_tensor(cfg, name, tensor, rng)
+        yield name, tensor
+
+
+def init_tensor(cfg, name, view, rng):
+    if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+        view[...] = 1.0
+    elif view.ndim == 1:
+        view[...] = 0.0
+    else:
+        std = 0.02 / np.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
+        rng.standard_normal(out=view, dtype=np.float32)
+        view *= np.float32(std)

@@ -52,12 +52,12 @@ def balance(tasks, n_parts):
     return parts
 
 
-def assign(cfg, n_parts):
+def assign(cfg, n_parts, lora=None):
     """-> [{layer (None: the embedding's): [task]} by part].  Each layer's weight
     gradients run between two barriers, so each layer's are balanced on their own:
     every matrix is cut into n_parts slices of rows, and the embedding into n_parts
     slices of the vocabulary, which balances them to within a few rows."""
-    tasks = weight_tasks(cfg, n_parts, n_parts)
+    tasks = weight_tasks(cfg, n_parts, n_parts, lora)
     layers = {layer: [t for t in tasks if t.layer == layer] for layer in dict.fromkeys(t.layer for t in tasks)}
     shares = {layer: balance(group, n_parts) for layer, group in layers.items()}
     return [{layer: share[r] for layer, share in shares.items()} for r in range(n_parts)]
@@ -72,11 +72,11 @@ class Hybrid(Strategy):
         return 1  # token rows, and attention's (row, head) pairs: a batch of 1 splits too
 
     @staticmethod
-    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False):
+    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
         shape = (cfg, pool_rows, seq_len, True)
-        sizes = [("activations", activation_layout(*shape, engine.low, recompute, n_workers).size, "float32")]
+        sizes = [("activations", activation_layout(*shape, engine.low, recompute, n_workers, lora).size, "float32")]
         if engine.low:
-            sizes.append(("bf16 activations", low_layout(*shape, recompute, n_workers).size, engine.low_dtype))
+            sizes.append(("bf16 activations", low_layout(*shape, recompute, n_workers, lora).size, engine.low_dtype))
         return sizes
 
     def __init__(self, worker):
@@ -92,12 +92,12 @@ class Hybrid(Strategy):
         acts = Activations(w.cfg, w.pool_rows, w.seq_len, True,
                            low_dtype=w.engine.low_dtype if w.engine.low else None, arena=self.arena.array,
                            low_arena=self.low_arena.array if self.low_arena else None,
-                           part=w.rank, n_parts=w.n_workers, recompute=w.recompute)
-        self.grads = w.layout.views(w.grads.array)
+                           part=w.rank, n_parts=w.n_workers, recompute=w.recompute, lora=w.lora)
+        self.grads = w.trainable.views(w.grads.array)
         self.model = self.make_model(w.pool_rows, self.grads, acts=acts, sync=self.barrier,
                                      split=ColumnSplit(self.barrier, w.rank, w.n_workers))
-        self.tasks = assign(w.cfg, w.n_workers)[w.rank]
-        self.model.head_slices = [(task.lo, task.hi) for task in self.tasks[None]]  # its embedding tasks'
+        self.tasks = assign(w.cfg, w.n_workers, w.lora)[w.rank]
+        self.model.head_slices = [(task.lo, task.hi) for task in self.tasks.get(None, [])]  # its embedding tasks'
 
     def rows(self):
         return self.worker.pool_rows, self.worker.first_row  # weight gradients read all
@@ -121,7 +121,7 @@ class Hybrid(Strategy):
             if l:  # before the next layer's backward overwrites what they read (the embedding's run waits anyway)
                 self.barrier()
         self.model.backward_inputs(layer_done)
-        run(self.tasks[None])
+        run(self.tasks.get(None, []))
         sumsq, summing = sums
         backward_s = clock.lap() - summing
         return StepReport(loss, sumsq if last else None, forward_s, backward_s, clock.converting, summing)

@@ -13,6 +13,7 @@ import zmq
 
 from trainer.adamw8bit import State8, side_layout
 from trainer.errors import WorkerError
+from trainer.lora import Lora, base_layout, trainable_layout
 from trainer.params import param_layout
 from workers import messages as msg
 from workers.barrier import close_all, make_pipes
@@ -51,37 +52,46 @@ def optimizer_arenas(layout, optim):
     return [("Adam m", layout.size, "float32"), ("Adam v", layout.size, "float32")]
 
 
-def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False, optim="adamw"):
+def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False, optim="adamw", lora=None):
     """[(what, elements, dtype)] of a pool's shared arenas, in creation order: what
-    every pool has (parameters, the optimizer's state, the gradients AdamW reads, and
-    with bf16 matmuls the weights' bf16 copy), then what its strategy adds."""
-    layout = param_layout(cfg)
-    params = layout.size
-    sizes = [("params", params, "float32")] + optimizer_arenas(layout, optim) + [("gradients", params, "float32")]
+    every pool has (parameters; with LoRA the adapters; the optimizer's state and the
+    gradients AdamW reads, of what trains; with bf16 matmuls the bf16 copies of the
+    weights and adapters), then what its strategy adds."""
+    trainable = trainable_layout(cfg, lora)
+    sizes = [("params", base_layout(cfg, lora, engine.low).size, "float32")]
+    if lora is not None:
+        sizes.append(("adapters", trainable.size, "float32"))
+    sizes += optimizer_arenas(trainable, optim) + [("gradients", trainable.size, "float32")]
     if engine.low:
-        sizes.append(("bf16 weights", params, engine.low_dtype))
-    return sizes + strategy.arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute)
+        sizes.append(("bf16 weights", param_layout(cfg).size, engine.low_dtype))
+        if lora is not None:
+            sizes.append(("bf16 adapters", trainable.size, engine.low_dtype))
+    return sizes + strategy.arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute, lora)
 
 
 class WorkerPool:
     def __init__(self, cfg, n_workers, threads, *, pool_rows, seq_len, batch_rows, train, val, optim,
-                 engine, strategy, profile=False, recompute=False, first_row=0, cores=None):
+                 engine, strategy, profile=False, recompute=False, first_row=0, cores=None, lora=None):
         """pool_rows: batch rows of the pool, rows first_row… of each batch (first_row > 0
         for the pools of later MPI ranks), shared by the workers as `strategy` says; engine:
         the trainer.gemm.Engine chosen for the run; strategy: a workers.strategy class;
-        cores: the logical CPUs of each worker (None: not pinned)."""
-        self.n = n_workers
-        self.layout = param_layout(cfg)
+        cores: the logical CPUs of each worker (None: not pinned); lora: a
+        trainer.lora.Lora, or None for full fine-tuning."""
+        self.n, self.lora = n_workers, lora
+        self.layout = param_layout(cfg)  # of the model's parameters
+        self.base = base_layout(cfg, lora, engine.low)  # ... held in fp32 (params)
+        self.trainable = trainable_layout(cfg, lora)  # ... of what trains
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
             sizes = arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute,
-                                optim["kind"])
+                                optim["kind"], lora)
             for _, size, dtype in sizes:  # one by one, so close() frees any made
                 self.arenas.append(SharedArena.create(size, dtype))
             # workers find each arena by what arena_sizes calls it
             arena = {what: a for (what, _, _), a in zip(sizes, self.arenas)}
             self.params, self.m, self.v, self.grads = (arena[k] for k in ("params", "Adam m", "Adam v", "gradients"))
             self.absmax = arena.get("Adam absmax")  # adamw8bit's
+            self.adapters, self.low = arena.get("adapters"), arena.get("bf16 weights")  # LoRA's, bf16's
             names = {what: a.name for what, a in arena.items()}
             elements = {what: n for what, n, _ in sizes}
             self.tmpdir = self.socket_dir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
@@ -97,6 +107,7 @@ class WorkerPool:
                 rank=r, n_workers=n_workers, config=cfg.__dict__, pool_rows=pool_rows, first_row=first_row,
                 seq_len=seq_len, batch_rows=batch_rows, train=train, val=val, optim=optim, threads=threads,
                 cores=cores[r] if cores else None, profile=profile, recompute=recompute, gemm=engine.name,
+                lora=list(lora) if lora else None,
                 parallel=strategy.name,
                 arenas=names, elements=elements, barrier=barrier_ends[r],
             ) for r in range(n_workers)], timeout=START_TIMEOUT_S)[0].blas
@@ -113,8 +124,12 @@ class WorkerPool:
     def optimizer_views(self):
         """{prefix: {parameter: view}} of the optimizer's state, as checkpoints name it."""
         if self.absmax is None:
-            return {"m.": self.layout.views(self.m.array), "v.": self.layout.views(self.v.array)}
-        return State8(self.layout, self.m.array, self.v.array, self.absmax.array).views()
+            return {"m.": self.trainable.views(self.m.array), "v.": self.trainable.views(self.v.array)}
+        return State8(self.trainable, self.m.array, self.v.array, self.absmax.array).views()
+
+    def trained(self):
+        """{name: fp32 view} of what trains: the parameters, or the adapters."""
+        return self.trainable.views((self.params if self.lora is None else self.adapters).array)
 
     def _start(self, endpoint, threads):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

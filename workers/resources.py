@@ -13,6 +13,7 @@ from trainer.errors import ResourceError
 
 PROCESS_BYTES = 60 * 2 ** 20  # one Python process with NumPy, pyzmq and the BLAS libraries
 MB, GB = 1e6, 1e9
+WEIGHTS = ("params", "adapters", "gradients", "bf16 weights", "bf16 adapters")  # arenas of any batch
 
 
 def meminfo_available(path="/proc/meminfo"):
@@ -57,19 +58,20 @@ def free_bytes(path):
 def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     """The Plan of training settings `s` on this machine, with the run's GEMM engine
     and strategy class."""
+    from trainer.lora import lora_of, trainable_layout
     from trainer.params import param_layout
     from workers.pool import arena_sizes
-    workers = s.workers
+    workers, lora = s.workers, lora_of(s)
     pool_rows = s.batch_size // ranks
     arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
-              arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute, s.optim)]
+              arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute, s.optim, lora)]
     layout = param_layout(cfg)
-    params = layout.size
+    params = trainable_layout(cfg, lora).size  # what gradients, Adam and checkpoints hold
     # each worker's own buffers: the rows every layernorm weight gradient normalises
     # (N x C), bf16's one-layer fp32 rows, attention's blocks, NumPy's temporaries:
     # 8 floats per row and channel of the pool holds the measured peaks (README)
     private = 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + (4 * params if s.grad_accum > 1 else 0)
-    private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers, s.recompute)
+    private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers, s.recompute, lora)
     if s.no_checkpoint:
         kept = 0
     elif s.keep_last:
@@ -79,8 +81,10 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     # what the coordinator holds while it fills the arenas: with --init-from all the
     # weights; on --resume room for one tensor (each is read straight into the arenas);
     # GPT-2 init writes in place.  (A checkpoint is written straight from the arenas.)
+    # A LoRA base is read a tensor at a time, as on --resume (an llm.c .bin whole).
     largest = max(int(np.prod(shape)) for shape in layout.shapes.values())
-    loading = 4 * (largest if s.resume else params if s.init_from else 0)
+    streamed = s.resume or (lora and not (s.init_from or "").endswith(".bin"))
+    loading = 4 * (largest if streamed else layout.size if s.init_from else 0)
     optimizer = sum(b for what, b in arenas if what.startswith("Adam"))
     return Plan(arenas, params, workers, local_ranks, private, kept, loading, optimizer)
 
@@ -118,6 +122,7 @@ class Plan:
                  optimizer=None):
         """optimizer: bytes of the optimizer's state (default: AdamW's fp32 m and v)."""
         self.arenas = arenas  # [(what, bytes)] of one pool
+        self.weights = sum(b for what, b in arenas if what in WEIGHTS or what.startswith("Adam"))
         self.shm = local_ranks * sum(b for _, b in arenas)
         self.params = params
         coordinator = PROCESS_BYTES + loading  # loading: weights (and Adam state) read from files
@@ -152,8 +157,8 @@ def check(plan, out_dir, shm_dir="/dev/shm", memory=MACHINE, cgroup=MACHINE, shm
             fits = next(((flags, p) for flags, p in lighter() if p.memory <= have), None)
             fix = f"{fits[0]} fits ({fits[1].memory / GB:.1f} GB); or " if fits else ""
             raise ResourceError(
-                f"memory: this run needs {plan.memory / GB:.1f} GB (parameters, gradients and Adam moments "
-                f"take {(8 * plan.params + plan.optimizer) / GB:.1f} GB) but {have / GB:.1f} GB are {where}; {fix}choose a smaller "
+                f"memory: this run needs {plan.memory / GB:.1f} GB (weights, gradients and optimizer state "
+                f"take {plan.weights / GB:.1f} GB) but {have / GB:.1f} GB are {where}; {fix}choose a smaller "
                 f"--model or --batch-size, fewer --workers, or a machine with more memory")
     if shm_free is MACHINE:  # no /dev/shm (macOS): POSIX shared memory is not a filesystem there
         shm_free = free_bytes(shm_dir) if os.path.isdir(shm_dir) else None

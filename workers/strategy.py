@@ -33,12 +33,12 @@ class Strategy:
         return n_workers
 
     @staticmethod
-    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False):
+    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
         """[(what, elements, dtype)] of the shared arenas it adds."""
         return []
 
     @staticmethod
-    def private_bytes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False):
+    def private_bytes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
         """Bytes of activations each worker holds in private memory."""
         return 0
 
@@ -48,8 +48,11 @@ class Strategy:
 
     def make_model(self, rows, grads, **kwargs):
         w = self.worker
-        return GPT(w.cfg, rows, w.seq_len, w.layout.views(w.params.array), grads, w.low_params,
-                   layers=w.layers, recompute=w.recompute, **kwargs)
+        adapters = w.trainable.views(w.adapters.array) if w.lora else None
+        low_adapters = w.trainable.views(w.adapters_low.array) if w.lora and w.adapters_low else None
+        return GPT(w.cfg, rows, w.seq_len, w.base.views(w.params.array), grads, w.low_params,
+                   layers=w.layers, recompute=w.recompute, lora=w.lora, adapters=adapters,
+                   low_adapters=low_adapters, **kwargs)
 
     def rows(self):
         """-> (rows, first row in the global batch) of the tokens this worker loads."""
@@ -70,7 +73,7 @@ class Strategy:
         first micro-batch of a step; for later ones (gradient accumulation) a private
         scratch, added to grads by weight_task."""
         if accumulate and self.scratch is None:
-            self.scratch = self.worker.layout.allocate()[1]
+            self.scratch = self.worker.trainable.allocate()[1]
         return self.scratch if accumulate else grads
 
     def weight_task(self, task, grads, accumulate):

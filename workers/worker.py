@@ -15,6 +15,7 @@ from trainer import gemm, model
 from trainer.data import open_tokens
 from trainer.adamw8bit import State8, block_bounds
 from trainer.optim import BLOCK, adamw_update, sum_squares
+from trainer.lora import Lora, base_layout, trainable_layout
 from trainer.params import GPTConfig, param_layout, shard_bounds
 from trainer.profile import TimedLayers
 from workers import messages as msg
@@ -37,7 +38,10 @@ class Worker:
             f"{lib['internal_api']} {lib['version']} {lib.get('architecture') or ''}".strip()
             for lib in threadpool_info() if lib["user_api"] == "blas")
         self.cfg = GPTConfig(**init.config)
-        self.layout = layout = param_layout(self.cfg)
+        self.lora = Lora(*init.lora) if init.lora else None
+        self.layout = param_layout(self.cfg)  # the model's parameters
+        self.base = base_layout(self.cfg, self.lora, self.engine.low)  # ... held in fp32
+        self.trainable = layout = trainable_layout(self.cfg, self.lora)  # what gradients and Adam cover
         self.arena_names, self.elements, self.barrier_ends = init.arenas, init.elements, init.barrier
         self.pool_rows, self.first_row = init.pool_rows, init.first_row
         self.seq_len, self.batch_rows, self.recompute = init.seq_len, init.batch_rows, init.recompute
@@ -45,6 +49,9 @@ class Worker:
         attach = lambda what, dtype=np.float32: SharedArena.attach(  # noqa: E731
             self.arena_names[what], self.elements[what], dtype)
         self.params, self.grads = attach("params"), attach("gradients")
+        self.adapters = attach("adapters") if self.lora else None
+        # what trains, in fp32 and (bf16 matmuls) its bf16 copy: the parameters, or the adapters
+        self.trained, self.trained_low = self.adapters if self.lora else self.params, None
         self.optim = init.optim
         eight_bit = self.optim["kind"] == "adamw8bit"
         self.m, self.v = (attach(what, np.uint8 if eight_bit else np.float32) for what in ("Adam m", "Adam v"))
@@ -52,10 +59,14 @@ class Worker:
         if eight_bit:
             self.absmax = attach("Adam absmax")
             self.state8 = State8(layout, self.m.array, self.v.array, self.absmax.array)
-        self.params_low = self.low_params = None
+        self.params_low = self.low_params = self.adapters_low = None
         if self.engine.low:
-            self.params_low = SharedArena.attach(self.arena_names["bf16 weights"], layout.size, self.engine.low_dtype)
-            self.low_params = layout.views(self.params_low.array)
+            self.params_low = SharedArena.attach(self.arena_names["bf16 weights"], self.layout.size,
+                                                 self.engine.low_dtype)
+            self.low_params = self.layout.views(self.params_low.array)
+            if self.lora:
+                self.adapters_low = attach("bf16 adapters", self.engine.low_dtype)
+            self.trained_low = self.adapters_low if self.lora else self.params_low
         shards = shard_bounds(layout.size, self.n_workers)
         self.lo, self.hi = (block_bounds(layout, shards) if eight_bit else shards)[self.rank]
         # (tensor, start, end) of each parameter's part of this worker's shard
@@ -85,11 +96,11 @@ class Worker:
         """AdamW on this worker's shard; with bf16 matmuls it also writes the shard's
         bf16 copy, block by block while the block is in cache."""
         t0, conv0 = time.perf_counter(), self.engine.convert_seconds
-        p, g, m, v = self.params.array, self.grads.array, self.m.array, self.v.array
-        low = self.params_low.array if self.params_low else None
+        p, g, m, v = self.trained.array, self.grads.array, self.m.array, self.v.array
+        low = self.trained_low.array if self.trained_low else None
         o = self.optim
         for name, s, e in self.segments:
-            decays = len(self.layout.shapes[name]) == 2  # weight decay on 2-D tensors only
+            decays = len(self.trainable.shapes[name]) == 2  # weight decay on 2-D tensors only
             adamw = dict(lr=lr, t=t, beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"],
                          weight_decay=o["weight_decay"] if decays else 0.0, grad_scale=scale)
             p_low = None if low is None else low[s:e]
@@ -100,9 +111,10 @@ class Worker:
         return msg.UpdateReport(time.perf_counter() - t0, self.engine.convert_seconds - conv0)
 
     def cast(self):
-        """The bf16 copy of this worker's shard of freshly loaded weights."""
-        if self.params_low:
-            gemm.to_low(self.params_low.array[self.lo:self.hi], self.params.array[self.lo:self.hi])
+        """The bf16 copy of this worker's shard of freshly loaded weights (with LoRA,
+        adapters: the coordinator wrote the frozen base's copy as it loaded it)."""
+        if self.trained_low:
+            gemm.to_low(self.trained_low.array[self.lo:self.hi], self.trained.array[self.lo:self.hi])
         return msg.Done()
 
     def handle(self, message):

@@ -1,0 +1,201 @@
+"""The frozen base of a LoRA run: where its weights come from, their sha256, and
+reading them tensor by tensor into the arenas.
+
+A LoRA checkpoint does not copy the base (GPT-2 XL is 6.2 GB; its adapter a few
+MB): it names it, as {"path": file, "sha256": of the file} for weights read from
+a file, or {"seed": s, "sha256": of the tensors} for GPT-2's initialisation, and
+--resume, sample and export read it again and refuse a base that changed.
+A .safetensors base is read one tensor at a time into a buffer of the largest
+tensor, so the coordinator never holds the whole model (the memory plan says so).
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from trainer.errors import WeightsError
+from trainer.params import GPTConfig, gpt2_init_tensors, param_shapes
+from trainer.weights import HF_NAMES, checkpoint_dir, download_hf, load_checked
+
+HASH_CHUNK = 1 << 24
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Base:
+    """The frozen weights: `tensors()` yields (name, float32 array) in layout order,
+    each array valid until the next is asked for; `record` is what a checkpoint
+    keeps of it."""
+
+    def __init__(self, cfg, path=None, seed=None, config=None):
+        self.cfg, self.path, self.seed, self.config = cfg, path, seed, config
+        self.sha256 = file_sha256(path) if path else None  # of the init: once its tensors are made
+
+    @property
+    def record(self):
+        return {"path": self.path, "sha256": self.sha256} if self.path else {"seed": self.seed, "sha256": self.sha256}
+
+    def tensors(self):
+        if self.path is None:
+            digest = hashlib.sha256()
+            for name, tensor in gpt2_init_tensors(self.cfg, self.seed):
+                digest.update(tensor.data)
+                yield name, tensor
+            self.sha256 = digest.hexdigest()
+        elif self.path.endswith(".safetensors"):
+            yield from stream_safetensors(self.path, self.cfg)
+        else:  # an llm.c .bin: read whole (converting its layout needs every layer's block)
+            _, tensors = load_checked(self.path)
+            yield from ((name, np.ascontiguousarray(tensors[name], dtype=np.float32))
+                        for name, _ in param_shapes(self.cfg))
+
+    def check(self, record, where):
+        """Refuse a base whose digest differs from the checkpoint's `record`."""
+        if self.path is None:
+            for _ in self.tensors():
+                pass
+        if self.sha256 != record.get("sha256"):
+            raise WeightsError(f"{where}: the base weights changed since it was written (sha256 "
+                               f"{self.sha256[:12]}… here, {str(record.get('sha256'))[:12]}… recorded); "
+                               f"restore the base it was trained on")
+
+
+def open_base(source, cfg=None, seed=None):
+    """--init-from SOURCE as a LoRA base (a HF directory or .safetensors, an llm.c
+    .bin, a coregpt run or checkpoint, or gpt2…gpt2-xl from the hub); None: GPT-2's
+    initialisation of `cfg` from `seed`.  -> Base."""
+    if source is None:
+        return Base(cfg, seed=seed)
+    config = None
+    if source in HF_NAMES and not os.path.exists(source):
+        source, config = download_hf(source)
+    elif os.path.isdir(source):
+        directory = checkpoint_dir(source)
+        source = os.path.join(directory, "model.safetensors")
+        if not os.path.isfile(source):
+            raise WeightsError(f"{directory} holds no model.safetensors to adapt")
+    elif not os.path.exists(source):
+        raise WeightsError(f"the base {source} does not exist")
+    source = os.path.abspath(source)
+    if config is None:
+        beside = os.path.join(os.path.dirname(source), "config.json")
+        config = beside if os.path.isfile(beside) else None
+    if source.endswith(".safetensors"):
+        cfg = read_config(source, config)
+    else:
+        cfg = load_checked(source)[0]
+    return Base(cfg, path=source, config=config)
+
+
+def safetensors_header(path):
+    """-> (byte offset of the data, {name: entry}) of a .safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, MemoryError) as e:
+        raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return 8 + size, {name.removeprefix("transformer."): entry for name, entry in header.items()}
+
+
+def read_config(path, config):
+    """The GPTConfig of a .safetensors base: its config.json, else its tensors' shapes."""
+    if config is not None:
+        try:
+            with open(config) as f:
+                return GPTConfig.from_hf(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise WeightsError(f"{config}: not a GPT-2 config ({e})") from None
+    _, header = safetensors_header(path)
+    if "wte.weight" not in header or "wpe.weight" not in header:
+        raise WeightsError(f"{path} has no tensor wte.weight / wpe.weight: not GPT-2 weights")
+    V, C = header["wte.weight"]["shape"]
+    layers = {int(k.split(".")[1]) for k in header if k.startswith("h.")}
+    return GPTConfig(n_layer=len(layers), n_head=max(1, C // 64), n_embd=C,
+                     block_size=header["wpe.weight"]["shape"][0], vocab_size=V).check()
+
+
+def stream_safetensors(path, cfg):
+    """Every parameter of cfg from a float32 .safetensors file, one tensor at a time."""
+    start, header = safetensors_header(path)
+    shapes = param_shapes(cfg)
+    for name, shape in shapes:
+        entry = header.get(name)
+        if entry is None:
+            raise WeightsError(f"{path}: tensor {name} is missing")
+        if tuple(entry["shape"]) != shape or entry["dtype"] != "F32":
+            raise WeightsError(f"{path}: tensor {name} is {entry['dtype']} {tuple(entry['shape'])}, "
+                               f"expected F32 {shape}")
+    buffer = np.empty(max(int(np.prod(shape)) for _, shape in shapes), dtype=np.float32)
+    with open(path, "rb") as f:
+        for name, shape in shapes:
+            begin, end = header[name]["data_offsets"]
+            tensor = buffer[:int(np.prod(shape))]
+            f.seek(start + begin)
+            if end - begin != tensor.nbytes or f.readinto(memoryview(tensor).cast("B")) != tensor.nbytes:
+                raise WeightsError(f"{path}: tensor {name} is truncated")
+            yield name, tensor.reshape(shape)
+
+
+class Adapted:
+    """A LoRA adapter directory (a coregpt LoRA checkpoint or run, or a peft adapter)
+    with its base: `merged()` -> {name: array} of W + (alpha/r) A^T B^T."""
+
+    def __init__(self, directory):
+        from trainer.lora import check_adapters, read_peft
+        self.directory = directory
+        self.lora, source, self.adapters = read_peft(directory)
+        record = read_base_record(directory)
+        if record is not None:  # a coregpt checkpoint: its base by path or seed, checked
+            with open(os.path.join(directory, "config.json")) as f:
+                cfg = GPTConfig.from_hf(json.load(f))
+            self.base = open_base(record["path"]) if record.get("path") else Base(cfg, seed=record["seed"])
+            self.base_tensors = {name: tensor.copy() for name, tensor in self.base.tensors()}
+            self.base.check(record, directory)
+        else:
+            self.base = open_base(source)
+            self.base_tensors = {name: tensor.copy() for name, tensor in self.base.tensors()}
+        self.cfg = self.base.cfg
+        check_adapters(self.cfg, self.lora, self.adapters, directory)
+
+    def merged(self):
+        from trainer.lora import merged
+        return merged(self.cfg, self.lora, self.base_tensors, self.adapters)
+
+
+def read_base_record(directory):
+    path = os.path.join(directory, "state.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f).get("base")
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: unreadable ({e})") from None
+
+
+def adapter_dir(source):
+    """The LoRA adapter directory `source` names (a run, a checkpoint, a peft dir), or None."""
+    from trainer.lora import is_peft_dir
+    if not os.path.isdir(source):
+        return None
+    directory = checkpoint_dir(source)
+    return directory if is_peft_dir(directory) else None
+
+
+def load_model(source):
+    """What `sample` and `export` read: anything --init-from takes, or a LoRA adapter
+    with its base (merged) -> (GPTConfig, {name: array})."""
+    directory = adapter_dir(source)
+    if directory is None:
+        return load_checked(source)
+    adapted = Adapted(directory)
+    return adapted.cfg, adapted.merged()
