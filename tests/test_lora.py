@@ -1,7 +1,9 @@
 """LoRA against Hugging Face transformers + peft (the independent reference): the
 model's gradients, 8 training steps, the files peft loads, merging, resume and
 bad input.  The parity runs start from an adapter peft wrote (A random, B made
-non-zero so that every gradient path is live) through --init-from."""
+non-zero so that every gradient path is live) through --init-from.  (Made to fail
+on purpose once each: u scaled by 1.001 s fails the gradient test; dropout masks
+keyed by a worker's own row instead of the batch's fails the split test.)"""
 import json
 import os
 
@@ -287,3 +289,63 @@ def test_adapter_of_another_base(case, tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "expected (4, 128) for this base model" in done.stderr, done.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_dropout_gradients_match_peft_with_the_same_masks(case):
+    """--lora-dropout: coregpt's masks put into peft's lora_dropout modules give the
+    same loss and adapter gradients (through the dropped input, both ways)."""
+    from trainer.gpt import GPT
+    from trainer.lora import TARGETS, Lora, adapter_layout, dropout_mask, fans
+    from trainer.params import GPTConfig, param_layout
+    _, state, tokens, adapters, _, _ = case
+    cfg = GPTConfig(TINY["n_layer"], TINY["n_head"], TINY["n_embd"], TINY["n_ctx"], TINY["vocab"])
+    lora = Lora(RANK, ALPHA, ALL, dropout=0.3, seed=5)
+    params = param_layout(cfg).allocate()[1]
+    for name, view in params.items():
+        view[...] = state[name].numpy()
+    mine, grads = adapter_layout(cfg, lora).allocate()[1], adapter_layout(cfg, lora).allocate()[1]
+    for name, view in mine.items():
+        view[...] = adapters[name]
+    model = GPT(cfg, B, T, params, grads, lora=lora, adapters=mine)
+    model.load_batch(tokens)
+    model.dropout_key = (3, 0)  # micro-batch 3, the batch's first token row
+    loss = model.forward(1.0 / (B * T)) / (B * T)
+    model.backward()
+
+    class Mask(torch.nn.Module):
+        def __init__(self, mask):
+            super().__init__()
+            self.mask = torch.from_numpy(mask).view(B, T, -1)
+
+        def forward(self, x):
+            return x * self.mask
+
+    reference = peft_model(tiny_hf(state), RANK, ALPHA, ALL, adapters)
+    blocks = reference.base_model.model.transformer.h
+    for l in range(cfg.n_layer):
+        for target in ALL:
+            mask = np.empty((B * T, fans(cfg, target)[0]), dtype=np.float32)
+            dropout_mask(mask, 0.3, (5, 3, l, TARGETS.index(target)), 0)
+            assert 0.6 < (mask > 0).mean() < 0.8 and set(np.unique(mask)) == {0, np.float32(1 / 0.7)}
+            module = blocks[l].get_submodule(target)
+            module.lora_dropout["default"] = Mask(mask)
+    idx, targets = next(windows(tokens))
+    expected = loss_of(reference, idx, targets)
+    expected.backward()
+    assert abs(loss - expected.item()) < 1e-5
+    got = {k: p.grad.numpy() for k, p in adapter_state_params(reference).items()}
+    for name, grad in grads.items():
+        np.testing.assert_allclose(grad, got[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_dropout_masks_do_not_depend_on_the_split(case):
+    """The same masks whichever worker draws a row: 1 hybrid worker and 2 data-parallel
+    workers train to the same losses (within the order-of-sums 1e-5)."""
+    root = case[0]
+    one, _ = train(root, "drop-h1", "--lora-dropout", 0.2, "--lora-rank", RANK, steps=3)
+    two, _ = train(root, "drop-d2", "--lora-dropout", 0.2, "--lora-rank", RANK, "--parallel", "data", workers=2,
+                   steps=3)
+    plain, _ = train(root, "drop-0", steps=3)
+    losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (one, two, plain)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=1e-5)
+    assert abs(losses[0][0] - losses[2][0]) > 1e-4  # the dropout is there

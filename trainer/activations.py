@@ -190,7 +190,7 @@ class Activations:
                  part=0, n_parts=1, recompute=False, lora=None):
         self.rows, self.part, self.n_parts, self.recompute = rows, part, n_parts, recompute
         self.tokens = share(rows * T, part, n_parts)  # this worker's token rows lo…hi
-        self.low = low_dtype is not None
+        self.low, self.low_dtype = low_dtype is not None, low_dtype
         layers = {name: shape[0] for name, shape, _ in activation_shapes(cfg, rows, T, training, lora=lora)}
         shapes = shared_shapes(cfg, rows, T, training, self.low, recompute, n_parts, lora)
         if arena is None:

@@ -21,7 +21,8 @@ import numpy as np
 
 from trainer import model
 from trainer.activations import Activations, rows_of, share
-from trainer.lora import fans
+from trainer.gemm import to_low
+from trainer.lora import TARGETS, dropout_mask, fans
 
 
 def matmul_alone(fn, out, inp, weight, transposed=False):
@@ -170,6 +171,7 @@ class GPT:
         # the vocabulary rows of the embedding's gradient this worker computes
         self.head_slices = [(0, cfg.vocab_size)] if lora is None else []
         self.lora, self.adapters = lora, None
+        self.dropping, self.dropout_key, self.buffers = False, (0, 0), {}  # (micro-batch, first token row)
         if lora is not None:  # [{target: (A, B) as matmuls read them}] by layer
             read = adapters if low_adapters is None else low_adapters
             self.adapters = [{t: (read[f"h.{l}.{t}.lora_A"], read[f"h.{l}.{t}.lora_B"]) for t in lora.targets}
@@ -187,6 +189,7 @@ class GPT:
         for backward_inputs to go on from.  Biases and residuals are added on this
         worker's rows."""
         nn, mine, p, L = self.layers, self.acts.mine, self.params, self.cfg.n_layer
+        self.dropping = loss_scale is not None and self.lora is not None and self.lora.dropout > 0
         nn.encoder_forward(mine.residual[0], self.idx, p["wte.weight"], p["wpe.weight"], self.first, self.T)
         for l, block in enumerate(self.blocks):
             self.block_forward(l, block)
@@ -261,6 +264,8 @@ class GPT:
             return
         nn, acts, (a, b) = self.layers, self.acts, self.adapters[l][target]
         x = acts.matmul_mine[MATRICES[target].inp][l]  # made by the frozen layer's matmul
+        if self.dropping:
+            x = self.dropped(l, target, acts.mine[MATRICES[target].inp][l], self.first)
         nn.lora_down_forward(acts.mine["u." + target][l], x, a, self.lora.scale)
         u = acts.made_mine("u." + target, l)
         if out is not None:
@@ -272,7 +277,36 @@ class GPT:
             return
         nn, acts, (a, b) = self.layers, self.acts, self.adapters[l][target]
         nn.lora_up_backward(acts.mine["du." + target][l], dout, b, self.lora.scale)
-        nn.lora_down_backward(dx, acts.made_mine("du." + target, l), a)
+        du = acts.made_mine("du." + target, l)
+        if self.dropping:
+            mask = self.mask(l, target, self.first, dx.shape)
+            nn.lora_down_backward_dropped(dx, du, a, mask, self.buffer("dropped", dx.shape))
+        else:
+            nn.lora_down_backward(dx, du, a)
+
+    def buffer(self, name, shape, dtype=np.float32):
+        """A scratch array of this model, made on first use (dropout's)."""
+        key = (name, tuple(shape), np.dtype(dtype))
+        if key not in self.buffers:
+            self.buffers[key] = np.empty(shape, dtype=dtype)
+        return self.buffers[key]
+
+    def mask(self, l, target, first, shape):
+        """The dropout mask of token rows first… of this model's batch, for layer l's target."""
+        mask = self.buffer("mask", shape)
+        window, first_token = self.dropout_key
+        dropout_mask(mask, self.lora.dropout, (self.lora.seed, window, l, TARGETS.index(target)), first_token + first)
+        return mask
+
+    def dropped(self, l, target, x, first):
+        """dropout(x) of token rows first… (x fp32 or bf16), as matmuls read it."""
+        out = self.buffer("dropped input", x.shape)
+        np.multiply(x, self.mask(l, target, first, x.shape), out=out, dtype=np.float32)
+        if not self.acts.low:
+            return out
+        low = self.buffer("dropped input, bf16", x.shape, self.acts.low_dtype)
+        to_low(low, out)
+        return low
 
     def attention_views(self, l):
         """-> for each of this worker's attention pieces (b0, b1, h0, h1): (h0, h1)
@@ -356,8 +390,11 @@ class GPT:
         inp = low[matrix.inp][l]
         if self.lora is not None:  # the adapter's A and B; the frozen weight has no gradient
             name = h + task.name
+            inp = inp.reshape(-1, inp.shape[-1])
+            if self.dropping:  # every worker's rows, dropped as their forward dropped them
+                inp = self.dropped(l, task.name, inp, 0)
             nn.lora_weights_backward(grads[name + ".lora_A"], grads[name + ".lora_B"], low["du." + task.name][l],
-                                     low_dout, low["u." + task.name][l], inp.reshape(-1, inp.shape[-1]))
+                                     low_dout, low["u." + task.name][l], inp)
             return
         nn.matmul_weights_backward(grads[h + task.name + ".weight"][lo:hi], low_dout,
                                    inp.reshape(-1, inp.shape[-1])[:, lo:hi])

@@ -29,6 +29,7 @@ class Lora(NamedTuple):
     alpha: float
     targets: tuple  # a subset of TARGETS, in TARGETS order
     dropout: float = 0.0
+    seed: int = 0  # of the dropout masks
 
     @property
     def scale(self):
@@ -51,7 +52,26 @@ def lora_of(s):
     if not s.lora_rank:
         return None
     return Lora(s.lora_rank, float(s.lora_alpha if s.lora_alpha is not None else s.lora_rank),
-                parse_targets(s.lora_targets), float(s.lora_dropout))
+                parse_targets(s.lora_targets or DEFAULT_TARGETS), float(s.lora_dropout or 0.0), s.seed)
+
+
+MASK_ROWS = 64  # token rows per dropout draw: a row's mask is the same however the batch is split
+
+
+def dropout_mask(out, p, key, first_row):
+    """out (n, in) = the dropout mask of token rows first_row…first_row+n (global
+    rows of the step's batch): 1/(1-p) where kept (probability 1 - p), else 0.  Each
+    block of MASK_ROWS rows has its own stream, from key (seed, micro-batch,
+    layer, target), so any worker draws the same mask for a row."""
+    n, width = out.shape
+    row = first_row
+    while row < first_row + n:
+        block, skip = divmod(row, MASK_ROWS)
+        take = min(MASK_ROWS - skip, first_row + n - row)
+        draw = np.random.default_rng([*key, block]).random((MASK_ROWS, width), dtype=np.float32)[skip:skip + take]
+        np.greater_equal(draw, np.float32(p), out=out[row - first_row:row - first_row + take])
+        row += take
+    out *= np.float32(1 / (1 - p))
 
 
 def fans(cfg, target):

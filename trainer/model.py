@@ -130,6 +130,13 @@ def lora_down_backward(dx, du, a):
     matmul(dx, du, a, accumulate=True)
 
 
+def lora_down_backward_dropped(dx, du, a, mask, tmp):
+    """As lora_down_backward, through dropout: dx += (du @ A) · mask; tmp (n,in) scratch."""
+    matmul(tmp, du, a)
+    tmp *= mask
+    dx += tmp
+
+
 def lora_weights_backward(da, db, du, dout, u, x):
     """du (N,r), dout (N,out), u (N,r), x (N,in) -> dA (r,in) = du.T @ x and
     dB (out,r) = dout.T @ u, overwritten."""

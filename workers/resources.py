@@ -72,6 +72,8 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     # 8 floats per row and channel of the pool holds the measured peaks (README)
     private = 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + (4 * params if s.grad_accum > 1 else 0)
     private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers, s.recompute, lora)
+    if lora and lora.dropout:  # a worker's masks and dropped inputs (trainer/gpt.py's buffers)
+        private += 4 * 4 * pool_rows * s.seq_len * 4 * cfg.n_embd
     if s.no_checkpoint:
         kept = 0
     elif s.keep_last:

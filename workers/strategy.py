@@ -63,6 +63,7 @@ class Strategy:
         rows, first = self.rows()
         start = window_start(window, tokens.size, w.batch_rows * w.seq_len) + first * w.seq_len
         self.model.load_batch(tokens[start:start + rows * w.seq_len + 1])
+        self.model.dropout_key = (window, first * w.seq_len)  # LoRA dropout's masks: by global token row
 
     def step(self, window, scale, accumulate, last):
         """One micro-batch -> messages.StepReport."""
