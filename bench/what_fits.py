@@ -1,12 +1,13 @@
 """What fits in memory: for each preset, full training with AdamW and with
-`--optim adamw8bit`, at B=1, T=1024, bf16, --recompute, 2 workers (hybrid): the
-header's planned peak, and with --measure the measured peak (PSS of coordinator
-and workers, shared memory once; bench/memory.py's way, 1 step) of every run whose
-plan fits the memory available here.
+`--optim adamw8bit`, and LoRA r=8 on c_attn (AdamW), at B=1, T=1024, bf16,
+--recompute, 2 workers (hybrid): the header's planned peak, and with --measure the
+measured peak (PSS of coordinator and workers, shared memory once; bench/memory.py's
+way, 1 step) of every run whose plan fits the memory available here.
 
-    python bench/what_fits.py [--measure] [--models gpt2,gpt2-xl]
+    python bench/what_fits.py [--measure] [--models gpt2,gpt2-xl] [--columns lora]
 
-Prints a Markdown table.  (LoRA, issue 17, is not built yet: no column.)"""
+Prints a Markdown table (LoRA's base is GPT-2's initialisation: the memory is the same
+as a pretrained one's)."""
 import argparse
 import os
 import sys
@@ -26,13 +27,15 @@ from trainer.weights import preset_config  # noqa: E402
 from workers.resources import meminfo_available, plan_for  # noqa: E402
 from workers.strategies import STRATEGIES  # noqa: E402
 
-OPTIMS = ("adamw", "adamw8bit")
+COLUMNS = {"adamw": ["--optim", "adamw"], "adamw8bit": ["--optim", "adamw8bit"], "lora": ["--lora-rank", "8"]}
 FLAGS = ["--precision", "bf16", "--recompute"]
 
 
-def planned(model, optim, B, T, workers):
+def planned(model, column, B, T, workers):
+    lora = dict(lora_rank=8) if column == "lora" else {}
     s = check(Settings(model=model, batch_size=B, seq_len=T, workers=workers, precision="bf16", recompute=True,
-                       optim=optim, threads_per_worker=1, oversubscribe=True, no_checkpoint=True))
+                       optim="adamw" if column == "lora" else column, threads_per_worker=1, oversubscribe=True,
+                       no_checkpoint=True, **lora))
     cfg = preset_config(model, {}, GPT2_VOCAB)
     engine, _ = choose_engine(s)
     return plan_for(cfg, s, 1, 1, engine, STRATEGIES[s.parallel]).memory / 1e9
@@ -45,22 +48,24 @@ def main():
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--measure", action="store_true", help="run the ones that fit for one step")
+    p.add_argument("--columns", default=",".join(COLUMNS), help="of " + ", ".join(COLUMNS))
     args = p.parse_args()
+    columns = args.columns.split(",")
     B, T, W = args.batch_size, args.seq_len, args.workers
     available = meminfo_available() / 1e9
     print(f"B={B}, T={T}, {W} workers x 1 thread, {' '.join(FLAGS)}; {available:.1f} GB available here")
-    print("\n| model | " + " | ".join(f"{optim} planned | measured" for optim in OPTIMS) + " |")
-    print("|---|" + "---:|---:|" * len(OPTIMS))
+    print("\n| model | " + " | ".join(f"{column} planned | measured" for column in columns) + " |")
+    print("|---|" + "---:|---:|" * len(columns))
     with tempfile.TemporaryDirectory(prefix="coregpt-fits-") as tmp:
         data = os.path.join(tmp, "tokens.bin")
         write_tokens(data, np.random.default_rng(0).integers(0, GPT2_VOCAB, 2 * B * T + 1).astype(np.uint16))
         for model in args.models.split(","):
             cells = []
-            for optim in OPTIMS:
-                plan = planned(model, optim, B, T, W)
+            for column in columns:
+                plan = planned(model, column, B, T, W)
                 measured = "does not fit" if plan > available else "-"
                 if args.measure and plan <= available:
-                    run = coregpt_step_times(model, B, T, 1, W, data, FLAGS + ["--optim", optim], watch_memory=True)
+                    run = coregpt_step_times(model, B, T, 1, W, data, FLAGS + COLUMNS[column], watch_memory=True)
                     measured = f"{run.peak:.2f} GB ({run.times[0]:.0f} s/step)"
                 cells += [f"{plan:.2f} GB", measured]
             print(f"| {model} | " + " | ".join(cells) + " |", flush=True)

@@ -57,8 +57,12 @@ def peft_reference(state, tokens, adapters):
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    """init/ (the base), tokens.bin, adapter/ (peft's own files: A from peft's init, B random)."""
-    root = tmp_path_factory.mktemp("lora")
+    return make_case(tmp_path_factory.mktemp("lora"))
+
+
+def make_case(root):
+    """root/init (the base), tokens.bin, adapter/ (peft's own files: A from peft's init,
+    B random) -> (root, base state, tokens, adapters, peft's trainable count, peft_reference)."""
     state, tokens = write_tiny_inputs(root, seed=0, n_tokens=N_TOKENS)
     torch.manual_seed(0)
     model = peft_model(tiny_hf(state), RANK, ALPHA, ALL)
@@ -349,3 +353,21 @@ def test_dropout_masks_do_not_depend_on_the_split(case):
     losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (one, two, plain)]
     np.testing.assert_allclose(losses[1], losses[0], rtol=0, atol=1e-5)
     assert abs(losses[0][0] - losses[2][0]) > 1e-4  # the dropout is there
+
+
+def test_mpi_two_ranks_match_peft(case):
+    """LoRA under `mpiexec -n 2 --backend mpi` (the adapters' gradients all-reduced):
+    peft's losses and adapters, and bit-identical adapters on both ranks."""
+    from test_mpi import mpi_launch
+    root, _, _, _, _, (losses, adapters, _) = case
+    out = root / "mpi2"
+    done = mpi_launch(2, "train", "--init-from", root / "adapter", "--data", root / "tokens.bin", "--batch-size", B,
+                      "--seq-len", T, "--steps", STEPS, "--lr", LR, "--lr-schedule", "constant", "--warmup", 0,
+                      "--weight-decay", WD, "--grad-clip", CLIP, "--threads-per-worker", 1, "--eval-every", 0,
+                      "--backend", "mpi", "--out-dir", out)
+    assert done.returncode == 0, done.stderr
+    assert "all 2 ranks hold bit-identical weights" in done.stderr
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(out) if "loss" in r], losses, rtol=0, atol=1e-4)
+    got = final(out)
+    for name, value in adapters.items():
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-4, err_msg=name)

@@ -1,0 +1,145 @@
+"""coregpt's LoRA against PyTorch + Hugging Face peft on the same GPT-2, batch, data
+and machine, interleaved in rounds (the machine is shared and noisy).
+
+    pip install torch==2.13.0 transformers peft     # benchmark-only
+    python bench/vs_peft.py [--rounds 2] [--steps 3] [--warmup 3] [--compile]
+                            [--batch-size 2 --seq-len 1024] [--rank 8] [--recompute]
+
+Each round runs every system once, in its own process: transformers' GPT2LMHeadModel
+(SDPA attention) with peft's LoRA (r, alpha = r, on c_attn), bf16 autocast and fused
+AdamW over the adapters, 2 threads; with --compile also torch.compile of it; coregpt
+bf16, 2 workers x 1 thread, with --lora-rank r (and with --recompute also with it), and
+coregpt's full fine-tuning bf16 2 x 1 at the same shape.  A step is forward + backward
++ clip + AdamW; the first --warmup steps of each process are left out.  Prints the raw
+step times, the medians, the ratios and each system's peak memory (PSS, shared memory
+once) in a separate untimed run.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vs_pytorch import REPO, coregpt_step_times, cpu_model, run_watched  # noqa: E402
+
+sys.path.insert(0, REPO)
+from trainer.data import write_tokens  # noqa: E402
+from trainer.params import GPT2_VOCAB, PRESETS  # noqa: E402
+
+PEFT = {"pytorch + peft, bf16 autocast, fused AdamW": False,
+        "pytorch + peft, bf16 autocast, fused AdamW, compile": True}
+LORA = "coregpt LoRA bf16, 2 workers x 1 thread"
+LORA_RECOMPUTE = LORA + ", --recompute"
+FULL = "coregpt full fine-tuning bf16, 2 workers x 1 thread"
+
+
+def peft_step_times(model_name, B, T, steps, threads, tokens, rank, compile):
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    p = PRESETS[model_name]
+    config = GPT2Config(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], n_positions=p["block_size"],
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config._attn_implementation = "sdpa"  # read at every forward
+    model = GPT2LMHeadModel(config)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["c_attn"], lora_dropout=0.0,
+                                             fan_in_fan_out=True, bias="none", task_type="CAUSAL_LM"))
+    trained = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    forward = torch.compile(model) if compile else model
+    times = []
+    for s in range(steps):
+        window = torch.from_numpy(tokens[s * B * T:(s + 1) * B * T + 1].astype(np.int64))
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = forward(input_ids=window[:-1].view(B, T)).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), window[1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def peft_run(name, args, steps, warmup, watch_memory=False):
+    code, out, err, peak = run_watched(
+        [sys.executable, __file__, "--torch-only", name, "--model", args.model, "--batch-size", str(args.batch_size),
+         "--seq-len", str(args.seq_len), "--steps", str(steps), "--warmup", str(warmup), "--rank", str(args.rank)],
+        None, None, watch_memory)
+    if code:
+        raise SystemExit(f"{name} failed:\n{err[-2000:]}")
+    return json.loads(out), peak
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt2", choices=list(PRESETS))
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per process, after warm-up")
+    ap.add_argument("--warmup", type=int, default=3, help="steps left out (torch.compile needs 3)")
+    ap.add_argument("--rounds", type=int, default=2, help="every system runs once per round")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile the peft recipe")
+    ap.add_argument("--recompute", action="store_true", help="also coregpt's LoRA with --recompute")
+    ap.add_argument("--torch-only", metavar="RECIPE", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
+    tokens = np.random.default_rng(0).integers(0, GPT2_VOCAB, n * B * T + 1).astype(np.uint16)
+    if args.torch_only:
+        print(json.dumps(peft_step_times(args.model, B, T, n, 2, tokens, args.rank, PEFT[args.torch_only])))
+        return
+    recipes = [r for r in PEFT if args.compile or not PEFT[r]]
+    lora = ["--precision", "bf16", "--lora-rank", str(args.rank)]
+    systems = {LORA: lora, FULL: ["--precision", "bf16"]}
+    if args.recompute:
+        systems[LORA_RECOMPUTE] = lora + ["--recompute"]
+    raw = {name: [] for name in recipes + list(systems)}
+    with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
+        data = os.path.join(tmp, "tokens.bin")
+        write_tokens(data, tokens)
+        for r in range(args.rounds):
+            order = recipes + list(systems)
+            order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
+            for name in order:
+                if name in PEFT:
+                    times, _ = peft_run(name, args, args.steps, args.warmup)
+                else:
+                    times = coregpt_step_times(args.model, B, T, n, 2, data, systems[name]).times
+                raw[name].append(times[args.warmup:])
+                print(f"round {r + 1}: {name}: " + " ".join(f"{t:.3f}" for t in times[args.warmup:]),
+                      file=sys.stderr, flush=True)
+        peaks = {name: peft_run(name, args, 1, 3 if PEFT[name] else 2, watch_memory=True)[1] for name in recipes}
+        peaks.update({name: coregpt_step_times(args.model, B, T, 3, 2, data, flags, watch_memory=True).peak
+                      for name, flags in systems.items()})
+    print(f"{args.model}, LoRA r={args.rank} on c_attn, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; "
+          f"PyTorch with 2 threads")
+    print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
+    print(f"{'':55} {'s/step':>7} {'tokens/s':>9}  round medians | raw s/step")
+    med = {}
+    for name, rounds in raw.items():
+        med[name] = statistics.median(t for times in rounds for t in times)
+        print(f"{name:55} {med[name]:7.3f} {B * T / med[name]:9.1f}  "
+              + " ".join(f"{statistics.median(times):.3f}" for times in rounds) + " | "
+              + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in rounds))
+    best = min(recipes, key=med.get)
+    print(f"coregpt LoRA over the fastest PyTorch + peft recipe ({best}): {med[best] / med[LORA]:.2f}x")
+    print(f"coregpt LoRA over coregpt's full fine-tuning: {med[FULL] / med[LORA]:.2f}x")
+    if args.recompute:
+        print(f"coregpt LoRA --recompute over the fastest PyTorch + peft recipe: {med[best] / med[LORA_RECOMPUTE]:.2f}x")
+    print("peak memory (PSS of the process and its children, shared memory once):")
+    for name, peak in peaks.items():
+        print(f"  {name:55} {peak:6.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
