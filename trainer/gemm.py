@@ -37,7 +37,8 @@ BLOCK = 1 << 16  # elements rounded per pass by the emulated engine (stays in L2
 # oneDNN C API constants (dnnl_types.h, 3.x)
 DNNL_CPU, DNNL_STREAM_IN_ORDER = 1, 1
 DNNL_DATA_TYPE = {"float32": 3, "bfloat16": 2}
-ALG_LINEAR, ARG_SRC, ARG_WEIGHTS, ARG_DST = 0x26, 1, 33, 17
+ALG_LINEAR, ALG_GELU_TANH, ARG_SRC, ARG_WEIGHTS, ARG_DST = 0x26, 0x2B, 1, 33, 17
+ARG_DIFF_SRC, ARG_DIFF_DST, FORWARD_TRAINING = 129, 145, 64
 
 
 class OneDNN:
@@ -150,6 +151,32 @@ class Primitives:
             check(self.lib.dnnl_memory_create(ctypes.byref(memory), md, self.engine, None), "memory")
             args[i].arg, args[i].memory = arg, memory.value
         return args
+
+    def make_gelu(self, out, x, backward):
+        """GELU's tanh form, forward (out = gelu(x)) or backward (out = dout · gelu'(x), in
+        place): oneDNN's eltwise primitive, one vectorised pass where NumPy makes ten."""
+        lib, forward, primitive = self.lib, ctypes.c_void_p(), ctypes.c_void_p()
+        descriptors = [self.descriptor(a) for a in (x, out)]
+        check(lib.dnnl_eltwise_forward_primitive_desc_create(
+            ctypes.byref(forward), self.engine, FORWARD_TRAINING, ALG_GELU_TANH, descriptors[0], descriptors[1],
+            ctypes.c_float(0.0), ctypes.c_float(0.0), None), "gelu")
+        if not backward:
+            check(lib.dnnl_primitive_create(ctypes.byref(primitive), forward), "gelu primitive")
+            return primitive, self.arguments((ARG_SRC, ARG_DST), descriptors), (forward, descriptors)
+        desc = ctypes.c_void_p()
+        check(lib.dnnl_eltwise_backward_primitive_desc_create(
+            ctypes.byref(desc), self.engine, ALG_GELU_TANH, descriptors[1], descriptors[1], descriptors[0],
+            ctypes.c_float(0.0), ctypes.c_float(0.0), forward, None), "gelu backward")
+        check(lib.dnnl_primitive_create(ctypes.byref(primitive), desc), "gelu backward primitive")
+        ids = (ARG_SRC, ARG_DIFF_DST, ARG_DIFF_SRC)
+        return primitive, self.arguments(ids, [descriptors[0], descriptors[1], descriptors[1]]), \
+            (forward, desc, descriptors)
+
+    def gelu(self, out, x, backward=False):
+        key = ("gelu", backward) + tuple((a.shape, a.strides, a.dtype.name) for a in (out, x))
+        if key not in self.made:
+            self.made[key] = self.make_gelu(out, x, backward)
+        self.execute(self.made[key], (x, out, out) if backward else (x, out))
 
     def convert(self, dst, src):
         key = ("reorder",) + tuple((x.shape, x.strides, x.dtype.name) for x in (dst, src))
@@ -359,6 +386,14 @@ class Engine:
             if scale is not None:
                 out *= scale
 
+    def gelu(self, out, x, backward=False):
+        """GELU (tanh form) by oneDNN, where this engine loaded it: out = gelu(x), or with
+        backward out *= gelu'(x) -> whether it ran (else the caller uses NumPy's)."""
+        if self.primitives is None:
+            return False
+        self.primitives.gelu(out, x, backward)
+        return True
+
     def to_low(self, dst, src):
         """dst = src rounded to bf16 (stored as bf16, or as float32 when emulated)."""
         t0 = time.perf_counter()
@@ -403,3 +438,7 @@ def batched(out, a, b, accumulate=False, scale=None):
 
 def to_low(dst, src):
     _engine.to_low(dst, src)
+
+
+def gelu(out, x, backward=False):
+    return _engine.gelu(out, x, backward)

@@ -11,7 +11,7 @@ Attention, blocked and without the T x T matrix, has its own module.
 import numpy as np
 
 from trainer import attention
-from trainer.gemm import matmul
+from trainer.gemm import gelu, matmul
 
 LN_EPS = np.float32(1e-5)
 GELU_S = np.float32(np.sqrt(2.0 / np.pi))
@@ -181,7 +181,10 @@ def gelu_tanh(out, x):
 
 
 def gelu_forward(out, x):
-    """tanh-approximate GELU: out = ½x(1 + tanh(√(2/π)(x + 0.044715x³)))"""
+    """tanh-approximate GELU: out = ½x(1 + tanh(√(2/π)(x + 0.044715x³))); by oneDNN
+    where it is loaded (one pass), else NumPy's passes below"""
+    if gelu(out, x):
+        return
     gelu_tanh(out, x)
     out += 1
     out *= x
@@ -191,6 +194,8 @@ def gelu_forward(out, x):
 def gelu_backward(dout, x, th, slope):
     """dout (N,4C) *= GELU'(x) in place; th, slope (N,4C) scratch.
     GELU' = (1 + th)(½ + ½·s·x(1 + 3k·x²)(1 − th)), th = tanh(s(x + k·x³))"""
+    if gelu(dout, x, backward=True):
+        return
     gelu_tanh(th, x)
     np.multiply(x, x, out=slope)
     slope *= np.float32(3) * GELU_K
@@ -206,17 +211,25 @@ def gelu_backward(dout, x, th, slope):
     dout *= slope
 
 
+CE_ROWS = 8  # rows of logits whose softmax passes run together: 8 x 50257 fp32 stay in L2
+
+
 def crossentropy_forward(logits, targets, rowtmp, rows):
     """logits (N,V) -> softmax probabilities in place; returns Σ −log p[target]
-    as a Python float (accumulated in float64)."""
-    np.max(logits, axis=1, keepdims=True, out=rowtmp)
-    logits -= rowtmp
-    target_logit = logits[rows, targets]  # N floats: the one small gather of the step
-    np.exp(logits, out=logits)
-    np.sum(logits, axis=1, keepdims=True, out=rowtmp)
-    logits /= rowtmp
-    return float(np.sum(np.log(rowtmp[:, 0]), dtype=np.float64)
-                 - np.sum(target_logit, dtype=np.float64))
+    as a Python float (accumulated in float64).  A few rows at a time, so the five
+    passes over them read the cache, not memory (each row's values are the same)."""
+    total = 0.0
+    for b0 in range(0, logits.shape[0], CE_ROWS):
+        b1 = min(b0 + CE_ROWS, logits.shape[0])
+        x, tmp = logits[b0:b1], rowtmp[b0:b1]
+        np.max(x, axis=1, keepdims=True, out=tmp)
+        x -= tmp
+        target_logit = x[rows[:b1 - b0], targets[b0:b1]]  # the one small gather
+        np.exp(x, out=x)
+        np.sum(x, axis=1, keepdims=True, out=tmp)
+        x /= tmp
+        total += float(np.sum(np.log(tmp[:, 0]), dtype=np.float64) - np.sum(target_logit, dtype=np.float64))
+    return total
 
 
 def crossentropy_backward(probs, targets, rows, scale):
