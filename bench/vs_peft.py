@@ -17,7 +17,6 @@ once) in a separate untimed run.
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vs_pytorch import REPO, coregpt_step_times, cpu_model, run_watched  # noqa: E402
+from vs_pytorch import REPO, coregpt_step_times, cpu_model, interleaved, medians, run_watched  # noqa: E402
 
 sys.path.insert(0, REPO)
 from trainer.data import write_tokens  # noqa: E402
@@ -103,34 +102,21 @@ def main():
     systems = {LORA: lora, FULL: ["--precision", "bf16"]}
     if args.recompute:
         systems[LORA_RECOMPUTE] = lora + ["--recompute"]
-    raw = {name: [] for name in recipes + list(systems)}
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
         data = os.path.join(tmp, "tokens.bin")
         write_tokens(data, tokens)
-        for r in range(args.rounds):
-            order = recipes + list(systems)
-            order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
-            for name in order:
-                if name in PEFT:
-                    times, _ = peft_run(name, args, args.steps, args.warmup)
-                else:
-                    times = coregpt_step_times(args.model, B, T, n, 2, data, systems[name]).times
-                raw[name].append(times[args.warmup:])
-                print(f"round {r + 1}: {name}: " + " ".join(f"{t:.3f}" for t in times[args.warmup:]),
-                      file=sys.stderr, flush=True)
+        def run(name):
+            if name in PEFT:
+                return peft_run(name, args, args.steps, args.warmup)[0]
+            return coregpt_step_times(args.model, B, T, n, 2, data, systems[name]).times
+        raw = interleaved(recipes + list(systems), run, args.rounds, args.warmup)
         peaks = {name: peft_run(name, args, 1, 3 if PEFT[name] else 2, watch_memory=True)[1] for name in recipes}
         peaks.update({name: coregpt_step_times(args.model, B, T, 3, 2, data, flags, watch_memory=True).peak
                       for name, flags in systems.items()})
     print(f"{args.model}, LoRA r={args.rank} on c_attn, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; "
           f"PyTorch with 2 threads")
     print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
-    print(f"{'':55} {'s/step':>7} {'tokens/s':>9}  round medians | raw s/step")
-    med = {}
-    for name, rounds in raw.items():
-        med[name] = statistics.median(t for times in rounds for t in times)
-        print(f"{name:55} {med[name]:7.3f} {B * T / med[name]:9.1f}  "
-              + " ".join(f"{statistics.median(times):.3f}" for times in rounds) + " | "
-              + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in rounds))
+    med = medians(raw, B * T, width=55)
     best = min(recipes, key=med.get)
     print(f"coregpt LoRA over the fastest PyTorch + peft recipe ({best}): {med[best] / med[LORA]:.2f}x")
     print(f"coregpt LoRA over coregpt's full fine-tuning: {med[FULL] / med[LORA]:.2f}x")

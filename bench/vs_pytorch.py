@@ -203,6 +203,30 @@ def torch_run(name, args, steps, warmup, watch_memory=False):
     return json.loads(out), peak
 
 
+def interleaved(names, run, rounds, warmup):
+    """Every system once a round, who goes first rotating; run(name) -> its step times.
+    -> {name: [step times after warm-up, by round]} (each printed as it comes)."""
+    raw = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            raw[name].append(run(name)[warmup:])
+            print(f"round {r + 1}: {name}: " + " ".join(f"{t:.3f}" for t in raw[name][-1]), file=sys.stderr,
+                  flush=True)
+    return raw
+
+
+def medians(raw, tokens, width=50):
+    """Print each system's median, tokens/s, round medians and raw times -> {name: median}."""
+    print(f"{'':{width}} {'s/step':>7} {'tokens/s':>9}  round medians | raw s/step")
+    med = {}
+    for name, rounds in raw.items():
+        med[name] = statistics.median(t for times in rounds for t in times)
+        print(f"{name:{width}} {med[name]:7.3f} {tokens / med[name]:9.1f}  "
+              + " ".join(f"{statistics.median(times):.3f}" for times in rounds) + " | "
+              + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in rounds))
+    return med
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -237,22 +261,15 @@ def main():
                if (workers == 2 or not args.two_workers_only) and ("bf16" in flags or not args.bf16_only)}
     if args.recompute:
         systems[RECOMPUTE] = (2, ["--precision", "bf16", "--recompute"])
-    raw = {name: [] for name in recipes + list(systems)}
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
         data = os.path.join(tmp, "tokens.bin")
         write_tokens(data, tokens)
-        for r in range(args.rounds):
-            order = recipes + list(systems)
-            order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
-            for name in order:
-                if name in TORCH_RECIPES:
-                    times, _ = torch_run(name, args, args.steps, args.warmup)
-                else:
-                    workers, flags = systems[name]
-                    times = coregpt_step_times(args.model, B, T, n, workers, data, flags + args.extra).times
-                raw[name].append(times[args.warmup:])
-                print(f"round {r + 1}: {name}: " + " ".join(f"{t:.3f}" for t in times[args.warmup:]),
-                      file=sys.stderr, flush=True)
+        def run(name):
+            if name in TORCH_RECIPES:
+                return torch_run(name, args, args.steps, args.warmup)[0]
+            workers, flags = systems[name]
+            return coregpt_step_times(args.model, B, T, n, workers, data, flags + args.extra).times
+        raw = interleaved(recipes + list(systems), run, args.rounds, args.warmup)
         # peak memory, in runs apart: 3 steps (torch.compile's warm-up included)
         peaks = {name: torch_run(name, args, 1, 3 if TORCH_RECIPES[name]["compile"] else 2, watch_memory=True)[1]
                  for name in recipes}
@@ -261,13 +278,7 @@ def main():
                       for name, (workers, flags) in systems.items() if workers == 2})
     print(f"{args.model}, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; PyTorch with 2 threads")
     print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
-    print(f"{'':50} {'s/step':>7} {'tokens/s':>9}  round medians | raw s/step")
-    med = {}
-    for name, rounds in raw.items():
-        med[name] = statistics.median(t for times in rounds for t in times)
-        print(f"{name:50} {med[name]:7.3f} {B * T / med[name]:9.1f}  "
-              + " ".join(f"{statistics.median(times):.3f}" for times in rounds) + " | "
-              + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in rounds))
+    med = medians(raw, B * T)
     best_bf16 = min((n for n in recipes if TORCH_RECIPES[n]["bf16"]), key=med.get)
     c16 = med["coregpt bf16, 2 workers x 1 thread"]
     print(f"coregpt bf16 2x1 over the fastest PyTorch bf16 recipe ({best_bf16}): {med[best_bf16] / c16:.2f}x")

@@ -95,22 +95,9 @@ def final(out, steps=STEPS):
 
 def test_model_gradients_match_peft(case):
     """One forward and backward in process: the loss and every adapter gradient."""
-    from trainer.gpt import GPT
-    from trainer.lora import Lora, adapter_layout
-    from trainer.params import GPTConfig, param_layout
+    from trainer.lora import Lora
     _, state, tokens, adapters, _, _ = case
-    cfg = GPTConfig(TINY["n_layer"], TINY["n_head"], TINY["n_embd"], TINY["n_ctx"], TINY["vocab"])
-    lora = Lora(RANK, ALPHA, ALL)
-    params = param_layout(cfg).allocate()[1]
-    for name, view in params.items():
-        view[...] = state[name].numpy()
-    mine, grads = adapter_layout(cfg, lora).allocate()[1], adapter_layout(cfg, lora).allocate()[1]
-    for name, view in mine.items():
-        view[...] = adapters[name]
-    model = GPT(cfg, B, T, params, grads, lora=lora, adapters=mine)
-    model.load_batch(tokens)
-    loss = model.forward(1.0 / (B * T)) / (B * T)
-    model.backward()
+    loss, grads = one_step(case, Lora(RANK, ALPHA, ALL))
     reference = peft_model(tiny_hf(state), RANK, ALPHA, ALL, adapters)
     idx, targets = next(windows(tokens))
     expected = loss_of(reference, idx, targets)
@@ -120,6 +107,29 @@ def test_model_gradients_match_peft(case):
     assert set(got) == set(grads)
     for name, grad in grads.items():
         np.testing.assert_allclose(grad, got[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def one_step(case, lora, dropout_key=None):
+    """coregpt's model alone, in process, on the case's base, adapters and first window:
+    -> (mean loss, {adapter: gradient}).  dropout_key: (micro-batch, first token row)."""
+    from trainer.gpt import GPT
+    from trainer.lora import adapter_layout
+    from trainer.params import GPTConfig, param_layout
+    _, state, tokens, adapters, _, _ = case
+    cfg = GPTConfig(TINY["n_layer"], TINY["n_head"], TINY["n_embd"], TINY["n_ctx"], TINY["vocab"])
+    params = param_layout(cfg).allocate()[1]
+    for name, view in params.items():
+        view[...] = state[name].numpy()
+    mine, grads = adapter_layout(cfg, lora).allocate()[1], adapter_layout(cfg, lora).allocate()[1]
+    for name, view in mine.items():
+        view[...] = adapters[name]
+    model = GPT(cfg, B, T, params, grads, lora=lora, adapters=mine)
+    model.load_batch(tokens)
+    if dropout_key is not None:
+        model.dropout_key = dropout_key
+    loss = model.forward(1.0 / (B * T)) / (B * T)
+    model.backward()
+    return loss, grads
 
 
 def adapter_state_params(model):
@@ -298,23 +308,11 @@ def test_adapter_of_another_base(case, tmp_path):
 def test_dropout_gradients_match_peft_with_the_same_masks(case):
     """--lora-dropout: coregpt's masks put into peft's lora_dropout modules give the
     same loss and adapter gradients (through the dropped input, both ways)."""
-    from trainer.gpt import GPT
-    from trainer.lora import TARGETS, Lora, adapter_layout, dropout_mask, fans
-    from trainer.params import GPTConfig, param_layout
+    from trainer.lora import TARGETS, Lora, dropout_mask, fans
+    from trainer.params import GPTConfig
     _, state, tokens, adapters, _, _ = case
     cfg = GPTConfig(TINY["n_layer"], TINY["n_head"], TINY["n_embd"], TINY["n_ctx"], TINY["vocab"])
-    lora = Lora(RANK, ALPHA, ALL, dropout=0.3, seed=5)
-    params = param_layout(cfg).allocate()[1]
-    for name, view in params.items():
-        view[...] = state[name].numpy()
-    mine, grads = adapter_layout(cfg, lora).allocate()[1], adapter_layout(cfg, lora).allocate()[1]
-    for name, view in mine.items():
-        view[...] = adapters[name]
-    model = GPT(cfg, B, T, params, grads, lora=lora, adapters=mine)
-    model.load_batch(tokens)
-    model.dropout_key = (3, 0)  # micro-batch 3, the batch's first token row
-    loss = model.forward(1.0 / (B * T)) / (B * T)
-    model.backward()
+    loss, grads = one_step(case, Lora(RANK, ALPHA, ALL, dropout=0.3, seed=5), dropout_key=(3, 0))
 
     class Mask(torch.nn.Module):
         def __init__(self, mask):

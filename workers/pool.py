@@ -13,7 +13,7 @@ import zmq
 
 from trainer.adamw8bit import State8, side_layout
 from trainer.errors import WorkerError
-from trainer.lora import Lora, base_layout, trainable_layout
+from trainer.lora import base_layout, trainable_layout
 from trainer.params import param_layout
 from workers import messages as msg
 from workers.barrier import close_all, make_pipes
