@@ -5,21 +5,23 @@ here, since with bf16 its matrices are held only as that copy); the adapters
 start from the checkpoint on --resume, else from the peft adapter given to
 --init-from, else peft's initialisation from the run's seed."""
 import dataclasses
+import os
 
 import numpy as np
 
-from trainer.base import Base, open_base
+from trainer.base import Base, adapter_dir, open_base, read_base_record, read_config
 from trainer.checkpoint import check_checkpoint, stream_checkpoint
 from trainer.errors import ConfigError
-from trainer.lora import check_adapters, init_adapters, is_peft_dir, lora_of, merged, read_peft, trainable_count
+from trainer.lora import check_adapters, init_adapters, lora_of, merged, read_peft, trainable_count
 from trainer.params import GPT2_VOCAB, param_shapes
 from trainer.weights import preset_config
 
 
-def adopt_peft(s):
-    """--init-from a peft adapter directory: the run takes the adapter's LoRA settings
-    (a different --lora-rank is bad input) -> (settings, base source, adapter tensors)."""
-    lora, base, tensors = read_peft(s.init_from)
+def adopt_peft(s, directory):
+    """--init-from a peft adapter `directory` (or a LoRA run's latest checkpoint): the run
+    takes the adapter's LoRA settings (a different --lora-rank is bad input) ->
+    (settings, base source, adapter tensors)."""
+    lora, base, tensors = read_peft(directory)
     if s.lora_rank and s.lora_rank != lora.rank:
         raise ConfigError(f"--lora-rank {s.lora_rank} but the adapter {s.init_from} has rank {lora.rank}")
     s = dataclasses.replace(s, lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=",".join(lora.targets),
@@ -39,11 +41,15 @@ def lora_model(s, ckpt, state):
         if base.path:
             base.check(record, ckpt)  # the init's digest is checked once its tensors are made
         return s, cfg, base, None
-    source = s.init_from
-    if source and is_peft_dir(source):
-        s, source, tensors = adopt_peft(s)
-    if source:
-        base = open_base(source)
+    source, record = s.init_from, None
+    adapter = adapter_dir(source) if source else None
+    if adapter:
+        s, source, tensors = adopt_peft(s, adapter)
+        record = read_base_record(adapter)  # a coregpt LoRA checkpoint names its base exactly
+    if record and not record.get("path"):  # ... GPT-2's initialisation from a seed
+        base = Base(read_config(None, os.path.join(adapter, "config.json")), seed=record["seed"])
+    elif source:
+        base = open_base(record["path"] if record else source)
     else:
         overrides = dict(n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
         base = open_base(None, preset_config(s.model, overrides, GPT2_VOCAB), s.seed)

@@ -25,7 +25,8 @@ from trainer.data import check_tokens, open_tokens, resolve_data
 from trainer.errors import ConfigError, DataError, EngineError, ResourceError, RunError, WeightsError
 from trainer.files import atomic_write
 from trainer.gemm import Engine, choose
-from trainer.lora import is_peft_dir, lora_of
+from trainer.base import adapter_dir
+from trainer.lora import lora_of
 from trainer.params import GPT2_VOCAB, init_gpt2
 from trainer.weights import latest_checkpoint, load_checked, preset_config
 from workers import messages as msg
@@ -126,7 +127,7 @@ def setup(s, given, group):
         s = check(s, group if s.backend == "mpi" else None)  # e.g. the new worker count vs cores
     engine, engine_text = choose_engine(s)
     base = None
-    if s.lora_rank or (s.init_from and is_peft_dir(s.init_from) and not s.resume):
+    if s.lora_rank or (s.init_from and not s.resume and adapter_dir(s.init_from)):
         s, cfg, base, tensors = lora_model(s, ckpt, state)
     else:
         cfg, tensors = build_model(s, ckpt)

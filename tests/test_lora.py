@@ -268,6 +268,13 @@ def test_init_from_seed_is_peft_init(tmp_path):
             assert value.shape == (192, 4) and not value.any()
     sample = launch("sample", "--checkpoint", tmp_path / "one", "--max-new-tokens", 3)
     assert sample.returncode == 0, sample.stderr
+    # a LoRA run given to --init-from: its adapter on its (seeded) base, continued
+    done = launch("train", "--init-from", tmp_path / "one", "--data", tmp_path / "tokens.bin", "--batch-size", 2,
+                  "--seq-len", 16, "--steps", 1, "--lr", 0, "--eval-every", 0, "--out-dir", tmp_path / "two")
+    assert done.returncode == 0, done.stderr
+    assert "LoRA r=4" in done.stderr
+    again = final(tmp_path / "two", 1)
+    assert all(np.array_equal(again[k], v) for k, v in adapters.items())
 
 
 @pytest.mark.parametrize("flags, message", [
