@@ -9,12 +9,12 @@ import os
 
 import numpy as np
 
-from trainer.base import Base, adapter_dir, open_base, read_base_record, read_config
+from trainer.base import Base, adapter_dir, open_base, read_base_record
 from trainer.checkpoint import check_checkpoint, stream_checkpoint
 from trainer.errors import ConfigError
 from trainer.lora import check_adapters, init_adapters, lora_of, merged, read_peft, trainable_count
 from trainer.params import GPT2_VOCAB, param_shapes
-from trainer.weights import preset_config
+from trainer.weights import preset_config, read_hf_config
 
 
 def adopt_peft(s, directory):
@@ -47,7 +47,7 @@ def lora_model(s, ckpt, state):
         s, source, tensors = adopt_peft(s, adapter)
         record = read_base_record(adapter)  # a coregpt LoRA checkpoint names its base exactly
     if record and not record.get("path"):  # ... GPT-2's initialisation from a seed
-        base = Base(read_config(None, os.path.join(adapter, "config.json")), seed=record["seed"])
+        base = Base(read_hf_config(os.path.join(adapter, "config.json")), seed=record["seed"])
     elif source:
         base = open_base(record["path"] if record else source)
     else:

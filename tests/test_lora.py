@@ -222,17 +222,23 @@ def test_resume_is_bit_exact(case):
     assert not os.path.exists(os.path.join(part, "checkpoints", "step_000006", "model.safetensors"))
 
 
+def copy_adapter(root, directory, base):
+    """The case's peft adapter copied to directory/adapter, naming `base` as its base."""
+    import shutil
+    shutil.copytree(root / "adapter", directory / "adapter")
+    with open(directory / "adapter" / "adapter_config.json") as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = str(base)
+    with open(directory / "adapter" / "adapter_config.json", "w") as f:
+        json.dump(config, f)
+
+
 def test_resume_refuses_a_changed_base(case, tmp_path):
     import shutil
     root = case[0]
     shutil.copytree(root / "init", tmp_path / "init")
-    shutil.copytree(root / "adapter", tmp_path / "adapter")
     shutil.copy(root / "tokens.bin", tmp_path / "tokens.bin")
-    with open(tmp_path / "adapter" / "adapter_config.json") as f:
-        config = json.load(f)
-    config["base_model_name_or_path"] = str(tmp_path / "init")
-    with open(tmp_path / "adapter" / "adapter_config.json", "w") as f:
-        json.dump(config, f)
+    copy_adapter(root, tmp_path, tmp_path / "init")
     out, _ = train(tmp_path, "run", steps=2)
     with open(tmp_path / "init" / "model.safetensors", "r+b") as f:  # one byte of the last tensor
         f.seek(-1, os.SEEK_END)
@@ -293,18 +299,12 @@ def test_bad_lora_settings(tmp_path, flags, message):
 
 def test_adapter_of_another_base(case, tmp_path):
     """A peft adapter whose base has other shapes (128 channels, not 64): one line, exit 2."""
-    import shutil
     from conftest import write_hf_dir
     from torch_gpt2 import random_state
     root = case[0]
     write_hf_dir(tmp_path / "wide", random_state(2, 128, TINY["vocab"], TINY["n_ctx"], 3), 2, 4, 128,
                  TINY["n_ctx"], TINY["vocab"])
-    shutil.copytree(root / "adapter", tmp_path / "adapter")
-    with open(tmp_path / "adapter" / "adapter_config.json") as f:
-        config = json.load(f)
-    config["base_model_name_or_path"] = str(tmp_path / "wide")
-    with open(tmp_path / "adapter" / "adapter_config.json", "w") as f:
-        json.dump(config, f)
+    copy_adapter(root, tmp_path, tmp_path / "wide")
     done = launch("train", "--init-from", tmp_path / "adapter", "--data", root / "tokens.bin", "--steps", 1,
                   "--batch-size", 2, "--seq-len", 16, "--out-dir", tmp_path / "run")
     assert done.returncode == 2

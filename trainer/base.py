@@ -15,8 +15,8 @@ import os
 import numpy as np
 
 from trainer.errors import WeightsError
-from trainer.params import GPTConfig, gpt2_init_tensors, param_shapes
-from trainer.weights import HF_NAMES, checkpoint_dir, download_hf, load_checked
+from trainer.params import gpt2_init_tensors, param_shapes
+from trainer.weights import checkpoint_dir, infer_config, load_checked, read_hf_config, weights_files
 
 HASH_CHUNK = 1 << 24
 
@@ -34,8 +34,8 @@ class Base:
     each array valid until the next is asked for; `record` is what a checkpoint
     keeps of it."""
 
-    def __init__(self, cfg, path=None, seed=None, config=None):
-        self.cfg, self.path, self.seed, self.config = cfg, path, seed, config
+    def __init__(self, cfg, path=None, seed=None):
+        self.cfg, self.path, self.seed = cfg, path, seed
         self.sha256 = file_sha256(path) if path else None  # of the init: once its tensors are made
 
     @property
@@ -73,25 +73,10 @@ def open_base(source, cfg=None, seed=None):
     initialisation of `cfg` from `seed`.  -> Base."""
     if source is None:
         return Base(cfg, seed=seed)
-    config = None
-    if source in HF_NAMES and not os.path.exists(source):
-        source, config = download_hf(source)
-    elif os.path.isdir(source):
-        directory = checkpoint_dir(source)
-        source = os.path.join(directory, "model.safetensors")
-        if not os.path.isfile(source):
-            raise WeightsError(f"{directory} holds no model.safetensors to adapt")
-    elif not os.path.exists(source):
-        raise WeightsError(f"the base {source} does not exist")
-    source = os.path.abspath(source)
-    if config is None:
-        beside = os.path.join(os.path.dirname(source), "config.json")
-        config = beside if os.path.isfile(beside) else None
-    if source.endswith(".safetensors"):
-        cfg = read_config(source, config)
-    else:
-        cfg = load_checked(source)[0]
-    return Base(cfg, path=source, config=config)
+    path, config = weights_files(source)
+    path = os.path.abspath(path)
+    cfg = load_checked(path)[0] if path.endswith(".bin") else read_config(path, config)
+    return Base(cfg, path=path)
 
 
 def safetensors_header(path):
@@ -109,18 +94,9 @@ def safetensors_header(path):
 def read_config(path, config):
     """The GPTConfig of a .safetensors base: its config.json, else its tensors' shapes."""
     if config is not None:
-        try:
-            with open(config) as f:
-                return GPTConfig.from_hf(json.load(f))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise WeightsError(f"{config}: not a GPT-2 config ({e})") from None
+        return read_hf_config(config)
     _, header = safetensors_header(path)
-    if "wte.weight" not in header or "wpe.weight" not in header:
-        raise WeightsError(f"{path} has no tensor wte.weight / wpe.weight: not GPT-2 weights")
-    V, C = header["wte.weight"]["shape"]
-    layers = {int(k.split(".")[1]) for k in header if k.startswith("h.")}
-    return GPTConfig(n_layer=len(layers), n_head=max(1, C // 64), n_embd=C,
-                     block_size=header["wpe.weight"]["shape"][0], vocab_size=V).check()
+    return infer_config({name: tuple(entry["shape"]) for name, entry in header.items()}, path)
 
 
 def stream_safetensors(path, cfg):
@@ -155,8 +131,7 @@ class Adapted:
         self.lora, source, self.adapters = read_peft(directory)
         record = read_base_record(directory)
         if record is not None:  # a coregpt checkpoint: its base by path or seed, checked
-            with open(os.path.join(directory, "config.json")) as f:
-                cfg = GPTConfig.from_hf(json.load(f))
+            cfg = read_hf_config(os.path.join(directory, "config.json"))
             self.base = open_base(record["path"]) if record.get("path") else Base(cfg, seed=record["seed"])
             self.base_tensors = {name: tensor.copy() for name, tensor in self.base.tensors()}
             self.base.check(record, directory)

@@ -75,14 +75,23 @@ def read_safetensors(path):
         raise WeightsError(f"{path}: {e}") from None
 
 
-def infer_config(tensors, path):
-    """A bare .safetensors: read the shape from the tensors; n_head = n_embd / 64."""
-    if "wte.weight" not in tensors or "wpe.weight" not in tensors:
+def infer_config(shapes, path):
+    """A bare .safetensors: the config from its tensors' {name: shape}; n_head = n_embd / 64."""
+    if "wte.weight" not in shapes or "wpe.weight" not in shapes:
         raise WeightsError(f"{path} has no tensor wte.weight / wpe.weight: not GPT-2 weights")
-    V, C = tensors["wte.weight"].shape
-    layers = {int(k.split(".")[1]) for k in tensors if k.startswith("h.")}
+    V, C = shapes["wte.weight"]
+    layers = {int(k.split(".")[1]) for k in shapes if k.startswith("h.")}
     return GPTConfig(n_layer=len(layers), n_head=max(1, C // 64), n_embd=C,
-                     block_size=tensors["wpe.weight"].shape[0], vocab_size=V).check()
+                     block_size=shapes["wpe.weight"][0], vocab_size=V).check()
+
+
+def read_hf_config(path):
+    """An HF GPT-2 config.json -> GPTConfig."""
+    with open(path) as f:
+        try:
+            return GPTConfig.from_hf(json.load(f))
+        except (ValueError, KeyError, TypeError) as e:
+            raise WeightsError(f"{path}: not a GPT-2 config ({e})") from None
 
 
 def load_safetensors(path, hf_config=None):
@@ -93,13 +102,9 @@ def load_safetensors(path, hf_config=None):
             continue  # causal-mask buffers, and the head tied to wte
         tensors[name] = value
     if hf_config is not None:
-        with open(hf_config) as f:
-            try:
-                cfg = GPTConfig.from_hf(json.load(f))
-            except (ValueError, KeyError, TypeError) as e:
-                raise WeightsError(f"{hf_config}: not a GPT-2 config ({e})") from None
+        cfg = read_hf_config(hf_config)
     else:
-        cfg = infer_config(tensors, path)
+        cfg = infer_config({name: tuple(value.shape) for name, value in tensors.items()}, path)
     return cfg, tensors
 
 
@@ -120,9 +125,16 @@ def checkpoint_dir(path):
 
 def load_weights(source):
     """--init-from: HF directory or .safetensors, llm.c .bin, coregpt checkpoint or run."""
+    path, config = weights_files(source)
+    return load_llmc(path) if path.endswith(".bin") else load_safetensors(path, config)
+
+
+def weights_files(source):
+    """--init-from SOURCE -> (the weights file it names, its config.json or None):
+    gpt2…gpt2-xl from the hub (cached or downloaded), an HF or coregpt directory (a
+    run: its latest checkpoint), a .safetensors or an llm.c .bin."""
     if source in HF_NAMES and not os.path.exists(source):
-        model, config = download_hf(source)
-        return load_safetensors(model, config)
+        return download_hf(source)
     if not os.path.exists(source):
         raise WeightsError(f"--init-from {source} does not exist")
     if os.path.isdir(source):
@@ -133,12 +145,12 @@ def load_weights(source):
                 os.path.join(directory, "pytorch_model.bin")) else ""
             raise WeightsError(f"{source} holds no model.safetensors{pickled}")
         config = os.path.join(directory, "config.json")
-        return load_safetensors(model, config if os.path.isfile(config) else None)
+        return model, config if os.path.isfile(config) else None
     refuse_pickle(source)
     if source.endswith(".bin"):
-        return load_llmc(source)
+        return source, None
     config = os.path.join(os.path.dirname(source), "config.json")
-    return load_safetensors(source, config if os.path.isfile(config) else None)
+    return source, config if os.path.isfile(config) else None
 
 
 def refuse_pickle(path):
