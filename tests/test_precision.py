@@ -84,6 +84,34 @@ def test_batched_operand_layouts(engine):
     assert np.isnan(into[:, :4]).all() and np.isnan(into[:, 20:]).all(), "wrote outside its rows"
 
 
+@pytest.mark.parametrize("engine", sorted(set(ENGINES)), indirect=True)
+def test_batched_post_ops(engine):
+    """The element-wise chain attention fuses into its matmuls, in order: scale, then
+    each op (a mask broadcast over the heads, dense operands, exp), then += what out
+    held; and in oneDNN's bf16 engine a bf16 output rounded once, at the end."""
+    rng = np.random.default_rng(4)
+    B, NH, M, N, K = 2, 3, 16, 24, 8
+    a, b = rng.standard_normal((B, NH, M, K), dtype=np.float32), rng.standard_normal((B, NH, K, N), dtype=np.float32)
+    if engine.low:
+        la, lb = np.empty(a.shape, engine.low_dtype), np.empty(b.shape, engine.low_dtype)
+        engine.to_low(la, a), engine.to_low(lb, b)
+        a, b, exact = la, lb, as_bf16(a) @ as_bf16(b)
+    else:
+        exact = a.astype(np.float64) @ b
+    mask = np.where(rng.random((1, 1, M, N)) < 0.3, -np.inf, 0).astype(np.float32)
+    rows = rng.standard_normal((B, NH, M, N), dtype=np.float32)
+    other = rng.standard_normal((B, NH, M, N), dtype=np.float32)
+    out = np.ones((B, NH, M, N), np.float32)
+    engine.batched(out, a, b, accumulate=True, scale=0.5,
+                   post=[("add", mask), ("sub", rows), ("exp", None), ("mul", other)])
+    expected = 1 + np.exp(0.5 * exact + mask - rows) * other
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    if engine.name == "onednn-bf16":
+        low = np.empty(out.shape, engine.low_dtype)
+        engine.batched(low, a, b, post=[("sub", rows), ("mul", other)])
+        np.testing.assert_allclose(low.astype(np.float64), (exact - rows) * other, rtol=2 ** -8, atol=1e-6)
+
+
 @pytest.mark.parametrize("engine", sorted({e for e in ENGINES if e.endswith("bf16")}), indirect=True)
 def test_bf16_attention_multiplies_bf16_inputs(engine):
     """In bf16 attention's matmuls read bf16 copies (q, k, v, P, dO, dS): oneDNN's bf16

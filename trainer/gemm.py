@@ -37,8 +37,18 @@ BLOCK = 1 << 16  # elements rounded per pass by the emulated engine (stays in L2
 # oneDNN C API constants (dnnl_types.h, 3.x)
 DNNL_CPU, DNNL_STREAM_IN_ORDER = 1, 1
 DNNL_DATA_TYPE = {"float32": 3, "bfloat16": 2}
-ALG_LINEAR, ALG_GELU_TANH, ARG_SRC, ARG_WEIGHTS, ARG_DST = 0x26, 0x2B, 1, 33, 17
+ALG_LINEAR, ALG_EXP, ALG_GELU_TANH, ARG_SRC, ARG_WEIGHTS, ARG_DST = 0x26, 0x2A, 0x2B, 1, 33, 17
 ARG_DIFF_SRC, ARG_DIFF_DST, FORWARD_TRAINING = 129, 145, 64
+# binary post-ops (dst = dst op operand, the operand broadcast along its size-1 axes) and
+# the execution argument of the operand of post-op number i
+BINARY = {"add": 0x1FFF0, "mul": 0x1FFF1, "div": 0x1FFF4, "sub": 0x1FFF5}
+
+
+NUMPY_OPS = {"add": np.add, "mul": np.multiply, "div": np.divide, "sub": np.subtract}
+
+
+def post_op_operand(i):
+    return 32768 * (i + 1) | 2  # DNNL_ARG_ATTR_MULTIPLE_POST_OP(i) | DNNL_ARG_SRC_1
 
 
 class OneDNN:
@@ -114,15 +124,27 @@ class Primitives:
             dims(*(s // x.itemsize for s in x.strides))), "memory descriptor")
         return md
 
-    def make(self, out, a, b, accumulate, scale):
+    def make(self, out, a, b, accumulate, scale, post):
         lib, attr, post_ops = self.lib, ctypes.c_void_p(), ctypes.c_void_p()
         check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)), "attributes")
         check(lib.dnnl_post_ops_create(ctypes.byref(post_ops)), "post-ops")
-        if accumulate:
-            check(lib.dnnl_post_ops_append_sum(post_ops, ctypes.c_float(1.0), ctypes.c_int32(0), 0), "sum")
+        # the chain runs in this order: scale, the element-wise ops, then += what out held
+        chain, operands = 0, []
         if scale is not None:
             check(lib.dnnl_post_ops_append_eltwise(post_ops, ALG_LINEAR, ctypes.c_float(scale),
                                                    ctypes.c_float(0.0)), "scale")
+            chain += 1
+        for op, operand in post:
+            if op == "exp":
+                check(lib.dnnl_post_ops_append_eltwise(post_ops, ALG_EXP, ctypes.c_float(0.0),
+                                                       ctypes.c_float(0.0)), "exp")
+            else:
+                md = self.descriptor(operand)
+                check(lib.dnnl_post_ops_append_binary(post_ops, BINARY[op], md), op)
+                operands.append((post_op_operand(chain), md))
+            chain += 1
+        if accumulate:
+            check(lib.dnnl_post_ops_append_sum(post_ops, ctypes.c_float(1.0), ctypes.c_int32(0), 0), "sum")
         check(lib.dnnl_primitive_attr_set_post_ops(attr, post_ops), "post-ops")
         descriptors = [self.descriptor(x) for x in (a, b, out)]
         desc, primitive = ctypes.c_void_p(), ctypes.c_void_p()
@@ -130,8 +152,9 @@ class Primitives:
         check(lib.dnnl_matmul_primitive_desc_create(ctypes.byref(desc), self.engine, src, weights, None, dst, attr),
               "matmul")
         check(lib.dnnl_primitive_create(ctypes.byref(primitive), desc), "matmul primitive")
-        args = self.arguments((ARG_SRC, ARG_WEIGHTS, ARG_DST), descriptors)
-        return primitive, args, (attr, post_ops, desc, descriptors)  # the last kept alive with it
+        ids = (ARG_SRC, ARG_WEIGHTS, ARG_DST) + tuple(arg for arg, _ in operands)
+        args = self.arguments(ids, descriptors + [md for _, md in operands])
+        return primitive, args, (attr, post_ops, desc, descriptors, operands)  # the last kept alive with it
 
     def make_reorder(self, dst, src):
         """A reorder primitive: dst = src converted (bf16 rounds to nearest even)."""
@@ -191,11 +214,13 @@ class Primitives:
         check(self.lib.dnnl_primitive_execute(primitive, self.stream, len(arrays), args), "primitive")
         check(self.lib.dnnl_stream_wait(self.stream), "stream")
 
-    def run(self, out, a, b, accumulate=False, scale=None):
-        key = tuple((x.shape, x.strides, x.dtype.name) for x in (out, a, b)) + (accumulate, scale)
+    def run(self, out, a, b, accumulate=False, scale=None, post=()):
+        operands = [x for _, x in post if x is not None]
+        key = tuple((x.shape, x.strides, x.dtype.name) for x in [out, a, b] + operands) + (
+            accumulate, scale, tuple(op for op, _ in post))
         if key not in self.made:
-            self.made[key] = self.make(out, a, b, accumulate, scale)
-        self.execute(self.made[key], (a, b, out))
+            self.made[key] = self.make(out, a, b, accumulate, scale, post)
+        self.execute(self.made[key], [a, b, out] + operands)
 
 
 def check(status, what):
@@ -371,20 +396,30 @@ class Engine:
             else:
                 out += a @ b
 
-    def batched(self, out, a, b, accumulate=False, scale=None):
-        """out (...,M,N) float32 = scale · a (...,M,K) @ b (...,K,N) (or += a @ b, with
-        accumulate), over the leading axes; a and b strided views of one dtype (float32,
-        or bf16 copies), out any strided float32 view."""
+    def batched(self, out, a, b, accumulate=False, scale=None, post=()):
+        """out (...,M,N) = scale · a (...,M,K) @ b (...,K,N), then each element-wise op of
+        `post` in turn ("exp", None) or (op, operand) with op add/sub/mul/div and the
+        operand broadcast along its size-1 axes, then (with accumulate) += what out held;
+        over the leading axes.  a and b strided views of one dtype (float32, or bf16
+        copies); out any strided float32 view (or bf16 where oneDNN's bf16 engine runs)."""
         if self.primitives is not None:
-            self.primitives.run(out, a, b, accumulate, None if scale is None else float(scale))
-        elif accumulate:
+            self.primitives.run(out, a, b, accumulate, None if scale is None else float(scale), tuple(post))
+            return
+        result = out
+        if accumulate:
             if out.shape not in self.parts:
                 self.parts[out.shape] = np.empty(out.shape, dtype=np.float32)
-            out += np.matmul(a, b, out=self.parts[out.shape])
-        else:
-            np.matmul(a, b, out=out)
-            if scale is not None:
-                out *= scale
+            result = self.parts[out.shape]
+        np.matmul(a, b, out=result)
+        if scale is not None:
+            result *= scale
+        for op, operand in post:
+            if op == "exp":
+                np.exp(result, out=result)
+            else:
+                NUMPY_OPS[op](result, operand, out=result)
+        if accumulate:
+            out += result
 
     def gelu(self, out, x, backward=False):
         """GELU (tanh form) by oneDNN, where this engine loaded it: out = gelu(x), or with
@@ -401,6 +436,9 @@ class Engine:
             self.primitives.convert(dst, src)  # ~5x ml_dtypes' cast, the same rounding
         elif dst.dtype != np.float32:
             np.copyto(dst, src, casting="unsafe")
+        elif not src.flags.c_contiguous:  # a strided view: gathered, then rounded in place
+            np.copyto(dst, src)
+            self.round_in_blocks(dst, dst)
         else:
             self.round_in_blocks(dst, src)
         self.convert_seconds += time.perf_counter() - t0
@@ -432,8 +470,8 @@ def matmul(out, a, b, accumulate=False):
     _engine.matmul(out, a, b, accumulate)
 
 
-def batched(out, a, b, accumulate=False, scale=None):
-    _engine.batched(out, a, b, accumulate, scale)
+def batched(out, a, b, accumulate=False, scale=None, post=()):
+    _engine.batched(out, a, b, accumulate, scale, post)
 
 
 def to_low(dst, src):
