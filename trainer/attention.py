@@ -12,9 +12,14 @@ it would be row by row).
 
 Shapes: qkv (B,T,3C) as c_attn writes it; out (B,T',C) for the T' = T − start
 queries at positions start… (start > 0 when earlier keys and values are cached);
-lse (B,NH,T').  Heads are strided views of those arrays: the matmuls read each
-head's rows in place.  `heads_of` = (h0, h1) runs only those heads (lse then holds
-only theirs): workers sharing a batch row split its heads.
+lse (B,NH,T').  Each call first copies its heads' q, k, v (and dO) into dense
+blocks of rows (bf16 in bf16), q and dO also transposed: oneDNN's AMX/brgemm
+kernels take only dense operands, and run at twice the speed of its generic ones
+on strided head views.  The backward fuses "− lse, exp" into the scores' matmul and
+"− D, ∘ P" into dP's (gemm.batched's post-ops; their operands spread dense along
+the keys, which oneDNN needs too), and writes dS in bf16 straight from its matmul.
+`heads_of` = (h0, h1) runs only those heads (lse then holds only theirs): workers
+sharing a batch row split its heads.
 """
 import numpy as np
 
@@ -60,19 +65,61 @@ def low(name, x):
     return copy
 
 
+def in_blocks(name, view, block, transposed=False):
+    """view (B,NH,T,HS) copied into blocks of `block` rows, each dense (B,NH,rows,HS)
+    (bf16 in bf16) -> the list of blocks, and with transposed also the list of their
+    transposes (B,NH,HS,rows).  oneDNN runs a batched matmul on its AMX/brgemm kernels
+    only when every operand is dense; on views of (B,T,3C) rows it takes a generic
+    kernel at half the speed.  NumPy's engine in fp32 (the sampler's) reads views."""
+    engine, rows, flipped = gemm.engine(), [], []
+    for i0 in range(0, view.shape[2], block):
+        src = view[:, :, i0:i0 + block]
+        if not engine.low and engine.primitives is None:
+            rows.append(src)
+            flipped.append(src.swapaxes(-1, -2))
+            continue
+        copy = scratch((name, i0), src.shape, engine.low_dtype)
+        gemm.to_low(copy, src) if engine.low else np.copyto(copy, src)
+        rows.append(copy)
+        if transposed:
+            flipped.append(scratch((name, i0, "T"), src.shape[:2] + src.shape[:1:-1], engine.low_dtype))
+            np.copyto(bits(flipped[-1]), bits(copy.swapaxes(-1, -2)))
+    return (rows, flipped) if transposed else rows
+
+
+def bits(x):
+    """bf16 arrays copied as their 16-bit patterns (NumPy copies its own dtypes faster)."""
+    return x.view(np.uint16) if x.dtype.itemsize == 2 else x
+
+
+def along_keys(name, values, keys):
+    """(B,NH,1,bq) -> a dense (B,NH,keys,bq) copy of every row: oneDNN's matmul fuses an
+    element-wise operand at speed only when it is dense (broadcast ones run its
+    reference code)."""
+    rows = scratch(name, values.shape[:2] + (keys, values.shape[-1]))
+    np.copyto(rows, values)
+    return rows
+
+
 _masks = {}
 
 
-def causal_mask(scores, q0, k0):
-    """Add -inf where key k0+r comes after query q0+c (in place, on a keys x queries block)."""
-    bk, bq = scores.shape[-2:]
+def causal_mask(bk, bq, q0, k0):
+    """-> the (1,1,bk,bq) block of -inf where key k0+r comes after query q0+c (keys x
+    queries), or None where no key of the block does."""
     if k0 + bk - 1 <= q0:
-        return
+        return None
     key = (q0 - k0, bk, bq)
     if key not in _masks:
         after = np.arange(k0, k0 + bk)[:, None] > np.arange(q0, q0 + bq)[None, :]
-        _masks[key] = np.where(after, np.float32(-np.inf), np.float32(0))
-    scores += _masks[key]
+        _masks[key] = np.where(after, np.float32(-np.inf), np.float32(0))[None, None]
+    return _masks[key]
+
+
+def masked(bk, bq, q0, k0):
+    """The post-op that adds the causal mask of a block (none off the diagonal)."""
+    mask = causal_mask(bk, bq, q0, k0)
+    return [] if mask is None else [("add", mask)]
 
 
 def attention_forward(out, lse, qkv, n_head, start=0, block=None, heads_of=None):
@@ -81,28 +128,29 @@ def attention_forward(out, lse, qkv, n_head, start=0, block=None, heads_of=None)
     C, n, block = C3 // 3, T - start, block or block_size()
     hs = C // n_head
     scale = np.float32(1.0 / np.sqrt(hs))
-    q, k, v = heads(low("qkv", qkv), n_head, 3, heads_of)
+    q, k, v = heads(qkv, n_head, 3, heads_of)
     (y,) = heads(out, n_head, 1, heads_of)
     n_head = q.shape[1]  # the heads run here
-    for i0 in range(0, n, block):
+    _, q_cols = in_blocks("q", q[:, :, start:], block, transposed=True)
+    k_rows, v_rows = in_blocks("k", k, block), in_blocks("v", v, block)
+    for i0, q_t in zip(range(0, n, block), q_cols):
         i1 = min(i0 + block, n)
         bq = i1 - i0
-        q_t = q[:, :, start + i0:start + i1].swapaxes(-1, -2)
         m = scratch("m", (B, n_head, 1, bq))  # the running max of each query's scores
         row = scratch("row", (B, n_head, 1, bq))
         l = scratch("l", (B, n_head, 1, bq))  # the running Σ exp(score − m)
         acc = scratch("acc", (B, n_head, bq, hs))  # the running Σ exp(score − m)·v
-        for j0 in range(0, start + i1, block):
-            j1 = min(j0 + block, start + i1)
-            s = scratch("s", (B, n_head, j1 - j0, bq))  # keys x queries
-            gemm.batched(s, k[:, :, j0:j1], q_t, scale=scale)
-            causal_mask(s, start + i0, j0)
+        for j, j0 in enumerate(range(0, start + i1, block)):
+            bk = min(block, start + i1 - j0)  # a short last key block in the sampler's cache
+            k_j, v_j = k_rows[j][:, :, :bk], v_rows[j][:, :, :bk]
+            s = scratch("s", (B, n_head, bk, bq))  # keys x queries
+            gemm.batched(s, k_j, q_t, scale=scale, post=masked(bk, bq, start + i0, j0))
             if j0 == 0:  # the first key block: a plain softmax's first half
                 np.max(s, axis=-2, keepdims=True, out=m)
                 s -= m
                 np.exp(s, out=s)
                 np.sum(s, axis=-2, keepdims=True, out=l)
-                gemm.batched(acc, low("p", s).swapaxes(-1, -2), v[:, :, j0:j1])
+                gemm.batched(acc, low("p", s).swapaxes(-1, -2), v_j)
                 continue
             np.max(s, axis=-2, keepdims=True, out=row)
             np.maximum(row, m, out=row)  # the new running max
@@ -113,9 +161,10 @@ def attention_forward(out, lse, qkv, n_head, start=0, block=None, heads_of=None)
             l *= m
             acc *= m.swapaxes(-1, -2)
             l += np.sum(s, axis=-2, keepdims=True, out=m)
-            gemm.batched(acc, low("p", s).swapaxes(-1, -2), v[:, :, j0:j1], accumulate=True)
+            gemm.batched(acc, low("p", s).swapaxes(-1, -2), v_j, accumulate=True)
             m[...] = row
-        np.divide(acc, l.swapaxes(-1, -2), out=y[:, :, i0:i1])
+        acc /= l.swapaxes(-1, -2)
+        y[:, :, i0:i1] = acc
         np.log(l, out=l)
         l += m
         lse[:, :, i0:i1] = l[:, :, 0]
@@ -123,40 +172,48 @@ def attention_forward(out, lse, qkv, n_head, start=0, block=None, heads_of=None)
 
 def attention_backward(dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=None):
     """dout (B,T,C) -> dqkv (B,T,3C) overwritten (heads_of's); out and lse as the
-    forward left them."""
+    forward left them.  Query blocks outer: each block's lse and D are spread along
+    the keys once, for every key block it sees."""
     B, T, C3 = qkv.shape
-    C, block = C3 // 3, block or block_size()
+    C, block, heads_all = C3 // 3, block or block_size(), n_head
     hs = C // n_head
     scale = np.float32(1.0 / np.sqrt(hs))
-    q, k, v = heads(low("qkv", qkv), n_head, 3, heads_of)
-    dq, dk, dv = heads(dqkv, n_head, 3, heads_of)
-    (do,) = heads(low("dout", dout), n_head, 1, heads_of)
-    (do_fp32,) = heads(dout, n_head, 1, heads_of)
-    (o,) = heads(out, n_head, 1, heads_of)
+    engine = gemm.engine()
+    q, k, v = heads(qkv, n_head, 3, heads_of)
+    (do,), (o,) = heads(dout, n_head, 1, heads_of), heads(out, n_head, 1, heads_of)
     n_head = q.shape[1]  # the heads run here
     d = scratch("D", (B, n_head, 1, T))
-    np.einsum("bhtd,bhtd->bht", do_fp32, o, out=d[:, :, 0])  # D = rowsum(dO ∘ O)
-    lse = lse[:, :, None, :]
-    for j0 in range(0, T, block):
-        j1 = min(j0 + block, T)
-        k_j, v_j = k[:, :, j0:j1], v[:, :, j0:j1]
-        dk_j, dv_j = dk[:, :, j0:j1], dv[:, :, j0:j1]
-        for i0 in range(j0, T, block):  # the queries that see keys j0…
-            i1 = min(i0 + block, T)
-            bq, bk = i1 - i0, j1 - j0
+    np.einsum("bhtd,bhtd->bht", do, o, out=d[:, :, 0])  # D = rowsum(dO ∘ O)
+    (q_rows, q_cols), (do_rows, do_cols) = in_blocks("q", q, block, True), in_blocks("dO", do, block, True)
+    k_rows, v_rows = in_blocks("k", k, block), in_blocks("v", v, block)
+    # dq, dk, dv in dense blocks too, copied into dqkv at the end
+    dq, dk, dv = ([scratch((name, j0), x.shape) for j0, x in zip(range(0, T, block), k_rows)]
+                  for name in ("dq", "dk", "dv"))
+    # dS straight out of its matmul in bf16 where oneDNN's bf16 engine runs it
+    ds_dtype = engine.low_dtype if engine.name == "onednn-bf16" else np.float32
+    for i, i0 in enumerate(range(0, T, block)):
+        i1 = min(i0 + block, T)
+        bq = i1 - i0
+        for j, j0 in enumerate(range(0, i1, block)):  # the keys queries i0… see
+            bk = min(block, i1 - j0)
+            if j == 0 or bk < block:
+                lse_rows = along_keys("lse rows", lse[:, :, None, i0:i1], bk)
+                d_rows = along_keys("D rows", d[..., i0:i1], bk)
             p = scratch("p", (B, n_head, bk, bq))  # keys x queries, as in the forward
-            ds = scratch("ds", (B, n_head, bk, bq))
-            gemm.batched(p, k_j, q[:, :, i0:i1].swapaxes(-1, -2), scale=scale)
-            causal_mask(p, i0, j0)
-            p -= lse[..., i0:i1]
-            np.exp(p, out=p)  # the forward's probabilities, recomputed
-            gemm.batched(ds, v_j, do[:, :, i0:i1].swapaxes(-1, -2))
-            ds -= d[..., i0:i1]
-            ds *= p  # dS = P ∘ (dP − D); dQ and dK take the 1/√HS once, at the end
-            p_low, ds_low = low("p", p), low("ds", ds)
+            # the forward's probabilities, recomputed: exp(score − lse)
+            gemm.batched(p, k_rows[j], q_cols[i], scale=scale,
+                         post=masked(bk, bq, i0, j0) + [("sub", lse_rows), ("exp", None)])
+            ds = scratch("ds", (B, n_head, bk, bq), ds_dtype)
+            # dS = P ∘ (dP − D); dQ and dK take the 1/√HS once, at the end
+            gemm.batched(ds, v_rows[j], do_cols[i], post=[("sub", d_rows), ("mul", p)])
+            p_low, ds_low = low("p", p), ds if ds_dtype != np.float32 else low("ds", ds)
             # the first block to reach a gradient writes it, later ones add to it
-            gemm.batched(dv_j, p_low, do[:, :, i0:i1], accumulate=i0 > j0)
-            gemm.batched(dk_j, ds_low, q[:, :, i0:i1], accumulate=i0 > j0)
-            gemm.batched(dq[:, :, i0:i1], ds_low.swapaxes(-1, -2), k_j, accumulate=j0 > 0)
-    dq *= scale
-    dk *= scale
+            gemm.batched(dv[j], p_low, do_rows[i], accumulate=i > j)
+            gemm.batched(dk[j], ds_low, q_rows[i], accumulate=i > j)
+            gemm.batched(dq[i], ds_low.swapaxes(-1, -2), k_rows[j], accumulate=j > 0)
+    into = heads(dqkv, heads_all, 3, heads_of)
+    for i0, dq_i, dk_i, dv_i in zip(range(0, T, block), dq, dk, dv):
+        i1 = i0 + dq_i.shape[2]
+        np.multiply(dq_i, scale, out=into[0][:, :, i0:i1])
+        np.multiply(dk_i, scale, out=into[1][:, :, i0:i1])
+        np.copyto(into[2][:, :, i0:i1], dv_i)
