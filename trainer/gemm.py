@@ -6,8 +6,9 @@ BLAS as strides, never copied).
 Engines, chosen once per process by `install(name)`:
   numpy         NumPy's BLAS (OpenBLAS, Accelerate...), fp32
   onednn        oneDNN's dnnl_sgemm, fp32 (faster than OpenBLAS on AVX-512 CPUs)
-  onednn-bf16   oneDNN's dnnl_gemm_bf16bf16f32: bf16 inputs, fp32 accumulation and
-                output; fast only with bf16 units (AVX512_BF16, AMX)
+  onednn-bf16   bf16 inputs, fp32 accumulation and output: oneDNN's matmul primitive
+                where the CPU has AMX (its brgemm kernels use the tile units), else
+                dnnl_gemm_bf16bf16f32; fast only with bf16 units (AVX512_BF16, AMX)
   emulated-bf16 the same numerics anywhere: inputs rounded to bf16 but stored as
                 float32, then the fp32 GEMM (onednn if it is fast here, else numpy)
 
@@ -29,7 +30,7 @@ from trainer.errors import EngineError
 
 BF16_INSTALL = "pip install 'coregpt[bf16]'"
 # dnnl_cpu_isa_t bit masks (oneDNN 3.x): a CPU has an ISA when all its bits are set
-ISA_AVX512_CORE, ISA_AVX512_BF16 = 0x27, 0xE7
+ISA_AVX512_CORE, ISA_AVX512_BF16, ISA_AMX = 0x27, 0xE7, 0xFE7
 ISA_NAMES = {0x1: "sse41", 0x3: "avx", 0x7: "avx2", 0xF: "avx2_vnni", 0x1F: "avx2_vnni_2",
              0x27: "avx512_core", 0x67: "avx512_core_vnni", 0xE7: "avx512_core_bf16",
              0x1EF: "avx512_core_fp16", 0xFE7: "avx512_core_amx", 0x1FE7: "avx512_core_amx_fp16"}
@@ -366,9 +367,13 @@ class Engine:
             dnn = onednn()
             if name == "onednn" or dnn.has(ISA_AVX512_CORE):
                 self.sgemm = dnn
+        self.amx = False
         if name == "onednn-bf16":
             self.dnn = onednn()
             self.low_dtype = bf16_dtype()
+            # with AMX oneDNN's matmul primitive (brgemm on the tile units) runs GPT-2's
+            # GEMMs 1.1-2.7x faster than dnnl_gemm_bf16bf16f32 (AVX512_BF16 only)
+            self.amx = self.dnn.has(ISA_AMX)
         if name == "emulated-bf16":
             self.scratch = np.empty(BLOCK, dtype=bf16_dtype())
         # stacks of small matmuls: oneDNN's primitive wherever this engine loaded oneDNN
@@ -382,7 +387,9 @@ class Engine:
 
     def matmul(self, out, a, b, accumulate=False):
         beta = 1.0 if accumulate else 0.0
-        if a.dtype != np.float32:
+        if a.dtype != np.float32 and self.amx:
+            self.primitives.run(out, a, b, accumulate)
+        elif a.dtype != np.float32:
             self.dnn.gemm(self.dnn.lib.dnnl_gemm_bf16bf16f32, out, a, b, beta)
         elif self.sgemm is not None:
             self.sgemm.gemm(self.sgemm.lib.dnnl_sgemm, out, a, b, beta)
