@@ -4,12 +4,14 @@ and machine, interleaved in rounds (the machine is shared and noisy).
     pip install torch==2.13.0 transformers peft     # benchmark-only
     python bench/vs_peft.py [--rounds 2] [--steps 3] [--warmup 3] [--compile]
                             [--batch-size 2 --seq-len 1024] [--rank 8] [--recompute]
+                            [-- --parallel data]
 
 Each round runs every system once, in its own process: transformers' GPT2LMHeadModel
 (SDPA attention) with peft's LoRA (r, alpha = r, on c_attn), bf16 autocast and fused
 AdamW over the adapters, 2 threads; with --compile also torch.compile of it; coregpt
 bf16, 2 workers x 1 thread, with --lora-rank r (and with --recompute also with it), and
-coregpt's full fine-tuning bf16 2 x 1 at the same shape.  A step is forward + backward
+coregpt's full fine-tuning bf16 2 x 1 at the same shape (flags after -- go to every
+coregpt system: at T=1024 `--parallel data` is coregpt's faster strategy).  A step is forward + backward
 + clip + AdamW; the first --warmup steps of each process are left out.  Prints the raw
 step times, the medians, the ratios and each system's peak memory (PSS, shared memory
 once) in a separate untimed run.
@@ -90,6 +92,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="every system runs once per round")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the peft recipe")
     ap.add_argument("--recompute", action="store_true", help="also coregpt's LoRA with --recompute")
+    ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt's systems (after --)")
     ap.add_argument("--torch-only", metavar="RECIPE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
@@ -98,8 +101,8 @@ def main():
         print(json.dumps(peft_step_times(args.model, B, T, n, 2, tokens, args.rank, PEFT[args.torch_only])))
         return
     recipes = [r for r in PEFT if args.compile or not PEFT[r]]
-    lora = ["--precision", "bf16", "--lora-rank", str(args.rank)]
-    systems = {LORA: lora, FULL: ["--precision", "bf16"]}
+    lora = ["--precision", "bf16", "--lora-rank", str(args.rank), *args.extra]
+    systems = {LORA: lora, FULL: ["--precision", "bf16", *args.extra]}
     if args.recompute:
         systems[LORA_RECOMPUTE] = lora + ["--recompute"]
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
@@ -114,7 +117,7 @@ def main():
         peaks.update({name: coregpt_step_times(args.model, B, T, 3, 2, data, flags, watch_memory=True).peak
                       for name, flags in systems.items()})
     print(f"{args.model}, LoRA r={args.rank} on c_attn, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; "
-          f"PyTorch with 2 threads")
+          f"PyTorch with 2 threads; coregpt's extra flags: {' '.join(args.extra) or 'none'}")
     print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
     med = medians(raw, B * T, width=55)
     best = min(recipes, key=med.get)

@@ -33,7 +33,8 @@ BF16_INSTALL = "pip install 'coregpt[bf16]'"
 ISA_AVX512_CORE, ISA_AVX512_BF16, ISA_AMX = 0x27, 0xE7, 0xFE7
 ISA_NAMES = {0x1: "sse41", 0x3: "avx", 0x7: "avx2", 0xF: "avx2_vnni", 0x1F: "avx2_vnni_2",
              0x27: "avx512_core", 0x67: "avx512_core_vnni", 0xE7: "avx512_core_bf16",
-             0x1EF: "avx512_core_fp16", 0xFE7: "avx512_core_amx", 0x1FE7: "avx512_core_amx_fp16"}
+             0x1EF: "avx512_core_fp16", 0xFE7: "avx512_core_amx", 0xFEF: "avx512_core_amx",
+             0x1FE7: "avx512_core_amx_fp16", 0x1FEF: "avx512_core_amx_fp16"}
 BLOCK = 1 << 16  # elements rounded per pass by the emulated engine (stays in L2)
 # oneDNN C API constants (dnnl_types.h, 3.x)
 DNNL_CPU, DNNL_STREAM_IN_ORDER = 1, 1
