@@ -3,6 +3,9 @@ a float64 product, bf16 rounding against PyTorch's, training accuracy against
 PyTorch fp32 and bf16 autocast (native and with oneDNN capped to AVX2, so the
 portable engine runs on any x86-64 CPU), 124M-shape gradients, and the missing extra."""
 import ctypes
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -110,6 +113,41 @@ def test_batched_post_ops(engine):
         low = np.empty(out.shape, engine.low_dtype)
         engine.batched(low, a, b, post=[("sub", rows), ("mul", other)])
         np.testing.assert_allclose(low.astype(np.float64), (exact - rows) * other, rtol=2 ** -8, atol=1e-6)
+
+
+def test_stacks_of_two_batch_axes_become_one():
+    """(B,NH,M,N) stacks reach oneDNN as (1,B·NH,M,N) views (no copy), a mask shared by
+    all of them as (1,1,M,N); an operand broadcast along B only keeps the 4-D call."""
+    out, a = np.zeros((2, 3, 4, 5), np.float32), np.zeros((2, 3, 6, 4), np.float32)
+    b, mask = np.zeros((2, 3, 5, 6), np.float32).swapaxes(-1, -2), np.zeros((1, 1, 4, 5), np.float32)
+    flat = gemm.one_batch_axis([out, a, b, mask])
+    assert [x.shape for x in flat] == [(1, 6, 4, 5), (1, 6, 6, 4), (1, 6, 6, 5), (1, 1, 4, 5)]
+    assert all(np.shares_memory(x, y) for x, y in zip(flat, [out, a, b, mask]))
+    assert gemm.one_batch_axis([out, a, b, np.zeros((1, 3, 4, 5), np.float32)]) is None
+    assert gemm.one_batch_axis([out[:1], a[:1], b[:1]]) is None  # one matrix stack already
+
+
+@pytest.mark.parametrize("name", ["onednn", "onednn-bf16"])
+def test_attention_runs_no_reference_kernel(name):
+    """Every attention matmul of two batch rows (the hybrid strategy's T=64 shape) runs
+    on oneDNN's optimised kernels: its reference ones are correct but 500x slower (a
+    mask broadcast over two batch axes sent them there, 5 s a step at T=64)."""
+    if gemm.onednn_library() is None or not gemm.onednn().has(gemm.ISA_AVX512_CORE) or \
+            (name == "onednn-bf16" and gemm.choose("bf16")[0] != name):
+        pytest.skip("oneDNN's brgemm kernels need AVX-512 (and bf16 units for bf16)")
+    code = (f"import numpy as np; from trainer import gemm, attention; gemm.install('{name}')\n"
+            "B, T, NH, C = 2, 64, 4, 64\n"
+            "rng = np.random.default_rng(0); qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32)\n"
+            "out, lse, dqkv = np.zeros((B, T, C), np.float32), np.zeros((B, NH, T), np.float32), np.zeros_like(qkv)\n"
+            "attention.attention_forward(out, lse, qkv, NH, block=32)\n"
+            "attention.attention_backward(dqkv, rng.standard_normal((B, T, C), dtype=np.float32), qkv, out, lse, NH,"
+            " block=32)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, ONEDNN_VERBOSE="1", PYTHONPATH=REPO))
+    assert run.returncode == 0, run.stderr
+    executed = [line for line in run.stdout.splitlines() if line.startswith("onednn_verbose,exec,cpu,matmul")]
+    assert len(executed) > 20
+    assert not [line for line in executed if ",ref:" in line], [line for line in executed if ",ref:" in line][:2]
 
 
 @pytest.mark.parametrize("engine", sorted({e for e in ENGINES if e.endswith("bf16")}), indirect=True)

@@ -123,7 +123,7 @@ class Primitives:
         md, dims = ctypes.c_void_p(), ctypes.c_int64 * 12
         check(self.lib.dnnl_memory_desc_create_with_strides(
             ctypes.byref(md), x.ndim, dims(*x.shape), DNNL_DATA_TYPE[x.dtype.name],
-            dims(*(s // x.itemsize for s in x.strides))), "memory descriptor")
+            dims(*strides_of(x))), "memory descriptor")
         return md
 
     def make(self, out, a, b, accumulate, scale, post):
@@ -226,6 +226,39 @@ class Primitives:
         if key not in self.made:
             self.made[key] = self.make(out, a, b, accumulate, scale, post)
         self.execute(self.made[key], [a, b, out] + operands)
+
+
+def one_batch_axis(arrays):
+    """Stacks (B,NH,M,N), B > 1, as (1,B·NH,M,N) views, or None where one cannot be so
+    (oneDNN's brgemm takes an operand (1,1,M,N) shared by the matrices of (1,NH,…), and
+    runs its reference kernels, 500x slower, for (B,NH,…) with B > 1 or in 3-D)."""
+    stack = arrays[0].shape[:2]  # out's
+    if any(x.ndim != 4 for x in arrays) or stack[0] == 1:
+        return None
+    flat = []
+    for x in arrays:
+        if x.shape[:2] == (1, 1):
+            flat.append(x)
+            continue
+        if x.shape[:2] != stack:  # broadcast along one of the two axes only
+            return None
+        try:
+            flat.append(x.reshape((1, -1) + x.shape[2:], copy=False))
+        except ValueError:  # its two leading axes do not merge without a copy
+            return None
+    return flat
+
+
+def strides_of(x):
+    """x's strides in elements, a size-1 axis given the stride a dense array has there:
+    NumPy leaves such strides arbitrary (0 after np.newaxis), and oneDNN then reads the
+    layout as a permuted one (a mask of shape (1,1,64,64) as "cdab") and runs its
+    reference kernels, 500x slower."""
+    strides, dense = [], 1
+    for size, stride in reversed(list(zip(x.shape, x.strides))):
+        strides.append(dense if size == 1 else stride // x.itemsize)
+        dense = max(dense, abs(strides[-1]) * size)
+    return strides[::-1]
 
 
 def check(status, what):
@@ -414,6 +447,10 @@ class Engine:
         over the leading axes.  a and b strided views of one dtype (float32, or bf16
         copies); out any strided float32 view (or bf16 where oneDNN's bf16 engine runs)."""
         if self.primitives is not None:
+            flat = one_batch_axis([out, a, b] + [x for _, x in post if x is not None])
+            if flat is not None:  # oneDNN broadcasts an operand over one batch axis at speed, not two
+                out, a, b, rest = flat[0], flat[1], flat[2], iter(flat[3:])
+                post = [(op, None if x is None else next(rest)) for op, x in post]
             self.primitives.run(out, a, b, accumulate, None if scale is None else float(scale), tuple(post))
             return
         result = out
