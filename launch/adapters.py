@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from trainer.base import Base, adapter_dir, open_base, read_base_record
+from trainer.base import adapter_dir, open_base, read_base_record, recorded_base
 from trainer.checkpoint import check_checkpoint, stream_checkpoint
 from trainer.errors import ConfigError
 from trainer.lora import check_adapters, init_adapters, lora_of, merged, read_peft, trainable_count
@@ -37,7 +37,7 @@ def lora_model(s, ckpt, state):
     if ckpt is not None:
         record = state.get("base") or {}
         cfg = check_checkpoint(ckpt, s.optim, lora_of(s))
-        base = open_base(record["path"]) if record.get("path") else Base(cfg, seed=record.get("seed", s.seed))
+        base = recorded_base(record, cfg, s.seed)
         if base.path:
             base.check(record, ckpt)  # the init's digest is checked once its tensors are made
         return s, cfg, base, None
@@ -46,10 +46,10 @@ def lora_model(s, ckpt, state):
     if adapter:
         s, source, tensors = adopt_peft(s, adapter)
         record = read_base_record(adapter)  # a coregpt LoRA checkpoint names its base exactly
-    if record and not record.get("path"):  # ... GPT-2's initialisation from a seed
-        base = Base(read_hf_config(os.path.join(adapter, "config.json")), seed=record["seed"])
+    if record:
+        base = recorded_base(record, read_hf_config(os.path.join(adapter, "config.json")))
     elif source:
-        base = open_base(record["path"] if record else source)
+        base = open_base(source)
     else:
         overrides = dict(n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
         base = open_base(None, preset_config(s.model, overrides, GPT2_VOCAB), s.seed)

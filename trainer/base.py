@@ -131,8 +131,7 @@ class Adapted:
         self.lora, source, self.adapters = read_peft(directory)
         record = read_base_record(directory)
         if record is not None:  # a coregpt checkpoint: its base by path or seed, checked
-            cfg = read_hf_config(os.path.join(directory, "config.json"))
-            self.base = open_base(record["path"]) if record.get("path") else Base(cfg, seed=record["seed"])
+            self.base = recorded_base(record, read_hf_config(os.path.join(directory, "config.json")))
             self.base_tensors = {name: tensor.copy() for name, tensor in self.base.tensors()}
             self.base.check(record, directory)
         else:
@@ -144,6 +143,12 @@ class Adapted:
     def merged(self):
         from trainer.lora import merged
         return merged(self.cfg, self.lora, self.base_tensors, self.adapters)
+
+
+def recorded_base(record, cfg, seed=None):
+    """The base a LoRA checkpoint's run state `record` names: its weights file, or
+    GPT-2's initialisation of `cfg` from the recorded seed (else `seed`)."""
+    return open_base(record["path"]) if record.get("path") else Base(cfg, seed=record.get("seed", seed))
 
 
 def read_base_record(directory):
