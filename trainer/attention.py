@@ -189,8 +189,7 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=N
     # dq, dk, dv in dense blocks too, copied into dqkv at the end
     dq, dk, dv = ([scratch((name, j0), x.shape) for j0, x in zip(range(0, T, block), k_rows)]
                   for name in ("dq", "dk", "dv"))
-    # dS straight out of its matmul in bf16 where oneDNN's bf16 engine runs it
-    ds_dtype = engine.low_dtype if engine.name == "onednn-bf16" else np.float32
+    ds_dtype = engine.low_dtype if engine.writes_low else np.float32  # dS straight out of its matmul
     for i, i0 in enumerate(range(0, T, block)):
         i1 = min(i0 + block, T)
         bq = i1 - i0
@@ -206,7 +205,7 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=N
             ds = scratch("ds", (B, n_head, bk, bq), ds_dtype)
             # dS = P ∘ (dP − D); dQ and dK take the 1/√HS once, at the end
             gemm.batched(ds, v_rows[j], do_cols[i], post=[("sub", d_rows), ("mul", p)])
-            p_low, ds_low = low("p", p), ds if ds_dtype != np.float32 else low("ds", ds)
+            p_low, ds_low = low("p", p), ds if engine.writes_low else low("ds", ds)
             # the first block to reach a gradient writes it, later ones add to it
             gemm.batched(dv[j], p_low, do_rows[i], accumulate=i > j)
             gemm.batched(dk[j], ds_low, q_rows[i], accumulate=i > j)

@@ -172,6 +172,12 @@ class Engine:
     def low(self):
         return self.name.endswith("bf16")
 
+    @property
+    def writes_low(self):
+        """batched may write a bf16 `out` (rounded once, after its post-ops): oneDNN's
+        bf16 engine; the emulated one writes float32 and rounds it with to_low."""
+        return self.name == "onednn-bf16"
+
     def matmul(self, out, a, b, accumulate=False):
         beta = 1.0 if accumulate else 0.0
         if a.dtype != np.float32 and self.amx:
