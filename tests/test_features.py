@@ -141,9 +141,13 @@ def test_grad_accum_equals_larger_batch(tmp_path, tiny, parallel, recompute):
     train_ok(*flags(tiny, steps=4, batch_size=2, grad_accum=2, parallel=parallel, recompute=recompute),
              "--out-dir", accum)
     np.testing.assert_allclose(losses(accum), losses(big), rtol=0, atol=1e-5)
+    # micro-batches sum a weight's gradient in another order than one GEMM over the whole
+    # batch; where that gradient is near zero Adam turns the rounding into a fraction of lr
+    # (1.1e-5 on an AVX2 EPYC with OpenBLAS), so weights get the bound they hold against
+    # PyTorch (README, Exactness)
     a, b = checkpoint_files(big, 4)[0], checkpoint_files(accum, 4)[0]
     for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-4, err_msg=name)
 
 
 @pytest.fixture(scope="module")
