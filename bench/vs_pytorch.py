@@ -4,13 +4,16 @@ machine, interleaved in rounds (the machine is shared and noisy).
     pip install torch==2.13.0        # benchmark-only; never a runtime dependency
     python bench/vs_pytorch.py [--rounds 3] [--steps 6] [--warmup 2] [--compile]
                                [--batch-size 2 --seq-len 1024] [--recompute] [--two-workers-only]
-                               [--bf16-only]
+                               [--bf16-only | --fp32-only]
 
 Each round runs every system once, in turn, in its own process: PyTorch 2 threads
 with fp32 + AdamW(fused=True); bf16 autocast + fused AdamW; with --compile also
-torch.compile of the bf16 recipe; coregpt fp32 and bf16 with 2 workers x 1 thread
-and (unless --two-workers-only) 1 worker x 1 thread, and with --recompute also
-coregpt bf16 2 x 1 with --recompute.  A step is forward + backward + clip + AdamW; the first
+torch.compile of both; coregpt fp32 and bf16 with 2 workers x 1 thread and
+(unless --two-workers-only) 1 worker x 1 thread, and with --recompute also
+coregpt bf16 2 x 1 with --recompute.  --fp32-only leaves out every bf16 system,
+for CPUs without bf16 units (AVX2), where PyTorch's bf16 autocast takes minutes
+a step at GPT-2 124M.  Each ratio is against the fastest PyTorch recipe of the
+same precision in the run.  A step is forward + backward + clip + AdamW; the first
 --warmup steps of every process (compilation included) are left out.  Prints
 every raw step time, each system's median over all rounds, the ratios, and the
 peak memory (PSS, shared memory once) of every PyTorch recipe and of coregpt's
@@ -40,6 +43,7 @@ TORCH_RECIPES = {
     "pytorch fp32, fused AdamW": dict(bf16=False, compile=False),
     "pytorch bf16 autocast, fused AdamW": dict(bf16=True, compile=False),
     "pytorch bf16 autocast, fused AdamW, compile": dict(bf16=True, compile=True),
+    "pytorch fp32, fused AdamW, compile": dict(bf16=False, compile=True),
 }
 COREGPT = {
     "coregpt fp32, 2 workers x 1 thread": (2, ["--precision", "fp32"]),
@@ -247,18 +251,25 @@ def main():
     ap.add_argument("--recompute", action="store_true", help="also coregpt bf16 2x1 with --recompute")
     ap.add_argument("--two-workers-only", action="store_true", help="leave out coregpt's 1-worker systems")
     ap.add_argument("--bf16-only", action="store_true", help="leave out the fp32 systems (slow at T=1024)")
+    ap.add_argument("--fp32-only", action="store_true",
+                    help="leave out the bf16 systems (CPUs without bf16 units, where PyTorch's autocast takes minutes a step)")
     ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt (after --)")
     ap.add_argument("--torch-only", metavar="RECIPE", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bf16_only and args.fp32_only:
+        ap.error("--bf16-only and --fp32-only leave nothing to run")
+    if args.fp32_only and args.recompute:
+        ap.error("--recompute adds a bf16 system, which --fp32-only leaves out")
     B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
     tokens = np.random.default_rng(0).integers(0, GPT2_VOCAB, n * B * T + 1).astype(np.uint16)
     if args.torch_only:
         print(json.dumps(torch_step_times(args.model, B, T, n, 2, tokens, **TORCH_RECIPES[args.torch_only])))
         return
     recipes = [r for r in TORCH_RECIPES if (args.compile or not TORCH_RECIPES[r]["compile"])
-               and (TORCH_RECIPES[r]["bf16"] or not args.bf16_only)]
+               and (not TORCH_RECIPES[r]["bf16"] if args.fp32_only else TORCH_RECIPES[r]["bf16"] or not args.bf16_only)]
     systems = {name: (workers, flags) for name, (workers, flags) in COREGPT.items()
-               if (workers == 2 or not args.two_workers_only) and ("bf16" in flags or not args.bf16_only)}
+               if (workers == 2 or not args.two_workers_only)
+               and ("bf16" not in flags if args.fp32_only else "bf16" in flags or not args.bf16_only)}
     if args.recompute:
         systems[RECOMPUTE] = (2, ["--precision", "bf16", "--recompute"])
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
@@ -279,15 +290,18 @@ def main():
     print(f"{args.model}, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; PyTorch with 2 threads")
     print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
     med = medians(raw, B * T)
-    best_bf16 = min((n for n in recipes if TORCH_RECIPES[n]["bf16"]), key=med.get)
-    c16 = med["coregpt bf16, 2 workers x 1 thread"]
-    print(f"coregpt bf16 2x1 over the fastest PyTorch bf16 recipe ({best_bf16}): {med[best_bf16] / c16:.2f}x")
+    if not args.fp32_only:
+        best_bf16 = min((n for n in recipes if TORCH_RECIPES[n]["bf16"]), key=med.get)
+        c16 = med["coregpt bf16, 2 workers x 1 thread"]
+        print(f"coregpt bf16 2x1 over the fastest PyTorch bf16 recipe ({best_bf16}): {med[best_bf16] / c16:.2f}x")
     if not args.bf16_only:
+        best_fp32 = min((n for n in recipes if not TORCH_RECIPES[n]["bf16"]), key=med.get)
         c32 = med["coregpt fp32, 2 workers x 1 thread"]
-        print(f"coregpt fp32 2x1 over pytorch fp32, fused AdamW: {med['pytorch fp32, fused AdamW'] / c32:.2f}x")
+        print(f"coregpt fp32 2x1 over the fastest PyTorch fp32 recipe ({best_fp32}): {med[best_fp32] / c32:.2f}x")
     if not args.two_workers_only:
-        print(f"scaling 1 -> 2 workers: bf16 {med['coregpt bf16, 1 worker x 1 thread'] / c16:.2f}x"
-              + ("" if args.bf16_only else f", fp32 {med['coregpt fp32, 1 worker x 1 thread'] / c32:.2f}x"))
+        scaling = {p: med[f"coregpt {p}, 1 worker x 1 thread"] / med[f"coregpt {p}, 2 workers x 1 thread"]
+                   for p in ("bf16", "fp32") if f"coregpt {p}, 1 worker x 1 thread" in systems}
+        print("scaling 1 -> 2 workers: " + ", ".join(f"{p} {x:.2f}x" for p, x in scaling.items()))
     if args.recompute:
         print(f"coregpt bf16 2x1 --recompute over the fastest PyTorch bf16 recipe: "
               f"{med[best_bf16] / med[RECOMPUTE]:.2f}x; its step over coregpt's without it: "
@@ -295,9 +309,10 @@ def main():
     print("peak memory (PSS of the process and its children, shared memory once):")
     for name, peak in peaks.items():
         print(f"  {name:50} {peak:6.2f} GB")
-    eager = peaks["pytorch bf16 autocast, fused AdamW"]
-    print("peak over PyTorch bf16 autocast (eager)'s: "
-          + ", ".join(f"{name} {peaks[name] / eager:.2f}x" for name in systems if name in peaks and "bf16" in name))
+    precision, eager = ("fp32", "pytorch fp32, fused AdamW") if args.fp32_only else \
+        ("bf16", "pytorch bf16 autocast, fused AdamW")
+    print(f"peak over {eager} (eager)'s: " + ", ".join(
+        f"{name} {peaks[name] / peaks[eager]:.2f}x" for name in systems if name in peaks and precision in name))
 
 
 if __name__ == "__main__":
