@@ -144,26 +144,28 @@ def fp32_engine(request):
     gemm.install("numpy")  # other in-process tests expect the default
 
 
-@pytest.mark.parametrize("B, T, n_head, head_size, block", [
+ATTENTION_SHAPES = [
     (2, 32, 4, 16, 8),  # 4 x 4 blocks, the 6 above the diagonal skipped
     (1, 37, 2, 8, 8),  # T not a multiple of the block: a short last block
     (2, 24, 3, 8, 128),  # one block (the default size)
     (1, 50, 3, 8, 16),
-])
-def test_blocked_attention_matches_autograd(fp32_engine, B, T, n_head, head_size, block):
-    """trainer.attention against PyTorch's causal SDPA in float64 and its autograd:
-    the output, and the gradient of every q, k and v, across block boundaries."""
+]
+
+
+def check_attention(qkv, n_head, block):
+    """trainer.attention on qkv against PyTorch's causal SDPA in float64 and its
+    autograd: the output, the gradient of every q, k and v, and the sampler's cached
+    queries (half the positions, every key)."""
     from trainer.attention import attention_backward, attention_forward
-    C = n_head * head_size
-    rng = np.random.default_rng(T)
-    qkv = rng.normal(0, 1, (B, T, 3 * C)).astype(np.float32)
-    dout = rng.normal(0, 1, (B, T, C)).astype(np.float32)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    dout = np.random.default_rng(T).normal(0, 1, (B, T, C)).astype(np.float32)
     out, lse = np.zeros((B, T, C), np.float32), np.zeros((B, n_head, T), np.float32)
     attention_forward(out, lse, qkv, n_head, block=block)
     dqkv = np.zeros_like(qkv)
     attention_backward(dqkv, dout, qkv, out, lse, n_head, block=block)
     reference = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
-    q, k, v = (x.view(B, T, n_head, head_size).transpose(1, 2) for x in reference.split(C, dim=2))
+    q, k, v = (x.view(B, T, n_head, C // n_head).transpose(1, 2) for x in reference.split(C, dim=2))
     y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
     y.backward(torch.from_numpy(dout.astype(np.float64)))
     np.testing.assert_allclose(out, y.detach().numpy(), rtol=0, atol=2e-6)
@@ -173,3 +175,47 @@ def test_blocked_attention_matches_autograd(fp32_engine, B, T, n_head, head_size
     cached, cached_lse = np.zeros((B, T - start, C), np.float32), np.zeros((B, n_head, T - start), np.float32)
     attention_forward(cached, cached_lse, qkv, n_head, start=start, block=block)
     np.testing.assert_allclose(cached, out[:, start:], rtol=0, atol=1e-6)
+
+
+def random_qkv(B, T, n_head, head_size):
+    return np.random.default_rng(T).normal(0, 1, (B, T, 3 * n_head * head_size)).astype(np.float32)
+
+
+@pytest.mark.parametrize("B, T, n_head, head_size, block", ATTENTION_SHAPES)
+def test_blocked_attention_matches_autograd(fp32_engine, B, T, n_head, head_size, block):
+    """The forward's fast path (each query block shifted by its diagonal block's max)."""
+    check_attention(random_qkv(B, T, n_head, head_size), n_head, block)
+
+
+def count_online_blocks(monkeypatch):
+    """-> a list that grows by one per query block the online softmax runs."""
+    from trainer import attention
+    ran, online = [], attention.online_rows
+    monkeypatch.setattr(attention, "online_rows", lambda *args: ran.append(1) or online(*args))
+    return ran
+
+
+@pytest.mark.parametrize("B, T, n_head, head_size, block", ATTENTION_SHAPES)
+def test_attention_online_fallback_matches_autograd(fp32_engine, monkeypatch, B, T, n_head, head_size, block):
+    """The forward's exact fallback, forced on every query block (no sum is below 0)."""
+    from trainer import attention
+    monkeypatch.setattr(attention, "SUM_LIMIT", np.float32(0))
+    ran = count_online_blocks(monkeypatch)
+    check_attention(random_qkv(B, T, n_head, head_size), n_head, block)
+    assert len(ran) >= -(-T // block)
+
+
+def test_attention_with_a_key_far_above_the_diagonal(fp32_engine, monkeypatch):
+    """Key 0 scores ~200 above every later query's other keys: exp(score − the diagonal
+    block's max) overflows fp32, so those query blocks must fall back to the online
+    softmax (the fast path alone returns NaN)."""
+    B, T, n_head, head_size, block = 1, 32, 2, 8, 8
+    qkv = random_qkv(B, T, n_head, head_size)
+    C = n_head * head_size
+    direction = np.zeros(C, np.float32)
+    direction[::head_size] = 1  # the first channel of every head
+    qkv[:, :, :C] += 25 * direction  # every query
+    qkv[:, 0, C:2 * C] += 25 * direction  # key 0: q·k/√8 ≈ 625/2.8 ≈ 220
+    ran = count_online_blocks(monkeypatch)
+    check_attention(qkv, n_head, block)
+    assert len(ran) >= T // block - 1  # every query block past the first, at least once

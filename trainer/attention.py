@@ -1,7 +1,11 @@
 """Causal self-attention without the T x T matrix (FlashAttention-2's algorithm, in
-NumPy over the GEMM engine): queries and keys in blocks, an online softmax in fp32,
-and only the output and each row's logsumexp kept for the backward, which recomputes
-every block's scores.  Blocks above the diagonal are skipped.  All (batch, head)
+NumPy over the GEMM engine): queries and keys in blocks, the softmax in fp32, and
+only the output and each row's logsumexp kept for the backward, which recomputes
+every block's scores.  Blocks above the diagonal are skipped.  The forward shifts
+each query block by the max of its diagonal block, which it runs first, so every
+other block's probabilities come straight out of one fused matmul, with no running
+max and no rescaling; where that could overflow it reruns the block on the online
+softmax (shifted_rows, online_rows).  All (batch, head)
 pairs of a block go through one batched matmul (gemm.batched: one oneDNN primitive
 where oneDNN is loaded); in bf16 its inputs are bf16 copies (q, k, v, the
 probabilities, dO and dS) and it accumulates in fp32, like every other matmul.
@@ -122,8 +126,15 @@ def masked(bk, bq, q0, k0):
     return [] if mask is None else [("add", mask)]
 
 
+# shifted_rows' sums of exp(score − m) must stay below this, else its query block reruns
+# on the online softmax: far below fp32's overflow (3.4e38), so Σ p·v stays finite too
+# for any |v| < 1e19
+SUM_LIMIT = np.float32(2.0 ** 64)
+
+
 def attention_forward(out, lse, qkv, n_head, start=0, block=None, heads_of=None):
-    """qkv (B,T,3C) -> out (B,T−start,C), lse (B,NH,T−start) (NH: of heads_of)."""
+    """qkv (B,T,3C) -> out (B,T−start,C), lse (B,NH,T−start) (NH: of heads_of).
+    Each query block runs shifted_rows, and online_rows where that could overflow."""
     B, T, C3 = qkv.shape
     C, n, block = C3 // 3, T - start, block or block_size()
     hs = C // n_head
@@ -136,38 +147,89 @@ def attention_forward(out, lse, qkv, n_head, start=0, block=None, heads_of=None)
     for i0, q_t in zip(range(0, n, block), q_cols):
         i1 = min(i0 + block, n)
         bq = i1 - i0
-        m = scratch("m", (B, n_head, 1, bq))  # the running max of each query's scores
-        row = scratch("row", (B, n_head, 1, bq))
-        l = scratch("l", (B, n_head, 1, bq))  # the running Σ exp(score − m)
-        acc = scratch("acc", (B, n_head, bq, hs))  # the running Σ exp(score − m)·v
-        for j, j0 in enumerate(range(0, start + i1, block)):
-            bk = min(block, start + i1 - j0)  # a short last key block in the sampler's cache
-            k_j, v_j = k_rows[j][:, :, :bk], v_rows[j][:, :, :bk]
-            s = scratch("s", (B, n_head, bk, bq))  # keys x queries
-            gemm.batched(s, k_j, q_t, scale=scale, post=masked(bk, bq, start + i0, j0))
-            if j0 == 0:  # the first key block: a plain softmax's first half
-                np.max(s, axis=-2, keepdims=True, out=m)
-                s -= m
-                np.exp(s, out=s)
-                np.sum(s, axis=-2, keepdims=True, out=l)
-                gemm.batched(acc, low("p", s).swapaxes(-1, -2), v_j)
-                continue
-            np.max(s, axis=-2, keepdims=True, out=row)
-            np.maximum(row, m, out=row)  # the new running max
-            s -= row
-            np.exp(s, out=s)
-            np.subtract(m, row, out=m)
-            np.exp(m, out=m)  # exp(old max − new max): rescales what was summed so far
-            l *= m
-            acc *= m.swapaxes(-1, -2)
-            l += np.sum(s, axis=-2, keepdims=True, out=m)
-            gemm.batched(acc, low("p", s).swapaxes(-1, -2), v_j, accumulate=True)
-            m[...] = row
+        m = scratch("m", (B, n_head, 1, bq))  # each query's shift: its scores' max
+        l = scratch("l", (B, n_head, 1, bq))  # Σ exp(score − m)
+        acc = scratch("acc", (B, n_head, bq, hs))  # Σ exp(score − m)·v
+        # the keys these queries see, by block: (first position, keys, values); the
+        # last block is short in the sampler's cache
+        key_blocks = [(j0, k_rows[j][:, :, :start + i1 - j0], v_rows[j][:, :, :start + i1 - j0])
+                      for j, j0 in enumerate(range(0, start + i1, block))]
+        args = (m, l, acc, q_t, key_blocks, start + i0, scale)
+        if not shifted_rows(*args):
+            online_rows(*args)
         acc /= l.swapaxes(-1, -2)
         y[:, :, i0:i1] = acc
         np.log(l, out=l)
         l += m
         lse[:, :, i0:i1] = l[:, :, 0]
+
+
+def block_scores(q_t, k_j, q0, k0, scale):
+    """-> the scratch (B,NH,bk,bq) scores of keys k0… x queries q0…, scaled and masked."""
+    s = scratch("s", k_j.shape[:3] + q_t.shape[-1:])
+    gemm.batched(s, k_j, q_t, scale=scale, post=masked(s.shape[2], s.shape[3], q0, k0))
+    return s
+
+
+def softmax_start(m, l, acc, s, v_j):
+    """The first block of a plain softmax, m its scores' max: s = exp(s − m), l = Σ s, acc = sᵀv."""
+    s -= m
+    np.exp(s, out=s)
+    np.sum(s, axis=-2, keepdims=True, out=l)
+    gemm.batched(acc, low("p", s).swapaxes(-1, -2), v_j)
+
+
+def shifted_rows(m, l, acc, q_t, key_blocks, q0, scale):
+    """One query block, its last key block (the diagonal) first: that block's max m then
+    shifts every other block, whose probabilities exp(score − m) come straight out of
+    the scores' matmul (fused post-ops, written in bf16 where the engine can), with no
+    running max and no rescaling.  Exact while every Σ exp(score − m) stays finite, which
+    it checks -> False (m, l, acc undefined) where a query has no key in the last block
+    (the sampler's queries off the block grid) or a sum reached SUM_LIMIT (a score ~44
+    above the diagonal's max)."""
+    engine = gemm.engine()
+    k0, k_last, v_last = key_blocks[-1]
+    s = block_scores(q_t, k_last, q0, k0, scale)
+    np.max(s, axis=-2, keepdims=True, out=m)
+    if np.isneginf(m).any():
+        return False
+    softmax_start(m, l, acc, s, v_last)
+    if len(key_blocks) > 1:  # the others: whole blocks, every key before every query
+        bk = key_blocks[0][1].shape[2]
+        m_rows = along_keys("m rows", m, bk)
+        ones = scratch("ones", (1, 1, 1, bk), engine.low_dtype)
+        ones[...] = 1
+        p = scratch("p shifted", m_rows.shape, engine.low_dtype if engine.writes_low else np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # what the check below catches
+        for j0, k_j, v_j in key_blocks[:-1]:
+            gemm.batched(p, k_j, q_t, scale=scale, post=[("sub", m_rows), ("exp", None)])
+            p_low = p if engine.writes_low else low("p", p)
+            gemm.batched(acc, p_low.swapaxes(-1, -2), v_j, accumulate=True)
+            gemm.batched(l, ones, p_low, accumulate=True)  # l += Σ over keys of p as the matmul weighed it
+    return bool((l < SUM_LIMIT).all())  # also False for inf and NaN
+
+
+def online_rows(m, l, acc, q_t, key_blocks, q0, scale):
+    """One query block by the online softmax (FlashAttention-2's): key blocks in order,
+    a running max m, and what was summed rescaled whenever the max grows."""
+    row = scratch("row", m.shape)
+    for j0, k_j, v_j in key_blocks:
+        s = block_scores(q_t, k_j, q0, j0, scale)
+        if j0 == 0:
+            np.max(s, axis=-2, keepdims=True, out=m)
+            softmax_start(m, l, acc, s, v_j)
+            continue
+        np.max(s, axis=-2, keepdims=True, out=row)
+        np.maximum(row, m, out=row)  # the new running max
+        s -= row
+        np.exp(s, out=s)
+        np.subtract(m, row, out=m)
+        np.exp(m, out=m)  # exp(old max − new max): rescales what was summed so far
+        l *= m
+        acc *= m.swapaxes(-1, -2)
+        l += np.sum(s, axis=-2, keepdims=True, out=m)
+        gemm.batched(acc, low("p", s).swapaxes(-1, -2), v_j, accumulate=True)
+        m[...] = row
 
 
 def attention_backward(dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=None):
