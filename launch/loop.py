@@ -65,8 +65,11 @@ class StepLoop:
         s = self.s
         self.counts = {"updates": state.get("adam_steps", start), "skipped": state.get("skipped_nonfinite", 0)}
         step, self.began = start, time.perf_counter()
+        first = None  # each worker's layer seconds after the run's first step (profiling)
         for step in range(start + 1, s.steps + 1):
             self.train_step(step, start)
+            if s.profile and step == start + 1 < s.steps:
+                first = self.layer_seconds()
             last = step == s.steps
             if self.val_path and s.eval_every and (step % s.eval_every == 0 or last):
                 self.evaluate(step)
@@ -81,11 +84,21 @@ class StepLoop:
                     and self.group.is_root:
                 self.checkpoint(step)
         if s.profile and step > start:
-            layers = [r.layers for r in self.pool.request(msg.Profile())]
-            log("coregpt: time inside each worker by layer type (mean over workers)\n"
-                + layer_table(layers, step - start))
+            layers, steps, which = self.layer_seconds(), step - start, ""
+            if first is not None and step > start + 1:
+                # the first step's one-time costs (oneDNN building its primitives, pages
+                # touched the first time) would inflate a short run's table
+                layers = [{name: t - before[name] for name, t in mine.items()} for mine, before in zip(layers, first)]
+                steps = steps - 1
+                which = f", step {step}" if steps == 1 else f", steps {start + 2}-{step}"
+            log(f"coregpt: time inside each worker by layer type (mean over workers{which})\n"
+                + layer_table(layers, steps))
         if not s.no_checkpoint and step > start and self.group.is_root:
             log(f"coregpt: checkpoint {self.checkpoint(step)}")
+
+    def layer_seconds(self):
+        """-> each worker's seconds in each layer function so far (--profile)."""
+        return [r.layers for r in self.pool.request(msg.Profile())]
 
     def gradients(self, step):
         """Every micro-batch's Step round -> (mean loss, grad norm, phase seconds)."""
