@@ -3,14 +3,18 @@ same data and machine, interleaved in rounds (the machine is shared and noisy).
 
     git worktree add /tmp/before <commit>
     python bench/before_after.py --before /tmp/before [--batch-size 2 --seq-len 1024]
+    python bench/before_after.py --before . --before-flags="--gemm numpy" --after-flags="--gemm onednn"
 
 Each round runs, per precision, this checkout and the other one in turn (the
 order alternates between rounds), each in its own process: GPT-2 124M (--model),
 2 workers x 1 thread.  Prints every raw step time after the warm-up steps, each
 side's median, after/before, and each side's peak memory (PSS of the coordinator
-and its workers, shared memory once) from a separate untimed run."""
+and its workers, shared memory once) from a separate untimed run.  --before-flags
+and --after-flags add `launch train` flags to one side: with --before . they
+compare two settings of this checkout."""
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -36,7 +40,10 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed steps per process, after warm-up")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--before-flags", default="", help="extra `launch train` flags of the before side")
+    p.add_argument("--after-flags", default="", help="extra `launch train` flags of the after side")
     args = p.parse_args()
+    extra = {"after": shlex.split(args.after_flags), "before": shlex.split(args.before_flags)}
     B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
     sides = {"after": REPO, "before": os.path.abspath(args.before)}
     precisions = args.precision.split(",")
@@ -48,20 +55,21 @@ def main():
         for r in range(args.rounds):
             for prec in precisions:
                 for side in (["after", "before"] if r % 2 == 0 else ["before", "after"]):
-                    times = coregpt_step_times(args.model, B, T, n, args.workers, data, ["--precision", prec],
-                                               repo=sides[side]).times
+                    times = coregpt_step_times(args.model, B, T, n, args.workers, data,
+                                               ["--precision", prec] + extra[side], repo=sides[side]).times
                     raw[side, prec].append(times[args.warmup:])
                     print(f"round {r + 1}: {side} {prec}: " + " ".join(f"{t:.3f}" for t in times[args.warmup:]),
                           file=sys.stderr, flush=True)
-        peaks = {(side, prec): coregpt_step_times(args.model, B, T, 3, args.workers, data, ["--precision", prec],
-                                                  watch_memory=True, repo=sides[side]).peak
+        peaks = {(side, prec): coregpt_step_times(args.model, B, T, 3, args.workers, data,
+                                                  ["--precision", prec] + extra[side], watch_memory=True,
+                                                  repo=sides[side]).peak
                  for side in sides for prec in precisions}
     print(f"{args.model}, B={B}, T={T}, {args.workers} workers x 1 thread; median of {args.rounds} rounds x "
           f"{args.steps} steps after {args.warmup} warm-up")
     for prec in precisions:
         med = {side: statistics.median(t for times in raw[side, prec] for t in times) for side in sides}
         for side in sides:
-            print(f"{prec} {side:>6}: {med[side]:.3f} s/step, peak {peaks[side, prec]:.2f} GB | raw "
+            print(f"{prec} {side:>6}{' ' + ' '.join(extra[side]) if extra[side] else ''}: {med[side]:.3f} s/step, peak {peaks[side, prec]:.2f} GB | raw "
                   + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in raw[side, prec]))
         print(f"{prec} after/before: {med['after'] / med['before']:.3f} s/step, "
               f"{peaks['after', prec] / peaks['before', prec]:.3f} peak")

@@ -183,10 +183,10 @@ def shifted_rows(m, l, acc, q_t, key_blocks, q0, scale):
     """One query block, its last key block (the diagonal) first: that block's max m then
     shifts every other block, whose probabilities exp(score − m) come straight out of
     the scores' matmul (fused post-ops, written in bf16 where the engine can), with no
-    running max and no rescaling.  Exact while every Σ exp(score − m) stays finite, which
-    it checks -> False (m, l, acc undefined) where a query has no key in the last block
-    (the sampler's queries off the block grid) or a sum reached SUM_LIMIT (a score ~44
-    above the diagonal's max)."""
+    running max and no rescaling: the same softmax while every Σ exp(score − m) stays
+    below SUM_LIMIT, which it checks -> False (m, l, acc undefined) where a query has no
+    key in the last block (the sampler's queries off the block grid) or a sum reached
+    SUM_LIMIT (a score ~44 above the diagonal's max)."""
     engine = gemm.engine()
     k0, k_last, v_last = key_blocks[-1]
     s = block_scores(q_t, k_last, q0, k0, scale)
