@@ -85,7 +85,7 @@ class StepLoop:
                 self.checkpoint(step)
         if s.profile and step > start:
             layers, steps, which = self.layer_seconds(), step - start, ""
-            if first is not None and step > start + 1:
+            if first is not None:  # taken after the first of several steps, all of which ran
                 # the first step's one-time costs (oneDNN building its primitives, pages
                 # touched the first time) would inflate a short run's table
                 layers = [{name: t - before[name] for name, t in mine.items()} for mine, before in zip(layers, first)]
