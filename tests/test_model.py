@@ -159,7 +159,7 @@ def check_attention(qkv, n_head, block):
     from trainer.attention import attention_backward, attention_forward
     B, T, C3 = qkv.shape
     C = C3 // 3
-    dout = np.random.default_rng(T).normal(0, 1, (B, T, C)).astype(np.float32)
+    dout = np.random.default_rng((T, 1)).normal(0, 1, (B, T, C)).astype(np.float32)  # apart from random_qkv's
     out, lse = np.zeros((B, T, C), np.float32), np.zeros((B, n_head, T), np.float32)
     attention_forward(out, lse, qkv, n_head, block=block)
     dqkv = np.zeros_like(qkv)
