@@ -69,7 +69,8 @@ def main():
     for prec in precisions:
         med = {side: statistics.median(t for times in raw[side, prec] for t in times) for side in sides}
         for side in sides:
-            print(f"{prec} {side:>6}{' ' + ' '.join(extra[side]) if extra[side] else ''}: {med[side]:.3f} s/step, peak {peaks[side, prec]:.2f} GB | raw "
+            label = " ".join([f"{side:>6}"] + extra[side])
+            print(f"{prec} {label}: {med[side]:.3f} s/step, peak {peaks[side, prec]:.2f} GB | raw "
                   + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in raw[side, prec]))
         print(f"{prec} after/before: {med['after'] / med['before']:.3f} s/step, "
               f"{peaks['after', prec] / peaks['before', prec]:.3f} peak")

@@ -252,7 +252,8 @@ def main():
     ap.add_argument("--two-workers-only", action="store_true", help="leave out coregpt's 1-worker systems")
     ap.add_argument("--bf16-only", action="store_true", help="leave out the fp32 systems (slow at T=1024)")
     ap.add_argument("--fp32-only", action="store_true",
-                    help="leave out the bf16 systems (CPUs without bf16 units, where PyTorch's autocast takes minutes a step)")
+                    help="leave out the bf16 systems (CPUs without bf16 units, where PyTorch's autocast "
+                         "takes minutes a step)")
     ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt (after --)")
     ap.add_argument("--torch-only", metavar="RECIPE", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -265,11 +266,11 @@ def main():
     if args.torch_only:
         print(json.dumps(torch_step_times(args.model, B, T, n, 2, tokens, **TORCH_RECIPES[args.torch_only])))
         return
+    precisions = {"fp32"} if args.fp32_only else {"bf16"} if args.bf16_only else {"bf16", "fp32"}
     recipes = [r for r in TORCH_RECIPES if (args.compile or not TORCH_RECIPES[r]["compile"])
-               and (not TORCH_RECIPES[r]["bf16"] if args.fp32_only else TORCH_RECIPES[r]["bf16"] or not args.bf16_only)]
+               and ("bf16" if TORCH_RECIPES[r]["bf16"] else "fp32") in precisions]
     systems = {name: (workers, flags) for name, (workers, flags) in COREGPT.items()
-               if (workers == 2 or not args.two_workers_only)
-               and ("bf16" not in flags if args.fp32_only else "bf16" in flags or not args.bf16_only)}
+               if (workers == 2 or not args.two_workers_only) and flags[1] in precisions}
     if args.recompute:
         systems[RECOMPUTE] = (2, ["--precision", "bf16", "--recompute"])
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
@@ -290,11 +291,11 @@ def main():
     print(f"{args.model}, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; PyTorch with 2 threads")
     print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
     med = medians(raw, B * T)
-    if not args.fp32_only:
+    if "bf16" in precisions:
         best_bf16 = min((n for n in recipes if TORCH_RECIPES[n]["bf16"]), key=med.get)
         c16 = med["coregpt bf16, 2 workers x 1 thread"]
         print(f"coregpt bf16 2x1 over the fastest PyTorch bf16 recipe ({best_bf16}): {med[best_bf16] / c16:.2f}x")
-    if not args.bf16_only:
+    if "fp32" in precisions:
         best_fp32 = min((n for n in recipes if not TORCH_RECIPES[n]["bf16"]), key=med.get)
         c32 = med["coregpt fp32, 2 workers x 1 thread"]
         print(f"coregpt fp32 2x1 over the fastest PyTorch fp32 recipe ({best_fp32}): {med[best_fp32] / c32:.2f}x")
