@@ -206,7 +206,7 @@ def run_pool(run, group):
                               val=run.val_path, optim=dict(kind=s.optim, beta1=s.beta1, beta2=s.beta2,
                                                            eps=s.eps, weight_decay=s.weight_decay),
                               engine=run.engine, strategy=run.strategy, profile=s.profile,
-                              recompute=s.recompute, lora=lora,
+                              recompute=s.recompute, lora=lora, accumulating=s.grad_accum > 1,
                               first_row=group.rank * (s.batch_size // group.size), cores=cores)
             log(f"coregpt: matmuls: {run.engine_text}; workers' BLAS: {pool.blas or 'none found'}")
             arrays = pool.trained(), pool.optimizer_views()

@@ -120,6 +120,27 @@ def test_same_seed_same_workers_is_bitwise_identical(case, runs, parallel):
     assert again == runs[parallel, 2, False][0]
 
 
+@pytest.mark.parametrize("workers", [2, 4])
+def test_data_staged_gradients_equal_whole_buffers(case, runs, workers, monkeypatch):
+    """With one room for the layers' buckets (COREGPT_GRAD_RING=1) the data strategy's
+    other workers stage their gradients, each layer waiting until the one before has
+    been reduced by all; the tiny model's default ring would not save anything, so
+    the runs above keep whole buffers.  Same sums in the same order: bitwise the same
+    losses and weights, and so also PyTorch's."""
+    from trainer.params import GPTConfig
+    from workers.data_parallel import other_buffer_size
+    cfg = GPTConfig(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"], block_size=TINY["n_ctx"])
+    whole = other_buffer_size(cfg, None, False)
+    monkeypatch.setenv("COREGPT_GRAD_RING", "1")
+    assert other_buffer_size(cfg, None, False) < whole
+    staged = train_tiny(case[0], workers, f"data{workers}-staged", "--parallel", "data",
+                        *(["--oversubscribe"] if workers > 2 else []), env=dict(SMALL_CHUNKS, COREGPT_GRAD_RING="1"))
+    assert staged[0] == runs["data", workers, False][0]
+    for name, value in runs["data", workers, False][1].items():
+        np.testing.assert_array_equal(staged[1][name], value, err_msg=name)
+    check_against_pytorch(staged, case[1:])
+
+
 @pytest.fixture(scope="module")
 def long_case(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity512")

@@ -66,6 +66,17 @@ def test_pool_gradients_match_autograd(reference, parallel, workers, recompute, 
     check(grads, sumsq, expected)
 
 
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_data_staged_gradients_match_autograd(reference, workers, monkeypatch):
+    """The other workers' gradient buffers staged, with one room for the layers'
+    buckets (each waits for the one before to be reduced by every worker)."""
+    monkeypatch.setenv("COREGPT_HEAD_ROWS", "40")
+    monkeypatch.setenv("COREGPT_GRAD_RING", "1")  # read where the arenas are sized and in the workers
+    path, state, expected, _ = reference
+    grads, sumsq = pool_gradients(path, state, "data", workers)
+    check(grads, sumsq, expected)
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("rows, workers", [(1, 2), (3, 2), (1, 4), (6, 4)])
 def test_hybrid_splits_a_batch_the_workers_do_not_divide(reference, rows, workers, recompute, monkeypatch):

@@ -77,23 +77,25 @@ class PipeBarrier:
 
 class PipeProgress:
     """The same pipes used as counters: a worker announces each gradient bucket it
-    has finished with one byte to every peer; `finished()` is the number of buckets
-    every peer has finished.  (Data parallelism uses this, never the barrier.)"""
+    has finished with one byte to every peer, and (when buffers are staged) each
+    bucket it has reduced with another; `finished()` and `reduced()` are the numbers
+    every peer has announced.  (Data parallelism uses this, never the barrier.)"""
+    FINISHED, REDUCED = 1, 2  # the bytes
 
     def __init__(self, ends):
         self.read, self.write = ends["read"], ends["write"]
         for fd in self.read:
             os.set_blocking(fd, False)
-        self.seen = [0] * len(self.read)
+        self.seen = [[0, 0] for _ in self.read]  # per peer: finished, reduced
 
-    def announce(self):
+    def announce(self, reduced=False):
         try:
             for fd in self.write:
-                os.write(fd, b"\1")
+                os.write(fd, bytes([self.REDUCED if reduced else self.FINISHED]))
         except BrokenPipeError:  # the reader is dead
             raise PeerGone("another worker of this pool is gone") from None
 
-    def finished(self):
+    def counts(self, kind):
         for i, fd in enumerate(self.read):
             while True:
                 try:
@@ -102,8 +104,15 @@ class PipeProgress:
                     break
                 if not got:
                     raise PeerGone("another worker of this pool is gone")
-                self.seen[i] += len(got)
-        return min(self.seen, default=1 << 62)
+                self.seen[i][0] += got.count(self.FINISHED)
+                self.seen[i][1] += got.count(self.REDUCED)
+        return min((seen[kind] for seen in self.seen), default=1 << 62)
+
+    def finished(self):
+        return self.counts(0)
+
+    def reduced(self):
+        return self.counts(1)
 
     def wait(self):
         """Sleep until some peer announces something."""

@@ -1,14 +1,18 @@
 """Data parallelism: each worker runs the whole model on its own rows, with its
 activations in private memory and no barriers, and computes every gradient of its
 rows into its own buffer; the W buffers are summed by a reduce-scatter in
-shared memory (reduce.py) that overlaps the rest of the backward.
+shared memory (reduce.py) that overlaps the rest of the backward.  Buffer 0 is
+the pool's gradient; the others hold a few buckets at a time (reduce.staging),
+except with gradient accumulation, where each keeps its sum over micro-batches.
 """
+import numpy as np
+
 from trainer.activations import activation_layout, low_layout
 from trainer.gpt import weight_tasks
 from trainer.lora import trainable_layout
 from workers.barrier import PipeProgress
 from workers.messages import StepReport
-from workers.reduce import ReduceScatter, bucket_ranges
+from workers.reduce import ReduceScatter, bucket_ranges, ring_waits, staging
 from workers.shm import SharedArena
 from workers.strategy import Stopwatch, Strategy
 
@@ -25,14 +29,41 @@ def buckets_of(tasks):
     return [layers[l] for l in sorted(layers, reverse=True)] + ([embedding] if embedding else [])
 
 
+def gradient_buckets(cfg, lora):
+    """-> (the trainable layout, its reduction buckets (buckets_of), their ranges, the
+    indices of those written before the backward starts: the embedding's, by the lm head)."""
+    layout, buckets = trainable_layout(cfg, lora), buckets_of(weight_tasks(cfg, lora=lora))
+    early = [j for j, tasks in enumerate(buckets) if tasks and tasks[0].layer is None]
+    return layout, buckets, bucket_ranges(layout, buckets), early
+
+
+def other_buffer_size(cfg, lora, accumulating):
+    """Floats of the gradient buffer of each worker but the first: staged, when that
+    is smaller and no micro-batches add up."""
+    layout, _, ranges, early = gradient_buckets(cfg, lora)
+    return layout.size if accumulating else min(layout.size, staging(ranges, early)[1])
+
+
+def staged_views(layout, buffer, placement):
+    """name -> the view of its gradient in a staged buffer (staging's placement)."""
+    views = {}
+    for segments in placement:
+        for start, end, at in segments:
+            for name, offset in layout.offsets.items():
+                if start <= offset < end:
+                    shape = layout.shapes[name]
+                    views[name] = buffer[at + offset - start:][:int(np.prod(shape))].reshape(shape)
+    return views
+
+
 class DataParallel(Strategy):
     name = "data"
     summary = "each worker its own rows, gradients reduce-scattered"
 
     @staticmethod
-    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
-        trained = trainable_layout(cfg, lora).size  # buffer 0, the pool's gradients, receives the sum
-        return [(f"gradients of worker {r}", trained, "float32") for r in range(1, n_workers)]
+    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None, accumulating=False):
+        size = other_buffer_size(cfg, lora, accumulating)  # buffer 0, the pool's gradients, receives the sum
+        return [(f"gradients of worker {r}", size, "float32") for r in range(1, n_workers)]
 
     @staticmethod
     def private_bytes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
@@ -43,15 +74,18 @@ class DataParallel(Strategy):
     def __init__(self, worker):
         super().__init__(worker)
         w = worker
-        self.buffers = [w.grads] + [SharedArena.attach(w.arena_names[f"gradients of worker {r}"], w.trainable.size)
-                                    for r in range(1, w.n_workers)]
-        self.grads = w.trainable.views(self.buffers[w.rank].array)
+        others = [f"gradients of worker {r}" for r in range(1, w.n_workers)]
+        self.buffers = [w.grads] + [SharedArena.attach(w.arena_names[o], w.elements[o]) for o in others]
+        layout, self.buckets, ranges, early = gradient_buckets(w.cfg, w.lora)
+        placement = staging(ranges, early)[0]  # the arena's size says whether buffers are staged
+        placements = [None] + [None if w.elements[o] == layout.size else placement for o in others]
+        mine = self.buffers[w.rank].array
+        self.grads = layout.views(mine) if placements[w.rank] is None else staged_views(layout, mine, placement)
         self.own_rows = w.pool_rows // w.n_workers  # the batch divides (config.check)
         self.model = self.make_model(self.own_rows, self.grads)  # its own rows, private
-        self.buckets = buckets_of(weight_tasks(w.cfg, lora=w.lora))  # (with LoRA, no embedding bucket)
         self.bucket_of_layer = {tasks[0].layer: tasks for tasks in self.buckets if tasks}
-        self.reducer = ReduceScatter([b.array for b in self.buffers], w.rank,
-                                     bucket_ranges(w.trainable, self.buckets), PipeProgress(w.barrier_ends))
+        self.reducer = ReduceScatter([b.array for b in self.buffers], placements, w.rank, ranges,
+                                     ring_waits(len(ranges), early), PipeProgress(w.barrier_ends))
 
     def rows(self):
         w = self.worker
@@ -64,6 +98,8 @@ class DataParallel(Strategy):
         forward_s = clock.lap()
         reduce0 = self.reducer.seconds
         def run(tasks):
+            if last:
+                self.reducer.make_room()  # in a staged buffer, a room another bucket may still be in
             for task in tasks:
                 self.weight_task(task, self.grads, accumulate)
             if last:

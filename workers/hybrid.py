@@ -72,7 +72,7 @@ class Hybrid(Strategy):
         return 1  # token rows, and attention's (row, head) pairs: a batch of 1 splits too
 
     @staticmethod
-    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
+    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None, accumulating=False):
         shape = (cfg, pool_rows, seq_len, True)
         sizes = [("activations", activation_layout(*shape, engine.low, recompute, n_workers, lora).size, "float32")]
         if engine.low:

@@ -52,7 +52,8 @@ def optimizer_arenas(layout, optim):
     return [("Adam m", layout.size, "float32"), ("Adam v", layout.size, "float32")]
 
 
-def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False, optim="adamw", lora=None):
+def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False, optim="adamw", lora=None,
+                accumulating=False):
     """[(what, elements, dtype)] of a pool's shared arenas, in creation order: what
     every pool has (parameters; with LoRA the adapters; the optimizer's state and the
     gradients AdamW reads, of what trains; with bf16 matmuls the bf16 copies of the
@@ -66,17 +67,19 @@ def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=
         sizes.append(("bf16 weights", param_layout(cfg).size, engine.low_dtype))
         if lora is not None:
             sizes.append(("bf16 adapters", trainable.size, engine.low_dtype))
-    return sizes + strategy.arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute, lora)
+    return sizes + strategy.arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute, lora, accumulating)
 
 
 class WorkerPool:
     def __init__(self, cfg, n_workers, threads, *, pool_rows, seq_len, batch_rows, train, val, optim,
-                 engine, strategy, profile=False, recompute=False, first_row=0, cores=None, lora=None):
+                 engine, strategy, profile=False, recompute=False, first_row=0, cores=None, lora=None,
+                 accumulating=False):
         """pool_rows: batch rows of the pool, rows first_row… of each batch (first_row > 0
         for the pools of later MPI ranks), shared by the workers as `strategy` says; engine:
         the trainer.gemm.Engine chosen for the run; strategy: a workers.strategy class;
         cores: the logical CPUs of each worker (None: not pinned); lora: a
-        trainer.lora.Lora, or None for full fine-tuning."""
+        trainer.lora.Lora, or None for full fine-tuning; accumulating: steps of several
+        micro-batches."""
         self.n, self.lora = n_workers, lora
         self.layout = param_layout(cfg)  # of the model's parameters
         self.base = base_layout(cfg, lora, engine.low)  # ... held in fp32 (params)
@@ -84,7 +87,7 @@ class WorkerPool:
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
             sizes = arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute,
-                                optim["kind"], lora)
+                                optim["kind"], lora, accumulating)
             for _, size, dtype in sizes:  # one by one, so close() frees any made
                 self.arenas.append(SharedArena.create(size, dtype))
             # workers find each arena by what arena_sizes calls it

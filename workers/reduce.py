@@ -7,15 +7,26 @@ buckets in the order the weight gradients are computed: layer L−1 … 0, each 
 its backward ends, then the tied embedding with wpe and ln_f.  Worker r reduces
 slice r of every bucket as soon as every worker has announced that bucket, so the
 work is even and reducing one bucket overlaps computing the next.
+
+Only buffer 0 needs the whole gradient.  The other workers' buffers are staged
+(ZeRO-2's buckets): the embedding's bucket, which the lm head writes before the
+backward starts, has its own room, and the layers' buckets take turns in RING
+rooms the size of the largest; a worker waits to write a bucket until every
+worker has reduced the one that used its room before (in a step, RING buckets
+earlier).  The sums, and their order, are the same as with whole buffers.
 """
 import time
 
 import numpy as np
 
+from trainer.errors import knob
 from trainer.optim import sum_squares
 from trainer.params import ALIGN
 
 REDUCE_BLOCK = 1 << 18  # floats summed (and squared) per pass: 1 MB a buffer, fewer NumPy calls
+# rooms a staged buffer has for the layers' buckets: one being reduced, one being
+# written, one of slack for a worker that runs ahead (COREGPT_GRAD_RING: tests shrink it)
+RING = 3
 
 
 def bucket_ranges(layout, buckets):
@@ -38,6 +49,42 @@ def bucket_ranges(layout, buckets):
     return ranges
 
 
+def staging(ranges, own_room):
+    """Where a staged buffer keeps each bucket (see above): the buckets in own_room
+    (indices) a room each, the others RING rooms in turn.  -> (per bucket
+    [(start, end, at)]: the layout's floats start…end of each segment are the staged
+    buffer's from `at`, ALIGN-aligned; the staged buffer's size)."""
+    ring = knob("COREGPT_GRAD_RING", RING)
+
+    def packed(segments, at):
+        placed = []
+        for start, end in segments:
+            placed.append((start, end, at))
+            at += -(-(end - start) // ALIGN) * ALIGN
+        return placed, at
+
+    at, home = 0, {}
+    for j in own_room:
+        home[j] = at
+        at = packed(ranges[j], at)[1]
+    turns = [j for j in range(len(ranges)) if j not in own_room]
+    room = max((packed(ranges[j], 0)[1] for j in turns), default=0)
+    for k, j in enumerate(turns):
+        home[j] = at + k % ring * room
+    return [packed(segments, home[j])[0] for j, segments in enumerate(ranges)], at + min(ring, len(turns)) * room
+
+
+def ring_waits(n_buckets, own_room):
+    """Per bucket of a step: the bucket that used its room last (see staging), which
+    every worker must have reduced before it is written, or None."""
+    ring = knob("COREGPT_GRAD_RING", RING)
+    turns = [j for j in range(n_buckets) if j not in own_room]
+    waits = [None] * n_buckets
+    for k, j in enumerate(turns[ring:]):
+        waits[j] = turns[k]
+    return waits
+
+
 def slice_of(segments, part, n_parts):
     """Part `part` of n_parts nearly equal, ALIGN-aligned slices of a bucket's segments."""
     total = sum(e - s for s, e in segments)
@@ -52,15 +99,46 @@ def slice_of(segments, part, n_parts):
     return out
 
 
-class ReduceScatter:
-    """One worker's side: `bucket_done()` after each bucket of its own gradients,
-    `finish()` once its backward is over."""
+def located(buffer, placement, bucket, start, end):
+    """The floats start…end of the layout (within one of the bucket's segments) in a
+    buffer: whole (placement None) or staged (staging's placement)."""
+    if placement is None:
+        return buffer[start:end]
+    for first, last, at in placement[bucket]:
+        if first <= start and end <= last:
+            return buffer[at + start - first:at + end - first]
+    raise ValueError(f"floats {start}…{end} are not in bucket {bucket}")
 
-    def __init__(self, buffers, part, ranges, progress):
-        self.buffers, self.progress = buffers, progress
-        self.ranges = [slice_of(bucket, part, len(buffers)) for bucket in ranges]
+
+class ReduceScatter:
+    """One worker's side: `make_room()` before writing each bucket of its own
+    gradients, `bucket_done()` after it, `finish()` once its backward is over.
+    buffers: every worker's gradient buffer; placements: for each, None (whole, as
+    buffer 0 always is) or its staging() placement; waits: ring_waits()."""
+
+    def __init__(self, buffers, placements, part, ranges, waits, progress):
+        self.progress, self.waits, self.n_buckets = progress, waits, len(ranges)
+        self.staged = placements[part] is not None  # this worker's own buffer
+        self.tell_reduced = any(p is not None for p in placements)  # someone waits for rooms
+        # per bucket: (the sum's view in buffer 0, [every other buffer's view]) of each piece of slice `part`
+        self.pieces = [[(located(buffers[0], placements[0], j, a, b),
+                         [located(buffer, placement, j, a, b) for buffer, placement in zip(buffers[1:], placements[1:])])
+                        for a, b in slice_of(bucket, part, len(buffers))]
+                       for j, bucket in enumerate(ranges)]
         self.mine = self.reduced = 0  # buckets announced, reduced (counting over steps)
         self.sumsq, self.seconds = 0.0, 0.0
+
+    def make_room(self):
+        """Before writing the next bucket into a staged buffer: wait until every worker
+        has reduced the bucket that used its room before (reducing meanwhile)."""
+        j = self.mine % self.n_buckets
+        if not self.staged or self.waits[j] is None:
+            return
+        need = self.mine - j + self.waits[j] + 1  # reduced counts that include that bucket
+        self.reduce_ready()
+        while min(self.reduced, self.progress.reduced()) < need:
+            self.progress.wait()
+            self.reduce_ready()
 
     def bucket_done(self):
         self.progress.announce()
@@ -71,9 +149,11 @@ class ReduceScatter:
         ready = min(self.mine, self.progress.finished())
         while self.reduced < ready:
             t0 = time.perf_counter()
-            self.reduce(self.ranges[self.reduced % len(self.ranges)])
+            self.reduce(self.pieces[self.reduced % self.n_buckets])
             self.seconds += time.perf_counter() - t0
             self.reduced += 1
+            if self.tell_reduced:
+                self.progress.announce(reduced=True)
 
     def finish(self):
         """Reduce what is left, waiting for slower peers -> Σ g² of the slices it summed.
@@ -85,11 +165,10 @@ class ReduceScatter:
         sumsq, self.sumsq = self.sumsq, 0.0
         return sumsq
 
-    def reduce(self, segments):
-        total, others = self.buffers[0], self.buffers[1:]
-        for start, end in segments:
-            for s in range(start, end, REDUCE_BLOCK):
-                block = total[s:min(s + REDUCE_BLOCK, end)]
+    def reduce(self, pieces):
+        for total, others in pieces:
+            for s in range(0, total.size, REDUCE_BLOCK):
+                block = total[s:s + REDUCE_BLOCK]
                 for other in others:  # 0 + 1 + … + W−1, always in this order
                     block += other[s:s + block.size]
                 self.sumsq += sum_squares(block)  # while the block is in cache

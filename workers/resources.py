@@ -64,7 +64,8 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     workers, lora = s.workers, lora_of(s)
     pool_rows = s.batch_size // ranks
     arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
-              arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute, s.optim, lora)]
+              arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute, s.optim, lora,
+                          s.grad_accum > 1)]
     layout = param_layout(cfg)
     params = trainable_layout(cfg, lora).size  # what gradients, Adam and checkpoints hold
     # each worker's own buffers: the rows every layernorm weight gradient normalises

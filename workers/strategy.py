@@ -33,8 +33,9 @@ class Strategy:
         return n_workers
 
     @staticmethod
-    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
-        """[(what, elements, dtype)] of the shared arenas it adds."""
+    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None, accumulating=False):
+        """[(what, elements, dtype)] of the shared arenas it adds (accumulating: with
+        gradient accumulation)."""
         return []
 
     @staticmethod
