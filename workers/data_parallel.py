@@ -92,7 +92,7 @@ class DataParallel(Strategy):
         return self.own_rows, w.first_row + w.rank * self.own_rows
 
     def step(self, window, scale, accumulate, last):
-        clock = Stopwatch(lambda: 0.0, self.worker.engine)
+        clock = Stopwatch(lambda: self.reducer.waited, self.worker.engine)
         self.load(self.worker.train, window)
         loss = self.model.forward(scale, self.written(self.grads, accumulate))
         forward_s = clock.lap()

@@ -127,6 +127,7 @@ class ReduceScatter:
                        for j, bucket in enumerate(ranges)]
         self.mine = self.reduced = 0  # buckets announced, reduced (counting over steps)
         self.sumsq, self.seconds = 0.0, 0.0
+        self.waited = 0.0  # seconds make_room slept, over all steps (the profile's waiting)
 
     def make_room(self):
         """Before writing the next bucket into a staged buffer: wait until every worker
@@ -137,7 +138,9 @@ class ReduceScatter:
         need = self.mine - j + self.waits[j] + 1  # reduced counts that include that bucket
         self.reduce_ready()
         while min(self.reduced, self.progress.reduced()) < need:
+            t0 = time.perf_counter()
             self.progress.wait()
+            self.waited += time.perf_counter() - t0
             self.reduce_ready()
 
     def bucket_done(self):
