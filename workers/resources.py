@@ -61,6 +61,7 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     from trainer.lora import lora_of, trainable_layout
     from trainer.params import param_layout
     from workers.pool import arena_sizes
+    from workers.strategy import scratch_layout
     workers, lora = s.workers, lora_of(s)
     pool_rows = s.batch_size // ranks
     arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
@@ -70,8 +71,10 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     params = trainable_layout(cfg, lora).size  # what gradients, Adam and checkpoints hold
     # each worker's own buffers: the rows every layernorm weight gradient normalises
     # (N x C), bf16's one-layer fp32 rows, attention's blocks, NumPy's temporaries:
-    # 8 floats per row and channel of the pool holds the measured peaks (README)
-    private = 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + (4 * params if s.grad_accum > 1 else 0)
+    # 8 floats per row and channel of the pool holds the measured peaks (README);
+    # with gradient accumulation also a micro-batch's gradient scratch
+    scratch = scratch_layout(trainable_layout(cfg, lora)).size if s.grad_accum > 1 else 0
+    private = 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + 4 * scratch
     private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers, s.recompute, lora)
     if lora and lora.dropout:  # a worker's masks and dropped inputs (trainer/gpt.py's buffers)
         private += 4 * 4 * pool_rows * s.seq_len * 4 * cfg.n_embd

@@ -19,9 +19,31 @@ Register a new one in workers/strategies.py.
 """
 import time
 
+import numpy as np
+
 from trainer.data import window_start
 from trainer.gpt import GPT
 from trainer.optim import sum_squares
+from trainer.params import Layout
+
+
+def scratch_layout(layout):
+    """The layout of a micro-batch's private gradient scratch (gradient accumulation):
+    the tensors outside the blocks each their own room (the lm head writes wte's in the
+    forward, long before its task adds it), and one block's room for the tensors of
+    every block ("h.{l}.…" seen as "block.…"), since weight_task adds a task's
+    gradients to the step's as soon as it has written them."""
+    block = [("block." + name.split(".", 2)[2], shape) for name, shape in layout.shapes.items()
+             if name.startswith("h.0.")]
+    return Layout([(name, shape) for name, shape in layout.shapes.items() if not name.startswith("h.")] + block)
+
+
+def scratch_views(layout):
+    """A zeroed scratch (scratch_layout) -> {name of layout: its view}."""
+    room = scratch_layout(layout)
+    views = room.views(np.zeros(room.size, dtype=np.float32))
+    return {name: views["block." + name.split(".", 2)[2] if name.startswith("h.") else name]
+            for name in layout.shapes}
 
 
 class Strategy:
@@ -73,9 +95,9 @@ class Strategy:
     def written(self, grads, accumulate):
         """Where a micro-batch's weight gradients go: the gradient views `grads` for the
         first micro-batch of a step; for later ones (gradient accumulation) a private
-        scratch, added to grads by weight_task."""
+        scratch (scratch_layout), added to grads by weight_task."""
         if accumulate and self.scratch is None:
-            self.scratch = self.worker.trainable.allocate()[1]
+            self.scratch = scratch_views(self.worker.trainable)
         return self.scratch if accumulate else grads
 
     def weight_task(self, task, grads, accumulate):
