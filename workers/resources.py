@@ -68,12 +68,13 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
               arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute, s.optim, lora,
                           s.grad_accum > 1)]
     layout = param_layout(cfg)
-    params = trainable_layout(cfg, lora).size  # what gradients, Adam and checkpoints hold
+    trained = trainable_layout(cfg, lora)
+    params = trained.size  # what gradients, Adam and checkpoints hold
     # each worker's own buffers: the rows every layernorm weight gradient normalises
     # (N x C), bf16's one-layer fp32 rows, attention's blocks, NumPy's temporaries:
     # 8 floats per row and channel of the pool holds the measured peaks (README);
     # with gradient accumulation also a micro-batch's gradient scratch
-    scratch = scratch_layout(trainable_layout(cfg, lora)).size if s.grad_accum > 1 else 0
+    scratch = scratch_layout(trained).size if s.grad_accum > 1 else 0
     private = 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + 4 * scratch
     private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers, s.recompute, lora)
     if lora and lora.dropout:  # a worker's masks and dropped inputs (trainer/gpt.py's buffers)
