@@ -133,13 +133,20 @@ def test_signal_checkpoints_the_step_in_flight(tmp_path, tiny, sig, code):
     assert first_step.split("|")[0].split() == ["step", f"{k + 1}/{k + 2}"]
 
 
-@pytest.mark.parametrize("parallel, recompute", [("hybrid", None), ("data", None), ("hybrid", True),
-                                                  ("data", True)])
-def test_grad_accum_equals_larger_batch(tmp_path, tiny, parallel, recompute):
+@pytest.mark.parametrize("parallel, recompute, ring", [("hybrid", None, None), ("data", None, None),
+                                                        ("hybrid", True, None), ("data", True, None),
+                                                        ("data", None, "1")])
+def test_grad_accum_equals_larger_batch(tmp_path, tiny, parallel, recompute, ring, monkeypatch):
+    """ring 1: the data strategy's buffers staged with one room for the layers'
+    buckets (the tiny model's default ring would save nothing), so every worker
+    stages and each micro-batch is reduced into the pool's gradient."""
     big, accum = tmp_path / "big", tmp_path / "accum"
     train_ok(*flags(tiny, steps=4, batch_size=4, parallel=parallel), "--out-dir", big)
-    train_ok(*flags(tiny, steps=4, batch_size=2, grad_accum=2, parallel=parallel, recompute=recompute),
-             "--out-dir", accum)
+    if ring:
+        monkeypatch.setenv("COREGPT_GRAD_RING", ring)
+    done = train_ok(*flags(tiny, steps=4, batch_size=2, grad_accum=2, parallel=parallel, recompute=recompute),
+                    "--out-dir", accum)
+    assert ("gradients of worker 0 " in done.stderr) == bool(ring), done.stderr
     np.testing.assert_allclose(losses(accum), losses(big), rtol=0, atol=1e-5)
     # micro-batches sum a weight's gradient in another order than one GEMM over the whole
     # batch; where that gradient is near zero Adam turns the rounding into a fraction of lr

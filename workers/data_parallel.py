@@ -1,9 +1,11 @@
 """Data parallelism: each worker runs the whole model on its own rows, with its
 activations in private memory and no barriers, and computes every gradient of its
 rows into its own buffer; the W buffers are summed by a reduce-scatter in
-shared memory (reduce.py) that overlaps the rest of the backward.  Buffer 0 is
-the pool's gradient; the others hold a few buckets at a time (reduce.staging),
-except with gradient accumulation, where each keeps its sum over micro-batches.
+shared memory (reduce.py) that overlaps the rest of the backward.  Worker 0
+writes the pool's gradient (buffer 0); the others hold a few buckets at a time
+(reduce.staging).  With gradient accumulation every worker stages its buckets
+and every micro-batch is reduced into the pool's gradient, the first written,
+the later ones added.
 """
 import numpy as np
 
@@ -37,11 +39,15 @@ def gradient_buckets(cfg, lora):
     return layout, buckets, bucket_ranges(layout, buckets), early
 
 
-def other_buffer_size(cfg, lora, accumulating):
-    """Floats of the gradient buffer of each worker but the first: staged, when that
-    is smaller and no micro-batches add up."""
+def gradient_buffers(cfg, lora, n_workers, accumulating):
+    """[(what, floats)] of the workers' gradient buffers beside the pool's: staged
+    where that is smaller, then also worker 0's with gradient accumulation; else
+    whole ones for workers 1… (accumulating in them, through the scratch)."""
     layout, _, ranges, early = gradient_buckets(cfg, lora)
-    return layout.size if accumulating else min(layout.size, staging(ranges, early)[1])
+    staged = staging(ranges, early)[1]
+    if staged >= layout.size:
+        return [(f"gradients of worker {r}", layout.size) for r in range(1, n_workers)]
+    return [(f"gradients of worker {r}", staged) for r in range(0 if accumulating else 1, n_workers)]
 
 
 def staged_views(layout, buffer, placement):
@@ -62,8 +68,15 @@ class DataParallel(Strategy):
 
     @staticmethod
     def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None, accumulating=False):
-        size = other_buffer_size(cfg, lora, accumulating)  # buffer 0, the pool's gradients, receives the sum
-        return [(f"gradients of worker {r}", size, "float32") for r in range(1, n_workers)]
+        if n_workers == 1:
+            return []
+        return [(what, size, "float32") for what, size in gradient_buffers(cfg, lora, n_workers, accumulating)]
+
+    @staticmethod
+    def scratch_floats(cfg, n_workers, lora=None, accumulating=False):
+        staged_all = n_workers > 1 and "gradients of worker 0" in dict(
+            gradient_buffers(cfg, lora, n_workers, accumulating))
+        return 0 if staged_all else Strategy.scratch_floats(cfg, n_workers, lora, accumulating)
 
     @staticmethod
     def private_bytes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
@@ -74,18 +87,25 @@ class DataParallel(Strategy):
     def __init__(self, worker):
         super().__init__(worker)
         w = worker
-        others = [f"gradients of worker {r}" for r in range(1, w.n_workers)]
-        self.buffers = [w.grads] + [SharedArena.attach(w.arena_names[o], w.elements[o]) for o in others]
+        # the arenas say how: worker 0 staged too (gradient accumulation), the others staged, or whole
+        self.staged_all = "gradients of worker 0" in w.elements
+        names = [f"gradients of worker {r}" for r in range(0 if self.staged_all else 1, w.n_workers)]
+        self.buffers = [SharedArena.attach(w.arena_names[o], w.elements[o]) for o in names]  # kept: mapped
         layout, self.buckets, ranges, early = gradient_buckets(w.cfg, w.lora)
-        placement = staging(ranges, early)[0]  # the arena's size says whether buffers are staged
-        placements = [None] + [None if w.elements[o] == layout.size else placement for o in others]
-        mine = self.buffers[w.rank].array
+        placement = staging(ranges, early)[0]
+        placements = [None if w.elements[o] == layout.size else placement for o in names]
+        sources = [b.array for b in self.buffers]
+        if not self.staged_all:  # worker 0 writes the pool's gradient itself
+            sources, placements = [w.grads.array] + sources, [None] + placements
+        mine = sources[w.rank]
         self.grads = layout.views(mine) if placements[w.rank] is None else staged_views(layout, mine, placement)
         self.own_rows = w.pool_rows // w.n_workers  # the batch divides (config.check)
         self.model = self.make_model(self.own_rows, self.grads)  # its own rows, private
         self.bucket_of_layer = {tasks[0].layer: tasks for tasks in self.buckets if tasks}
-        self.reducer = ReduceScatter([b.array for b in self.buffers], placements, w.rank, ranges,
-                                     ring_waits(len(ranges), early), PipeProgress(w.barrier_ends))
+        self.reducer = ReduceScatter(w.grads.array, sources[0 if self.staged_all else 1:],
+                                     placements[0 if self.staged_all else 1:], w.rank, w.n_workers, ranges,
+                                     ring_waits(len(ranges), early), PipeProgress(w.barrier_ends),
+                                     mine_staged=placements[w.rank] is not None)
 
     def rows(self):
         w = self.worker
@@ -93,20 +113,25 @@ class DataParallel(Strategy):
 
     def step(self, window, scale, accumulate, last):
         clock = Stopwatch(lambda: self.reducer.waited, self.worker.engine)
+        # staged_all: each micro-batch writes its buckets afresh and is reduced, the first
+        # written into the pool's gradient, later ones added; else only the last is reduced
+        reducing = last or self.staged_all
+        if self.staged_all:
+            self.reducer.fresh, accumulate = not accumulate, False
         self.load(self.worker.train, window)
         loss = self.model.forward(scale, self.written(self.grads, accumulate))
         forward_s = clock.lap()
         reduce0 = self.reducer.seconds
         def run(tasks):
-            if last:
+            if reducing:
                 self.reducer.make_room()  # in a staged buffer, a room another bucket may still be in
             for task in tasks:
                 self.weight_task(task, self.grads, accumulate)
-            if last:
+            if reducing:
                 self.reducer.bucket_done()  # reduces whatever every worker has finished
         self.model.backward_inputs(lambda l: run(self.bucket_of_layer[l]))
         if None in self.bucket_of_layer:
             run(self.bucket_of_layer[None])
         backward_s = clock.lap() - (self.reducer.seconds - reduce0)  # the reducing overlaps it
-        sumsq = self.reducer.finish() if last else None  # the rest, after waiting for slower workers
-        return StepReport(loss, sumsq, forward_s, backward_s, clock.converting, self.reducer.seconds - reduce0)
+        sumsq = self.reducer.finish() if reducing else None  # the rest, after waiting for slower workers
+        return StepReport(loss, sumsq if last else None, forward_s, backward_s, clock.converting, self.reducer.seconds - reduce0)

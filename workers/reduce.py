@@ -113,17 +113,20 @@ def located(buffer, placement, bucket, start, end):
 class ReduceScatter:
     """One worker's side: `make_room()` before writing each bucket of its own
     gradients, `bucket_done()` after it, `finish()` once its backward is over.
-    buffers: every worker's gradient buffer; placements: for each, None (whole, as
-    buffer 0 always is) or its staging() placement; waits: ring_waits()."""
+    Worker `part` of n_parts sums slice `part` of each bucket.  total: the pool's gradient (whole), to which `sources`, the other gradient
+    buffers in worker order, are added; placements: for each source, None (whole) or
+    its staging() placement; waits: ring_waits(); mine_staged: whether this worker's
+    own gradients are staged.  With `fresh` the first source is copied, not added
+    (gradient accumulation's first micro-batch, when worker 0's buffer is a source)."""
 
-    def __init__(self, buffers, placements, part, ranges, waits, progress):
+    def __init__(self, total, sources, placements, part, n_parts, ranges, waits, progress, mine_staged):
         self.progress, self.waits, self.n_buckets = progress, waits, len(ranges)
-        self.staged = placements[part] is not None  # this worker's own buffer
+        self.staged, self.fresh = mine_staged, False
         self.tell_reduced = any(p is not None for p in placements)  # someone waits for rooms
-        # per bucket: (the sum's view in buffer 0, [every other buffer's view]) of each piece of slice `part`
-        self.pieces = [[(located(buffers[0], placements[0], j, a, b),
-                         [located(buffer, placement, j, a, b) for buffer, placement in zip(buffers[1:], placements[1:])])
-                        for a, b in slice_of(bucket, part, len(buffers))]
+        # per bucket: (the sum's view in total, [every source's view]) of each piece of slice `part`
+        self.pieces = [[(total[a:b], [located(source, placement, j, a, b)
+                                      for source, placement in zip(sources, placements)])
+                        for a, b in slice_of(bucket, part, n_parts)]
                        for j, bucket in enumerate(ranges)]
         self.mine = self.reduced = 0  # buckets announced, reduced (counting over steps)
         self.sumsq, self.seconds = 0.0, 0.0
@@ -169,9 +172,11 @@ class ReduceScatter:
         return sumsq
 
     def reduce(self, pieces):
-        for total, others in pieces:
+        for total, sources in pieces:
             for s in range(0, total.size, REDUCE_BLOCK):
                 block = total[s:s + REDUCE_BLOCK]
-                for other in others:  # 0 + 1 + … + W−1, always in this order
-                    block += other[s:s + block.size]
+                if self.fresh:
+                    np.copyto(block, sources[0][s:s + block.size])
+                for source in sources[1 if self.fresh else 0:]:  # 0 + 1 + … + W−1, always in this order
+                    block += source[s:s + block.size]
                 self.sumsq += sum_squares(block)  # while the block is in cache

@@ -61,7 +61,6 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     from trainer.lora import lora_of, trainable_layout
     from trainer.params import param_layout
     from workers.pool import arena_sizes
-    from workers.strategy import scratch_layout
     workers, lora = s.workers, lora_of(s)
     pool_rows = s.batch_size // ranks
     arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
@@ -74,7 +73,7 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     # (N x C), bf16's one-layer fp32 rows, attention's blocks, NumPy's temporaries:
     # 8 floats per row and channel of the pool holds the measured peaks (README);
     # with gradient accumulation also a micro-batch's gradient scratch
-    scratch = scratch_layout(trained).size if s.grad_accum > 1 else 0
+    scratch = strategy.scratch_floats(cfg, workers, lora, s.grad_accum > 1)
     private = 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + 4 * scratch
     private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers, s.recompute, lora)
     if lora and lora.dropout:  # a worker's masks and dropped inputs (trainer/gpt.py's buffers)

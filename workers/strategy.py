@@ -23,6 +23,7 @@ import numpy as np
 
 from trainer.data import window_start
 from trainer.gpt import GPT
+from trainer.lora import trainable_layout
 from trainer.optim import sum_squares
 from trainer.params import Layout
 
@@ -59,6 +60,11 @@ class Strategy:
         """[(what, elements, dtype)] of the shared arenas it adds (accumulating: with
         gradient accumulation)."""
         return []
+
+    @staticmethod
+    def scratch_floats(cfg, n_workers, lora=None, accumulating=False):
+        """Floats of each worker's private gradient scratch (see written)."""
+        return scratch_layout(trainable_layout(cfg, lora)).size if accumulating else 0
 
     @staticmethod
     def private_bytes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
