@@ -128,11 +128,12 @@ def test_data_staged_gradients_equal_whole_buffers(case, runs, workers, monkeypa
     the runs above keep whole buffers.  Same sums in the same order: bitwise the same
     losses and weights, and so also PyTorch's."""
     from trainer.params import GPTConfig
-    from workers.data_parallel import other_buffer_size
+    from workers.data_parallel import gradient_buffers
     cfg = GPTConfig(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"], block_size=TINY["n_ctx"])
-    whole = other_buffer_size(cfg, None, False)
+    worker_1 = lambda: dict(gradient_buffers(cfg, None, workers, False))["gradients of worker 1"]  # noqa: E731
+    whole = worker_1()
     monkeypatch.setenv("COREGPT_GRAD_RING", "1")
-    assert other_buffer_size(cfg, None, False) < whole
+    assert worker_1() < whole
     staged = train_tiny(case[0], workers, f"data{workers}-staged", "--parallel", "data",
                         *(["--oversubscribe"] if workers > 2 else []), env=dict(SMALL_CHUNKS, COREGPT_GRAD_RING="1"))
     assert staged[0] == runs["data", workers, False][0]
