@@ -13,7 +13,9 @@ Only buffer 0 needs the whole gradient.  The other workers' buffers are staged
 backward starts, has its own room, and the layers' buckets take turns in RING
 rooms the size of the largest; a worker waits to write a bucket until every
 worker has reduced the one that used its room before (in a step, RING buckets
-earlier).  The sums, and their order, are the same as with whole buffers.
+earlier).  The sums, and their order, are the same as with whole buffers.  With
+gradient accumulation worker 0 stages too and every micro-batch is reduced into
+buffer 0, the first copied in, later ones added (data_parallel.py).
 """
 import time
 
@@ -113,11 +115,12 @@ def located(buffer, placement, bucket, start, end):
 class ReduceScatter:
     """One worker's side: `make_room()` before writing each bucket of its own
     gradients, `bucket_done()` after it, `finish()` once its backward is over.
-    Worker `part` of n_parts sums slice `part` of each bucket.  total: the pool's gradient (whole), to which `sources`, the other gradient
-    buffers in worker order, are added; placements: for each source, None (whole) or
-    its staging() placement; waits: ring_waits(); mine_staged: whether this worker's
-    own gradients are staged.  With `fresh` the first source is copied, not added
-    (gradient accumulation's first micro-batch, when worker 0's buffer is a source)."""
+    Worker `part` of n_parts sums slice `part` of each bucket.  total: the pool's
+    gradient (whole), to which `sources`, the other gradient buffers in worker order,
+    are added; placements: for each source, None (whole) or its staging() placement;
+    waits: ring_waits(); mine_staged: whether this worker's own gradients are staged.
+    With `fresh` the first source is copied, not added (gradient accumulation's first
+    micro-batch, when worker 0's buffer is a source)."""
 
     def __init__(self, total, sources, placements, part, n_parts, ranges, waits, progress, mine_staged):
         self.progress, self.waits, self.n_buckets = progress, waits, len(ranges)
