@@ -14,7 +14,7 @@ from trainer.gpt import weight_tasks
 from trainer.lora import trainable_layout
 from workers.barrier import PipeProgress
 from workers.messages import StepReport
-from workers.reduce import ReduceScatter, bucket_ranges, ring_waits, staging
+from workers.reduce import ReduceScatter, bucket_ranges, located, staging
 from workers.shm import SharedArena
 from workers.strategy import Stopwatch, Strategy
 
@@ -53,12 +53,13 @@ def gradient_buffers(cfg, lora, n_workers, accumulating):
 def staged_views(layout, buffer, placement):
     """name -> the view of its gradient in a staged buffer (staging's placement)."""
     views = {}
-    for segments in placement:
-        for start, end, at in segments:
+    for bucket, segments in enumerate(placement):
+        for start, end, _ in segments:
             for name, offset in layout.offsets.items():
                 if start <= offset < end:
                     shape = layout.shapes[name]
-                    views[name] = buffer[at + offset - start:][:int(np.prod(shape))].reshape(shape)
+                    views[name] = located(buffer, placement, bucket, offset,
+                                          offset + int(np.prod(shape))).reshape(shape)
     return views
 
 
@@ -92,20 +93,18 @@ class DataParallel(Strategy):
         names = [f"gradients of worker {r}" for r in range(0 if self.staged_all else 1, w.n_workers)]
         self.buffers = [SharedArena.attach(w.arena_names[o], w.elements[o]) for o in names]  # kept: mapped
         layout, self.buckets, ranges, early = gradient_buckets(w.cfg, w.lora)
-        placement = staging(ranges, early)[0]
+        placement, _, waits = staging(ranges, early)
+        sources = [b.array for b in self.buffers]  # what the reduction adds to the pool's gradient
         placements = [None if w.elements[o] == layout.size else placement for o in names]
-        sources = [b.array for b in self.buffers]
-        if not self.staged_all:  # worker 0 writes the pool's gradient itself
-            sources, placements = [w.grads.array] + sources, [None] + placements
-        mine = sources[w.rank]
-        self.grads = layout.views(mine) if placements[w.rank] is None else staged_views(layout, mine, placement)
+        # where each worker writes: its buffer; worker 0, unless staged_all, the pool's gradient itself
+        writes = ([] if self.staged_all else [(w.grads.array, None)]) + list(zip(sources, placements))
+        mine, mine_placement = writes[w.rank]
+        self.grads = layout.views(mine) if mine_placement is None else staged_views(layout, mine, placement)
         self.own_rows = w.pool_rows // w.n_workers  # the batch divides (config.check)
         self.model = self.make_model(self.own_rows, self.grads)  # its own rows, private
         self.bucket_of_layer = {tasks[0].layer: tasks for tasks in self.buckets if tasks}
-        self.reducer = ReduceScatter(w.grads.array, sources[0 if self.staged_all else 1:],
-                                     placements[0 if self.staged_all else 1:], w.rank, w.n_workers, ranges,
-                                     ring_waits(len(ranges), early), PipeProgress(w.barrier_ends),
-                                     mine_staged=placements[w.rank] is not None)
+        self.reducer = ReduceScatter(w.grads.array, sources, placements, w.rank, w.n_workers, ranges, waits,
+                                     PipeProgress(w.barrier_ends), mine_staged=mine_placement is not None)
 
     def rows(self):
         w = self.worker

@@ -55,7 +55,9 @@ def staging(ranges, own_room):
     """Where a staged buffer keeps each bucket (see above): the buckets in own_room
     (indices) a room each, the others RING rooms in turn.  -> (per bucket
     [(start, end, at)]: the layout's floats start…end of each segment are the staged
-    buffer's from `at`, ALIGN-aligned; the staged buffer's size)."""
+    buffer's from `at`, ALIGN-aligned; the staged buffer's size; per bucket the one
+    that used its room last in a step, which every worker must have reduced before
+    it is written, or None)."""
     ring = knob("COREGPT_GRAD_RING", RING)
 
     def packed(segments, at):
@@ -71,20 +73,13 @@ def staging(ranges, own_room):
         at = packed(ranges[j], at)[1]
     turns = [j for j in range(len(ranges)) if j not in own_room]
     room = max((packed(ranges[j], 0)[1] for j in turns), default=0)
+    waits = [None] * len(ranges)
     for k, j in enumerate(turns):
         home[j] = at + k % ring * room
-    return [packed(segments, home[j])[0] for j, segments in enumerate(ranges)], at + min(ring, len(turns)) * room
-
-
-def ring_waits(n_buckets, own_room):
-    """Per bucket of a step: the bucket that used its room last (see staging), which
-    every worker must have reduced before it is written, or None."""
-    ring = knob("COREGPT_GRAD_RING", RING)
-    turns = [j for j in range(n_buckets) if j not in own_room]
-    waits = [None] * n_buckets
-    for k, j in enumerate(turns[ring:]):
-        waits[j] = turns[k]
-    return waits
+        if k >= ring:
+            waits[j] = turns[k - ring]
+    placement = [packed(segments, home[j])[0] for j, segments in enumerate(ranges)]
+    return placement, at + min(ring, len(turns)) * room, waits
 
 
 def slice_of(segments, part, n_parts):
@@ -118,7 +113,7 @@ class ReduceScatter:
     Worker `part` of n_parts sums slice `part` of each bucket.  total: the pool's
     gradient (whole), to which `sources`, the other gradient buffers in worker order,
     are added; placements: for each source, None (whole) or its staging() placement;
-    waits: ring_waits(); mine_staged: whether this worker's own gradients are staged.
+    waits: staging()'s; mine_staged: whether this worker's own gradients are staged.
     With `fresh` the first source is copied, not added (gradient accumulation's first
     micro-batch, when worker 0's buffer is a source)."""
 

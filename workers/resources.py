@@ -67,8 +67,7 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
               arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute, s.optim, lora,
                           s.grad_accum > 1)]
     layout = param_layout(cfg)
-    trained = trainable_layout(cfg, lora)
-    params = trained.size  # what gradients, Adam and checkpoints hold
+    params = trainable_layout(cfg, lora).size  # what gradients, Adam and checkpoints hold
     # each worker's own buffers: the rows every layernorm weight gradient normalises
     # (N x C), bf16's one-layer fp32 rows, attention's blocks, NumPy's temporaries:
     # 8 floats per row and channel of the pool holds the measured peaks (README);
