@@ -225,6 +225,15 @@ class Engine:
         if accumulate:
             out += result
 
+    def binary(self, out, op, a, b, post=(), sum_scale=None):
+        """out = a op b, then each of `post` ((op, operand) as in batched, or ("sqrt", None),
+        ("reciprocal", None)), then + sum_scale · what out held: one pass by oneDNN,
+        where this engine loaded it -> whether it ran (else the caller uses NumPy's)."""
+        if self.primitives is None:
+            return False
+        self.primitives.binary(out, op, a, b, tuple(post), sum_scale)
+        return True
+
     def gelu(self, out, x, backward=False):
         """GELU (tanh form) by oneDNN, where this engine loaded it: out = gelu(x), or with
         backward out *= gelu'(x) -> whether it ran (else the caller uses NumPy's)."""
@@ -280,6 +289,10 @@ def batched(out, a, b, accumulate=False, scale=None, post=()):
 
 def to_low(dst, src):
     _engine.to_low(dst, src)
+
+
+def binary(out, op, a, b, post=(), sum_scale=None):
+    return _engine.binary(out, op, a, b, post, sum_scale)
 
 
 def gelu(out, x, backward=False):

@@ -1,7 +1,8 @@
 """oneDNN through ctypes: its row-major GEMMs (dnnl_sgemm, dnnl_gemm_bf16bf16f32) and
-primitives (batched matmuls with fused element-wise post-ops, reorders, GELU), each
-made once per layout of its operands and kept.  trainer/gemm.py chooses and drives
-them; this module is only the binding."""
+primitives (batched matmuls with fused element-wise post-ops, reorders, GELU, and
+element-wise binary ops with post-ops), each made once per layout of its operands
+and kept.  trainer/gemm.py chooses and drives them; this module is only the binding."""
+import collections
 import ctypes
 
 import numpy as np
@@ -17,11 +18,13 @@ ISA_NAMES = {0x1: "sse41", 0x3: "avx", 0x7: "avx2", 0xF: "avx2_vnni", 0x1F: "avx
 # oneDNN C API constants (dnnl_types.h, 3.x)
 DNNL_CPU, DNNL_STREAM_IN_ORDER = 1, 1
 DNNL_DATA_TYPE = {"float32": 3, "bfloat16": 2}
-ALG_LINEAR, ALG_EXP, ALG_GELU_TANH, ARG_SRC, ARG_WEIGHTS, ARG_DST = 0x26, 0x2A, 0x2B, 1, 33, 17
-ARG_DIFF_SRC, ARG_DIFF_DST, FORWARD_TRAINING = 129, 145, 64
-# binary post-ops (dst = dst op operand, the operand broadcast along its size-1 axes) and
-# the execution argument of the operand of post-op number i
+ALG_LINEAR, ALG_GELU_TANH, ARG_SRC, ARG_WEIGHTS, ARG_DST = 0x26, 0x2B, 1, 33, 17
+ARG_SRC_1, ARG_DIFF_SRC, ARG_DIFF_DST, FORWARD_TRAINING = 2, 129, 145, 64
+# binary ops and post-ops (dst = dst op operand, the operand broadcast along its size-1
+# axes) and the execution argument of the operand of post-op number i
 BINARY = {"add": 0x1FFF0, "mul": 0x1FFF1, "div": 0x1FFF4, "sub": 0x1FFF5}
+# element-wise post-ops without an operand: (algorithm, alpha, beta); 1/x is pow(x, -1)
+ELTWISE = {"exp": (0x2A, 0.0, 0.0), "sqrt": (0x25, 0.0, 0.0), "reciprocal": (0x30, 1.0, -1.0)}
 
 
 def post_op_operand(i):
@@ -85,8 +88,12 @@ class Primitives:
     use and kept: a layout's shapes and strides stay the same from block to block, only
     the data pointers move."""
 
+    # binary primitives kept at once: their sum scale is baked in, and AdamW's (1 − lr·decay)
+    # changes with the LR schedule, so older ones are destroyed rather than kept
+    BINARY_KEPT = 16
+
     def __init__(self, lib):
-        self.lib, self.made = lib, {}
+        self.lib, self.made, self.made_binary = lib, {}, collections.OrderedDict()
         self.engine, self.stream = ctypes.c_void_p(), ctypes.c_void_p()
         check(lib.dnnl_engine_create(ctypes.byref(self.engine), DNNL_CPU, ctypes.c_size_t(0)), "engine")
         check(lib.dnnl_stream_create(ctypes.byref(self.stream), self.engine, ctypes.c_uint(DNNL_STREAM_IN_ORDER)),
@@ -101,28 +108,36 @@ class Primitives:
             dims(*strides_of(x))), "memory descriptor")
         return md
 
-    def make(self, out, a, b, accumulate, scale, post):
+    def attributes(self, scale, post, sum_scale):
+        """The post-op chain, in this order: × scale, each of `post` ((op, operand) of
+        BINARY, or (op, None) of ELTWISE), then + sum_scale × what dst held ->
+        (attr, post_ops, [(execution argument, descriptor) of each operand])."""
         lib, attr, post_ops = self.lib, ctypes.c_void_p(), ctypes.c_void_p()
         check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)), "attributes")
         check(lib.dnnl_post_ops_create(ctypes.byref(post_ops)), "post-ops")
-        # the chain runs in this order: scale, the element-wise ops, then += what out held
         chain, operands = 0, []
         if scale is not None:
             check(lib.dnnl_post_ops_append_eltwise(post_ops, ALG_LINEAR, ctypes.c_float(scale),
                                                    ctypes.c_float(0.0)), "scale")
             chain += 1
         for op, operand in post:
-            if op == "exp":
-                check(lib.dnnl_post_ops_append_eltwise(post_ops, ALG_EXP, ctypes.c_float(0.0),
-                                                       ctypes.c_float(0.0)), "exp")
+            if op in ELTWISE:
+                alg, alpha, beta = ELTWISE[op]
+                check(lib.dnnl_post_ops_append_eltwise(post_ops, alg, ctypes.c_float(alpha),
+                                                       ctypes.c_float(beta)), op)
             else:
                 md = self.descriptor(operand)
                 check(lib.dnnl_post_ops_append_binary(post_ops, BINARY[op], md), op)
                 operands.append((post_op_operand(chain), md))
             chain += 1
-        if accumulate:
-            check(lib.dnnl_post_ops_append_sum(post_ops, ctypes.c_float(1.0), ctypes.c_int32(0), 0), "sum")
+        if sum_scale is not None:
+            check(lib.dnnl_post_ops_append_sum(post_ops, ctypes.c_float(sum_scale), ctypes.c_int32(0), 0), "sum")
         check(lib.dnnl_primitive_attr_set_post_ops(attr, post_ops), "post-ops")
+        return attr, post_ops, operands
+
+    def make(self, out, a, b, accumulate, scale, post):
+        lib = self.lib
+        attr, post_ops, operands = self.attributes(scale, post, 1.0 if accumulate else None)
         descriptors = [self.descriptor(x) for x in (a, b, out)]
         desc, primitive = ctypes.c_void_p(), ctypes.c_void_p()
         src, weights, dst = descriptors
@@ -132,6 +147,19 @@ class Primitives:
         ids = (ARG_SRC, ARG_WEIGHTS, ARG_DST) + tuple(arg for arg, _ in operands)
         args = self.arguments(ids, descriptors + [md for _, md in operands])
         return primitive, args, (attr, post_ops, desc, descriptors, operands)  # the last kept alive with it
+
+    def make_binary(self, out, op, a, b, post, sum_scale):
+        """An element-wise binary primitive: out = a op b, then the post-op chain."""
+        lib = self.lib
+        attr, post_ops, operands = self.attributes(None, post, sum_scale)
+        descriptors = [self.descriptor(x) for x in (a, b, out)]
+        desc, primitive = ctypes.c_void_p(), ctypes.c_void_p()
+        check(lib.dnnl_binary_primitive_desc_create(ctypes.byref(desc), self.engine, BINARY[op], *descriptors, attr),
+              "binary")
+        check(lib.dnnl_primitive_create(ctypes.byref(primitive), desc), "binary primitive")
+        ids = (ARG_SRC, ARG_SRC_1, ARG_DST) + tuple(arg for arg, _ in operands)
+        args = self.arguments(ids, descriptors + [md for _, md in operands])
+        return primitive, args, (attr, post_ops, desc, descriptors, operands)
 
     def make_reorder(self, dst, src):
         """A reorder primitive: dst = src converted (bf16 rounds to nearest even)."""
@@ -184,6 +212,30 @@ class Primitives:
         if key not in self.made:
             self.made[key] = self.make_reorder(dst, src)
         self.execute(self.made[key], (src, dst))
+
+    def binary(self, out, op, a, b, post=(), sum_scale=None):
+        """out = a op b (each broadcast along its size-1 axes), then each of `post` (see
+        attributes), then + sum_scale × what out held; out may be a (in place)."""
+        operands = [x for _, x in post if x is not None]
+        key = tuple((x.shape, x.strides, x.dtype) for x in [out, a, b] + operands) + (
+            op, tuple(name for name, _ in post), sum_scale)
+        made = self.made_binary.pop(key, None) or self.make_binary(out, op, a, b, post, sum_scale)
+        self.made_binary[key] = made  # now the most recently used
+        if len(self.made_binary) > self.BINARY_KEPT:
+            self.destroy(self.made_binary.popitem(last=False)[1])
+        self.execute(made, [a, b, out] + operands)
+
+    def destroy(self, made):
+        primitive, args, (attr, post_ops, desc, descriptors, operands) = made
+        lib = self.lib
+        lib.dnnl_primitive_destroy(primitive)
+        for memory in args.memories:
+            lib.dnnl_memory_destroy(ctypes.c_void_p(memory))
+        lib.dnnl_primitive_desc_destroy(desc)
+        for md in descriptors + [md for _, md in operands]:
+            lib.dnnl_memory_desc_destroy(md)
+        lib.dnnl_post_ops_destroy(post_ops)
+        lib.dnnl_primitive_attr_destroy(attr)
 
     def execute(self, made, arrays):
         # the hot path of every attention block (keys hold dtypes, not their names: µs)
