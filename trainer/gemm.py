@@ -16,6 +16,8 @@ bf16 operands are made by `to_low(dst, src)` where an activation or weight is
 produced; the engine's `low_dtype` says how they are stored.  `batched(out, a, b)`
 is matmul for stacks of small matrices (attention's blocks, every (row, head) pair
 at once): one oneDNN matmul primitive per call where oneDNN is loaded, else NumPy's.
+`binary(out, op, a, b)` is one element-wise pass with post-ops (AdamW's fused update),
+only where oneDNN is loaded.
 oneDNN comes from the `onednn-cpu-gomp` wheel (`pip install 'coregpt[bf16]'`), loaded with ctypes."""
 import ctypes
 import glob
@@ -227,12 +229,9 @@ class Engine:
 
     def binary(self, out, op, a, b, post=(), sum_scale=None):
         """out = a op b, then each of `post` ((op, operand) as in batched, or ("sqrt", None),
-        ("reciprocal", None)), then + sum_scale · what out held: one pass by oneDNN,
-        where this engine loaded it -> whether it ran (else the caller uses NumPy's)."""
-        if self.primitives is None:
-            return False
+        ("reciprocal", None)), then + sum_scale · what out held: one pass by oneDNN, only
+        where this engine loaded it (`primitives`; callers keep a NumPy path for the rest)."""
         self.primitives.binary(out, op, a, b, tuple(post), sum_scale)
-        return True
 
     def gelu(self, out, x, backward=False):
         """GELU (tanh form) by oneDNN, where this engine loaded it: out = gelu(x), or with
@@ -292,7 +291,7 @@ def to_low(dst, src):
 
 
 def binary(out, op, a, b, post=(), sum_scale=None):
-    return _engine.binary(out, op, a, b, post, sum_scale)
+    _engine.binary(out, op, a, b, post, sum_scale)
 
 
 def gelu(out, x, backward=False):

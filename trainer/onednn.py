@@ -88,8 +88,8 @@ class Primitives:
     use and kept: a layout's shapes and strides stay the same from block to block, only
     the data pointers move."""
 
-    # binary primitives kept at once: their sum scale is baked in, and AdamW's (1 − lr·decay)
-    # changes with the LR schedule, so older ones are destroyed rather than kept
+    # binary primitives kept at once: their sum scale is baked in, and AdamW's (1 − lr·λ)
+    # changes with the LR schedule, so the least recently used are destroyed
     BINARY_KEPT = 16
 
     def __init__(self, lib):

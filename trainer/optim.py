@@ -82,10 +82,11 @@ def adamw_update(p, g, m, v, tmp, *, lr, t, beta1, beta2, eps, weight_decay, gra
 
 def adamw_fused(p, g, m, v, p_low, *, beta1, beta2, m_coef, v_coef, inv_bc2, eps, step_size, decay):
     """AdamW on the whole FUSED_BLOCKs at the start of the slices, each in three oneDNN
-    passes that read and write every array once (NumPy's fourteen passes per block run
-    at ~4 GB/s; this at memory speed): m = β₁m + c₁g, v = β₂v + c₂g², then
-    p = (1 − lr·λ)p − step · m / (√(v / (1 − β₂ᵗ)) + ε), the textbook form of PyTorch's
-    √v / √(1 − β₂ᵗ) (the same to an ulp or two).  -> floats updated (0 without oneDNN)."""
+    passes that read and write every array once (on a Zen 4 ~1.3 ns a parameter, about
+    what memory allows, against ~2.1 for NumPy's fourteen): m = β₁m + c₁g,
+    v = β₂v + c₂g², then p = (1 − lr·λ)p − step · m / (√(v / (1 − β₂ᵗ)) + ε), the
+    textbook form of PyTorch's √v / √(1 − β₂ᵗ) (the same to an ulp or two).
+    -> floats updated (0 without oneDNN)."""
     end = p.size - p.size % FUSED_BLOCK
     if end == 0 or gemm.engine().primitives is None:
         return 0
