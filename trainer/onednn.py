@@ -215,7 +215,7 @@ class Primitives:
 
     def binary(self, out, op, a, b, post=(), sum_scale=None):
         """out = a op b (each broadcast along its size-1 axes), then each of `post` (see
-        attributes), then + sum_scale × what out held; out may be a (in place)."""
+        attributes), then + sum_scale × what out held."""
         operands = [x for _, x in post if x is not None]
         key = tuple((x.shape, x.strides, x.dtype) for x in [out, a, b] + operands) + (
             op, tuple(name for name, _ in post), sum_scale)
