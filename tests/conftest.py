@@ -154,3 +154,11 @@ def no_leaks():
 def private_cache(tmp_path_factory, monkeypatch):
     """The Shakespeare corpus is prepared once per session in a private cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+@pytest.fixture
+def engine(request):
+    """The GEMM engine named by an indirect parameter, installed for this test only."""
+    from trainer import gemm
+    yield gemm.install(request.param)
+    gemm.install("numpy")  # other in-process tests expect the default

@@ -5,13 +5,7 @@ import pytest
 import torch
 
 from test_precision import ENGINES
-from trainer import gemm, optim
-
-
-@pytest.fixture
-def engine(request):
-    yield gemm.install(request.param)
-    gemm.install("numpy")
+from trainer import optim
 
 
 @pytest.mark.parametrize("engine", sorted(set(ENGINES)), indirect=True)
@@ -52,34 +46,27 @@ def test_adamw_steps_match_pytorch(engine, weight_decay):
             assert np.array_equal(low.astype(np.float32), torch.tensor(p).to(torch.bfloat16).float().numpy())
 
 
-def test_adamw_fused_runs_where_onednn_is():
+@pytest.mark.parametrize("engine, expected", [("numpy", 0), ("onednn", optim.FUSED_BLOCK)],
+                         indirect=["engine"])
+def test_adamw_fused_runs_where_onednn_is(engine, expected):
     """The fused path covers the whole blocks (and only them) when oneDNN is loaded."""
-    n = optim.FUSED_BLOCK + 10
-    for name, expected in (("numpy", 0), ("onednn", optim.FUSED_BLOCK)):
-        gemm.install(name)
-        try:
-            arrays = [np.ones(n, np.float32) for _ in range(4)]
-            done = optim.adamw_fused(*arrays, None, beta1=0.9, beta2=0.95, m_coef=0.1, v_coef=0.05,
-                                     inv_bc2=1.0, eps=1e-8, step_size=1e-3, decay=1.0)
-        finally:
-            gemm.install("numpy")
-        assert done == expected, name
+    arrays = [np.ones(optim.FUSED_BLOCK + 10, np.float32) for _ in range(4)]
+    done = optim.adamw_fused(*arrays, None, beta1=0.9, beta2=0.95, m_coef=0.1, v_coef=0.05,
+                             inv_bc2=1.0, eps=1e-8, step_size=1e-3, decay=1.0)
+    assert done == expected, engine.name
 
 
-def test_a_changing_lr_keeps_few_primitives():
+@pytest.mark.parametrize("engine", ["onednn"], indirect=True)
+def test_a_changing_lr_keeps_few_primitives(engine):
     """(1 − lr·λ) is baked into the fused pass's primitive: a schedule that changes the
     LR every step makes a new one each step, and the old ones are destroyed."""
-    engine = gemm.install("onednn")
-    try:
-        n = optim.FUSED_BLOCK
-        p, g = np.ones(n, np.float32), np.full(n, 1e-3, np.float32)
-        m, v, tmp = np.zeros(n, np.float32), np.zeros(n, np.float32), np.empty(optim.BLOCK, np.float32)
-        for t in range(1, 3 * engine.primitives.BINARY_KEPT):
-            before = p.copy()
-            optim.adamw_update(p, g, m, v, tmp, lr=1e-3 / t, t=t, beta1=0.9, beta2=0.95, eps=1e-8,
-                               weight_decay=0.1, grad_scale=1.0)
-            # Δp = lr·(1 + λp): m̂ / √v̂ = 1 for a constant gradient; Δp read to an ulp of p
-            assert np.allclose(before - p, 1e-3 / t * (1 + 0.1 * before), rtol=1e-4, atol=2.5e-7), t
-        assert len(engine.primitives.made_binary) <= engine.primitives.BINARY_KEPT
-    finally:
-        gemm.install("numpy")
+    n = optim.FUSED_BLOCK
+    p, g = np.ones(n, np.float32), np.full(n, 1e-3, np.float32)
+    m, v, tmp = np.zeros(n, np.float32), np.zeros(n, np.float32), np.empty(optim.BLOCK, np.float32)
+    for t in range(1, 3 * engine.primitives.BINARY_KEPT):
+        before = p.copy()
+        optim.adamw_update(p, g, m, v, tmp, lr=1e-3 / t, t=t, beta1=0.9, beta2=0.95, eps=1e-8,
+                           weight_decay=0.1, grad_scale=1.0)
+        # Δp = lr·(1 + λp): m̂ / √v̂ = 1 for a constant gradient; Δp read to an ulp of p
+        assert np.allclose(before - p, 1e-3 / t * (1 + 0.1 * before), rtol=1e-4, atol=2.5e-7), t
+    assert len(engine.primitives.made_binary) <= engine.primitives.BINARY_KEPT

@@ -21,12 +21,6 @@ from trainer.params import PRESETS, GPTConfig, param_layout
 ENGINES = ["numpy", "onednn", gemm.choose("bf16")[0], "emulated-bf16"]
 
 
-@pytest.fixture
-def engine(request):
-    yield gemm.install(request.param)
-    gemm.install("numpy")  # other in-process tests expect the default
-
-
 def as_bf16(x):
     """x rounded to bf16, by PyTorch (independent of ml_dtypes), as float64."""
     return torch.from_numpy(x).to(torch.bfloat16).double().numpy()
