@@ -5,10 +5,12 @@ change results is checked by running this before and after it.
     python bench/digest_runs.py --out after.json --compare before.json
 
 Each run is the tiny parity model (2 layers, 64 channels) for 8 steps through
-`python -m launch train`: hybrid and data, 1, 2 and 4 workers, fp32 and bf16, two
-micro-batches of gradient accumulation, and (with mpiexec) 2 MPI ranks.  Per run it
+`python -m launch train`: hybrid and data, 1, 2 and 4 workers, fp32 and bf16; and,
+for both strategies at 2 workers, two micro-batches of gradient accumulation (fp32
+and bf16), --recompute, 8-bit AdamW, LoRA (r=4 on every target, fp32 and bf16, with
+dropout) and LoRA with 8-bit AdamW; and (with mpiexec) 2 MPI ranks.  Per run it
 keeps every loss and grad norm as logged (JSON floats, exact) and a sha256 of the
-final weights and of the Adam moments."""
+final weights (a LoRA run's adapters) and of the optimizer state."""
 import argparse
 import hashlib
 import json
@@ -28,8 +30,16 @@ from trainer.data import write_tokens  # noqa: E402
 B, T, STEPS = 4, 32, 8
 RUNS = [(parallel, workers, precision, extra) for precision in ("fp32", "bf16")
         for parallel in ("hybrid", "data") for workers in (1, 2, 4) for extra in ("",)]
-RUNS += [(parallel, 2, "fp32", "accum") for parallel in ("hybrid", "data")]
+RUNS += [(parallel, 2, precision, extra) for parallel in ("hybrid", "data")
+         for precision, extra in (("fp32", "accum"), ("bf16", "accum"), ("fp32", "recompute"),
+                                  ("bf16", "recompute"), ("fp32", "adamw8bit"), ("fp32", "lora"),
+                                  ("bf16", "lora"), ("fp32", "lora adamw8bit"))]
 RUNS += [(parallel, 1, "fp32", "mpi") for parallel in ("hybrid", "data")]
+
+
+FLAGS = {"recompute": ["--recompute"], "adamw8bit": ["--optim", "adamw8bit"],
+         "lora": ["--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1",
+                  "--lora-targets", "c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"]}
 
 
 def write_inputs(root):
@@ -73,6 +83,11 @@ def run(root, parallel, workers, precision, extra):
     if extra == "accum":
         cmd[cmd.index("--batch-size") + 1] = str(B // 2)
         cmd += ["--grad-accum", "2"]
+    for flag in ("recompute", "adamw8bit", "lora"):
+        if flag in extra.split():
+            cmd += FLAGS[flag]
+    if extra == "lora adamw8bit":  # adapters of 4,096+ elements, which 8-bit AdamW quantises
+        cmd += ["--lora-rank", "16"]
     if extra == "mpi":
         mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
         cmd = [mpiexec if os.path.exists(mpiexec) else shutil.which("mpiexec"), "-n", "2"] + cmd
@@ -85,7 +100,8 @@ def run(root, parallel, workers, precision, extra):
     ckpt = os.path.join(out, "checkpoints", f"step_{STEPS:06d}")
     return {"loss": [r["loss"] for r in rows if "loss" in r], "grad_norm": [r["grad_norm"] for r in rows
                                                                           if "grad_norm" in r],
-            "weights": digest(os.path.join(ckpt, "model.safetensors")),
+            "weights": digest(os.path.join(ckpt, "adapter_model.safetensors" if "lora" in extra
+                                           else "model.safetensors")),
             "adam": digest(os.path.join(ckpt, "optimizer.safetensors"))}
 
 
@@ -93,21 +109,27 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--compare", help="a JSON file written before: exit 1 unless every number is identical")
+    p.add_argument("--only", help="only the runs whose extra (accum, recompute, lora, ...) contains this")
     args = p.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="coregpt-digest-") as root:
         write_inputs(root)
         for parallel, workers, precision, extra in RUNS:
+            if args.only and args.only not in extra:
+                continue
             key = f"{parallel} W={workers} {precision}" + (f" {extra}" if extra else "")
             results[key] = run(root, parallel, workers, precision, extra)
-            print(f"{key:<28} final loss {results[key]['loss'][-1]!r:<22} weights {results[key]['weights'][:12]}",
+            print(f"{key:<34} final loss {results[key]['loss'][-1]!r:<22} weights {results[key]['weights'][:12]}",
                   flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     if args.compare:
         with open(args.compare) as f:
             before = json.load(f)
-        differ = [key for key in before if before[key] != results.get(key)]
+        differ = [key for key in before if key in results and before[key] != results[key]]
+        missing = [key for key in before if key not in results]
+        if missing:
+            print(f"not run: {', '.join(missing)}")
         print(f"{len(before) - len(differ)} of {len(before)} runs bit-identical to {args.compare}"
               + (f"; differ: {', '.join(differ)}" if differ else ""))
         return 1 if differ else 0
