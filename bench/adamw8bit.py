@@ -19,7 +19,8 @@ sys.path.insert(0, REPO)
 
 from trainer.adamw8bit import State8, side_layout  # noqa: E402
 from trainer.optim import BLOCK, adamw_update  # noqa: E402
-from trainer.params import GPT2_VOCAB, GPTConfig, PRESETS, param_layout  # noqa: E402
+from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, GPTConfig, PRESETS
+from trainer.models import param_layout  # noqa: E402
 
 
 def main():

@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from trainer.data import write_tokens  # noqa: E402
-from trainer.params import GPT2_VOCAB  # noqa: E402
+from trainer.models.gpt2 import VOCAB as GPT2_VOCAB  # noqa: E402
 
 
 def uss_kb(pid):

@@ -20,7 +20,7 @@ sys.path.insert(0, REPO)
 
 from bench.vs_pytorch import coregpt_run, coregpt_step_times  # noqa: E402
 from trainer.data import write_tokens  # noqa: E402
-from trainer.params import GPT2_VOCAB, PRESETS  # noqa: E402
+from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS  # noqa: E402
 
 
 def main():

@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from trainer.params import GPT2_VOCAB, PRESETS, GPTConfig, param_layout  # noqa: E402
+from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS, GPTConfig
+from trainer.models import param_layout  # noqa: E402
 
 
 def main():

@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from trainer.params import GPT2_VOCAB, PRESETS, GPTConfig, init_gpt2, param_layout  # noqa: E402
+from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS, GPTConfig, init_params as init_gpt2
+from trainer.models import param_layout  # noqa: E402
 from trainer.sample import Sampler  # noqa: E402
 
 

@@ -30,7 +30,7 @@ from vs_pytorch import REPO, coregpt_step_times, cpu_model, interleaved, medians
 
 sys.path.insert(0, REPO)
 from trainer.data import write_tokens  # noqa: E402
-from trainer.params import GPT2_VOCAB, PRESETS  # noqa: E402
+from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS  # noqa: E402
 
 PEFT = {"pytorch + peft, bf16 autocast, fused AdamW": False,
         "pytorch + peft, bf16 autocast, fused AdamW, compile": True}

@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from trainer.data import write_tokens  # noqa: E402
-from trainer.params import GPT2_VOCAB, PRESETS  # noqa: E402
+from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS  # noqa: E402
 
 TORCH_RECIPES = {
     "pytorch fp32, fused AdamW": dict(bf16=False, compile=False),

@@ -22,8 +22,8 @@ from bench.vs_pytorch import coregpt_step_times  # noqa: E402
 from launch.config import Settings, check  # noqa: E402
 from launch.train import choose_engine  # noqa: E402
 from trainer.data import write_tokens  # noqa: E402
-from trainer.params import GPT2_VOCAB  # noqa: E402
-from trainer.weights import preset_config  # noqa: E402
+from trainer.models.gpt2 import VOCAB as GPT2_VOCAB  # noqa: E402
+from trainer.models import preset_config  # noqa: E402
 from workers.resources import meminfo_available, plan_for  # noqa: E402
 from workers.strategies import STRATEGIES  # noqa: E402
 

@@ -10,11 +10,12 @@ import os
 import numpy as np
 
 from trainer.base import adapter_dir, open_base, read_base_record, recorded_base
-from trainer.checkpoint import check_checkpoint, stream_checkpoint
+from trainer.checkpoint import check_checkpoint, checkpoint_config, stream_checkpoint
 from trainer.errors import ConfigError
-from trainer.lora import check_adapters, init_adapters, lora_of, merged, read_peft, trainable_count
-from trainer.params import GPT2_VOCAB, param_shapes
-from trainer.weights import preset_config, read_hf_config
+from trainer.lora import check_adapters, init_adapters, lora_of, merged, trainable_count
+from trainer.models import param_shapes, preset_config
+from trainer.peft import read_peft
+from trainer.weights import read_hf_config
 
 
 def adopt_peft(s, directory):
@@ -32,11 +33,11 @@ def adopt_peft(s, directory):
 def lora_model(s, ckpt, state):
     """-> (settings, GPTConfig, Base, adapter tensors or None) of a LoRA run: on
     --resume the base its checkpoint names (refused if it changed), else
-    --init-from's (or GPT-2's initialisation of --model)."""
+    --init-from's (or the family's initialisation of --model)."""
     tensors = None
     if ckpt is not None:
         record = state.get("base") or {}
-        cfg = check_checkpoint(ckpt, s.optim, lora_of(s))
+        cfg = check_checkpoint(ckpt, s.optim, lora_of(s, checkpoint_config(ckpt).family))
         base = recorded_base(record, cfg, s.seed)
         if base.path:
             base.check(record, ckpt)  # the init's digest is checked once its tensors are made
@@ -52,16 +53,16 @@ def lora_model(s, ckpt, state):
         base = open_base(source)
     else:
         overrides = dict(n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
-        base = open_base(None, preset_config(s.model, overrides, GPT2_VOCAB), s.seed)
+        base = open_base(None, preset_config(s.model, overrides), s.seed)
     if tensors is not None:
-        check_adapters(base.cfg, lora_of(s), tensors, s.init_from)
+        check_adapters(base.cfg, lora_of(s, base.cfg.family), tensors, s.init_from)
     return s, base.cfg, base, tensors
 
 
 def load_lora(run, pool):
     """Fill the arenas of a LoRA run: base (fp32 where it is kept, and its bf16 copy),
     then the adapters and, on --resume, their optimizer state."""
-    s, lora = run.settings, lora_of(run.settings)
+    s, lora = run.settings, lora_of(run.settings, run.cfg.family)
     fp32 = pool.base.views(pool.params.array)
     low = pool.layout.views(pool.low.array) if pool.low else None
     for name, tensor in run.base.tensors():
@@ -73,7 +74,7 @@ def load_lora(run, pool):
     if run.ckpt is not None:
         if run.base.path is None:
             run.base.check(run.state.get("base") or {}, run.ckpt)
-        stream_checkpoint(run.ckpt, adapters, pool.optimizer_views(), lora)
+        stream_checkpoint(run.ckpt, run.cfg, adapters, pool.optimizer_views(), lora)
     elif run.tensors is not None:
         for name, view in adapters.items():
             view[...] = run.tensors[name]
@@ -83,7 +84,7 @@ def load_lora(run, pool):
 
 def sampling_weights(run, pool):
     """-> a function giving the merged weights of a LoRA run, to sample from."""
-    lora = lora_of(run.settings)
+    lora = lora_of(run.settings, run.cfg.family)
     def weights():
         base = dict(pool.base.views(pool.params.array))
         if pool.low:  # the matrices held only as their bf16 copy

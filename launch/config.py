@@ -6,7 +6,8 @@ import os
 import tomllib
 from importlib import resources
 
-from trainer.checkpoint import OPTIMS
+from trainer import models
+from trainer.optimizers import DEFAULT as DEFAULT_OPTIMIZER, OPTIMIZERS
 from trainer.errors import ConfigError, knob
 from workers.strategies import STRATEGIES
 
@@ -17,7 +18,7 @@ GEMMS = ("auto", "numpy", "onednn")
 
 # key: (type, default, help).  None as default means "derived" (see check).
 SETTINGS = {
-    "model": (str, "small", "preset when training from scratch: small, gpt2, gpt2-medium, gpt2-large, gpt2-xl"),
+    "model": (str, "small", "preset when training from scratch: " + ", ".join(models.presets())),
     "n_layer": (int, None, "override the preset's layers"),
     "n_head": (int, None, "override the preset's heads"),
     "n_embd": (int, None, "override the preset's channels"),
@@ -39,13 +40,13 @@ SETTINGS = {
     "beta1": (float, 0.9, "AdamW beta1"),
     "beta2": (float, 0.95, "AdamW beta2"),
     "eps": (float, 1e-8, "AdamW epsilon"),
-    "optim": (str, "adamw", "adamw (fp32 moments, 8 bytes a parameter) or adamw8bit (bitsandbytes' "
-                            "AdamW8bit: 8-bit blockwise moments, 2 bytes a parameter)"),
+    "optim": (str, DEFAULT_OPTIMIZER, " or ".join(f"{name} ({optimizer.summary})" for name, optimizer in OPTIMIZERS.items())),
     "lora_rank": (int, 0, "LoRA rank r: train rank-r adapters beside the frozen weights (peft's LoRA); "
                           "0 is full fine-tuning"),
     "lora_alpha": (float, None, "LoRA alpha: the adapters are scaled by alpha / r (default r)"),
-    "lora_targets": (str, None, "layers that get adapters, from c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj "
-                                "(comma-separated; default c_attn, peft's for GPT-2)"),
+    "lora_targets": (str, None, "layers that get adapters, " + "; ".join(
+        f"{family.MODEL_TYPE}: from {family.LORA_CHOICES} (default {family.LORA_DEFAULT}, peft's)"
+        for family in models.FAMILIES.values()) + " (comma-separated)"),
     "lora_dropout": (float, None, "dropout on the adapters' input while training (default 0; seeded)"),
     "precision": (str, "fp32", "fp32, or bf16: matmul inputs rounded to bf16, fp32 accumulation; "
                                "weights, gradients, optimizer and other layers stay fp32"),
@@ -186,18 +187,19 @@ def check_lora(s):
                           if lora_flags else f"--lora-rank must not be negative, got {s.lora_rank}")
     if s.lora_rank == 0:
         return s
-    from trainer.lora import DEFAULT_TARGETS, parse_targets
+    from trainer.lora import parse_targets
+    family = models.presets().get(s.model, models.family(models.DEFAULT))  # the targets' names are its
     s = dataclasses.replace(s, lora_alpha=float(s.lora_rank if s.lora_alpha is None else s.lora_alpha),
-                            lora_targets=s.lora_targets or DEFAULT_TARGETS,
+                            lora_targets=s.lora_targets or family.LORA_DEFAULT,
                             lora_dropout=float(s.lora_dropout or 0.0))
     if s.lora_alpha <= 0:
         raise ConfigError(f"--lora-alpha must be positive, got {s.lora_alpha:g}")
     if not 0 <= s.lora_dropout < 1:
         raise ConfigError(f"--lora-dropout must be in [0, 1), got {s.lora_dropout:g}")
     try:
-        parse_targets(s.lora_targets)
+        parse_targets(s.lora_targets, family)
     except ValueError as e:
-        raise ConfigError(f"{e}; choose from c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj") from None
+        raise ConfigError(f"{e}; choose from {family.LORA_CHOICES}") from None
     return s
 
 
@@ -235,7 +237,7 @@ def check(s, group=None):
         need(getattr(s, name) >= 0, f"--{name.replace('_', '-')} must not be negative")
     need(s.weight_decay >= 0 and s.grad_clip >= 0, "--weight-decay and --grad-clip must not be negative")
     need(0 <= s.beta1 < 1 and 0 <= s.beta2 < 1 and s.eps > 0, "AdamW needs 0 <= beta < 1 and eps > 0")
-    need(s.optim in OPTIMS, f"--optim must be {' or '.join(OPTIMS)}, got {s.optim!r}")
+    need(s.optim in OPTIMIZERS, f"--optim must be {' or '.join(OPTIMIZERS)}, got {s.optim!r}")
     s = check_lora(s)
     from workers.placement import read_topology
     cores = read_topology().available(s.smt)  # physical cores (or hyperthreads), capped by a CPU quota

@@ -115,7 +115,7 @@ def checkpoint(s, cfg, step, arrays, counts, base=None):
     from safetensors import SafetensorError
     from trainer.lora import lora_of
     try:  # a failed write leaves no partial directory, and `latest` still names the previous one
-        path = save_checkpoint(s.out_dir, step, cfg, params, optimizer, state, lora_of(s))
+        path = save_checkpoint(s.out_dir, step, cfg, params, optimizer, state, lora_of(s, cfg.family))
     except (OSError, SafetensorError) as e:
         raise write_failed(f"the step {step} checkpoint in {os.path.join(s.out_dir, 'checkpoints')}",
                            e, s.out_dir) from None

@@ -27,8 +27,9 @@ from trainer.files import atomic_write
 from trainer.gemm import Engine, choose
 from trainer.base import adapter_dir
 from trainer.lora import lora_of
-from trainer.params import GPT2_VOCAB, init_gpt2
-from trainer.weights import latest_checkpoint, load_checked, preset_config
+from trainer.models import family_of, preset_config
+from trainer.optimizers import DEFAULT as DEFAULT_OPTIMIZER
+from trainer.weights import latest_checkpoint, load_checked
 from workers import messages as msg
 from workers.comm import LocalGroup
 from workers.placement import place, read_topology
@@ -50,7 +51,7 @@ def resume_settings(s, given):
         raise DataError(f"--resume: {s.out_dir} has no checkpoint to resume from")
     state = read_state(ckpt)
     saved = {k: v for k, v in state["config"].items() if k in SETTINGS}
-    saved.setdefault("optim", "adamw")  # a checkpoint from before --optim
+    saved.setdefault("optim", DEFAULT_OPTIMIZER)  # a checkpoint from before --optim
     saved.update({k: getattr(s, k) for k in given if k in RESUME_KEEPS})
     if "workers" in given and "threads_per_worker" not in given:
         saved["threads_per_worker"] = None  # derive it again for the new worker count
@@ -63,13 +64,13 @@ def resume_settings(s, given):
 
 
 def build_model(s, ckpt):
-    """-> (GPTConfig, tensors or None).  None means: GPT-2 initialisation, or on
+    """-> (config, tensors or None).  None means: the family's initialisation, or on
     --resume the checkpoint, streamed into the arenas once they exist."""
     if ckpt is not None:
         return check_checkpoint(ckpt, s.optim), None
     if not s.init_from:
         overrides = dict(n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
-        return preset_config(s.model, overrides, GPT2_VOCAB), None
+        return preset_config(s.model, overrides), None
     return load_checked(s.init_from)
 
 
@@ -96,7 +97,7 @@ class Run:
     the GEMM engine and strategy chosen for it."""
     settings: object
     cfg: object
-    tensors: dict | None  # weights to load; None: GPT-2 initialisation
+    tensors: dict | None  # weights to load; None: the family's initialisation
     ckpt: str | None  # the checkpoint resumed from
     state: dict | None  # its run state
     train_path: str
@@ -188,7 +189,7 @@ def run_pool(run, group):
         + f" {s.workers} worker(s) x {s.threads_per_worker} thread(s), {s.parallel} parallel"
         + (", recomputing activations" if s.recompute else "") + "; "
         + f"run dir {s.out_dir}")
-    lora = lora_of(s)
+    lora = lora_of(s, cfg.family)
     if lora:
         log(f"coregpt: LoRA r={lora.rank}, alpha={lora.alpha:g} on {', '.join(lora.targets)}"
             + (f", dropout {lora.dropout:g}" if lora.dropout else "") + f"; {parameter_counts(cfg, lora)}")
@@ -237,9 +238,9 @@ def run_pool(run, group):
 def load_state(cfg, s, arrays, tensors, ckpt):
     params, optimizer = arrays
     if ckpt is not None:
-        stream_checkpoint(ckpt, params, optimizer)
+        stream_checkpoint(ckpt, cfg, params, optimizer)
     elif tensors is None:
-        init_gpt2(cfg, params, s.seed)
+        family_of(cfg).init_params(cfg, params, s.seed)
     else:
         for name, view in params.items():
             view[...] = tensors[name]

@@ -10,10 +10,23 @@ PACKAGES = ("trainer", "workers", "launch")  # bottom to top
 LAYER = {package: rank for rank, package in enumerate(PACKAGES)}
 
 
+def python_modules(repo=REPO):
+    """-> {module: path} of every .py file of the three packages and their subpackages
+    (a package's __init__.py is the package: trainer.models)."""
+    modules = {}
+    for package in PACKAGES:
+        for folder, _, files in os.walk(os.path.join(repo, package)):
+            prefix = os.path.relpath(folder, repo).replace(os.sep, ".")
+            for name in files:
+                if name.endswith(".py"):
+                    module = prefix if name == "__init__.py" else f"{prefix}.{name[:-3]}"
+                    modules[module] = os.path.join(folder, name)
+    return modules
+
+
 def module_imports(repo=REPO):
     """-> {module: {our modules it imports}} for every .py file of the three packages."""
-    modules = {f"{package}.{name[:-3]}": os.path.join(repo, package, name)
-               for package in PACKAGES for name in os.listdir(os.path.join(repo, package)) if name.endswith(".py")}
+    modules = python_modules(repo)
     graph = {}
     for module, path in modules.items():
         with open(path) as f:
@@ -25,7 +38,8 @@ def module_imports(repo=REPO):
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:  # relative: from the module's own package
-                    base = ".".join(module.split(".")[:-node.level] + ([base] if base else []))
+                    here = module.split(".") + (["__init__"] if modules[module].endswith("__init__.py") else [])
+                    base = ".".join(here[:-node.level] + ([base] if base else []))
                 # `from trainer import gemm` imports the module trainer.gemm
                 names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
                          for alias in node.names]
@@ -93,26 +107,24 @@ def strategy_branches(repo=REPO):
     on a flag named after one (`if self.data:`)."""
     flags = ("parallel",) + STRATEGY_NAMES
     found = []
-    for package in PACKAGES:
-        for name in os.listdir(os.path.join(repo, package)):
-            module = f"{package}.{name[:-3]}"
-            if not name.endswith(".py") or module in STRATEGY_MODULES:
-                continue
-            with open(os.path.join(repo, package, name)) as f:
-                tree = ast.parse(f.read())
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Compare) and all(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
-                    sides = [node.left] + node.comparators
-                    if any(isinstance(side, ast.Constant) and side.value in STRATEGY_NAMES for side in sides) or any(
-                            isinstance(side, ast.Attribute) and side.attr == "parallel" for side in sides):
-                        found.append(f"{module}:{node.lineno}")
-                tests = [node.test] if isinstance(node, (ast.If, ast.IfExp)) else (
-                    node.ifs if isinstance(node, ast.comprehension) else [])
-                for test in tests:
-                    names = [n.attr if isinstance(n, ast.Attribute) else n.id for n in ast.walk(test)
-                             if isinstance(n, (ast.Attribute, ast.Name))]
-                    if any(n in flags for n in names) and not isinstance(test, ast.Compare):
-                        found.append(f"{module}:{test.lineno}")
+    for module, path in python_modules(repo).items():
+        if module in STRATEGY_MODULES:
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare) and all(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
+                sides = [node.left] + node.comparators
+                if any(isinstance(side, ast.Constant) and side.value in STRATEGY_NAMES for side in sides) or any(
+                        isinstance(side, ast.Attribute) and side.attr == "parallel" for side in sides):
+                    found.append(f"{module}:{node.lineno}")
+            tests = [node.test] if isinstance(node, (ast.If, ast.IfExp)) else (
+                node.ifs if isinstance(node, ast.comprehension) else [])
+            for test in tests:
+                names = [n.attr if isinstance(n, ast.Attribute) else n.id for n in ast.walk(test)
+                         if isinstance(n, (ast.Attribute, ast.Name))]
+                if any(n in flags for n in names) and not isinstance(test, ast.Compare):
+                    found.append(f"{module}:{test.lineno}")
     return sorted(set(found))
 
 

@@ -112,9 +112,10 @@ def test_model_gradients_match_peft(case):
 def one_step(case, lora, dropout_key=None):
     """coregpt's model alone, in process, on the case's base, adapters and first window:
     -> (mean loss, {adapter: gradient}).  dropout_key: (micro-batch, first token row)."""
-    from trainer.gpt import GPT
+    from trainer.models.gpt2 import Model as GPT
     from trainer.lora import adapter_layout
-    from trainer.params import GPTConfig, param_layout
+    from trainer.models import param_layout
+    from trainer.models.gpt2 import GPTConfig
     _, state, tokens, adapters, _, _ = case
     cfg = GPTConfig(TINY["n_layer"], TINY["n_head"], TINY["n_embd"], TINY["n_ctx"], TINY["vocab"])
     params = param_layout(cfg).allocate()[1]
@@ -165,7 +166,7 @@ def test_header_counts_as_peft_prints():
     """GPT-2 124M with r=8 on c_attn: peft's print_trainable_parameters line."""
     from launch.adapters import parameter_counts
     from trainer.lora import Lora
-    from trainer.params import PRESETS, GPTConfig
+    from trainer.models.gpt2 import PRESETS, GPTConfig
     line = parameter_counts(GPTConfig(**PRESETS["gpt2"]), Lora(8, 8.0, ("attn.c_attn",)))
     assert line == "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
 
@@ -315,8 +316,9 @@ def test_adapter_of_another_base(case, tmp_path):
 def test_dropout_gradients_match_peft_with_the_same_masks(case):
     """--lora-dropout: coregpt's masks put into peft's lora_dropout modules give the
     same loss and adapter gradients (through the dropped input, both ways)."""
-    from trainer.lora import TARGETS, Lora, dropout_mask, fans
-    from trainer.params import GPTConfig
+    from trainer.lora import Lora, dropout_mask
+    from trainer.models.gpt2 import LORA_TARGETS as TARGETS, lora_fans as fans
+    from trainer.models.gpt2 import GPTConfig
     _, state, tokens, adapters, _, _ = case
     cfg = GPTConfig(TINY["n_layer"], TINY["n_head"], TINY["n_embd"], TINY["n_ctx"], TINY["vocab"])
     loss, grads = one_step(case, Lora(RANK, ALPHA, ALL, dropout=0.3, seed=5), dropout_key=(3, 0))

@@ -5,9 +5,10 @@ import torch
 
 from torch_gpt2 import TorchGPT2, random_state
 from trainer import gemm
-from trainer.gpt import GPT
+from trainer.models.gpt2 import Model as GPT
 from workers.hybrid import assign
-from trainer.params import PRESETS, GPTConfig, init_gpt2, param_layout
+from trainer.models import param_layout
+from trainer.models.gpt2 import PRESETS, GPTConfig, init_params as init_gpt2
 
 
 def compare_gradients(n_layer, n_head, n_embd, n_ctx, B, T, seed=0):

@@ -15,8 +15,9 @@ from conftest import REPO, launch, read_metrics, write_tiny_inputs
 from test_parity import N_TOKENS, torch_reference, train_tiny
 from torch_gpt2 import TorchGPT2, random_state
 from trainer import gemm
-from trainer.gpt import GPT
-from trainer.params import PRESETS, GPTConfig, param_layout
+from trainer.models.gpt2 import Model as GPT
+from trainer.models import param_layout
+from trainer.models.gpt2 import PRESETS, GPTConfig
 
 ENGINES = ["numpy", "onednn", gemm.choose("bf16")[0], "emulated-bf16"]
 

@@ -264,7 +264,7 @@ def test_no_pickle_in_the_code():
 
 def test_shared_memory_and_socket_permissions(files):
     from trainer.gemm import Engine
-    from trainer.params import GPTConfig
+    from trainer.models.gpt2 import GPTConfig
     from workers import messages as msg
     from workers.hybrid import Hybrid
     from workers.pool import WorkerPool

@@ -9,7 +9,8 @@ import torch
 from conftest import TINY, write_token_file
 from torch_gpt2 import TorchGPT2, random_state
 from trainer.gemm import Engine
-from trainer.params import GPTConfig, param_layout
+from trainer.models import param_layout
+from trainer.models.gpt2 import GPTConfig
 from workers import messages as msg
 from workers.pool import WorkerPool
 from workers.strategies import STRATEGIES

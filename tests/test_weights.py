@@ -104,7 +104,7 @@ def test_not_a_safetensors_file(tmp_path):
 
 
 def test_checkpoint_config_is_hf_gpt2(tmp_path, state):
-    from trainer.params import GPTConfig
+    from trainer.models.gpt2 import GPTConfig
     from trainer.weights import save_model
     cfg = GPTConfig(n_layer=L, n_head=NH, n_embd=C, block_size=CTX)
     save_model(str(tmp_path), cfg, {k: v.numpy() for k, v in state.items()})

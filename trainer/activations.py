@@ -11,7 +11,7 @@ Alone (one process, or data parallelism) full and mine are the same rows.  In bf
 the activations only matmuls read (LOW_ONLY) keep their fp32 rows in a one-layer
 private scratch: the bf16 copy is all that must outlive the layer.
 
-A layer's weight gradients run as soon as its backward is done (gpt.py), so the
+A layer's weight gradients run as soon as its backward is done (the model), so the
 activations' gradients keep one layer's room, seen as every layer's (layer stride
 0); dresidual keeps two layers in turn (those weight gradients read dresidual[l+1]
 after dresidual[l] is written).  With recompute (activation checkpointing) so does
@@ -25,7 +25,7 @@ from trainer.gemm import to_low
 from trainer.params import Layout
 
 
-# rows of logits at a time: the lm head never holds all N x V of them (gpt.py's head).
+# rows of logits at a time: the lm head never holds all N x V of them (the model's head).
 # 256 rows of GPT-2's vocabulary are 51 MB; COREGPT_HEAD_ROWS changes it (the tests
 # shrink it so that a small batch already spans several chunks).
 HEAD_ROWS = 256
@@ -39,72 +39,39 @@ def head_rows(N, n_parts):
 
 def activation_shapes(cfg, B, T, training, n_parts=1, lora=None):
     """[(name, shape, row axis)] of every activation of B batch rows shared by n_parts
-    workers: the row axis is the one split between them (the N = B·T token rows; for
-    lse the B·NH (row, head) pairs of attention), after the layer axis if any (a row
-    axis of 1 means a layer axis first).  With LoRA (trainer.lora.Lora), each target's
-    u = (alpha/r) x A^T (N, r) and, training, its gradient du."""
-    L, C, NH, V, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B * T
-    shapes = [
-        ("residual", (L + 1, N, C), 1),
-        ("ln1", (L, N, C), 1), ("ln1_mean", (L, N, 1), 1), ("ln1_rstd", (L, N, 1), 1),
-        ("qkv", (L, N, 3 * C), 1), ("lse", (L, B * NH, T), 1), ("atty", (L, N, C), 1),
-        ("resid2", (L, N, C), 1),
-        ("ln2", (L, N, C), 1), ("ln2_mean", (L, N, 1), 1), ("ln2_rstd", (L, N, 1), 1),
-        ("fch", (L, N, 4 * C), 1), ("fch_gelu", (L, N, 4 * C), 1),
-        ("lnf", (N, C), 0), ("lnf_mean", (N, 1), 0), ("lnf_rstd", (N, 1), 0),
-        ("logits", (head_rows(N, n_parts), V), 0), ("rowtmp", (N, 1), 0),
-    ]
-    if training:  # gradients of every matmul output and layernorm input, for the weights' (one layer's)
-        shapes += [
-            ("dresidual", (L + 1, N, C), 1), ("dresid2", (L, N, C), 1),
-            ("dln1", (L, N, C), 1), ("dln2", (L, N, C), 1), ("dlnf", (N, C), 0),
-            ("dqkv", (L, N, 3 * C), 1), ("dfch", (L, N, 4 * C), 1),
-            ("norm", (N, C), 0), ("dnorm", (N, C), 0), ("datty", (N, C), 0),
-            ("gelu_th", (N, 4 * C), 0), ("gelu_slope", (N, 4 * C), 0),
-        ]
-    for target in lora.targets if lora else ():
-        shapes += [("u." + target, (L, N, lora.rank), 1)] + (
-            [("du." + target, (L, N, lora.rank), 1)] if training else [])
-    return shapes
+    workers, as the model family's spec names them (its activation_shapes)."""
+    return cfg.family.activation_shapes(cfg, B, T, training, head_rows(B * T, n_parts), lora)
 
 
-# activations that matmuls read: in bf16 each gets a bf16 copy (the logits' is of dlogits)
-LOW_COPIES = ("ln1", "atty", "ln2", "fch_gelu", "lnf", "dqkv", "dresid2", "dfch", "dresidual", "logits")
-# ... of which only matmuls read these: in bf16 their fp32 rows live in a one-layer scratch
-# (attention's backward reads its output atty, so that one keeps every layer's fp32 rows)
-LOW_ONLY = ("ln1", "ln2", "fch_gelu", "lnf")
-
-
-GRADIENTS = ("dresid2", "dln1", "dln2", "dqkv", "dfch")  # and dresidual
 # LoRA's u.{target} and du.{target}: only matmuls read them; du is a gradient
 LORA = ("u.", "du.")
 
 
-def low_copy(name):
-    return name in LOW_COPIES or name.startswith(LORA)
+def low_copy(spec, name):
+    return name in spec.LOW_COPIES or name.startswith(LORA)
 
 
-def low_only(name):
-    return name in LOW_ONLY or name.startswith(LORA)
+def low_only(spec, name):
+    return name in spec.LOW_ONLY or name.startswith(LORA)
 
 
-def stored_layers(name, layers, recompute):
+def stored_layers(spec, name, layers, recompute):
     """How many of an activation's `layers` are stored (see above)."""
-    if name == "dresidual":
+    if name == spec.RESIDUAL_GRADIENT:
         return 2
-    gradient = name in GRADIENTS or name.startswith("du.")
-    return 1 if gradient or (recompute and name != "residual") else layers
+    gradient = name in spec.GRADIENTS or name.startswith("du.")
+    return 1 if gradient or (recompute and name != spec.RESIDUAL) else layers
 
 
-def stored(shapes, recompute):
+def stored(spec, shapes, recompute):
     """shapes as stored (see stored_layers)."""
-    return [(name, (stored_layers(name, shape[0], recompute),) + shape[1:] if axis == 1 else shape, axis)
+    return [(name, (stored_layers(spec, name, shape[0], recompute),) + shape[1:] if axis == 1 else shape, axis)
             for name, shape, axis in shapes]
 
 
 def low_shapes(cfg, B, T, training, recompute=False, n_parts=1, lora=None):
-    return stored([shape for shape in activation_shapes(cfg, B, T, training, n_parts, lora)
-                   if low_copy(shape[0])], recompute)
+    return stored(cfg.family, [shape for shape in activation_shapes(cfg, B, T, training, n_parts, lora)
+                               if low_copy(cfg.family, shape[0])], recompute)
 
 
 def low_layout(cfg, B, T, training, recompute=False, n_parts=1, lora=None):
@@ -114,8 +81,8 @@ def low_layout(cfg, B, T, training, recompute=False, n_parts=1, lora=None):
 
 def shared_shapes(cfg, B, T, training, low, recompute=False, n_parts=1, lora=None):
     """The activations that live in the fp32 arena, as stored."""
-    return stored([shape for shape in activation_shapes(cfg, B, T, training, n_parts, lora)
-                   if not (low and low_only(shape[0]))], recompute)
+    return stored(cfg.family, [shape for shape in activation_shapes(cfg, B, T, training, n_parts, lora)
+                               if not (low and low_only(cfg.family, shape[0]))], recompute)
 
 
 def activation_layout(cfg, B, T, training, low=False, recompute=False, n_parts=1, lora=None):
@@ -206,7 +173,7 @@ class Activations:
             self.low_full, self.low_mine = views_of(low_arena, lows, layers, part, n_parts)
             self.mine.update({name: one_layer_scratch((layers[name],) + shape[1:] if axis == 1 else shape,
                                                       axis, part, n_parts)
-                              for name, shape, axis in lows if low_only(name)})
+                              for name, shape, axis in lows if low_only(cfg.family, name)})
         # what matmuls read: the bf16 copies, or the fp32 rows themselves
         self.matmul_inputs = self.low_full if self.low else self.full
         self.matmul_mine = self.low_mine if self.low else self.mine

@@ -14,7 +14,7 @@ A block's scores are kept transposed, keys x queries: the softmax then reduces a
 broadcasts across rows, which NumPy runs on whole rows (along the contiguous axis
 it would be row by row).
 
-Shapes: qkv (B,T,3C) as c_attn writes it; out (B,T',C) for the T' = T − start
+Shapes: qkv (B,T,3C) as the fused q, k, v projection writes it; out (B,T',C) for the T' = T − start
 queries at positions start… (start > 0 when earlier keys and values are cached);
 lse (B,NH,T').  Each call first copies its heads' q, k, v (and dO) into dense
 blocks of rows (bf16 in bf16), q and dO also transposed: oneDNN's AMX/brgemm

@@ -3,7 +3,7 @@ reading them tensor by tensor into the arenas.
 
 A LoRA checkpoint does not copy the base (GPT-2 XL is 6.2 GB; its adapter a few
 MB): it names it, as {"path": file, "sha256": of the file} for weights read from
-a file, or {"seed": s, "sha256": of the tensors} for GPT-2's initialisation, and
+a file, or {"seed": s, "sha256": of the tensors} for the model family's initialisation, and
 --resume, sample and export read it again and refuse a base that changed.
 A .safetensors base is read one tensor at a time into a buffer of the largest
 tensor, so the coordinator never holds the whole model (the memory plan says so).
@@ -14,9 +14,9 @@ import os
 
 import numpy as np
 
+from trainer import models
 from trainer.errors import WeightsError
-from trainer.params import gpt2_init_tensors, param_shapes
-from trainer.weights import checkpoint_dir, infer_config, load_checked, read_hf_config, weights_files
+from trainer.weights import checkpoint_dir, load_checked, read_hf_config, weights_files
 
 HASH_CHUNK = 1 << 24
 
@@ -45,7 +45,7 @@ class Base:
     def tensors(self):
         if self.path is None:
             digest = hashlib.sha256()
-            for name, tensor in gpt2_init_tensors(self.cfg, self.seed):
+            for name, tensor in models.family_of(self.cfg).init_tensors(self.cfg, self.seed):
                 digest.update(tensor.data)
                 yield name, tensor
             self.sha256 = digest.hexdigest()
@@ -54,7 +54,7 @@ class Base:
         else:  # an llm.c .bin: read whole (converting its layout needs every layer's block)
             _, tensors = load_checked(self.path)
             yield from ((name, np.ascontiguousarray(tensors[name], dtype=np.float32))
-                        for name, _ in param_shapes(self.cfg))
+                        for name, _ in models.param_shapes(self.cfg))
 
     def check(self, record, where):
         """Refuse a base whose digest differs from the checkpoint's `record`."""
@@ -88,21 +88,23 @@ def safetensors_header(path):
     except (OSError, ValueError, MemoryError) as e:
         raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
     header.pop("__metadata__", None)
-    return 8 + size, {name.removeprefix("transformer."): entry for name, entry in header.items()}
+    return 8 + size, header
 
 
 def read_config(path, config):
-    """The GPTConfig of a .safetensors base: its config.json, else its tensors' shapes."""
+    """The config of a .safetensors base: its config.json, else its tensors' shapes."""
     if config is not None:
         return read_hf_config(config)
     _, header = safetensors_header(path)
-    return infer_config({name: tuple(entry["shape"]) for name, entry in header.items()}, path)
+    return models.infer_config({name: tuple(entry["shape"]) for name, entry in header.items()}, path)
 
 
 def stream_safetensors(path, cfg):
     """Every parameter of cfg from a float32 .safetensors file, one tensor at a time."""
-    start, header = safetensors_header(path)
-    shapes = param_shapes(cfg)
+    start, raw = safetensors_header(path)
+    named = ((cfg.family.tensor_name(name), entry) for name, entry in raw.items())
+    header = {name: entry for name, entry in named if name is not None}
+    shapes = models.param_shapes(cfg)
     for name, shape in shapes:
         entry = header.get(name)
         if entry is None:
@@ -126,7 +128,8 @@ class Adapted:
     with its base: `merged()` -> {name: array} of W + (alpha/r) A^T B^T."""
 
     def __init__(self, directory):
-        from trainer.lora import check_adapters, read_peft
+        from trainer.lora import check_adapters
+        from trainer.peft import read_peft
         self.directory = directory
         self.lora, source, self.adapters = read_peft(directory)
         record = read_base_record(directory)
@@ -147,7 +150,7 @@ class Adapted:
 
 def recorded_base(record, cfg, seed=None):
     """The base a LoRA checkpoint's run state `record` names: its weights file, or
-    GPT-2's initialisation of `cfg` from the recorded seed (else `seed`)."""
+    the model family's initialisation of `cfg` from the recorded seed (else `seed`)."""
     return open_base(record["path"]) if record.get("path") else Base(cfg, seed=record.get("seed", seed))
 
 
@@ -164,7 +167,7 @@ def read_base_record(directory):
 
 def adapter_dir(source):
     """The LoRA adapter directory `source` names (a run, a checkpoint, a peft dir), or None."""
-    from trainer.lora import is_peft_dir
+    from trainer.peft import is_peft_dir
     if not os.path.isdir(source):
         return None
     directory = checkpoint_dir(source)
@@ -173,7 +176,7 @@ def adapter_dir(source):
 
 def load_model(source):
     """What `sample` and `export` read: anything --init-from takes, or a LoRA adapter
-    with its base (merged) -> (GPTConfig, {name: array})."""
+    with its base (merged) -> (config, {name: array})."""
     directory = adapter_dir(source)
     if directory is None:
         return load_checked(source)

@@ -1,5 +1,5 @@
-"""Run checkpoints: RUN/checkpoints/step_NNNNNN/ with model.safetensors (HF GPT-2
-names), config.json, optimizer.safetensors and state.json.  A LoRA run's holds
+"""Run checkpoints: RUN/checkpoints/step_NNNNNN/ with model.safetensors (the model
+family's HF names), config.json, optimizer.safetensors and state.json.  A LoRA run's holds
 the adapter as peft writes it (adapter_model.safetensors, adapter_config.json:
 the checkpoint is a peft adapter directory) instead of model.safetensors, and
 its state.json names the frozen base by path (or seed) and sha256 (trainer/base.py).
@@ -12,35 +12,21 @@ import json
 import os
 import shutil
 
-import numpy as np
-
-from trainer.adamw8bit import QBLOCK, quantized
 from trainer.files import atomic_write
-from trainer.lora import adapter_shapes, peft_name, save_peft
-from trainer.params import GPTConfig, param_shapes
-from trainer.weights import WeightsError, latest_checkpoint, save_model
-
-OPTIMS = ("adamw", "adamw8bit")
-
+from trainer import models
+from trainer.lora import adapter_shapes
+from trainer.optimizers import OPTIMIZERS
+from trainer.peft import peft_name, save_peft
+from trainer.weights import WeightsError, latest_checkpoint, read_hf_config, save_model
 
 def trained_shapes(cfg, lora):
-    return param_shapes(cfg) if lora is None else adapter_shapes(cfg, lora)
+    return models.param_shapes(cfg) if lora is None else adapter_shapes(cfg, lora)
 
 
 def optimizer_tensors(cfg, optim, lora=None):
-    """{prefix: {parameter: (shape, safetensors dtype)}} of the optimizer state
-    `optim` keeps for each trained tensor: fp32 m and v; or with adamw8bit, uint8 codes
-    and per-block absmax for the quantised tensors and fp32 m and v for the rest
-    (trainer/adamw8bit.py)."""
-    tensors = {"m.": {}, "v.": {}} | ({"m_absmax.": {}, "v_absmax.": {}} if optim == "adamw8bit" else {})
-    for name, shape in trained_shapes(cfg, lora):
-        for moment in ("m", "v"):
-            if optim == "adamw8bit" and quantized(shape):
-                tensors[f"{moment}."][name] = shape, "U8"
-                tensors[f"{moment}_absmax."][name] = (-(-int(np.prod(shape)) // QBLOCK),), "F32"
-            else:
-                tensors[f"{moment}."][name] = shape, "F32"
-    return tensors
+    """{prefix: {parameter: (shape, safetensors dtype)}} of the state optimizer `optim`
+    (a name in trainer/optimizers.py) keeps for each trained tensor."""
+    return OPTIMIZERS[optim].tensors(trained_shapes(cfg, lora))
 
 
 def fsync_dir(path):
@@ -68,10 +54,10 @@ def save_checkpoint(run_dir, step, cfg, params, optimizer, state, lora=None):
         if lora is None:
             save_model(tmp, cfg, params)
         else:
-            base = state["base"].get("path") or f"GPT-2 init, seed {state['base']['seed']}"
+            base = state["base"].get("path") or f"{cfg.model_type} init, seed {state['base']['seed']}"
             if base.endswith("/model.safetensors"):
                 base = os.path.dirname(base)  # the directory from_pretrained takes
-            save_peft(tmp, lora, params, base)
+            save_peft(tmp, cfg, lora, params, base)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(cfg.to_hf(), f, indent=2)
         save_file({prefix + name: a for prefix, views in optimizer.items() for name, a in views.items()},
@@ -123,20 +109,25 @@ def saved_setting(run_dir, key):
 def model_file(cfg, lora):
     """(file, {tensor name in the file: (shape, dtype)}) of a checkpoint's weights."""
     if lora is None:
-        return "model.safetensors", {name: (shape, "F32") for name, shape in param_shapes(cfg)}
-    return "adapter_model.safetensors", {peft_name(name): (shape, "F32") for name, shape in adapter_shapes(cfg, lora)}
+        return "model.safetensors", {name: (shape, "F32") for name, shape in models.param_shapes(cfg)}
+    return "adapter_model.safetensors", {peft_name(cfg, name): (shape, "F32")
+                                         for name, shape in adapter_shapes(cfg, lora)}
+
+
+def checkpoint_config(ckpt_dir):
+    """The model config a checkpoint's config.json holds."""
+    try:
+        return read_hf_config(os.path.join(ckpt_dir, "config.json"))
+    except (OSError, WeightsError) as e:
+        raise WeightsError(f"{ckpt_dir}: unreadable config.json ({e})") from None
 
 
 def check_checkpoint(ckpt_dir, optim, lora=None):
-    """-> the GPTConfig of a checkpoint to resume, once its files' headers show every
+    """-> the config of a checkpoint to resume, once its files' headers show every
     parameter and every tensor of optimizer `optim`'s state with its shape and dtype
     (no tensor is read: see stream_checkpoint)."""
     from safetensors import SafetensorError, safe_open
-    try:
-        with open(os.path.join(ckpt_dir, "config.json")) as f:
-            cfg = GPTConfig.from_hf(json.load(f))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise WeightsError(f"{ckpt_dir}: unreadable config.json ({e})") from None
+    cfg = checkpoint_config(ckpt_dir)
     weights, expected = model_file(cfg, lora)
     files = ((weights, {"": expected}), ("optimizer.safetensors", optimizer_tensors(cfg, optim, lora)))
     for file, expected in files:
@@ -161,13 +152,13 @@ def check_checkpoint(ckpt_dir, optim, lora=None):
     return cfg
 
 
-def stream_checkpoint(ckpt_dir, params, optimizer, lora=None):
+def stream_checkpoint(ckpt_dir, cfg, params, optimizer, lora=None):
     """Read a checkpoint (checked by check_checkpoint) into the views {name: view} of
     params and {prefix: {name: view}} of optimizer: each tensor's bytes go from the file straight into its view, with no copy
     in between and no mapping of the file (mapped pages would count as the
     coordinator's memory), so loading needs nothing beside the arenas.  With LoRA
     params are the adapters'."""
-    weights = {"": params} if lora is None else {"": {peft_name(k): v for k, v in params.items()}}
+    weights = {"": params} if lora is None else {"": {peft_name(cfg, k): v for k, v in params.items()}}
     for file, views_of in (("adapter_model.safetensors" if lora else "model.safetensors", weights),
                            ("optimizer.safetensors", optimizer)):
         path = os.path.join(ckpt_dir, file)

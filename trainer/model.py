@@ -1,6 +1,6 @@
 """GPT-2's layers in NumPy float32, one *_forward/*_backward pair per layer
 (and a *_weights_backward where the layer has weights: its weight gradients are
-a separate pass, see gpt.py).
+a separate pass, see the model family's model.py).
 
 Shapes: B rows, T positions, C channels, NH heads of HS = C/NH, V vocabulary,
 N = B·T.  Every function writes into buffers it is given (`out=`): the caller
@@ -18,32 +18,33 @@ GELU_S = np.float32(np.sqrt(2.0 / np.pi))
 GELU_K = np.float32(0.044715)
 
 
-def encoder_forward(out, idx, wte, wpe, first, T):
+def encoder_forward(out, idx, tokens, positions, first, T):
     """idx (n,) int, the token rows first…first+n of rows of T -> out (n,C) =
-    wte[idx] + wpe[position], position = row mod T"""
-    np.take(wte, idx, axis=0, out=out)
+    tokens[idx] + positions[position], position = row mod T (tokens: the token
+    embedding (V,C), positions: the learned position embedding)"""
+    np.take(tokens, idx, axis=0, out=out)
     lo = 0
     while lo < idx.size:  # one run of positions per batch row touched
         pos = (first + lo) % T
         n = min(T - pos, idx.size - lo)
-        out[lo:lo + n] += wpe[pos:pos + n]
+        out[lo:lo + n] += positions[pos:pos + n]
         lo += n
 
 
-def encoder_backward(dwte, dwpe, dout, idx, vocab_lo=0):
-    """dout (B,T,C) -> adds each row into the dwte row of its token, for the tokens in
-    dwte's slice of the vocabulary (ids vocab_lo…); dwte accumulates (the lm head
-    wrote it first).  dwpe, when given, is overwritten."""
-    if dwpe is not None:
+def encoder_backward(dtokens, dpositions, dout, idx, vocab_lo=0):
+    """dout (B,T,C) -> adds each row into the dtokens row of its token, for the tokens in
+    dtokens's slice of the vocabulary (ids vocab_lo…); dtokens accumulates (the lm head
+    wrote it first).  dpositions, when given, is overwritten."""
+    if dpositions is not None:
         T = idx.shape[1]
-        np.sum(dout, axis=0, out=dwpe[:T])
-        dwpe[T:] = 0
+        np.sum(dout, axis=0, out=dpositions[:T])
+        dpositions[T:] = 0
     ids, rows = idx.reshape(-1), dout.reshape(-1, dout.shape[-1])
-    if vocab_lo == 0 and dwte.shape[0] > ids.max():
-        np.add.at(dwte, ids, rows)
+    if vocab_lo == 0 and dtokens.shape[0] > ids.max():
+        np.add.at(dtokens, ids, rows)
     else:
-        mine = (ids >= vocab_lo) & (ids < vocab_lo + dwte.shape[0])
-        np.add.at(dwte, ids[mine] - vocab_lo, rows[mine])
+        mine = (ids >= vocab_lo) & (ids < vocab_lo + dtokens.shape[0])
+        np.add.at(dtokens, ids[mine] - vocab_lo, rows[mine])
 
 
 def layernorm_forward(out, mean, rstd, x, w, b):
@@ -149,21 +150,21 @@ def bias_backward(db, dout):
     np.sum(dout, axis=0, out=db)
 
 
-def lmhead_forward(logits, x, wte):
-    """x (N,C) -> logits (N,V) = x @ wte.T: the head is tied to the token embedding."""
-    matmul(logits, x, wte.T)
+def lmhead_forward(logits, x, embedding):
+    """x (N,C) -> logits (N,V) = x @ embedding.T: the head is tied to the token embedding."""
+    matmul(logits, x, embedding.T)
 
 
-def lmhead_backward(dx, dlogits, wte):
-    """dlogits (N,V) -> dx (N,C) = dlogits @ wte, overwritten."""
-    matmul(dx, dlogits, wte)
+def lmhead_backward(dx, dlogits, embedding):
+    """dlogits (N,V) -> dx (N,C) = dlogits @ embedding, overwritten."""
+    matmul(dx, dlogits, embedding)
 
 
-def lmhead_weights_backward(dwte, dlogits, x, accumulate=False):
-    """dlogits (N,V'), x (N,C) -> dwte (V',C) = dlogits.T @ x, overwritten (or added to,
+def lmhead_weights_backward(dembedding, dlogits, x, accumulate=False):
+    """dlogits (N,V'), x (N,C) -> dembedding (V',C) = dlogits.T @ x, overwritten (or added to,
     for a later chunk of rows); V' may be a slice of the vocabulary (then dlogits is
     the matching column slice)."""
-    matmul(dwte, dlogits.T, x, accumulate)
+    matmul(dembedding, dlogits.T, x, accumulate)
 
 
 # causal self-attention, blocked, without the T x T matrix (see attention.py)

@@ -1,68 +1,18 @@
-"""Model weights in and out: Hugging Face GPT-2 safetensors, llm.c .bin, coregpt checkpoints.
+"""Model weights in and out: Hugging Face safetensors (with config.json), llm.c .bin
+(trainer/llmc.py), coregpt checkpoints.
 
 Everything is read as plain arrays (safetensors, raw binary, JSON); nothing is
-ever unpickled.  Loaders return (GPTConfig, {hf_name: float32 array}).
+ever unpickled.  Loaders return (config, {name: float32 array}), the names and the
+config the model family's (trainer/models).
 """
 import json
 import logging
 import os
 import socket
 
-import numpy as np
-
+from trainer import models
 from trainer.errors import WeightsError
-from trainer.params import GPTConfig, PRESETS, param_shapes
-
-LLMC_MAGIC = 20240326
-HF_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-def llmc_order(cfg, padded_vocab):
-    """llm.c's tensors in file order: (HF name, or per-layer suffix if layered;
-    llm.c shape; stored (out, in), i.e. transposed from HF's Conv1D; layered)."""
-    C, L = cfg.n_embd, cfg.n_layer
-    per_layer = [("ln_1.weight", (C,), False), ("ln_1.bias", (C,), False),
-                 ("attn.c_attn.weight", (3 * C, C), True), ("attn.c_attn.bias", (3 * C,), False),
-                 ("attn.c_proj.weight", (C, C), True), ("attn.c_proj.bias", (C,), False),
-                 ("ln_2.weight", (C,), False), ("ln_2.bias", (C,), False),
-                 ("mlp.c_fc.weight", (4 * C, C), True), ("mlp.c_fc.bias", (4 * C,), False),
-                 ("mlp.c_proj.weight", (C, 4 * C), True), ("mlp.c_proj.bias", (C,), False)]
-    return ([("wte.weight", (padded_vocab, C), False, False),
-             ("wpe.weight", (cfg.block_size, C), False, False)]
-            + [(name, (L,) + shape, t, True) for name, shape, t in per_layer]
-            + [("ln_f.weight", (C,), False, False), ("ln_f.bias", (C,), False, False)])
-
-
-def load_llmc(path):
-    """llm.c checkpoint: version 3 (fp32) or 5 (bf16), header magic 20240326."""
-    header = np.fromfile(path, dtype=np.int32, count=256)
-    if header.size < 256 or header[0] != LLMC_MAGIC:
-        raise WeightsError(f"{path} is not an llm.c checkpoint (bad magic)")
-    version = int(header[1])
-    if version not in (3, 5):
-        raise WeightsError(f"{path}: unknown llm.c checkpoint version {version} (coregpt reads 3 and 5)")
-    maxT, V, L, NH, C, Vp = (int(x) for x in header[2:8])
-    try:
-        cfg = GPTConfig(n_layer=L, n_head=NH, n_embd=C, block_size=maxT, vocab_size=V).check()
-    except ValueError as e:
-        raise WeightsError(f"{path}: bad header ({e})") from None
-    order = llmc_order(cfg, Vp)
-    need = sum(int(np.prod(shape)) for _, shape, _, _ in order)
-    raw = np.fromfile(path, dtype=np.float32 if version == 3 else np.uint16, offset=1024)
-    if raw.size < need:
-        raise WeightsError(f"{path} is truncated: {raw.size} values, the header implies {need}")
-    if version == 5:  # bf16 is the top half of a float32
-        raw = (raw[:need].astype(np.uint32) << 16).view(np.float32)
-    tensors, offset = {}, 0
-    for name, shape, transposed, layered in order:
-        block = raw[offset:offset + int(np.prod(shape))].reshape(shape)
-        offset += block.size
-        for i, tensor in (enumerate(block) if layered else [(None, block)]):
-            key = name if i is None else f"h.{i}.{name}"
-            tensors[key] = np.ascontiguousarray(tensor.T if transposed else tensor)
-    tensors["wte.weight"] = tensors["wte.weight"][:V]
-    return cfg, tensors
-
+from trainer.llmc import load_llmc
 
 def read_safetensors(path):
     from safetensors import SafetensorError, safe_open
@@ -75,37 +25,33 @@ def read_safetensors(path):
         raise WeightsError(f"{path}: {e}") from None
 
 
-def infer_config(shapes, path):
-    """A bare .safetensors: the config from its tensors' {name: shape}; n_head = n_embd / 64."""
-    if "wte.weight" not in shapes or "wpe.weight" not in shapes:
-        raise WeightsError(f"{path} has no tensor wte.weight / wpe.weight: not GPT-2 weights")
-    V, C = shapes["wte.weight"]
-    layers = {int(k.split(".")[1]) for k in shapes if k.startswith("h.")}
-    return GPTConfig(n_layer=len(layers), n_head=max(1, C // 64), n_embd=C,
-                     block_size=shapes["wpe.weight"][0], vocab_size=V).check()
-
-
 def read_hf_config(path):
-    """An HF GPT-2 config.json -> GPTConfig."""
+    """An HF config.json -> the config of its model family."""
     with open(path) as f:
         try:
-            return GPTConfig.from_hf(json.load(f))
-        except (ValueError, KeyError, TypeError) as e:
-            raise WeightsError(f"{path}: not a GPT-2 config ({e})") from None
+            hf = json.load(f)
+        except ValueError as e:
+            raise WeightsError(f"{path}: not a model config ({e})") from None
+    try:
+        family = models.family(hf.get("model_type", models.DEFAULT) if isinstance(hf, dict) else models.DEFAULT)
+    except WeightsError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    try:
+        return family.Config.from_hf(hf)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{path}: not a {family.MODEL_TYPE} config ({e})") from None
 
 
 def load_safetensors(path, hf_config=None):
-    tensors = {}
-    for name, value in read_safetensors(path).items():
-        name = name.removeprefix("transformer.")
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # causal-mask buffers, and the head tied to wte
-        tensors[name] = value
+    """-> (config, {name: array}): the config from hf_config, else inferred from the
+    tensors' shapes; the names as the family names them (tensor_name)."""
+    raw = read_safetensors(path)
     if hf_config is not None:
         cfg = read_hf_config(hf_config)
     else:
-        cfg = infer_config({name: tuple(value.shape) for name, value in tensors.items()}, path)
-    return cfg, tensors
+        cfg = models.infer_config({name: tuple(value.shape) for name, value in raw.items()}, path)
+    named = ((cfg.family.tensor_name(name), value) for name, value in raw.items())
+    return cfg, {name: value for name, value in named if name is not None}
 
 
 def latest_checkpoint(run_dir):
@@ -133,7 +79,7 @@ def weights_files(source):
     """--init-from SOURCE -> (the weights file it names, its config.json or None):
     gpt2…gpt2-xl from the hub (cached or downloaded), an HF or coregpt directory (a
     run: its latest checkpoint), a .safetensors or an llm.c .bin."""
-    if source in HF_NAMES and not os.path.exists(source):
+    if source in models.hub_names() and not os.path.exists(source):
         return download_hf(source)
     if not os.path.exists(source):
         raise WeightsError(f"--init-from {source} does not exist")
@@ -198,7 +144,7 @@ def load_checked(source):
 
 def check_tensors(cfg, tensors, source):
     """Every tensor present with the shape the config implies; name the first that is not."""
-    for name, shape in param_shapes(cfg):
+    for name, shape in models.param_shapes(cfg):
         if name not in tensors:
             raise WeightsError(f"{source}: tensor {name} is missing")
         if tuple(tensors[name].shape) != shape:
@@ -207,20 +153,9 @@ def check_tensors(cfg, tensors, source):
 
 
 def save_model(directory, cfg, params):
-    """model.safetensors (HF GPT-2 names) + config.json into an existing directory."""
+    """model.safetensors (the family's HF names) + config.json into an existing directory."""
     from safetensors.numpy import save_file
     path = os.path.join(directory, "model.safetensors")
     save_file(dict(params), path, metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f, indent=2)
-
-
-def preset_config(name, overrides, vocab_size):
-    if name not in PRESETS:
-        raise WeightsError(f"unknown --model {name!r}; choose one of {', '.join(PRESETS)}")
-    values = dict(PRESETS[name], vocab_size=vocab_size)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return GPTConfig(**values).check()
-    except ValueError as e:
-        raise WeightsError(str(e)) from None

@@ -10,8 +10,8 @@ the later ones added.
 import numpy as np
 
 from trainer.activations import activation_layout, low_layout
-from trainer.gpt import weight_tasks
 from trainer.lora import trainable_layout
+from trainer.models import family_of
 from workers.barrier import PipeProgress
 from workers.messages import StepReport
 from workers.reduce import ReduceScatter, bucket_ranges, located, staging
@@ -34,7 +34,7 @@ def buckets_of(tasks):
 def gradient_buckets(cfg, lora):
     """-> (the trainable layout, its reduction buckets (buckets_of), their ranges, the
     indices of those written before the backward starts: the embedding's, by the lm head)."""
-    layout, buckets = trainable_layout(cfg, lora), buckets_of(weight_tasks(cfg, lora=lora))
+    layout, buckets = trainable_layout(cfg, lora), buckets_of(family_of(cfg).weight_tasks(cfg, lora=lora))
     early = [j for j, tasks in enumerate(buckets) if tasks and tasks[0].layer is None]
     return layout, buckets, bucket_ranges(layout, buckets), early
 

@@ -8,7 +8,7 @@ task and computed over the rows of every worker, so none needs summing.
 import time
 
 from trainer.activations import Activations, activation_layout, low_layout, rows_of
-from trainer.gpt import weight_tasks
+from trainer.models import family_of
 from workers.barrier import PipeBarrier
 from workers.messages import StepReport
 from workers.shm import SharedArena
@@ -57,7 +57,7 @@ def assign(cfg, n_parts, lora=None):
     gradients run between two barriers, so each layer's are balanced on their own:
     every matrix is cut into n_parts slices of rows, and the embedding into n_parts
     slices of the vocabulary, which balances them to within a few rows."""
-    tasks = weight_tasks(cfg, n_parts, n_parts, lora)
+    tasks = family_of(cfg).weight_tasks(cfg, n_parts, n_parts, lora)
     layers = {layer: [t for t in tasks if t.layer == layer] for layer in dict.fromkeys(t.layer for t in tasks)}
     shares = {layer: balance(group, n_parts) for layer, group in layers.items()}
     return [{layer: share[r] for layer, share in shares.items()} for r in range(n_parts)]

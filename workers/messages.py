@@ -10,14 +10,15 @@ from dataclasses import asdict, dataclass, field
 class Init:
     rank: int
     n_workers: int
-    config: dict  # GPTConfig's fields
+    model_type: str  # the model family's
+    config: dict  # its config's fields()
     pool_rows: int  # batch rows of the pool (split between its workers by the strategy)
     first_row: int  # of this pool's rows in the global batch (MPI ranks after the first)
     seq_len: int
     batch_rows: int  # the global batch
     train: str
     val: str | None
-    optim: dict  # kind (adamw or adamw8bit), beta1, beta2, eps, weight_decay
+    optim: dict  # kind (a name in trainer/optimizers.py), beta1, beta2, eps, weight_decay
     threads: int
     cores: list | None
     profile: bool

@@ -11,10 +11,10 @@ import time
 
 import zmq
 
-from trainer.adamw8bit import State8, side_layout
 from trainer.errors import WorkerError
 from trainer.lora import base_layout, trainable_layout
-from trainer.params import param_layout
+from trainer.models import param_layout
+from trainer.optimizers import DEFAULT as DEFAULT_OPTIMIZER, OPTIMIZERS
 from workers import messages as msg
 from workers.barrier import close_all, make_pipes
 from workers.shm import SharedArena
@@ -42,17 +42,7 @@ def blas_coretype():
     return "Zen" if amd_avx512 else None
 
 
-def optimizer_arenas(layout, optim):
-    """[(what, elements, dtype)] of the optimizer's state: Adam m and v laid out like
-    the parameters, in fp32; or with adamw8bit as one byte each, plus the fp32 side
-    of the 8-bit state (absmax per block, the small tensors' moments)."""
-    if optim == "adamw8bit":
-        return [("Adam m", layout.size, "uint8"), ("Adam v", layout.size, "uint8"),
-                ("Adam absmax", side_layout(layout).size, "float32")]
-    return [("Adam m", layout.size, "float32"), ("Adam v", layout.size, "float32")]
-
-
-def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False, optim="adamw", lora=None,
+def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False, optim=DEFAULT_OPTIMIZER, lora=None,
                 accumulating=False):
     """[(what, elements, dtype)] of a pool's shared arenas, in creation order: what
     every pool has (parameters; with LoRA the adapters; the optimizer's state and the
@@ -62,7 +52,7 @@ def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=
     sizes = [("params", base_layout(cfg, lora, engine.low).size, "float32")]
     if lora is not None:
         sizes.append(("adapters", trainable.size, "float32"))
-    sizes += optimizer_arenas(trainable, optim) + [("gradients", trainable.size, "float32")]
+    sizes += OPTIMIZERS[optim].arenas(trainable) + [("gradients", trainable.size, "float32")]
     if engine.low:
         sizes.append(("bf16 weights", param_layout(cfg).size, engine.low_dtype))
         if lora is not None:
@@ -92,8 +82,8 @@ class WorkerPool:
                 self.arenas.append(SharedArena.create(size, dtype))
             # workers find each arena by what arena_sizes calls it
             arena = {what: a for (what, _, _), a in zip(sizes, self.arenas)}
-            self.params, self.m, self.v, self.grads = (arena[k] for k in ("params", "Adam m", "Adam v", "gradients"))
-            self.absmax = arena.get("Adam absmax")  # adamw8bit's
+            self.params, self.grads = arena["params"], arena["gradients"]
+            self.optimizer = OPTIMIZERS[optim["kind"]](self.trainable, {what: a.array for what, a in arena.items()})
             self.adapters, self.low = arena.get("adapters"), arena.get("bf16 weights")  # LoRA's, bf16's
             names = {what: a.name for what, a in arena.items()}
             elements = {what: n for what, n, _ in sizes}
@@ -107,7 +97,8 @@ class WorkerPool:
             barrier_ends = self._start(endpoint, threads)
             self._gather(timeout=START_TIMEOUT_S)  # Hello
             self.blas = self.request([msg.Init(
-                rank=r, n_workers=n_workers, config=cfg.__dict__, pool_rows=pool_rows, first_row=first_row,
+                rank=r, n_workers=n_workers, model_type=cfg.model_type, config=cfg.fields(), pool_rows=pool_rows,
+                first_row=first_row,
                 seq_len=seq_len, batch_rows=batch_rows, train=train, val=val, optim=optim, threads=threads,
                 cores=cores[r] if cores else None, profile=profile, recompute=recompute, gemm=engine.name,
                 lora=list(lora) if lora else None,
@@ -126,9 +117,7 @@ class WorkerPool:
 
     def optimizer_views(self):
         """{prefix: {parameter: view}} of the optimizer's state, as checkpoints name it."""
-        if self.absmax is None:
-            return {"m.": self.trainable.views(self.m.array), "v.": self.trainable.views(self.v.array)}
-        return State8(self.trainable, self.m.array, self.v.array, self.absmax.array).views()
+        return self.optimizer.views()
 
     def trained(self):
         """{name: fp32 view} of what trains: the parameters, or the adapters."""

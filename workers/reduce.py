@@ -4,7 +4,7 @@ Every worker computes the whole gradient of its own rows into its own buffer;
 the W buffers are then summed in the fixed order 0…W−1 (so the result is
 deterministic) into buffer 0, which AdamW reads.  The gradient is cut into
 buckets in the order the weight gradients are computed: layer L−1 … 0, each as
-its backward ends, then the tied embedding with wpe and ln_f.  Worker r reduces
+its backward ends, then the embedding's (with the tensors outside the blocks).  Worker r reduces
 slice r of every bucket as soon as every worker has announced that bucket, so the
 work is even and reducing one bucket overlaps computing the next.
 

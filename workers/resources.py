@@ -59,9 +59,10 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     """The Plan of training settings `s` on this machine, with the run's GEMM engine
     and strategy class."""
     from trainer.lora import lora_of, trainable_layout
-    from trainer.params import param_layout
+    from trainer.models import param_layout
+    from trainer.optimizers import OPTIMIZERS
     from workers.pool import arena_sizes
-    workers, lora = s.workers, lora_of(s)
+    workers, lora = s.workers, lora_of(s, cfg.family)
     pool_rows = s.batch_size // ranks
     arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
               arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute, s.optim, lora,
@@ -75,7 +76,7 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     scratch = strategy.scratch_floats(cfg, workers, lora, s.grad_accum > 1)
     private = 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + 4 * scratch
     private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers, s.recompute, lora)
-    if lora and lora.dropout:  # a worker's masks and dropped inputs (trainer/gpt.py's buffers)
+    if lora and lora.dropout:  # a worker's masks and dropped inputs (the model's buffers)
         private += 4 * 4 * pool_rows * s.seq_len * 4 * cfg.n_embd
     if s.no_checkpoint:
         kept = 0
@@ -90,7 +91,8 @@ def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
     largest = max(int(np.prod(shape)) for shape in layout.shapes.values())
     streamed = s.resume or (lora and not (s.init_from or "").endswith(".bin"))
     loading = 4 * (largest if streamed else layout.size if s.init_from else 0)
-    optimizer = sum(b for what, b in arenas if what.startswith("Adam"))
+    optimizer = sum(n * np.dtype(dtype).itemsize for _, n, dtype in OPTIMIZERS[s.optim].arenas(
+        trainable_layout(cfg, lora)))
     return Plan(arenas, params, workers, local_ranks, private, kept, loading, optimizer)
 
 
@@ -110,13 +112,15 @@ def lighter_settings(s, ranks):
         if not s.recompute:
             lighter.append((f"--batch-size {batch} --grad-accum {accum} --recompute", {**changes, "recompute": True}))
         k *= 2
-    if s.optim == "adamw8bit":
+    from trainer.optimizers import OPTIMIZERS
+    smaller = OPTIMIZERS[s.optim].lighter  # an optimizer whose state takes less memory
+    if smaller is None:
         return lighter
-    eight_bit = lambda flags, changes: (f"{flags} --optim adamw8bit".strip(), {**changes, "optim": "adamw8bit"})  # noqa: E731
+    with_smaller = lambda flags, changes: (f"{flags} --optim {smaller}".strip(), {**changes, "optim": smaller})  # noqa: E731
     first = [] if s.recompute else lighter[:1]  # --recompute alone: the same numbers, only slower
-    options = first + [eight_bit("", {})] + [eight_bit(*option) for option in first]
+    options = first + [with_smaller("", {})] + [with_smaller(*option) for option in first]
     for option in lighter[len(first):]:
-        options += [option, eight_bit(*option)]
+        options += [option, with_smaller(*option)]
     return options
 
 

@@ -8,12 +8,12 @@ A strategy class says, before any process starts,
     buffer every pool has (`arena_sizes`), and the private bytes of each worker
     (`private_bytes`: its activations, when they are not shared);
 and, built inside each worker (`__init__(worker)`),
-  - its model (trainer.gpt.GPT over an activation table, with its matmul split),
+  - its model (the model family's Model over an activation table, with its matmul split),
   - which token rows a worker loads (`load`),
   - the schedule of one micro-batch (`step` -> a StepReport), including how the
-    weight-gradient tasks of `trainer.gpt.weight_tasks` are shared and how the
+    weight-gradient tasks of the family's `weight_tasks` are shared and how the
     gradients end up summed in the pool's gradient buffer.  A layer's weight
-    gradients run as soon as its backward is done (`GPT.backward_inputs(layer_done)`),
+    gradients run as soon as its backward is done (`Model.backward_inputs(layer_done)`),
     the embedding's after the last.
 Register a new one in workers/strategies.py.
 """
@@ -22,29 +22,38 @@ import time
 import numpy as np
 
 from trainer.data import window_start
-from trainer.gpt import GPT
 from trainer.lora import trainable_layout
+from trainer.models import family_of
 from trainer.optim import sum_squares
 from trainer.params import Layout
 
 
-def scratch_layout(layout):
+def scratch_name(family, name):
+    """A tensor's room in the scratch: its own, or "block.…" for a block's (family.block_tensor)."""
+    block = family.block_tensor(name)
+    return name if block is None else "block." + block[1]
+
+
+def scratch_layout(family, layout):
     """The layout of a micro-batch's private gradient scratch (gradient accumulation):
-    the tensors outside the blocks each their own room (the lm head writes wte's in the
-    forward, long before its task adds it), and one block's room for the tensors of
-    every block ("h.{l}.…" seen as "block.…"), since weight_task adds a task's
-    gradients to the step's as soon as it has written them."""
-    block = [("block." + name.split(".", 2)[2], shape) for name, shape in layout.shapes.items()
-             if name.startswith("h.0.")]
-    return Layout([(name, shape) for name, shape in layout.shapes.items() if not name.startswith("h.")] + block)
+    the tensors outside the blocks each their own room (the tied lm head writes the
+    embedding's in the forward, long before its task adds it), and one block's room
+    for the tensors of every block, since weight_task adds a task's gradients to the
+    step's as soon as it has written them."""
+    rooms = {}
+    for name, shape in layout.shapes.items():
+        block = family.block_tensor(name)
+        if block is None or block[0] == 0:
+            rooms[scratch_name(family, name)] = shape
+    outside = [(name, shape) for name, shape in rooms.items() if not name.startswith("block.")]
+    return Layout(outside + [(name, shape) for name, shape in rooms.items() if name.startswith("block.")])
 
 
-def scratch_views(layout):
+def scratch_views(family, layout):
     """A zeroed scratch (scratch_layout) -> {name of layout: its view}."""
-    room = scratch_layout(layout)
+    room = scratch_layout(family, layout)
     views = room.views(np.zeros(room.size, dtype=np.float32))
-    return {name: views["block." + name.split(".", 2)[2] if name.startswith("h.") else name]
-            for name in layout.shapes}
+    return {name: views[scratch_name(family, name)] for name in layout.shapes}
 
 
 class Strategy:
@@ -64,7 +73,7 @@ class Strategy:
     @staticmethod
     def scratch_floats(cfg, n_workers, lora=None, accumulating=False):
         """Floats of each worker's private gradient scratch (see written)."""
-        return scratch_layout(trainable_layout(cfg, lora)).size if accumulating else 0
+        return scratch_layout(cfg.family, trainable_layout(cfg, lora)).size if accumulating else 0
 
     @staticmethod
     def private_bytes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
@@ -79,7 +88,7 @@ class Strategy:
         w = self.worker
         adapters = w.trainable.views(w.adapters.array) if w.lora else None
         low_adapters = w.trainable.views(w.adapters_low.array) if w.lora and w.adapters_low else None
-        return GPT(w.cfg, rows, w.seq_len, w.base.views(w.params.array), grads, w.low_params,
+        return family_of(w.cfg).Model(w.cfg, rows, w.seq_len, w.base.views(w.params.array), grads, w.low_params,
                    layers=w.layers, recompute=w.recompute, lora=w.lora, adapters=adapters,
                    low_adapters=low_adapters, **kwargs)
 
@@ -103,7 +112,7 @@ class Strategy:
         first micro-batch of a step; for later ones (gradient accumulation) a private
         scratch (scratch_layout), added to grads by weight_task."""
         if accumulate and self.scratch is None:
-            self.scratch = scratch_views(self.worker.trainable)
+            self.scratch = scratch_views(self.worker.cfg.family, self.worker.trainable)
         return self.scratch if accumulate else grads
 
     def weight_task(self, task, grads, accumulate):

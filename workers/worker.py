@@ -13,10 +13,10 @@ import zmq
 
 from trainer import gemm, model
 from trainer.data import open_tokens
-from trainer.adamw8bit import State8, block_bounds
-from trainer.optim import BLOCK, adamw_update, sum_squares
+from trainer.optim import sum_squares
+from trainer.optimizers import OPTIMIZERS
 from trainer.lora import Lora, base_layout, trainable_layout
-from trainer.params import GPTConfig, param_layout, shard_bounds
+from trainer.models import config_from_fields, param_layout
 from trainer.profile import TimedLayers
 from workers import messages as msg
 from workers.barrier import PeerGone
@@ -37,7 +37,7 @@ class Worker:
         self.blas = ", ".join(
             f"{lib['internal_api']} {lib['version']} {lib.get('architecture') or ''}".strip()
             for lib in threadpool_info() if lib["user_api"] == "blas")
-        self.cfg = GPTConfig(**init.config)
+        self.cfg = config_from_fields(init.model_type, init.config)
         self.lora = Lora(*init.lora) if init.lora else None
         self.layout = param_layout(self.cfg)  # the model's parameters
         self.base = base_layout(self.cfg, self.lora, self.engine.low)  # ... held in fp32
@@ -52,13 +52,10 @@ class Worker:
         self.adapters = attach("adapters") if self.lora else None
         # what trains, in fp32 and (bf16 matmuls) its bf16 copy: the parameters, or the adapters
         self.trained, self.trained_low = self.adapters if self.lora else self.params, None
-        self.optim = init.optim
-        eight_bit = self.optim["kind"] == "adamw8bit"
-        self.m, self.v = (attach(what, np.uint8 if eight_bit else np.float32) for what in ("Adam m", "Adam v"))
-        self.state8 = None
-        if eight_bit:
-            self.absmax = attach("Adam absmax")
-            self.state8 = State8(layout, self.m.array, self.v.array, self.absmax.array)
+        self.optim = init.optim  # its kind (a name in OPTIMIZERS) and hyper-parameters
+        kind = OPTIMIZERS[self.optim["kind"]]
+        self.optimizer_arenas = {what: attach(what, np.dtype(dtype)) for what, _, dtype in kind.arenas(layout)}
+        self.optimizer = kind(layout, {what: a.array for what, a in self.optimizer_arenas.items()})
         self.params_low = self.low_params = self.adapters_low = None
         if self.engine.low:
             self.params_low = SharedArena.attach(self.arena_names["bf16 weights"], self.layout.size,
@@ -67,8 +64,7 @@ class Worker:
             if self.lora:
                 self.adapters_low = attach("bf16 adapters", self.engine.low_dtype)
             self.trained_low = self.adapters_low if self.lora else self.params_low
-        shards = shard_bounds(layout.size, self.n_workers)
-        self.lo, self.hi = (block_bounds(layout, shards) if eight_bit else shards)[self.rank]
+        self.lo, self.hi = kind.shards(layout, self.n_workers)[self.rank]
         # (tensor, start, end) of each parameter's part of this worker's shard
         self.segments = [(name, max(first, self.lo), min(first + int(np.prod(shape)), self.hi))
                          for name, shape in layout.shapes.items()
@@ -78,7 +74,6 @@ class Worker:
         self.val = open_tokens(init.val) if init.val else None
         self.layers = TimedLayers(model) if init.profile else model
         self.strategy = STRATEGIES[init.parallel](self)
-        self.tmp = np.empty(BLOCK, dtype=np.float32)
 
     def evaluate(self, windows):
         loss = 0.0
@@ -96,18 +91,14 @@ class Worker:
         """AdamW on this worker's shard; with bf16 matmuls it also writes the shard's
         bf16 copy, block by block while the block is in cache."""
         t0, conv0 = time.perf_counter(), self.engine.convert_seconds
-        p, g, m, v = self.trained.array, self.grads.array, self.m.array, self.v.array
+        p, g = self.trained.array, self.grads.array
         low = self.trained_low.array if self.trained_low else None
         o = self.optim
         for name, s, e in self.segments:
             decays = len(self.trainable.shapes[name]) == 2  # weight decay on 2-D tensors only
-            adamw = dict(lr=lr, t=t, beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"],
+            hyper = dict(lr=lr, t=t, beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"],
                          weight_decay=o["weight_decay"] if decays else 0.0, grad_scale=scale)
-            p_low = None if low is None else low[s:e]
-            if self.state8:
-                self.state8.update(name, s, e, p[s:e], g[s:e], p_low, **adamw)
-            else:
-                adamw_update(p[s:e], g[s:e], m[s:e], v[s:e], self.tmp, p_low=p_low, **adamw)
+            self.optimizer.update(name, s, e, p[s:e], g[s:e], None if low is None else low[s:e], **hyper)
         return msg.UpdateReport(time.perf_counter() - t0, self.engine.convert_seconds - conv0)
 
     def cast(self):

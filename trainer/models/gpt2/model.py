@@ -1,4 +1,4 @@
-"""GPT-2's math for B rows of T tokens: forward, the activations' gradients, and the
+"""GPT-2's model: its math for B rows of T tokens: forward, the activations' gradients, and the
 weights' gradients, over the activation table (activations.py) and parameter views,
 built from model.py's layers.
 
@@ -22,7 +22,8 @@ import numpy as np
 from trainer import model
 from trainer.activations import Activations, rows_of, share
 from trainer.gemm import to_low
-from trainer.lora import TARGETS, dropout_mask, fans
+from trainer.lora import dropout_mask
+from trainer.models.gpt2.config import LORA_TARGETS, lora_fans
 
 
 def matmul_alone(fn, out, inp, weight, transposed=False):
@@ -84,7 +85,7 @@ def weight_tasks(cfg, vocab_parts=1, matrix_parts=1, lora=None):
     With LoRA only the adapters train: one task per target and layer, writing its A and B."""
     C, V = cfg.n_embd, cfg.vocab_size
     if lora is not None:
-        return [WeightTask(t, l, 0, lora.rank, sum(fans(cfg, t)) * lora.rank,
+        return [WeightTask(t, l, 0, lora.rank, sum(lora_fans(cfg, t)) * lora.rank,
                            tuple((f"h.{l}.{t}.lora_{k}", 0, None) for k in "AB"))
                 for l in range(cfg.n_layer) for t in lora.targets]
     cuts = [V * k // vocab_parts for k in range(vocab_parts + 1)]
@@ -295,7 +296,8 @@ class GPT:
         """The dropout mask of token rows first… of this model's batch, for layer l's target."""
         mask = self.buffer("mask", shape)
         window, first_token = self.dropout_key
-        dropout_mask(mask, self.lora.dropout, (self.lora.seed, window, l, TARGETS.index(target)), first_token + first)
+        dropout_mask(mask, self.lora.dropout, (self.lora.seed, window, l, LORA_TARGETS.index(target)),
+                     first_token + first)
         return mask
 
     def dropped(self, l, target, x, first):

@@ -1,0 +1,83 @@
+"""Each component owns its concern: GPT-2's names live in the GPT-2 family (and llm.c's
+format, which is GPT-2's by definition), the families import nothing from workers/
+or launch/, and which optimizer runs is known only to the optimizers' registry.
+The checks walk the syntax tree: string constants (not docstrings) and the names of
+variables, attributes, arguments, functions and classes."""
+import ast
+import re
+
+from test_layers import module_imports, python_modules
+
+GPT2_MODULES = ("trainer.models.gpt2", "trainer.llmc")
+# Hugging Face GPT-2's parameter names, and its blocks' prefix h.{l}.
+GPT2_NAMES = re.compile(r"(^|[^a-z])(wte|wpe|c_attn|c_proj|c_fc|ln_f|ln_1|ln_2)([^a-z0-9]|$)|^h\.")
+OPTIMIZER_MODULES = ("trainer.optimizers", "trainer.adamw8bit")
+OPTIMIZER_NAMES = ("adamw", "adamw8bit")
+
+
+def docstrings(tree):
+    return {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+
+
+def words(tree):
+    """-> [(line, text)] of the string constants (docstrings aside) and identifiers of a tree."""
+    skip, found = docstrings(tree), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
+            found.append((node.lineno, node.value))
+        elif isinstance(node, (ast.Name, ast.Attribute, ast.arg, ast.FunctionDef, ast.ClassDef)):
+            text = {ast.Name: "id", ast.Attribute: "attr", ast.arg: "arg"}.get(type(node), "name")
+            found.append((node.lineno, getattr(node, text)))
+    return found
+
+
+def outside(allowed, match, repo=None):
+    """-> ['module:line: text'] of every word that `match` accepts in a module outside `allowed`."""
+    found = []
+    for module, path in sorted(python_modules(*([repo] if repo else [])).items()):
+        if module.startswith(allowed):
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        found += [f"{module}:{line}: {text!r}" for line, text in words(tree) if match(text)]
+    return found
+
+
+def gpt2_names(repo=None):
+    return outside(GPT2_MODULES, GPT2_NAMES.search, repo)
+
+
+def optimizer_names(repo=None):
+    return outside(OPTIMIZER_MODULES, lambda text: text in OPTIMIZER_NAMES, repo)
+
+
+def test_no_gpt2_name_outside_the_gpt2_family():
+    assert gpt2_names() == []
+
+
+def test_the_families_import_nothing_from_workers_or_launch():
+    graph = module_imports()
+    assert sorted(f"{module} imports {target}" for module, targets in graph.items()
+                  if module.startswith("trainer.models") for target in targets
+                  if not target.startswith("trainer.")) == []
+
+
+def test_no_optimizer_named_outside_the_optimizers():
+    assert optimizer_names() == []
+
+
+def test_the_checks_see_names_in_strings_and_identifiers(tmp_path):
+    """The checkers, on a small tree: a GPT-2 name as a string, an f-string prefix and
+    an argument, and an optimizer's name compared, are found; a docstring and the
+    family's own module are not."""
+    for package in ("trainer", "workers", "launch"):
+        (tmp_path / package).mkdir()
+    (tmp_path / "trainer" / "models").mkdir()
+    (tmp_path / "trainer" / "models" / "gpt2.py").write_text("x = 'wte.weight'\n")  # the family's own: allowed
+    (tmp_path / "trainer" / "head.py").write_text('"""ties wte"""\ndef f(wte):\n    return f"h.{1}.ln_1"\n')
+    (tmp_path / "workers" / "pool.py").write_text("y = 1\nif kind == 'adamw8bit':\n    pass\n")
+    assert gpt2_names(str(tmp_path)) == ["trainer.head:2: 'wte'", "trainer.head:3: 'h.'",
+                                         "trainer.head:3: '.ln_1'"]
+    assert optimizer_names(str(tmp_path)) == ["workers.pool:2: 'adamw8bit'"]

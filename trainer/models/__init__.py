@@ -1,0 +1,74 @@
+"""The model families, each one package behind this registry, keyed by Hugging Face
+`model_type`.  A family says everything that is its own: config and presets,
+parameter shapes and names, initialisation, the activation spec, the model
+(forward/backward over trainer/model.py's layers, the head, the weight-gradient
+tasks), the KV-cached forward, the LoRA target table.  Everything else asks it
+through this module (or, in trainer/ modules the families themselves import,
+through `cfg.family`, the module of the config's tables)."""
+from trainer.errors import WeightsError
+from trainer.models import gpt2
+from trainer.params import Layout
+
+FAMILIES = {family.MODEL_TYPE: family for family in (gpt2,)}
+DEFAULT = gpt2.MODEL_TYPE  # a config.json without model_type, a --model preset name alone
+
+
+def family(model_type):
+    """The family package of a Hugging Face model_type; an unknown one is bad input."""
+    if model_type not in FAMILIES:
+        raise WeightsError(f"model_type {model_type!r} is not a family coregpt trains "
+                           f"(it trains {', '.join(FAMILIES)})")
+    return FAMILIES[model_type]
+
+
+def family_of(cfg):
+    return FAMILIES[cfg.model_type]
+
+
+def config_from_hf(hf):
+    """A Hugging Face config.json's dict -> the config of its family."""
+    return family(hf.get("model_type", DEFAULT)).Config.from_hf(hf)
+
+
+def config_from_fields(model_type, fields):
+    """What a config's fields() gave -> the config (workers rebuild the run's from it)."""
+    return family(model_type).Config(**fields)
+
+
+def presets():
+    """Every --model preset name -> its family."""
+    return {name: fam for fam in FAMILIES.values() for name in fam.PRESETS}
+
+
+def preset_config(name, overrides, vocab_size=None):
+    """--model NAME with --n-layer… overrides (None: the preset's)."""
+    fam = presets().get(name)
+    if fam is None:
+        raise WeightsError(f"unknown --model {name!r}; choose one of {', '.join(presets())}")
+    return fam.preset(name, overrides) if vocab_size is None else fam.preset(name, overrides, vocab_size)
+
+
+def infer_config(shapes, path):
+    """A bare .safetensors: {name in the file: shape} -> the config of the first family
+    that recognises its tensors (each family's infer_config, on its names)."""
+    errors = []
+    for fam in FAMILIES.values():
+        named = {fam.tensor_name(name): shape for name, shape in shapes.items()}
+        try:
+            return fam.infer_config({name: shape for name, shape in named.items() if name is not None}, path)
+        except WeightsError as e:
+            errors.append(e)
+    raise errors[0]
+
+
+def hub_names():
+    return tuple(name for fam in FAMILIES.values() for name in fam.HUB_NAMES)
+
+
+def param_shapes(cfg):
+    """[(name, shape)] of the model's parameters, in arena order."""
+    return family_of(cfg).param_shapes(cfg)
+
+
+def param_layout(cfg):
+    return Layout(param_shapes(cfg))
