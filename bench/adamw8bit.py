@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from trainer.adamw8bit import State8, side_layout  # noqa: E402
+from trainer.gemm import Engine  # noqa: E402
 from trainer.optim import BLOCK, adamw_update  # noqa: E402
 from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, GPTConfig, PRESETS
 from trainer.models import param_layout  # noqa: E402
@@ -35,7 +36,7 @@ def main():
     grads = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
     m, v, tmp = np.zeros(n, np.float32), np.zeros(n, np.float32), np.empty(BLOCK, np.float32)
     state = State8(layout, np.zeros(n, np.uint8), np.zeros(n, np.uint8), np.zeros(side_layout(layout).size, np.float32))
-    hyper = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, grad_scale=1.0)
+    hyper = dict(engine=Engine("numpy"), lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, grad_scale=1.0)
 
     def fp32(t):
         for name, shape in layout.shapes.items():

@@ -48,10 +48,10 @@ def main():
     engines = ["numpy"] + ([] if gemm.onednn_library() is None else ["onednn", gemm.choose("bf16")[0]])
     with threadpool_limits(1):
         for name in engines:
-            gemm.install(name)
+            work = attention.Workspace(gemm.Engine(name))
             out, lse, dqkv = np.zeros((B, T, C), np.float32), np.zeros((B, NH, T), np.float32), np.zeros_like(qkv)
-            forward = median_ms(lambda: attention.attention_forward(out, lse, qkv, NH))
-            backward = median_ms(lambda: attention.attention_backward(dqkv, dout, qkv, out, lse, NH))
+            forward = median_ms(lambda: attention.attention_forward(work, out, lse, qkv, NH))
+            backward = median_ms(lambda: attention.attention_backward(work, dqkv, dout, qkv, out, lse, NH))
             errors = [np.abs(ours - want).max() / np.abs(want).max()
                       for ours, want in ((out, exact_out), (dqkv, exact_grad))]
             print(f"{name:14} forward {forward:7.1f} ms  backward {backward:7.1f} ms  "

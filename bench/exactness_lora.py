@@ -8,6 +8,7 @@ gradients in process.
 
 Prints, per run, the largest |loss − peft's|, |adapter weight − peft's| and relative
 |grad_norm − the float64 norm|."""
+import argparse
 import os
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from test_parity import SMALL_CHUNKS  # noqa: E402
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     with tempfile.TemporaryDirectory(prefix="coregpt-exact-") as tmp:
         root, *_, (losses, adapters, norms) = make_case(Path(tmp))
         print(f"{'run':12} {'max |dloss|':>12} {'max |dweight|':>14} {'max rel dnorm':>14}")

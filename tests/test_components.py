@@ -68,6 +68,33 @@ def test_no_optimizer_named_outside_the_optimizers():
     assert optimizer_names() == []
 
 
+def module_state(repo=None):
+    """-> ['module:line'] of every `global` statement and every module-level name bound
+    to an empty dict, list or set (a cache to be filled) in trainer/."""
+    found = []
+    for module, path in sorted(python_modules(*([repo] if repo else [])).items()):
+        if not module.startswith("trainer"):
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        found += [f"{module}:{node.lineno}" for node in ast.walk(tree) if isinstance(node, ast.Global)]
+        for node in tree.body:
+            value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+            empty = (isinstance(value, (ast.Dict, ast.List, ast.Set)) and not getattr(value, "keys", None)
+                     and not getattr(value, "elts", None)) or (
+                isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+                and value.func.id in ("dict", "list", "set") and not value.args and not value.keywords)
+            if empty:
+                found.append(f"{module}:{node.lineno}")
+    return sorted(found, key=lambda where: (where.rsplit(":", 1)[0], int(where.rsplit(":", 1)[1])))
+
+
+def test_no_engine_or_cache_in_module_state():
+    """The GEMM engine is passed to what multiplies, and buffers belong to an object
+    (attention's Workspace): no module of trainer/ holds state of its own."""
+    assert module_state() == []
+
+
 def test_the_checks_see_names_in_strings_and_identifiers(tmp_path):
     """The checkers, on a small tree: a GPT-2 name as a string, an f-string prefix and
     an argument, and an optimizer's name compared, are found; a docstring and the
@@ -81,3 +108,6 @@ def test_the_checks_see_names_in_strings_and_identifiers(tmp_path):
     assert gpt2_names(str(tmp_path)) == ["trainer.head:2: 'wte'", "trainer.head:3: 'h.'",
                                          "trainer.head:3: '.ln_1'"]
     assert optimizer_names(str(tmp_path)) == ["workers.pool:2: 'adamw8bit'"]
+    (tmp_path / "trainer" / "gemm.py").write_text("_engine = None\n_cache = {}\nTABLE = {'a': 1}\nSEEN = set()\n"
+                                                  "def install(e):\n    global _engine\n    _engine = e\n")
+    assert module_state(str(tmp_path)) == ["trainer.gemm:2", "trainer.gemm:4", "trainer.gemm:6"]

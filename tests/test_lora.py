@@ -112,6 +112,8 @@ def test_model_gradients_match_peft(case):
 def one_step(case, lora, dropout_key=None):
     """coregpt's model alone, in process, on the case's base, adapters and first window:
     -> (mean loss, {adapter: gradient}).  dropout_key: (micro-batch, first token row)."""
+    from trainer.gemm import Engine
+    from trainer.model import Layers
     from trainer.models.gpt2 import Model as GPT
     from trainer.lora import adapter_layout
     from trainer.models import param_layout
@@ -124,7 +126,7 @@ def one_step(case, lora, dropout_key=None):
     mine, grads = adapter_layout(cfg, lora).allocate()[1], adapter_layout(cfg, lora).allocate()[1]
     for name, view in mine.items():
         view[...] = adapters[name]
-    model = GPT(cfg, B, T, params, grads, lora=lora, adapters=mine)
+    model = GPT(cfg, B, T, params, grads, lora=lora, adapters=mine, layers=Layers(Engine("numpy")))
     model.load_batch(tokens)
     if dropout_key is not None:
         model.dropout_key = dropout_key

@@ -5,6 +5,8 @@ import torch
 
 from torch_gpt2 import TorchGPT2, random_state
 from trainer import gemm
+from trainer.gemm import Engine
+from trainer.model import Layers
 from trainer.models.gpt2 import Model as GPT
 from workers.hybrid import assign
 from trainer.models import param_layout
@@ -21,7 +23,7 @@ def compare_gradients(n_layer, n_head, n_embd, n_ctx, B, T, seed=0):
     for name, value in state.items():
         params[name][...] = value.numpy()
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, B * T + 1)
-    model = GPT(cfg, B, T, params, grads)
+    model = GPT(cfg, B, T, params, grads, layers=Layers(Engine("numpy")))
     model.load_batch(tokens)
     loss = model.forward(1.0 / (B * T)) / (B * T)
     model.backward()
@@ -67,7 +69,7 @@ def test_recompute_changes_no_number(n_layer):
     results = []
     for recompute in (False, True):
         _, grads = layout.allocate()
-        model = GPT(cfg, 4, 32, params, grads, recompute=recompute)
+        model = GPT(cfg, 4, 32, params, grads, recompute=recompute, layers=Layers(Engine("numpy")))
         model.load_batch(tokens)
         results.append((model.forward(1.0 / 128), grads))
         model.backward()
@@ -82,7 +84,7 @@ def test_forward_is_causal():
     cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
     _, params = param_layout(cfg).allocate()
     init_gpt2(cfg, params, seed=1)
-    model = GPT(cfg, 1, 16, params)
+    model = GPT(cfg, 1, 16, params, layers=Layers(Engine("numpy")))
     tokens = np.arange(17) * 101
     model.load_batch(tokens)
     model.forward()
@@ -141,8 +143,7 @@ def test_weight_gradient_tasks_cover_every_parameter_once(n_parts):
 @pytest.fixture(params=["numpy", "onednn"])
 def fp32_engine(request):
     """Attention's batched matmuls by NumPy, or by oneDNN's matmul primitive."""
-    yield gemm.install(request.param)
-    gemm.install("numpy")  # other in-process tests expect the default
+    return gemm.Engine(request.param)
 
 
 ATTENTION_SHAPES = [
@@ -153,18 +154,19 @@ ATTENTION_SHAPES = [
 ]
 
 
-def check_attention(qkv, n_head, block):
-    """trainer.attention on qkv against PyTorch's causal SDPA in float64 and its
+def check_attention(engine, qkv, n_head, block):
+    """trainer.attention on `engine`, qkv against PyTorch's causal SDPA in float64 and its
     autograd: the output, the gradient of every q, k and v, and the sampler's cached
     queries (half the positions, every key)."""
-    from trainer.attention import attention_backward, attention_forward
+    from trainer.attention import Workspace, attention_backward, attention_forward
+    work = Workspace(engine)
     B, T, C3 = qkv.shape
     C = C3 // 3
     dout = np.random.default_rng((T, 1)).normal(0, 1, (B, T, C)).astype(np.float32)  # apart from random_qkv's
     out, lse = np.zeros((B, T, C), np.float32), np.zeros((B, n_head, T), np.float32)
-    attention_forward(out, lse, qkv, n_head, block=block)
+    attention_forward(work, out, lse, qkv, n_head, block=block)
     dqkv = np.zeros_like(qkv)
-    attention_backward(dqkv, dout, qkv, out, lse, n_head, block=block)
+    attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=block)
     reference = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
     q, k, v = (x.view(B, T, n_head, C // n_head).transpose(1, 2) for x in reference.split(C, dim=2))
     y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
@@ -174,7 +176,7 @@ def check_attention(qkv, n_head, block):
     assert np.abs(dqkv - expected).max() / np.abs(expected).max() <= 2e-6
     start = T // 2  # the sampler's KV cache: queries from `start` on, every key
     cached, cached_lse = np.zeros((B, T - start, C), np.float32), np.zeros((B, n_head, T - start), np.float32)
-    attention_forward(cached, cached_lse, qkv, n_head, start=start, block=block)
+    attention_forward(work, cached, cached_lse, qkv, n_head, start=start, block=block)
     np.testing.assert_allclose(cached, out[:, start:], rtol=0, atol=1e-6)
 
 
@@ -185,7 +187,7 @@ def random_qkv(B, T, n_head, head_size):
 @pytest.mark.parametrize("B, T, n_head, head_size, block", ATTENTION_SHAPES)
 def test_blocked_attention_matches_autograd(fp32_engine, B, T, n_head, head_size, block):
     """The forward's fast path (each query block shifted by its diagonal block's max)."""
-    check_attention(random_qkv(B, T, n_head, head_size), n_head, block)
+    check_attention(fp32_engine, random_qkv(B, T, n_head, head_size), n_head, block)
 
 
 def count_online_blocks(monkeypatch):
@@ -202,7 +204,7 @@ def test_attention_online_fallback_matches_autograd(fp32_engine, monkeypatch, B,
     from trainer import attention
     monkeypatch.setattr(attention, "SUM_LIMIT", np.float32(0))
     ran = count_online_blocks(monkeypatch)
-    check_attention(random_qkv(B, T, n_head, head_size), n_head, block)
+    check_attention(fp32_engine, random_qkv(B, T, n_head, head_size), n_head, block)
     assert len(ran) >= -(-T // block)
 
 
@@ -218,5 +220,5 @@ def test_attention_with_a_key_far_above_the_diagonal(fp32_engine, monkeypatch):
     qkv[:, :, :C] += 25 * direction  # every query
     qkv[:, 0, C:2 * C] += 25 * direction  # key 0: q·k/√8 ≈ 625/2.8 ≈ 220
     ran = count_online_blocks(monkeypatch)
-    check_attention(qkv, n_head, block)
+    check_attention(fp32_engine, qkv, n_head, block)
     assert len(ran) >= T // block - 1  # every query block past the first, at least once

@@ -15,6 +15,7 @@ from conftest import REPO, launch, read_metrics, write_tiny_inputs
 from test_parity import N_TOKENS, torch_reference, train_tiny
 from torch_gpt2 import TorchGPT2, random_state
 from trainer import gemm
+from trainer.model import Layers
 from trainer.models.gpt2 import Model as GPT
 from trainer.models import param_layout
 from trainer.models.gpt2 import PRESETS, GPTConfig
@@ -46,18 +47,18 @@ def test_gemm_operand_layouts(engine):
         if label == "w transposed":
             oy = np.ascontiguousarray(oy.T).T
         out = np.full((96, 120), np.nan, dtype=np.float32)
-        gemm.matmul(out[:, cols], ox, oy[:, cols])
+        engine.matmul(out[:, cols], ox, oy[:, cols])
         expected = low(x) @ low(y)[:, cols]
         scale = np.abs(low(x)) @ np.abs(low(y)[:, cols])
         assert np.all(np.abs(out[:, cols] - expected) <= 1e-5 * scale + 1e-30), (engine.name, label)
         assert np.isnan(out[:, :40]).all() == (cols != slice(None)), "wrote outside its columns"
-        gemm.matmul(out[:, cols], ox, oy[:, cols], accumulate=True)  # += (the lm head's later chunks)
+        engine.matmul(out[:, cols], ox, oy[:, cols], accumulate=True)  # += (the lm head's later chunks)
         assert np.all(np.abs(out[:, cols] - 2 * expected) <= 2e-5 * scale + 1e-30), (engine.name, label)
 
 
 @pytest.mark.parametrize("engine", sorted(set(ENGINES)), indirect=True)
 def test_batched_operand_layouts(engine):
-    """gemm.batched on stacks of heads as attention passes them: strided head views of
+    """Engine.batched on stacks of heads as attention passes them: strided head views of
     a (B,T,3C) array, a transposed operand, a strided output, the scale and +=."""
     B, T, NH, HS = 2, 40, 3, 8
     rng = np.random.default_rng(2)
@@ -130,12 +131,12 @@ def test_attention_runs_no_reference_kernel(name):
     if gemm.onednn_library() is None or not gemm.onednn().has(gemm.ISA_AVX512_CORE) or \
             (name == "onednn-bf16" and gemm.choose("bf16")[0] != name):
         pytest.skip("oneDNN's brgemm kernels need AVX-512 (and bf16 units for bf16)")
-    code = (f"import numpy as np; from trainer import gemm, attention; gemm.install('{name}')\n"
+    code = (f"import numpy as np; from trainer import gemm, attention; work = attention.Workspace(gemm.Engine('{name}'))\n"
             "B, T, NH, C = 2, 64, 4, 64\n"
             "rng = np.random.default_rng(0); qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32)\n"
             "out, lse, dqkv = np.zeros((B, T, C), np.float32), np.zeros((B, NH, T), np.float32), np.zeros_like(qkv)\n"
-            "attention.attention_forward(out, lse, qkv, NH, block=32)\n"
-            "attention.attention_backward(dqkv, rng.standard_normal((B, T, C), dtype=np.float32), qkv, out, lse, NH,"
+            "attention.attention_forward(work, out, lse, qkv, NH, block=32)\n"
+            "attention.attention_backward(work, dqkv, rng.standard_normal((B, T, C), dtype=np.float32), qkv, out, lse, NH,"
             " block=32)\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, ONEDNN_VERBOSE="1", PYTHONPATH=REPO))
@@ -150,7 +151,7 @@ def test_bf16_attention_multiplies_bf16_inputs(engine):
     """In bf16 attention's matmuls read bf16 copies (q, k, v, P, dO, dS): oneDNN's bf16
     units and the portable engine (ml_dtypes rounding, then an fp32 GEMM) agree, and
     both stay within bf16's precision of PyTorch's float64 attention."""
-    from trainer.attention import attention_backward, attention_forward
+    from trainer.attention import Workspace, attention_backward, attention_forward
     B, T, NH, HS = 2, 48, 3, 16
     C = NH * HS
     rng = np.random.default_rng(3)
@@ -158,10 +159,10 @@ def test_bf16_attention_multiplies_bf16_inputs(engine):
     dout = rng.normal(0, 1, (B, T, C)).astype(np.float32)
 
     def run(name):
-        gemm.install(name)
+        work = Workspace(gemm.Engine(name))
         out, lse, dqkv = np.zeros((B, T, C), np.float32), np.zeros((B, NH, T), np.float32), np.zeros_like(qkv)
-        attention_forward(out, lse, qkv, NH, block=16)
-        attention_backward(dqkv, dout, qkv, out, lse, NH, block=16)
+        attention_forward(work, out, lse, qkv, NH, block=16)
+        attention_backward(work, dqkv, dout, qkv, out, lse, NH, block=16)
         return out, dqkv
     ours, portable = run(engine.name), run("emulated-bf16")
     reference = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
@@ -237,18 +238,15 @@ def test_gpt2_124m_bf16_gradients_align_with_fp32():
     for name, value in state.items():
         params[name][...] = value.numpy()
     del state, reference
-    engine = gemm.install(gemm.choose("bf16")[0])
-    try:
-        low_flat = np.empty(layout.size, engine.low_dtype)
-        low = layout.views(low_flat)
-        for name in params:
-            engine.to_low(low[name], params[name])
-        model = GPT(cfg, B, T, params, grads, low_params=low)
-        model.load_batch(tokens)
-        model.forward(1.0 / (B * T))
-        model.backward()
-    finally:
-        gemm.install("numpy")
+    engine = gemm.Engine(gemm.choose("bf16")[0])
+    low_flat = np.empty(layout.size, engine.low_dtype)
+    low = layout.views(low_flat)
+    for name in params:
+        engine.to_low(low[name], params[name])
+    model = GPT(cfg, B, T, params, grads, low_params=low, layers=Layers(engine))
+    model.load_batch(tokens)
+    model.forward(1.0 / (B * T))
+    model.backward()
     cosine = {name: float(np.dot(grads[name].ravel(), g.ravel().astype(np.float32))
                           / np.linalg.norm(grads[name]) / np.linalg.norm(g)) for name, g in expected.items()}
     worst = min(cosine, key=cosine.get)

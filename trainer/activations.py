@@ -21,7 +21,6 @@ refills them by running the block's forward again.
 import numpy as np
 
 from trainer.errors import knob
-from trainer.gemm import to_low
 from trainer.params import Layout
 
 
@@ -151,11 +150,13 @@ class Activations:
     """The table for `rows` batch rows of T tokens (every worker's, when shared), of
     whose token rows worker `part` of n_parts owns a contiguous 1/n_parts.  `arena` and
     `low_arena` (shared memory in a pool) are allocated here when not given;
-    low_dtype turns on the bf16 copies; recompute: see above; lora: LoRA's activations."""
+    low_dtype turns on the bf16 copies, which `engine` (trainer.gemm.Engine) makes;
+    recompute: see above; lora: LoRA's activations."""
 
-    def __init__(self, cfg, rows, T, training, *, low_dtype=None, arena=None, low_arena=None,
+    def __init__(self, cfg, rows, T, training, engine, *, low_dtype=None, arena=None, low_arena=None,
                  part=0, n_parts=1, recompute=False, lora=None):
         self.rows, self.part, self.n_parts, self.recompute = rows, part, n_parts, recompute
+        self.engine = engine
         self.tokens = share(rows * T, part, n_parts)  # this worker's token rows lo…hi
         self.low, self.low_dtype = low_dtype is not None, low_dtype
         layers = {name: shape[0] for name, shape, _ in activation_shapes(cfg, rows, T, training, lora=lora)}
@@ -182,19 +183,19 @@ class Activations:
         """This worker's rows of `name`[index] are final: make their bf16 copy.
         -> every worker's rows, as matmuls read them."""
         if self.low:
-            to_low(self.low_mine[name][index], self.mine[name][index])
+            self.engine.to_low(self.low_mine[name][index], self.mine[name][index])
         return self.matmul_inputs[name][index]
 
     def made_mine(self, name, *index):
         """As made -> this worker's rows only, as matmuls read them."""
         if self.low:
-            to_low(self.low_mine[name][index], self.mine[name][index])
+            self.engine.to_low(self.low_mine[name][index], self.mine[name][index])
         return self.matmul_mine[name][index]
 
     def made_first(self, name, rows):
         """As made, for the first `rows` rows of `name` (a chunk's): this worker's
         share of them is final."""
         if self.low:
-            to_low(rows_of(self.low_full[name][:rows], 0, self.part, self.n_parts),
-                   rows_of(self.full[name][:rows], 0, self.part, self.n_parts))
+            self.engine.to_low(rows_of(self.low_full[name][:rows], 0, self.part, self.n_parts),
+                               rows_of(self.full[name][:rows], 0, self.part, self.n_parts))
         return self.matmul_inputs[name][:rows]

@@ -6,7 +6,7 @@ each query block by the max of its diagonal block, which it runs first, so every
 other block's probabilities come straight out of one fused matmul, with no running
 max and no rescaling; where that could overflow it reruns the block on the online
 softmax (shifted_rows, online_rows).  All (batch, head)
-pairs of a block go through one batched matmul (gemm.batched: one oneDNN primitive
+pairs of a block go through one batched matmul (Engine.batched: one oneDNN primitive
 where oneDNN is loaded); in bf16 its inputs are bf16 copies (q, k, v, the
 probabilities, dO and dS) and it accumulates in fp32, like every other matmul.
 
@@ -20,14 +20,14 @@ lse (B,NH,T').  Each call first copies its heads' q, k, v (and dO) into dense
 blocks of rows (bf16 in bf16), q and dO also transposed: oneDNN's AMX/brgemm
 kernels take only dense operands, and run at twice the speed of its generic ones
 on strided head views.  The backward fuses "− lse, exp" into the scores' matmul and
-"− D, ∘ P" into dP's (gemm.batched's post-ops; their operands spread dense along
+"− D, ∘ P" into dP's (Engine.batched's post-ops; their operands spread dense along
 the keys, which oneDNN needs too), and writes dS in bf16 straight from its matmul.
+`work` (a Workspace) is the engine and the buffers a process's attention reuses.
 `heads_of` = (h0, h1) runs only those heads (lse then holds only theirs): workers
 sharing a batch row split its heads.
 """
 import numpy as np
 
-from trainer import gemm
 from trainer.errors import knob
 
 # queries and keys per block: one head's 128 x 128 fp32 scores (64 KB) stay in L2.
@@ -39,15 +39,19 @@ def block_size():
     return knob("COREGPT_ATTENTION_BLOCK", BLOCK)
 
 
-_scratch = {}
+class Workspace:
+    """What attention runs with: the GEMM engine, and the buffers and causal masks it
+    reuses across calls (each made once per name and shape)."""
 
+    def __init__(self, engine):
+        self.engine = engine
+        self.buffers, self.masks = {}, {}
 
-def scratch(name, shape, dtype=np.float32):
-    """A buffer reused across calls (allocated once per name and shape)."""
-    key = (name, shape, np.dtype(dtype))
-    if key not in _scratch:
-        _scratch[key] = np.empty(shape, dtype=dtype)
-    return _scratch[key]
+    def scratch(self, name, shape, dtype=np.float32):
+        key = (name, shape, np.dtype(dtype))
+        if key not in self.buffers:
+            self.buffers[key] = np.empty(shape, dtype=dtype)
+        return self.buffers[key]
 
 
 def heads(x, n_head, parts, heads_of=None):
@@ -59,34 +63,34 @@ def heads(x, n_head, parts, heads_of=None):
     return [split[:, :, i, h0:h1].transpose(0, 2, 1, 3) for i in range(parts)]
 
 
-def low(name, x):
+def low(work, name, x):
     """x as the attention matmuls read it: in bf16 a scratch bf16 copy (x contiguous)."""
-    engine = gemm.engine()
+    engine = work.engine
     if not engine.low:
         return x
-    copy = scratch(name, x.shape, engine.low_dtype)
-    gemm.to_low(copy, x)
+    copy = work.scratch(name, x.shape, engine.low_dtype)
+    engine.to_low(copy, x)
     return copy
 
 
-def in_blocks(name, view, block, transposed=False):
+def in_blocks(work, name, view, block, transposed=False):
     """view (B,NH,T,HS) copied into blocks of `block` rows, each dense (B,NH,rows,HS)
     (bf16 in bf16) -> the list of blocks, and with transposed also the list of their
     transposes (B,NH,HS,rows).  oneDNN runs a batched matmul on its AMX/brgemm kernels
     only when every operand is dense; on views of (B,T,3C) rows it takes a generic
     kernel at half the speed.  NumPy's engine in fp32 (the sampler's) reads views."""
-    engine, rows, flipped = gemm.engine(), [], []
+    engine, rows, flipped = work.engine, [], []
     for i0 in range(0, view.shape[2], block):
         src = view[:, :, i0:i0 + block]
         if not engine.low and engine.primitives is None:
             rows.append(src)
             flipped.append(src.swapaxes(-1, -2))
             continue
-        copy = scratch((name, i0), src.shape, engine.low_dtype)
-        gemm.to_low(copy, src) if engine.low else np.copyto(copy, src)
+        copy = work.scratch((name, i0), src.shape, engine.low_dtype)
+        engine.to_low(copy, src) if engine.low else np.copyto(copy, src)
         rows.append(copy)
         if transposed:
-            flipped.append(scratch((name, i0, "T"), src.shape[:2] + src.shape[:1:-1], engine.low_dtype))
+            flipped.append(work.scratch((name, i0, "T"), src.shape[:2] + src.shape[:1:-1], engine.low_dtype))
             np.copyto(bits(flipped[-1]), bits(copy.swapaxes(-1, -2)))
     return (rows, flipped) if transposed else rows
 
@@ -96,33 +100,30 @@ def bits(x):
     return x.view(np.uint16) if x.dtype.itemsize == 2 else x
 
 
-def along_keys(name, values, keys):
+def along_keys(work, name, values, keys):
     """(B,NH,1,bq) -> a dense (B,NH,keys,bq) copy of every row: oneDNN's matmul fuses an
     element-wise operand at speed only when it is dense (broadcast ones run its
     reference code)."""
-    rows = scratch(name, values.shape[:2] + (keys, values.shape[-1]))
+    rows = work.scratch(name, values.shape[:2] + (keys, values.shape[-1]))
     np.copyto(rows, values)
     return rows
 
 
-_masks = {}
-
-
-def causal_mask(bk, bq, q0, k0):
+def causal_mask(work, bk, bq, q0, k0):
     """-> the (1,1,bk,bq) block of -inf where key k0+r comes after query q0+c (keys x
     queries), or None where no key of the block does."""
     if k0 + bk - 1 <= q0:
         return None
     key = (q0 - k0, bk, bq)
-    if key not in _masks:
+    if key not in work.masks:
         after = np.arange(k0, k0 + bk)[:, None] > np.arange(q0, q0 + bq)[None, :]
-        _masks[key] = np.where(after, np.float32(-np.inf), np.float32(0))[None, None]
-    return _masks[key]
+        work.masks[key] = np.where(after, np.float32(-np.inf), np.float32(0))[None, None]
+    return work.masks[key]
 
 
-def masked(bk, bq, q0, k0):
+def masked(work, bk, bq, q0, k0):
     """The post-op that adds the causal mask of a block (none off the diagonal)."""
-    mask = causal_mask(bk, bq, q0, k0)
+    mask = causal_mask(work, bk, bq, q0, k0)
     return [] if mask is None else [("add", mask)]
 
 
@@ -132,7 +133,7 @@ def masked(bk, bq, q0, k0):
 SUM_LIMIT = np.float32(2.0 ** 64)
 
 
-def attention_forward(out, lse, qkv, n_head, start=0, block=None, heads_of=None):
+def attention_forward(work, out, lse, qkv, n_head, start=0, block=None, heads_of=None):
     """qkv (B,T,3C) -> out (B,T−start,C), lse (B,NH,T−start) (NH: of heads_of).
     Each query block runs shifted_rows, and online_rows where that could overflow."""
     B, T, C3 = qkv.shape
@@ -142,21 +143,21 @@ def attention_forward(out, lse, qkv, n_head, start=0, block=None, heads_of=None)
     q, k, v = heads(qkv, n_head, 3, heads_of)
     (y,) = heads(out, n_head, 1, heads_of)
     n_head = q.shape[1]  # the heads run here
-    _, q_cols = in_blocks("q", q[:, :, start:], block, transposed=True)
-    k_rows, v_rows = in_blocks("k", k, block), in_blocks("v", v, block)
+    _, q_cols = in_blocks(work, "q", q[:, :, start:], block, transposed=True)
+    k_rows, v_rows = in_blocks(work, "k", k, block), in_blocks(work, "v", v, block)
     for i0, q_t in zip(range(0, n, block), q_cols):
         i1 = min(i0 + block, n)
         bq = i1 - i0
-        m = scratch("m", (B, n_head, 1, bq))  # each query's shift: its scores' max
-        l = scratch("l", (B, n_head, 1, bq))  # Σ exp(score − m)
-        acc = scratch("acc", (B, n_head, bq, hs))  # Σ exp(score − m)·v
+        m = work.scratch("m", (B, n_head, 1, bq))  # each query's shift: its scores' max
+        l = work.scratch("l", (B, n_head, 1, bq))  # Σ exp(score − m)
+        acc = work.scratch("acc", (B, n_head, bq, hs))  # Σ exp(score − m)·v
         # the keys these queries see, by block: (first position, keys, values); the
         # last block is short in the sampler's cache
         key_blocks = [(j0, k_rows[j][:, :, :start + i1 - j0], v_rows[j][:, :, :start + i1 - j0])
                       for j, j0 in enumerate(range(0, start + i1, block))]
         args = (m, l, acc, q_t, key_blocks, start + i0, scale)
-        if not shifted_rows(*args):
-            online_rows(*args)
+        if not shifted_rows(work, *args):
+            online_rows(work, *args)
         acc /= l.swapaxes(-1, -2)
         y[:, :, i0:i1] = acc
         np.log(l, out=l)
@@ -164,22 +165,22 @@ def attention_forward(out, lse, qkv, n_head, start=0, block=None, heads_of=None)
         lse[:, :, i0:i1] = l[:, :, 0]
 
 
-def block_scores(q_t, k_j, q0, k0, scale):
+def block_scores(work, q_t, k_j, q0, k0, scale):
     """-> the scratch (B,NH,bk,bq) scores of keys k0… x queries q0…, scaled and masked."""
-    s = scratch("s", k_j.shape[:3] + q_t.shape[-1:])
-    gemm.batched(s, k_j, q_t, scale=scale, post=masked(s.shape[2], s.shape[3], q0, k0))
+    s = work.scratch("s", k_j.shape[:3] + q_t.shape[-1:])
+    work.engine.batched(s, k_j, q_t, scale=scale, post=masked(work, s.shape[2], s.shape[3], q0, k0))
     return s
 
 
-def softmax_start(m, l, acc, s, v_j):
+def softmax_start(work, m, l, acc, s, v_j):
     """The first block of a plain softmax, m its scores' max: s = exp(s − m), l = Σ s, acc = sᵀv."""
     s -= m
     np.exp(s, out=s)
     np.sum(s, axis=-2, keepdims=True, out=l)
-    gemm.batched(acc, low("p", s).swapaxes(-1, -2), v_j)
+    work.engine.batched(acc, low(work, "p", s).swapaxes(-1, -2), v_j)
 
 
-def shifted_rows(m, l, acc, q_t, key_blocks, q0, scale):
+def shifted_rows(work, m, l, acc, q_t, key_blocks, q0, scale):
     """One query block, its last key block (the diagonal) first: that block's max m then
     shifts every other block, whose probabilities exp(score − m) come straight out of
     the scores' matmul (fused post-ops, written in bf16 where the engine can), with no
@@ -187,37 +188,37 @@ def shifted_rows(m, l, acc, q_t, key_blocks, q0, scale):
     below SUM_LIMIT, which it checks -> False (m, l, acc undefined) where a query has no
     key in the last block (the sampler's queries off the block grid) or a sum reached
     SUM_LIMIT (a score ~44 above the diagonal's max)."""
-    engine = gemm.engine()
+    engine = work.engine
     k0, k_last, v_last = key_blocks[-1]
-    s = block_scores(q_t, k_last, q0, k0, scale)
+    s = block_scores(work, q_t, k_last, q0, k0, scale)
     np.max(s, axis=-2, keepdims=True, out=m)
     if np.isneginf(m).any():
         return False
-    softmax_start(m, l, acc, s, v_last)
+    softmax_start(work, m, l, acc, s, v_last)
     if len(key_blocks) > 1:  # the others: whole blocks, every key before every query
         bk = key_blocks[0][1].shape[2]
-        m_rows = along_keys("m rows", m, bk)
-        ones = scratch("ones", (1, 1, 1, bk), engine.low_dtype)
+        m_rows = along_keys(work, "m rows", m, bk)
+        ones = work.scratch("ones", (1, 1, 1, bk), engine.low_dtype)
         ones[...] = 1
-        p = scratch("p shifted", m_rows.shape, engine.low_dtype if engine.writes_low else np.float32)
+        p = work.scratch("p shifted", m_rows.shape, engine.low_dtype if engine.writes_low else np.float32)
     with np.errstate(over="ignore", invalid="ignore"):  # what the check below catches
         for j0, k_j, v_j in key_blocks[:-1]:
-            gemm.batched(p, k_j, q_t, scale=scale, post=[("sub", m_rows), ("exp", None)])
-            p_low = p if engine.writes_low else low("p", p)
-            gemm.batched(acc, p_low.swapaxes(-1, -2), v_j, accumulate=True)
-            gemm.batched(l, ones, p_low, accumulate=True)  # l += Σ over keys of p as the matmul weighed it
+            engine.batched(p, k_j, q_t, scale=scale, post=[("sub", m_rows), ("exp", None)])
+            p_low = p if engine.writes_low else low(work, "p", p)
+            engine.batched(acc, p_low.swapaxes(-1, -2), v_j, accumulate=True)
+            engine.batched(l, ones, p_low, accumulate=True)  # l += Σ over keys of p as the matmul weighed it
     return bool((l < SUM_LIMIT).all())  # also False for inf and NaN
 
 
-def online_rows(m, l, acc, q_t, key_blocks, q0, scale):
+def online_rows(work, m, l, acc, q_t, key_blocks, q0, scale):
     """One query block by the online softmax (FlashAttention-2's): key blocks in order,
     a running max m, and what was summed rescaled whenever the max grows."""
-    row = scratch("row", m.shape)
+    row = work.scratch("row", m.shape)
     for j0, k_j, v_j in key_blocks:
-        s = block_scores(q_t, k_j, q0, j0, scale)
+        s = block_scores(work, q_t, k_j, q0, j0, scale)
         if j0 == 0:
             np.max(s, axis=-2, keepdims=True, out=m)
-            softmax_start(m, l, acc, s, v_j)
+            softmax_start(work, m, l, acc, s, v_j)
             continue
         np.max(s, axis=-2, keepdims=True, out=row)
         np.maximum(row, m, out=row)  # the new running max
@@ -228,11 +229,11 @@ def online_rows(m, l, acc, q_t, key_blocks, q0, scale):
         l *= m
         acc *= m.swapaxes(-1, -2)
         l += np.sum(s, axis=-2, keepdims=True, out=m)
-        gemm.batched(acc, low("p", s).swapaxes(-1, -2), v_j, accumulate=True)
+        work.engine.batched(acc, low(work, "p", s).swapaxes(-1, -2), v_j, accumulate=True)
         m[...] = row
 
 
-def attention_backward(dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=None):
+def attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=None):
     """dout (B,T,C) -> dqkv (B,T,3C) overwritten (heads_of's); out and lse as the
     forward left them.  Query blocks outer: each block's lse and D are spread along
     the keys once, for every key block it sees."""
@@ -240,16 +241,16 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=N
     C, block, heads_all = C3 // 3, block or block_size(), n_head
     hs = C // n_head
     scale = np.float32(1.0 / np.sqrt(hs))
-    engine = gemm.engine()
+    engine = work.engine
     q, k, v = heads(qkv, n_head, 3, heads_of)
     (do,), (o,) = heads(dout, n_head, 1, heads_of), heads(out, n_head, 1, heads_of)
     n_head = q.shape[1]  # the heads run here
-    d = scratch("D", (B, n_head, 1, T))
+    d = work.scratch("D", (B, n_head, 1, T))
     np.einsum("bhtd,bhtd->bht", do, o, out=d[:, :, 0])  # D = rowsum(dO ∘ O)
-    (q_rows, q_cols), (do_rows, do_cols) = in_blocks("q", q, block, True), in_blocks("dO", do, block, True)
-    k_rows, v_rows = in_blocks("k", k, block), in_blocks("v", v, block)
+    (q_rows, q_cols), (do_rows, do_cols) = in_blocks(work, "q", q, block, True), in_blocks(work, "dO", do, block, True)
+    k_rows, v_rows = in_blocks(work, "k", k, block), in_blocks(work, "v", v, block)
     # dq, dk, dv in dense blocks too, copied into dqkv at the end
-    dq, dk, dv = ([scratch((name, j0), x.shape) for j0, x in zip(range(0, T, block), k_rows)]
+    dq, dk, dv = ([work.scratch((name, j0), x.shape) for j0, x in zip(range(0, T, block), k_rows)]
                   for name in ("dq", "dk", "dv"))
     ds_dtype = engine.low_dtype if engine.writes_low else np.float32  # dS straight out of its matmul
     for i, i0 in enumerate(range(0, T, block)):
@@ -258,20 +259,20 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=N
         for j, j0 in enumerate(range(0, i1, block)):  # the keys queries i0… see
             bk = min(block, i1 - j0)
             if j == 0 or bk < block:
-                lse_rows = along_keys("lse rows", lse[:, :, None, i0:i1], bk)
-                d_rows = along_keys("D rows", d[..., i0:i1], bk)
-            p = scratch("p", (B, n_head, bk, bq))  # keys x queries, as in the forward
+                lse_rows = along_keys(work, "lse rows", lse[:, :, None, i0:i1], bk)
+                d_rows = along_keys(work, "D rows", d[..., i0:i1], bk)
+            p = work.scratch("p", (B, n_head, bk, bq))  # keys x queries, as in the forward
             # the forward's probabilities, recomputed: exp(score − lse)
-            gemm.batched(p, k_rows[j], q_cols[i], scale=scale,
-                         post=masked(bk, bq, i0, j0) + [("sub", lse_rows), ("exp", None)])
-            ds = scratch("ds", (B, n_head, bk, bq), ds_dtype)
+            engine.batched(p, k_rows[j], q_cols[i], scale=scale,
+                           post=masked(work, bk, bq, i0, j0) + [("sub", lse_rows), ("exp", None)])
+            ds = work.scratch("ds", (B, n_head, bk, bq), ds_dtype)
             # dS = P ∘ (dP − D); dQ and dK take the 1/√HS once, at the end
-            gemm.batched(ds, v_rows[j], do_cols[i], post=[("sub", d_rows), ("mul", p)])
-            p_low, ds_low = low("p", p), ds if engine.writes_low else low("ds", ds)
+            engine.batched(ds, v_rows[j], do_cols[i], post=[("sub", d_rows), ("mul", p)])
+            p_low, ds_low = low(work, "p", p), ds if engine.writes_low else low(work, "ds", ds)
             # the first block to reach a gradient writes it, later ones add to it
-            gemm.batched(dv[j], p_low, do_rows[i], accumulate=i > j)
-            gemm.batched(dk[j], ds_low, q_rows[i], accumulate=i > j)
-            gemm.batched(dq[i], ds_low.swapaxes(-1, -2), k_rows[j], accumulate=j > 0)
+            engine.batched(dv[j], p_low, do_rows[i], accumulate=i > j)
+            engine.batched(dk[j], ds_low, q_rows[i], accumulate=i > j)
+            engine.batched(dq[i], ds_low.swapaxes(-1, -2), k_rows[j], accumulate=j > 0)
     into = heads(dqkv, heads_all, 3, heads_of)
     for i0, dq_i, dk_i, dv_i in zip(range(0, T, block), dq, dk, dv):
         i1 = i0 + dq_i.shape[2]

@@ -3,7 +3,9 @@ through `matmul(out, a, b)`, out (M,N) float32 = a (M,K) @ b (K,N) (or += with
 accumulate), where a and b may be transposed or column-sliced views (expressed to
 BLAS as strides, never copied).
 
-Engines, chosen once per process by `install(name)`:
+Engines, chosen once per run (`choose`) and built once per process (`Engine(name)`),
+which then goes explicitly to whatever multiplies (trainer.model.Layers, attention's
+Workspace, AdamW, the activation table):
   numpy         NumPy's BLAS (OpenBLAS, Accelerate...), fp32
   onednn        oneDNN's dnnl_sgemm, fp32 (faster than OpenBLAS on AVX-512 CPUs)
   onednn-bf16   bf16 inputs, fp32 accumulation and output: oneDNN's matmul primitive
@@ -89,18 +91,13 @@ def onednn_library():
     return found[0] if found else None
 
 
-_onednn = None
-
-
 def onednn():
-    """The loaded oneDNN, or EngineError saying how to get it."""
-    global _onednn
-    if _onednn is None:
-        path = onednn_library()
-        if path is None:
-            raise EngineError(f"oneDNN is not installed: {BF16_INSTALL}")
-        _onednn = OneDNN(path)
-    return _onednn
+    """oneDNN, loaded (a library already loaded in this process is only counted once
+    more), or EngineError saying how to get it."""
+    path = onednn_library()
+    if path is None:
+        raise EngineError(f"oneDNN is not installed: {BF16_INSTALL}")
+    return OneDNN(path)
 
 
 def bf16_dtype():
@@ -262,37 +259,3 @@ class Engine:
             n = min(BLOCK, flat_src.size - s)
             np.copyto(self.scratch[:n], flat_src[s:s + n], casting="unsafe")
             np.copyto(flat_dst[s:s + n], self.scratch[:n], casting="unsafe")
-
-
-_engine = Engine("numpy")
-
-
-def install(name):
-    """Use engine `name` for every matmul of this process."""
-    global _engine
-    _engine = Engine(name)
-    return _engine
-
-
-def engine():
-    return _engine
-
-
-def matmul(out, a, b, accumulate=False):
-    _engine.matmul(out, a, b, accumulate)
-
-
-def batched(out, a, b, accumulate=False, scale=None, post=()):
-    _engine.batched(out, a, b, accumulate, scale, post)
-
-
-def to_low(dst, src):
-    _engine.to_low(dst, src)
-
-
-def binary(out, op, a, b, post=(), sum_scale=None):
-    _engine.binary(out, op, a, b, post, sum_scale)
-
-
-def gelu(out, x, backward=False):
-    return _engine.gelu(out, x, backward)

@@ -4,14 +4,16 @@ a separate pass, see the model family's model.py).
 
 Shapes: B rows, T positions, C channels, NH heads of HS = C/NH, V vocabulary,
 N = B·T.  Every function writes into buffers it is given (`out=`): the caller
-owns the memory, so a training step allocates nothing large.  The linear layers'
-and lm head's GEMMs go through trainer.gemm (NumPy or oneDNN, fp32 or bf16 inputs).
-Attention, blocked and without the T x T matrix, has its own module.
+owns the memory, so a training step allocates nothing large.  The layers that
+multiply take the GEMM engine first (trainer.gemm.Engine: NumPy or oneDNN, fp32 or
+bf16 inputs); `Layers(engine)` is every layer with it bound, which is what a model
+calls.  Attention, blocked and without the T x T matrix, has its own module.
 """
+from functools import partial
+
 import numpy as np
 
 from trainer import attention
-from trainer.gemm import gelu, matmul
 
 LN_EPS = np.float32(1e-5)
 GELU_S = np.float32(np.sqrt(2.0 / np.pi))
@@ -90,59 +92,59 @@ def layernorm_weights_backward(dw, db, dout, x, mean, rstd, norm):
     np.sum(dout, axis=0, out=db)
 
 
-def matmul_forward(out, inp, w, b=None):
+def matmul_forward(engine, out, inp, w, b=None):
     """out (N,OC) = inp (N,C) @ w (C,OC) + b (OC); a pool adds b later, on rows."""
-    matmul(out, inp, w)
+    engine.matmul(out, inp, w)
     if b is not None:
         out += b
 
 
-def matmul_backward(dinp, dout, w):
+def matmul_backward(engine, dinp, dout, w):
     """dout (N,OC) -> dinp (N,C) = dout @ w.T, overwritten."""
-    matmul(dinp, dout, w.T)
+    engine.matmul(dinp, dout, w.T)
 
 
-def matmul_weights_backward(dw, dout, inp):
+def matmul_weights_backward(engine, dw, dout, inp):
     """dout (N,OC), inp (N,C) -> dw (C,OC) = inp.T @ dout, overwritten."""
-    matmul(dw, inp.T, dout)
+    engine.matmul(dw, inp.T, dout)
 
 
 # LoRA beside a frozen linear layer (trainer/lora.py): out += s · x A^T B^T, s = alpha / r.
 # u = s · x A^T and du = s · dout B carry the scale, so the weight gradients need none.
-def lora_down_forward(u, x, a, scale):
+def lora_down_forward(engine, u, x, a, scale):
     """x (n,in), A (r,in) -> u (n,r) = s · x @ A.T, overwritten."""
-    matmul(u, x, a.T)
+    engine.matmul(u, x, a.T)
     u *= np.float32(scale)
 
 
-def lora_up_forward(out, u, b):
+def lora_up_forward(engine, out, u, b):
     """u (n,r), B (out,r) -> out (n,out) += u @ B.T (the frozen layer's x @ W is in out)."""
-    matmul(out, u, b.T, accumulate=True)
+    engine.matmul(out, u, b.T, accumulate=True)
 
 
-def lora_up_backward(du, dout, b, scale):
+def lora_up_backward(engine, du, dout, b, scale):
     """dout (n,out) -> du (n,r) = s · dout @ B, overwritten."""
-    matmul(du, dout, b)
+    engine.matmul(du, dout, b)
     du *= np.float32(scale)
 
 
-def lora_down_backward(dx, du, a):
+def lora_down_backward(engine, dx, du, a):
     """du (n,r) -> dx (n,in) += du @ A (the frozen layer's dout @ W.T is in dx)."""
-    matmul(dx, du, a, accumulate=True)
+    engine.matmul(dx, du, a, accumulate=True)
 
 
-def lora_down_backward_dropped(dx, du, a, mask, tmp):
+def lora_down_backward_dropped(engine, dx, du, a, mask, tmp):
     """As lora_down_backward, through dropout: dx += (du @ A) · mask; tmp (n,in) scratch."""
-    matmul(tmp, du, a)
+    engine.matmul(tmp, du, a)
     tmp *= mask
     dx += tmp
 
 
-def lora_weights_backward(da, db, du, dout, u, x):
+def lora_weights_backward(engine, da, db, du, dout, u, x):
     """du (N,r), dout (N,out), u (N,r), x (N,in) -> dA (r,in) = du.T @ x and
     dB (out,r) = dout.T @ u, overwritten."""
-    matmul(da, du.T, x)
-    matmul(db, dout.T, u)
+    engine.matmul(da, du.T, x)
+    engine.matmul(db, dout.T, u)
 
 
 def bias_backward(db, dout):
@@ -150,21 +152,21 @@ def bias_backward(db, dout):
     np.sum(dout, axis=0, out=db)
 
 
-def lmhead_forward(logits, x, embedding):
+def lmhead_forward(engine, logits, x, embedding):
     """x (N,C) -> logits (N,V) = x @ embedding.T: the head is tied to the token embedding."""
-    matmul(logits, x, embedding.T)
+    engine.matmul(logits, x, embedding.T)
 
 
-def lmhead_backward(dx, dlogits, embedding):
+def lmhead_backward(engine, dx, dlogits, embedding):
     """dlogits (N,V) -> dx (N,C) = dlogits @ embedding, overwritten."""
-    matmul(dx, dlogits, embedding)
+    engine.matmul(dx, dlogits, embedding)
 
 
-def lmhead_weights_backward(dembedding, dlogits, x, accumulate=False):
+def lmhead_weights_backward(engine, dembedding, dlogits, x, accumulate=False):
     """dlogits (N,V'), x (N,C) -> dembedding (V',C) = dlogits.T @ x, overwritten (or added to,
     for a later chunk of rows); V' may be a slice of the vocabulary (then dlogits is
     the matching column slice)."""
-    matmul(dembedding, dlogits.T, x, accumulate)
+    engine.matmul(dembedding, dlogits.T, x, accumulate)
 
 
 # causal self-attention, blocked, without the T x T matrix (see attention.py)
@@ -181,10 +183,10 @@ def gelu_tanh(out, x):
     np.tanh(out, out=out)
 
 
-def gelu_forward(out, x):
+def gelu_forward(engine, out, x):
     """tanh-approximate GELU: out = ½x(1 + tanh(√(2/π)(x + 0.044715x³))); by oneDNN
-    where it is loaded (one pass), else NumPy's passes below"""
-    if gelu(out, x):
+    where the engine loaded it (one pass), else NumPy's passes below"""
+    if engine.gelu(out, x):
         return
     gelu_tanh(out, x)
     out += 1
@@ -192,10 +194,10 @@ def gelu_forward(out, x):
     out *= np.float32(0.5)
 
 
-def gelu_backward(dout, x, th, slope):
+def gelu_backward(engine, dout, x, th, slope):
     """dout (N,4C) *= GELU'(x) in place; th, slope (N,4C) scratch.
     GELU' = (1 + th)(½ + ½·s·x(1 + 3k·x²)(1 − th)), th = tanh(s(x + k·x³))"""
-    if gelu(dout, x, backward=True):
+    if engine.gelu(dout, x, backward=True):
         return
     gelu_tanh(th, x)
     np.multiply(x, x, out=slope)
@@ -237,3 +239,27 @@ def crossentropy_backward(probs, targets, rows, scale):
     """probs (N,V) -> dlogits = (probs − onehot(targets)) · scale, in place."""
     probs[rows, targets] -= 1
     probs *= np.float32(scale)
+
+
+# the layers that multiply, which take the engine first (attention: its Workspace)
+ENGINE_LAYERS = ("matmul_forward", "matmul_backward", "matmul_weights_backward", "lora_down_forward",
+                 "lora_up_forward", "lora_up_backward", "lora_down_backward", "lora_down_backward_dropped",
+                 "lora_weights_backward", "lmhead_forward", "lmhead_backward", "lmhead_weights_backward",
+                 "gelu_forward", "gelu_backward")
+PLAIN_LAYERS = ("encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
+                "layernorm_weights_backward", "bias_backward", "crossentropy_forward", "crossentropy_backward")
+
+
+class Layers:
+    """Every layer of this module with the GEMM engine it multiplies on bound (and
+    attention with a Workspace of its own): what a model calls as `nn.layer(...)`."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.attention = attention.Workspace(engine)
+        for name in PLAIN_LAYERS:
+            setattr(self, name, globals()[name])
+        for name in ENGINE_LAYERS:
+            setattr(self, name, partial(globals()[name], engine))
+        self.attention_forward = partial(attention.attention_forward, self.attention)
+        self.attention_backward = partial(attention.attention_backward, self.attention)

@@ -3,9 +3,6 @@ import math
 
 import numpy as np
 
-from trainer import gemm
-from trainer.gemm import to_low
-
 BLOCK = 1 << 16  # floats per cache block: 4 arrays × 256 KB stay in L2
 # floats per block of the fused update (oneDNN): few enough calls that their ~10 µs
 # each is a few percent of the time, small enough that the block stays in L2/L3
@@ -43,20 +40,20 @@ def clip_scale(grad_norm, max_norm):
     return float(min(np.float32(1.0), np.float32(max_norm) / np.float32(grad_norm + 1e-6)))
 
 
-def adamw_update(p, g, m, v, tmp, *, lr, t, beta1, beta2, eps, weight_decay, grad_scale,
+def adamw_update(p, g, m, v, tmp, *, engine, lr, t, beta1, beta2, eps, weight_decay, grad_scale,
                  p_low=None):
     """One AdamW step over flat float32 slices, block by block so each block
     is read from memory once.  The clipping scale grad_scale is folded into the
     moments' coefficients, so g is only read (writing it back would add 4 of the
     30 bytes per parameter the step moves); tmp is a scratch of at least BLOCK
     floats; p_low, if given, receives the updated p rounded to bf16 (the weights
-    bf16 matmuls read).  Where the engine has oneDNN, whole FUSED_BLOCKs take
-    three fused passes each (adamw_fused), the rest NumPy's fourteen."""
+    bf16 matmuls read, by `engine`).  Where the engine has oneDNN, whole FUSED_BLOCKs
+    take three fused passes each (adamw_fused), the rest NumPy's fourteen."""
     step_size = lr / (1.0 - beta1 ** t)
     inv_bc2_sqrt = 1.0 / math.sqrt(1.0 - beta2 ** t)
     decay = 1.0 - lr * weight_decay
     m_coef, v_coef = np.float32((1.0 - beta1) * grad_scale), np.float32((1.0 - beta2) * grad_scale ** 2)
-    fused = adamw_fused(p, g, m, v, p_low, beta1=beta1, beta2=beta2, m_coef=m_coef, v_coef=v_coef,
+    fused = adamw_fused(engine, p, g, m, v, p_low, beta1=beta1, beta2=beta2, m_coef=m_coef, v_coef=v_coef,
                         inv_bc2=inv_bc2_sqrt ** 2, eps=eps, step_size=step_size, decay=decay)
     for s in range(fused, p.size, BLOCK):
         e = min(s + BLOCK, p.size)
@@ -77,10 +74,10 @@ def adamw_update(p, g, m, v, tmp, *, lr, t, beta1, beta2, eps, weight_decay, gra
             pb *= np.float32(decay)
         pb -= tb
         if p_low is not None:
-            to_low(p_low[s:e], pb)
+            engine.to_low(p_low[s:e], pb)
 
 
-def adamw_fused(p, g, m, v, p_low, *, beta1, beta2, m_coef, v_coef, inv_bc2, eps, step_size, decay):
+def adamw_fused(engine, p, g, m, v, p_low, *, beta1, beta2, m_coef, v_coef, inv_bc2, eps, step_size, decay):
     """AdamW on the whole FUSED_BLOCKs at the start of the slices, each in three oneDNN
     passes that read and write every array once (on a Zen 4 ~1.3 ns a parameter, about
     what memory allows, against ~2.1 for NumPy's fourteen): m = β₁m + c₁g,
@@ -88,17 +85,17 @@ def adamw_fused(p, g, m, v, p_low, *, beta1, beta2, m_coef, v_coef, inv_bc2, eps
     textbook form of PyTorch's √v / √(1 − β₂ᵗ) (the same to an ulp or two).
     -> floats updated (0 without oneDNN)."""
     end = p.size - p.size % FUSED_BLOCK
-    if end == 0 or gemm.engine().primitives is None:
+    if end == 0 or engine.primitives is None:
         return 0
     scalars = np.array([m_coef, v_coef, inv_bc2, eps, -step_size], dtype=np.float32)
     c1, c2, inv_bc2, eps, minus_step = (scalars[i:i + 1] for i in range(5))
     for s in range(0, end, FUSED_BLOCK):
         e = s + FUSED_BLOCK
         pb, gb, mb, vb = p[s:e], g[s:e], m[s:e], v[s:e]
-        gemm.binary(mb, "mul", gb, c1, sum_scale=beta1)
-        gemm.binary(vb, "mul", gb, gb, [("mul", c2)], sum_scale=beta2)
-        gemm.binary(pb, "mul", vb, inv_bc2, [("sqrt", None), ("add", eps), ("reciprocal", None), ("mul", mb),
-                                             ("mul", minus_step)], sum_scale=decay)
+        engine.binary(mb, "mul", gb, c1, sum_scale=beta1)
+        engine.binary(vb, "mul", gb, gb, [("mul", c2)], sum_scale=beta2)
+        engine.binary(pb, "mul", vb, inv_bc2, [("sqrt", None), ("add", eps), ("reciprocal", None), ("mul", mb),
+                                               ("mul", minus_step)], sum_scale=decay)
         if p_low is not None:
-            to_low(p_low[s:e], pb)
+            engine.to_low(p_low[s:e], pb)
     return end

@@ -35,9 +35,10 @@ class AdamW:
         tensors [(name, shape)] in a checkpoint."""
         return {f"{moment}.": {name: (shape, "F32") for name, shape in shapes} for moment in "mv"}
 
-    def __init__(self, layout, arrays):
-        """arrays: {what: array} of the arenas `arenas` names."""
-        self.layout, self.m, self.v = layout, arrays["Adam m"], arrays["Adam v"]
+    def __init__(self, layout, arrays, engine):
+        """arrays: {what: array} of the arenas `arenas` names; engine: the GEMM engine
+        (its fused passes, and the bf16 copy of the weights)."""
+        self.layout, self.m, self.v, self.engine = layout, arrays["Adam m"], arrays["Adam v"], engine
         self.tmp = np.empty(BLOCK, dtype=np.float32)
 
     def views(self):
@@ -47,7 +48,7 @@ class AdamW:
     def update(self, name, lo, hi, p, g, p_low, **hyper):
         """AdamW on elements lo…hi of the layout, all of parameter `name` (p, g, p_low
         are those elements)."""
-        adamw_update(p, g, self.m[lo:hi], self.v[lo:hi], self.tmp, p_low=p_low, **hyper)
+        adamw_update(p, g, self.m[lo:hi], self.v[lo:hi], self.tmp, p_low=p_low, engine=self.engine, **hyper)
 
 
 class AdamW8bit(AdamW):
@@ -81,14 +82,15 @@ class AdamW8bit(AdamW):
                     tensors[f"{moment}."][name] = shape, "F32"
         return tensors
 
-    def __init__(self, layout, arrays):
+    def __init__(self, layout, arrays, engine):
         self.state = adamw8bit.State8(layout, arrays["Adam m"], arrays["Adam v"], arrays["Adam absmax"])
+        self.engine = engine
 
     def views(self):
         return self.state.views()
 
     def update(self, name, lo, hi, p, g, p_low, **hyper):
-        self.state.update(name, lo, hi, p, g, p_low, **hyper)
+        self.state.update(name, lo, hi, p, g, p_low, engine=self.engine, **hyper)
 
 
 OPTIMIZERS = {optimizer.name: optimizer for optimizer in (AdamW, AdamW8bit)}

@@ -1,9 +1,9 @@
 """The built-in profiler: per-layer-type times inside a worker, and the
 per-step phase split the coordinator logs.
 
-`TimedLayers(model)` stands in for model.py where the GPT takes its layer
-functions (`GPT(..., layers=...)`), only while profiling is on, so the normal
-path pays nothing."""
+`TimedLayers(layers)` stands in for trainer.model.Layers where the model takes its
+layer functions (`Model(..., layers=...)`), only while profiling is on, so the
+normal path pays nothing."""
 import time
 
 
@@ -11,6 +11,7 @@ class TimedLayers:
     """model.py's *_forward / *_backward functions, each timed into `seconds`."""
 
     def __init__(self, layers):
+        self.engine = layers.engine
         names = [name for name in dir(layers)
                  if name.endswith(("_forward", "_backward")) and callable(getattr(layers, name))]
         self.seconds = {name: 0.0 for name in names}

@@ -6,10 +6,15 @@ from trainer.corpus import EOT
 
 
 class Sampler:
-    def __init__(self, cfg, params):
+    """engine: the GEMM engine it multiplies on (default NumPy's fp32 BLAS, the
+    coordinator's)."""
+
+    def __init__(self, cfg, params, engine=None):
+        from trainer.gemm import Engine
+        from trainer.model import Layers
         from trainer.models import family_of
         self.cfg = cfg
-        self.model = family_of(cfg).CachedModel(cfg, params)
+        self.model = family_of(cfg).CachedModel(cfg, params, Layers(engine or Engine("numpy")))
 
     def forward(self, tokens, start):
         """Run positions start … start+n−1 (earlier ones are cached) -> logits (V,) of the last."""

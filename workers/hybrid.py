@@ -89,7 +89,7 @@ class Hybrid(Strategy):
         if w.engine.low:
             self.low_arena = SharedArena.attach(w.arena_names["bf16 activations"], w.elements["bf16 activations"],
                                                 w.engine.low_dtype)
-        acts = Activations(w.cfg, w.pool_rows, w.seq_len, True,
+        acts = Activations(w.cfg, w.pool_rows, w.seq_len, True, w.engine,
                            low_dtype=w.engine.low_dtype if w.engine.low else None, arena=self.arena.array,
                            low_arena=self.low_arena.array if self.low_arena else None,
                            part=w.rank, n_parts=w.n_workers, recompute=w.recompute, lora=w.lora)

@@ -83,7 +83,8 @@ class WorkerPool:
             # workers find each arena by what arena_sizes calls it
             arena = {what: a for (what, _, _), a in zip(sizes, self.arenas)}
             self.params, self.grads = arena["params"], arena["gradients"]
-            self.optimizer = OPTIMIZERS[optim["kind"]](self.trainable, {what: a.array for what, a in arena.items()})
+            self.optimizer = OPTIMIZERS[optim["kind"]](self.trainable, {what: a.array for what, a in arena.items()},
+                                                       engine)
             self.adapters, self.low = arena.get("adapters"), arena.get("bf16 weights")  # LoRA's, bf16's
             names = {what: a.name for what, a in arena.items()}
             elements = {what: n for what, n, _ in sizes}

@@ -11,11 +11,12 @@ import time
 import numpy as np
 import zmq
 
-from trainer import gemm, model
+from trainer.gemm import Engine
 from trainer.data import open_tokens
 from trainer.optim import sum_squares
 from trainer.optimizers import OPTIMIZERS
 from trainer.lora import Lora, base_layout, trainable_layout
+from trainer.model import Layers
 from trainer.models import config_from_fields, param_layout
 from trainer.profile import TimedLayers
 from workers import messages as msg
@@ -32,7 +33,7 @@ class Worker:
         self.rank, self.n_workers = init.rank, init.n_workers
         if init.cores and hasattr(os, "sched_setaffinity"):  # macOS has no CPU affinity
             os.sched_setaffinity(0, init.cores)
-        self.engine = gemm.install(init.gemm)  # loads oneDNN and its OpenMP runtime, if used
+        self.engine = Engine(init.gemm)  # loads oneDNN and its OpenMP runtime, if used
         self.blas_limits = threadpool_limits(limits=init.threads)  # BLAS and OpenMP alike
         self.blas = ", ".join(
             f"{lib['internal_api']} {lib['version']} {lib.get('architecture') or ''}".strip()
@@ -55,7 +56,7 @@ class Worker:
         self.optim = init.optim  # its kind (a name in OPTIMIZERS) and hyper-parameters
         kind = OPTIMIZERS[self.optim["kind"]]
         self.optimizer_arenas = {what: attach(what, np.dtype(dtype)) for what, _, dtype in kind.arenas(layout)}
-        self.optimizer = kind(layout, {what: a.array for what, a in self.optimizer_arenas.items()})
+        self.optimizer = kind(layout, {what: a.array for what, a in self.optimizer_arenas.items()}, self.engine)
         self.params_low = self.low_params = self.adapters_low = None
         if self.engine.low:
             self.params_low = SharedArena.attach(self.arena_names["bf16 weights"], self.layout.size,
@@ -72,7 +73,7 @@ class Worker:
                          if first < self.hi and first + int(np.prod(shape)) > self.lo]
         self.train = open_tokens(init.train)
         self.val = open_tokens(init.val) if init.val else None
-        self.layers = TimedLayers(model) if init.profile else model
+        self.layers = TimedLayers(Layers(self.engine)) if init.profile else Layers(self.engine)
         self.strategy = STRATEGIES[init.parallel](self)
 
     def evaluate(self, windows):
@@ -105,7 +106,7 @@ class Worker:
         """The bf16 copy of this worker's shard of freshly loaded weights (with LoRA,
         adapters: the coordinator wrote the frozen base's copy as it loaded it)."""
         if self.trained_low:
-            gemm.to_low(self.trained_low.array[self.lo:self.hi], self.trained.array[self.lo:self.hi])
+            self.engine.to_low(self.trained_low.array[self.lo:self.hi], self.trained.array[self.lo:self.hi])
         return msg.Done()
 
     def handle(self, message):

@@ -19,9 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from trainer import model
 from trainer.activations import Activations, rows_of, share
-from trainer.gemm import to_low
 from trainer.lora import dropout_mask
 from trainer.models.gpt2.config import LORA_TARGETS, lora_fans
 
@@ -139,15 +137,16 @@ class GPT:
     (and grads, to train) are dicts of views; low_params (bf16 views of the weights)
     turns on bf16 matmuls.  acts is allocated here when not given.  split: the
     matmul hook (see above).
-    layers: model.py, or a stand-in with the same functions (the profiler's).
+    layers: trainer.model.Layers (its layers with the GEMM engine they multiply on),
+    or a stand-in with the same functions (the profiler's).
     recompute (for a table made here; a given one says itself): keep only each
     block's input and run the block's forward again inside its backward.
     sync: the barrier attention needs when the workers split a batch row (above).
     lora (trainer.lora.Lora): the base weights are frozen and adapters (low_adapters:
     their bf16 copies) beside its targets train; grads then holds the adapters'."""
 
-    def __init__(self, cfg, B, T, params, grads=None, low_params=None, *, acts=None,
-                 split=matmul_alone, layers=model, recompute=False, sync=None,
+    def __init__(self, cfg, B, T, params, grads=None, low_params=None, *, layers, acts=None,
+                 split=matmul_alone, recompute=False, sync=None,
                  lora=None, adapters=None, low_adapters=None):
         if T > cfg.block_size:
             raise ValueError(f"seq-len {T} is above the model's context of {cfg.block_size}")
@@ -155,7 +154,7 @@ class GPT:
         self.split, self.layers = split, layers
         training = grads is not None
         if acts is None:
-            acts = Activations(cfg, B, T, training, recompute=recompute, lora=lora,
+            acts = Activations(cfg, B, T, training, layers.engine, recompute=recompute, lora=lora,
                                low_dtype=None if low_params is None else low_params["wte.weight"].dtype)
         self.acts = acts
         self.weights = params if low_params is None else low_params  # what matmuls read
@@ -307,7 +306,7 @@ class GPT:
         if not self.acts.low:
             return out
         low = self.buffer("dropped input, bf16", x.shape, self.acts.low_dtype)
-        to_low(low, out)
+        self.layers.engine.to_low(low, out)
         return low
 
     def attention_views(self, l):

@@ -1,9 +1,9 @@
 """GPT-2 one position at a time, with a key/value cache: the prompt runs once, then
 each new token costs one position (trainer/sample.py drives it).  The layers are
-trainer/model.py's own forward functions, on one row of the cache's width."""
+trainer/model.py's own forward functions (`layers`: trainer.model.Layers), on one
+row of the cache's width."""
 import numpy as np
 
-from trainer.model import attention_forward, gelu_forward, layernorm_forward, matmul_forward
 from trainer.params import Layout
 
 
@@ -11,8 +11,8 @@ class CachedModel:
     """forward(tokens, start) -> the logits of the last of positions start…, the
     keys and values of earlier ones read from the cache."""
 
-    def __init__(self, cfg, params):
-        self.cfg, self.p = cfg, params
+    def __init__(self, cfg, params, layers):
+        self.cfg, self.p, self.layers = cfg, params, layers
         T, C, L, NH = cfg.block_size, cfg.n_embd, cfg.n_layer, cfg.n_head
         self.layout = Layout([
             ("x", (T, C)), ("ln", (T, C)), ("mean", (T, 1)), ("rstd", (T, 1)),
@@ -24,26 +24,26 @@ class CachedModel:
 
     def forward(self, tokens, start):
         """Run positions start … start+n−1 (earlier ones are cached) -> logits (V,) of the last."""
-        cfg, p, a = self.cfg, self.p, self.a
+        cfg, p, a, nn = self.cfg, self.p, self.a, self.layers
         n, C, end = len(tokens), cfg.n_embd, start + len(tokens)
         x, ln, mean, rstd = a["x"][:n], a["ln"][:n], a["mean"][:n], a["rstd"][:n]
         np.take(p["wte.weight"], np.asarray(tokens), axis=0, out=x)
         x += p["wpe.weight"][start:end]
         for l in range(cfg.n_layer):
             h = f"h.{l}."
-            layernorm_forward(ln, mean, rstd, x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+            nn.layernorm_forward(ln, mean, rstd, x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
             qkv = a["qkv"][l][:, :end]
-            matmul_forward(qkv[0, start:], ln, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
+            nn.matmul_forward(qkv[0, start:], ln, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
             atty = a["atty"][:n]
-            attention_forward(atty.reshape(1, n, C), a["lse"][:, :, :n], qkv, cfg.n_head, start)
+            nn.attention_forward(atty.reshape(1, n, C), a["lse"][:, :, :n], qkv, cfg.n_head, start)
             resid = a["resid"][:n]
-            matmul_forward(resid, atty, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+            nn.matmul_forward(resid, atty, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
             resid += x
-            layernorm_forward(ln, mean, rstd, resid, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-            matmul_forward(a["fch"][:n], ln, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
-            gelu_forward(a["gelu"][:n], a["fch"][:n])
-            matmul_forward(x, a["gelu"][:n], p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
+            nn.layernorm_forward(ln, mean, rstd, resid, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+            nn.matmul_forward(a["fch"][:n], ln, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
+            nn.gelu_forward(a["gelu"][:n], a["fch"][:n])
+            nn.matmul_forward(x, a["gelu"][:n], p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
             x += resid
-        layernorm_forward(ln[:1], mean[:1], rstd[:1], x[n - 1:], p["ln_f.weight"], p["ln_f.bias"])
+        nn.layernorm_forward(ln[:1], mean[:1], rstd[:1], x[n - 1:], p["ln_f.weight"], p["ln_f.bias"])
         np.matmul(p["wte.weight"], ln[0], out=a["logits"])
         return a["logits"]
