@@ -40,7 +40,8 @@ SETTINGS = {
     "beta1": (float, 0.9, "AdamW beta1"),
     "beta2": (float, 0.95, "AdamW beta2"),
     "eps": (float, 1e-8, "AdamW epsilon"),
-    "optim": (str, DEFAULT_OPTIMIZER, " or ".join(f"{name} ({optimizer.summary})" for name, optimizer in OPTIMIZERS.items())),
+    "optim": (str, DEFAULT_OPTIMIZER, " or ".join(f"{name} ({optimizer.summary})"
+                                                 for name, optimizer in OPTIMIZERS.items())),
     "lora_rank": (int, 0, "LoRA rank r: train rank-r adapters beside the frozen weights (peft's LoRA); "
                           "0 is full fine-tuning"),
     "lora_alpha": (float, None, "LoRA alpha: the adapters are scaled by alpha / r (default r)"),

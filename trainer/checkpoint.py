@@ -154,8 +154,8 @@ def check_checkpoint(ckpt_dir, optim, lora=None):
 
 def stream_checkpoint(ckpt_dir, cfg, params, optimizer, lora=None):
     """Read a checkpoint (checked by check_checkpoint) into the views {name: view} of
-    params and {prefix: {name: view}} of optimizer: each tensor's bytes go from the file straight into its view, with no copy
-    in between and no mapping of the file (mapped pages would count as the
+    params and {prefix: {name: view}} of optimizer: each tensor's bytes go from the file
+    straight into its view, with no copy in between and no mapping of the file (mapped pages would count as the
     coordinator's memory), so loading needs nothing beside the arenas.  With LoRA
     params are the adapters'."""
     weights = {"": params} if lora is None else {"": {peft_name(cfg, k): v for k, v in params.items()}}

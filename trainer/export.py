@@ -7,7 +7,6 @@ from importlib import resources
 
 import numpy as np
 
-from trainer.files import atomic_write
 from trainer.llmc import export_llmc
 from trainer.weights import WeightsError, save_model
 

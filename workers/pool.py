@@ -42,8 +42,8 @@ def blas_coretype():
     return "Zen" if amd_avx512 else None
 
 
-def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False, optim=DEFAULT_OPTIMIZER, lora=None,
-                accumulating=False):
+def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False, optim=DEFAULT_OPTIMIZER,
+                lora=None, accumulating=False):
     """[(what, elements, dtype)] of a pool's shared arenas, in creation order: what
     every pool has (parameters; with LoRA the adapters; the optimizer's state and the
     gradients AdamW reads, of what trains; with bf16 matmuls the bf16 copies of the

@@ -116,7 +116,8 @@ def lighter_settings(s, ranks):
     smaller = OPTIMIZERS[s.optim].lighter  # an optimizer whose state takes less memory
     if smaller is None:
         return lighter
-    with_smaller = lambda flags, changes: (f"{flags} --optim {smaller}".strip(), {**changes, "optim": smaller})  # noqa: E731
+    def with_smaller(flags, changes):
+        return f"{flags} --optim {smaller}".strip(), {**changes, "optim": smaller}
     first = [] if s.recompute else lighter[:1]  # --recompute alone: the same numbers, only slower
     options = first + [with_smaller("", {})] + [with_smaller(*option) for option in first]
     for option in lighter[len(first):]:

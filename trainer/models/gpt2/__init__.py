@@ -4,9 +4,9 @@ peft files, the LoRA target table, the activation spec; model.py: the blocks'
 forward and backward, the tied head, the ordered weight-gradient tasks;
 sampling.py: the KV-cached forward."""
 from trainer.models.gpt2.config import (  # noqa: F401
-    EOT, FAN_IN_FAN_OUT, HUB_NAMES, LORA_ALIASES, LORA_CHOICES, LORA_DEFAULT, LORA_TARGETS, MODEL_TYPE, PEFT_PREFIX, PRESETS,
-    VOCAB, GPTConfig, block_matrix, block_tensor, infer_config, init_params, init_tensors, lora_delta, lora_fans,
-    param_shapes, preset, target_weight, tensor_name)
+    EOT, FAN_IN_FAN_OUT, HUB_NAMES, LORA_ALIASES, LORA_CHOICES, LORA_DEFAULT, LORA_TARGETS, MODEL_TYPE,
+    PEFT_PREFIX, PRESETS, VOCAB, GPTConfig, block_matrix, block_tensor, infer_config, init_params, init_tensors,
+    lora_delta, lora_fans, param_shapes, preset, target_weight, tensor_name)
 from trainer.models.gpt2.model import GPT as Model, WeightTask, matmul_alone, weight_tasks  # noqa: F401
 from trainer.models.gpt2.sampling import CachedModel  # noqa: F401
 
