@@ -189,7 +189,7 @@ def check_lora(s):
     if s.lora_rank == 0:
         return s
     from trainer.lora import parse_targets
-    family = models.presets().get(s.model, models.family(models.DEFAULT))  # the targets' names are its
+    family = models.presets().get(s.model, models.family(models.DEFAULT))  # whose layers the targets name
     s = dataclasses.replace(s, lora_alpha=float(s.lora_rank if s.lora_alpha is None else s.lora_alpha),
                             lora_targets=s.lora_targets or family.LORA_DEFAULT,
                             lora_dropout=float(s.lora_dropout or 0.0))

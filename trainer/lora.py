@@ -16,6 +16,7 @@ import numpy as np
 from trainer.errors import WeightsError
 from trainer.params import Layout
 
+
 class Lora(NamedTuple):
     rank: int
     alpha: float
