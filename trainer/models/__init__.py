@@ -25,11 +25,6 @@ def family_of(cfg):
     return FAMILIES[cfg.model_type]
 
 
-def config_from_hf(hf):
-    """A Hugging Face config.json's dict -> the config of its family."""
-    return family(hf.get("model_type", DEFAULT)).Config.from_hf(hf)
-
-
 def config_from_fields(model_type, fields):
     """What a config's fields() gave -> the config (workers rebuild the run's from it)."""
     return family(model_type).Config(**fields)
