@@ -22,8 +22,9 @@ from bench.vs_pytorch import coregpt_step_times  # noqa: E402
 from launch.config import Settings, check  # noqa: E402
 from launch.train import choose_engine  # noqa: E402
 from trainer.data import write_tokens  # noqa: E402
+from launch.train import STARTS  # noqa: E402
+from trainer.trainable import kind_of  # noqa: E402
 from trainer.models.gpt2 import VOCAB as GPT2_VOCAB  # noqa: E402
-from trainer.models import preset_config  # noqa: E402
 from workers.resources import meminfo_available, plan_for  # noqa: E402
 from workers.strategies import STRATEGIES  # noqa: E402
 
@@ -36,9 +37,9 @@ def planned(model, column, B, T, workers):
     s = check(Settings(model=model, batch_size=B, seq_len=T, workers=workers, precision="bf16", recompute=True,
                        optim="adamw" if column == "lora" else column, threads_per_worker=1, oversubscribe=True,
                        no_checkpoint=True, **lora))
-    cfg = preset_config(model, {}, GPT2_VOCAB)
+    _, start = STARTS[kind_of(s)](s, None, None)  # the preset from scratch (LoRA's base too)
     engine, _ = choose_engine(s)
-    return plan_for(cfg, s, 1, 1, engine, STRATEGIES[s.parallel]).memory / 1e9
+    return plan_for(s, start, engine, STRATEGIES[s.parallel]).memory / 1e9
 
 
 def main():

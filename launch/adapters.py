@@ -1,4 +1,4 @@
-"""The coordinator's side of a LoRA run (--lora-rank, or --init-from a peft
+"""Where a LoRA run's weights come from (--lora-rank, or --init-from a peft
 adapter): which base it adapts, where its adapters start, and filling the arenas.
 The frozen base goes into the arenas one tensor at a time (its bf16 copy written
 here, since with bf16 its matrices are held only as that copy); the adapters
@@ -7,96 +7,98 @@ start from the checkpoint on --resume, else from the peft adapter given to
 import dataclasses
 import os
 
-import numpy as np
-
+from launch.start import Start, largest_tensor, scratch_config, whole_model
 from trainer.base import adapter_dir, open_base, read_base_record, recorded_base
 from trainer.checkpoint import check_checkpoint, checkpoint_config, stream_checkpoint
 from trainer.errors import ConfigError
-from trainer.lora import check_adapters, init_adapters, lora_of, merged, trainable_count
-from trainer.models import param_shapes, preset_config
+from trainer.lora import LoraTraining, check_adapters, init_adapters, lora_of, merged
 from trainer.peft import read_peft
 from trainer.weights import read_hf_config
 
 
-def adopt_peft(s, directory):
+@dataclasses.dataclass
+class LoraStart(Start):
+    """A LoRA run's start: the frozen `base` (trainer.base.Base), and its adapters
+    from the checkpoint, the `tensors` of a peft adapter, or peft's initialisation."""
+    base: object = None
+
+    def fill(self, pool, arrays, engine, seed):
+        """The base (fp32 where it is kept, and its bf16 copy), then the adapters and,
+        on --resume, their optimizer state."""
+        fp32 = pool.base.views(pool.params.array)
+        low = pool.layout.views(pool.low.array) if pool.low else None
+        for name, tensor in self.base.tensors():
+            if name in fp32:
+                fp32[name][...] = tensor
+            if low is not None:
+                engine.to_low(low[name], tensor)
+        adapters, optimizer = arrays
+        if self.ckpt is not None:
+            if self.base.path is None:
+                self.base.check(self.state.get("base") or {}, self.ckpt)
+            stream_checkpoint(self.ckpt, self.trains, adapters, optimizer)
+        elif self.tensors is not None:
+            for name, view in adapters.items():
+                view[...] = self.tensors[name]
+        else:
+            init_adapters(self.cfg, self.trains.lora, adapters, seed)
+        self.tensors = None
+
+    def sampling_weights(self, pool):
+        """-> a function giving the merged weights W + (alpha/r) ΔW."""
+        def weights():
+            base = dict(pool.base.views(pool.params.array))
+            if pool.low:  # the matrices held only as their bf16 copy
+                low = pool.layout.views(pool.low.array)
+                base.update({name: low[name].astype("float32") for name in low if name not in base})
+            return merged(self.cfg, self.trains.lora, base, pool.trained())
+        return weights
+
+    def checkpoint_state(self):
+        return {"base": self.base.record}
+
+
+def adopt_peft(settings, directory):
     """--init-from a peft adapter `directory` (or a LoRA run's latest checkpoint): the run
     takes the adapter's LoRA settings (a different --lora-rank is bad input) ->
     (settings, base source, adapter tensors)."""
     lora, base, tensors = read_peft(directory)
-    if s.lora_rank and s.lora_rank != lora.rank:
-        raise ConfigError(f"--lora-rank {s.lora_rank} but the adapter {s.init_from} has rank {lora.rank}")
-    s = dataclasses.replace(s, lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=",".join(lora.targets),
-                            lora_dropout=s.lora_dropout if s.lora_dropout is not None else lora.dropout)
-    return s, base, tensors
+    if settings.lora_rank and settings.lora_rank != lora.rank:
+        raise ConfigError(f"--lora-rank {settings.lora_rank} but the adapter {settings.init_from} has rank "
+                          f"{lora.rank}")
+    dropout = settings.lora_dropout if settings.lora_dropout is not None else lora.dropout
+    settings = dataclasses.replace(settings, lora_rank=lora.rank, lora_alpha=lora.alpha,
+                                   lora_targets=",".join(lora.targets), lora_dropout=dropout)
+    return settings, base, tensors
 
 
-def lora_model(s, ckpt, state):
-    """-> (settings, GPTConfig, Base, adapter tensors or None) of a LoRA run: on
-    --resume the base its checkpoint names (refused if it changed), else
-    --init-from's (or the family's initialisation of --model)."""
-    tensors = None
+def loading(base):
+    """Floats the coordinator holds while reading the base: one tensor, or an llm.c .bin whole."""
+    return whole_model(base.cfg) if (base.path or "").endswith(".bin") else largest_tensor(base.cfg)
+
+
+def lora_start(settings, ckpt, state):
+    """-> (settings, LoraStart): on --resume the base its checkpoint names (refused if
+    it changed), else --init-from's (or the family's initialisation of --model)."""
     if ckpt is not None:
         record = state.get("base") or {}
-        cfg = check_checkpoint(ckpt, s.optim, lora_of(s, checkpoint_config(ckpt).family))
-        base = recorded_base(record, cfg, s.seed)
+        cfg = checkpoint_config(ckpt)
+        trains = LoraTraining(cfg, lora_of(settings, cfg.family))
+        check_checkpoint(ckpt, settings.optim, trains)
+        base = recorded_base(record, cfg, settings.seed)
         if base.path:
             base.check(record, ckpt)  # the init's digest is checked once its tensors are made
-        return s, cfg, base, None
-    source, record = s.init_from, None
+        return settings, LoraStart(cfg, trains, ckpt, state, loading=loading(base), base=base)
+    source, record, tensors = settings.init_from, None, None
     adapter = adapter_dir(source) if source else None
     if adapter:
-        s, source, tensors = adopt_peft(s, adapter)
+        settings, source, tensors = adopt_peft(settings, adapter)
         record = read_base_record(adapter)  # a coregpt LoRA checkpoint names its base exactly
     if record:
         base = recorded_base(record, read_hf_config(os.path.join(adapter, "config.json")))
-    elif source:
-        base = open_base(source)
     else:
-        overrides = dict(n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
-        base = open_base(None, preset_config(s.model, overrides), s.seed)
+        base = open_base(source, None if source else scratch_config(settings), settings.seed)
+    trains = LoraTraining(base.cfg, lora_of(settings, base.cfg.family))
     if tensors is not None:
-        check_adapters(base.cfg, lora_of(s, base.cfg.family), tensors, s.init_from)
-    return s, base.cfg, base, tensors
-
-
-def load_lora(run, pool):
-    """Fill the arenas of a LoRA run: base (fp32 where it is kept, and its bf16 copy),
-    then the adapters and, on --resume, their optimizer state."""
-    s, lora = run.settings, lora_of(run.settings, run.cfg.family)
-    fp32 = pool.base.views(pool.params.array)
-    low = pool.layout.views(pool.low.array) if pool.low else None
-    for name, tensor in run.base.tensors():
-        if name in fp32:
-            fp32[name][...] = tensor
-        if low is not None:
-            run.engine.to_low(low[name], tensor)
-    adapters = pool.trained()
-    if run.ckpt is not None:
-        if run.base.path is None:
-            run.base.check(run.state.get("base") or {}, run.ckpt)
-        stream_checkpoint(run.ckpt, run.cfg, adapters, pool.optimizer_views(), lora)
-    elif run.tensors is not None:
-        for name, view in adapters.items():
-            view[...] = run.tensors[name]
-    else:
-        init_adapters(run.cfg, lora, adapters, s.seed)
-
-
-def sampling_weights(run, pool):
-    """-> a function giving the merged weights of a LoRA run, to sample from."""
-    lora = lora_of(run.settings, run.cfg.family)
-    def weights():
-        base = dict(pool.base.views(pool.params.array))
-        if pool.low:  # the matrices held only as their bf16 copy
-            low = pool.layout.views(pool.low.array)
-            base.update({name: low[name].astype("float32") for name in low if name not in base})
-        return merged(run.cfg, lora, base, pool.trained())
-    return weights
-
-
-def parameter_counts(cfg, lora):
-    """peft's print_trainable_parameters line (all params: the base's and the adapters')."""
-    trainable = trainable_count(cfg, lora)
-    everything = trainable + sum(int(np.prod(shape)) for _, shape in param_shapes(cfg))
-    return (f"trainable params: {trainable:,} || all params: {everything:,} || "
-            f"trainable%: {100 * trainable / everything:.4f}")
+        check_adapters(base.cfg, trains.lora, tensors, settings.init_from)
+    return settings, LoraStart(base.cfg, trains, tensors=tensors, loading=loading(base), base=base)

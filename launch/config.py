@@ -180,28 +180,15 @@ def merge(config_path, flags):
     return Settings(**values)
 
 
-def check_lora(s):
-    """-> s with LoRA's derived settings filled (alpha = r, targets c_attn, dropout 0)."""
-    lora_flags = [f"--lora-{k}" for k in ("alpha", "targets", "dropout") if getattr(s, "lora_" + k) is not None]
-    if s.lora_rank < 0 or (s.lora_rank == 0 and lora_flags):
-        raise ConfigError(f"--lora-rank must be a positive integer for {' '.join(lora_flags)}, got {s.lora_rank}"
-                          if lora_flags else f"--lora-rank must not be negative, got {s.lora_rank}")
-    if s.lora_rank == 0:
-        return s
-    from trainer.lora import parse_targets
-    family = models.presets().get(s.model, models.family(models.DEFAULT))  # whose layers the targets name
-    s = dataclasses.replace(s, lora_alpha=float(s.lora_rank if s.lora_alpha is None else s.lora_alpha),
-                            lora_targets=s.lora_targets or family.LORA_DEFAULT,
-                            lora_dropout=float(s.lora_dropout or 0.0))
-    if s.lora_alpha <= 0:
-        raise ConfigError(f"--lora-alpha must be positive, got {s.lora_alpha:g}")
-    if not 0 <= s.lora_dropout < 1:
-        raise ConfigError(f"--lora-dropout must be in [0, 1), got {s.lora_dropout:g}")
+def check_lora(settings):
+    """-> settings with LoRA's derived ones filled (trainer.lora.checked_settings)."""
+    from trainer.lora import checked_settings
+    family = models.presets().get(settings.model, models.family(models.DEFAULT))  # whose layers targets name
     try:
-        parse_targets(s.lora_targets, family)
+        return dataclasses.replace(settings, **checked_settings(
+            settings.lora_rank, settings.lora_alpha, settings.lora_targets, settings.lora_dropout, family))
     except ValueError as e:
-        raise ConfigError(f"{e}; choose from {family.LORA_CHOICES}") from None
-    return s
+        raise ConfigError(str(e)) from None
 
 
 def check(s, group=None):

@@ -51,13 +51,13 @@ class Interrupted(Exception):
 
 
 class StepLoop:
-    def __init__(self, s, cfg, pool, group, metrics, arrays, stop, val_path, weights=None, base=None):
-        """arrays: (trained tensors, optimizer state) as checkpoints hold them;
-        weights() -> the model's weights to sample from (default arrays[0]); base:
-        a LoRA run's Base record."""
-        self.s, self.cfg, self.pool, self.group, self.metrics = s, cfg, pool, group, metrics
+    def __init__(self, s, start, pool, group, metrics, arrays, stop, val_path):
+        """start: where the weights came from (launch.start.Start: the model, what
+        trains, what to sample from and what checkpoints keep of it); arrays: (trained
+        tensors, optimizer state) as checkpoints hold them."""
+        self.s, self.start, self.cfg, self.pool, self.group, self.metrics = s, start, start.cfg, pool, group, metrics
         self.arrays, self.stop, self.val_path = arrays, stop, val_path
-        self.weights, self.base = weights or (lambda: arrays[0]), base
+        self.weights = start.sampling_weights(pool)
         self.batch_tokens = s.batch_size * s.seq_len
         self.step_tokens = self.batch_tokens * s.grad_accum
 
@@ -158,4 +158,4 @@ class StepLoop:
         log(f"step {step:>6}/{s.steps} | val loss {val:.4f}")
 
     def checkpoint(self, step):
-        return checkpoint(self.s, self.cfg, step, self.arrays, self.counts, self.base)
+        return checkpoint(self.s, self.start, step, self.arrays, self.counts)

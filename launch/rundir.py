@@ -105,17 +105,15 @@ class Metrics:
             pass  # a failed flush was reported by write()
 
 
-def checkpoint(s, cfg, step, arrays, counts, base=None):
-    """arrays: (trained tensors, optimizer state); base: a LoRA run's Base record."""
+def checkpoint(s, start, step, arrays, counts):
+    """start: where the weights came from (launch.start.Start); arrays: (trained
+    tensors, optimizer state)."""
     params, optimizer = arrays
     state = {"seed": s.seed, "data_window": step * s.grad_accum, "adam_steps": counts["updates"],
-             "skipped_nonfinite": counts["skipped"], "config": run_settings(s)}
-    if base is not None:
-        state["base"] = base
+             "skipped_nonfinite": counts["skipped"], "config": run_settings(s), **start.checkpoint_state()}
     from safetensors import SafetensorError
-    from trainer.lora import lora_of
     try:  # a failed write leaves no partial directory, and `latest` still names the previous one
-        path = save_checkpoint(s.out_dir, step, cfg, params, optimizer, state, lora_of(s, cfg.family))
+        path = save_checkpoint(s.out_dir, step, start.trains, params, optimizer, state)
     except (OSError, SafetensorError) as e:
         raise write_failed(f"the step {step} checkpoint in {os.path.join(s.out_dir, 'checkpoints')}",
                            e, s.out_dir) from None

@@ -13,29 +13,33 @@ import json
 import os
 from datetime import datetime, timezone
 
-from launch.adapters import load_lora, lora_model, parameter_counts, sampling_weights
 from launch.config import SETTINGS, check
 from launch.console import Console, log
 from launch.loop import StepLoop, StopRequest
 from launch.rundir import (Metrics, NoMetrics, lock_run_dir, plot_quietly, prepare_out_dir, run_settings,
                            write_failed)
-from trainer.checkpoint import check_checkpoint, read_state, stream_checkpoint
+from launch.adapters import lora_start
+from launch.start import full_start
+from trainer.checkpoint import read_state
 from trainer.corpus import prepare_shakespeare
 from trainer.data import check_tokens, open_tokens, resolve_data
 from trainer.errors import ConfigError, DataError, EngineError, ResourceError, RunError, WeightsError
 from trainer.files import atomic_write
 from trainer.gemm import Engine, choose
-from trainer.base import adapter_dir
-from trainer.lora import lora_of
-from trainer.models import family_of, preset_config
 from trainer.optimizers import DEFAULT as DEFAULT_OPTIMIZER
-from trainer.weights import latest_checkpoint, load_checked
+from trainer.trainable import kind_of
+from trainer.weights import latest_checkpoint
 from workers import messages as msg
 from workers.comm import LocalGroup
 from workers.placement import place, read_topology
-from workers.pool import WorkerPool
+from workers.pool import Batches, WorkerPool
 from workers.resources import check as check_resources, lighter_settings, plan_for
+from workers.strategy import PoolShape
 from workers.strategies import STRATEGIES
+
+# where the weights come from, by what trains (trainer.trainable.kind_of): settings, checkpoint,
+# its state -> (settings, start record); the settings change where a peft adapter brings its own
+STARTS = {"full": full_start, "lora": lora_start}
 
 # what a resumed run may change; everything else is the run's own
 RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every", "keep_last",
@@ -63,17 +67,6 @@ def resume_settings(s, given):
     return dataclasses.replace(s, **saved), ckpt, state
 
 
-def build_model(s, ckpt):
-    """-> (config, tensors or None).  None means: the family's initialisation, or on
-    --resume the checkpoint, streamed into the arenas once they exist."""
-    if ckpt is not None:
-        return check_checkpoint(ckpt, s.optim), None
-    if not s.init_from:
-        overrides = dict(n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
-        return preset_config(s.model, overrides), None
-    return load_checked(s.init_from)
-
-
 def open_data(s, cfg):
     train_path, val_path = resolve_data(s.data, prepare_shakespeare)
     train = open_tokens(train_path)
@@ -93,20 +86,17 @@ def open_data(s, cfg):
 
 @dataclasses.dataclass
 class Run:
-    """What setup found: the settings as the run uses them, the model and data, and
-    the GEMM engine and strategy chosen for it."""
+    """What setup found: the settings as the run uses them, where its weights come
+    from (launch.start.Start: the model, what trains, the source), the data, and the
+    GEMM engine and strategy chosen for it."""
     settings: object
-    cfg: object
-    tensors: dict | None  # weights to load; None: the family's initialisation
-    ckpt: str | None  # the checkpoint resumed from
-    state: dict | None  # its run state
+    start: object
     train_path: str
     val_path: str | None
     engine: Engine
     engine_text: str
     strategy: type
     lock: int | None  # the run directory's lock (rank 0), held until the run ends
-    base: object = None  # a LoRA run's frozen base (trainer.base.Base)
 
 
 def choose_engine(s):
@@ -118,51 +108,49 @@ def choose_engine(s):
         raise ConfigError(str(e)) from None
 
 
-def setup(s, given, group):
+def setup(settings, given, group):
     """-> Run.  Everything that can fail on bad input, before any worker starts."""
     ckpt, state, lock = None, None, None
-    if s.resume and group.is_root and os.path.isdir(s.out_dir):
-        lock = lock_run_dir(s.out_dir)  # a run still going on there is the first thing to say
-    if s.resume:
-        s, ckpt, state = resume_settings(s, given)
-        s = check(s, group if s.backend == "mpi" else None)  # e.g. the new worker count vs cores
-    engine, engine_text = choose_engine(s)
-    base = None
-    if s.lora_rank or (s.init_from and not s.resume and adapter_dir(s.init_from)):
-        s, cfg, base, tensors = lora_model(s, ckpt, state)
-    else:
-        cfg, tensors = build_model(s, ckpt)
-    if s.seq_len > cfg.block_size:
-        raise DataError(f"--seq-len {s.seq_len} is above the model's context of {cfg.block_size}")
-    train_path, val_path = open_data(s, cfg)
-    if s.out_dir is None:
-        s = dataclasses.replace(s, out_dir=os.path.join("runs", datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")))
-    strategy = STRATEGIES[s.parallel]
-    plan = plan_for(cfg, s, group.local_size, group.size, engine, strategy)
+    if settings.resume and group.is_root and os.path.isdir(settings.out_dir):
+        lock = lock_run_dir(settings.out_dir)  # a run still going on there is the first thing to say
+    if settings.resume:
+        settings, ckpt, state = resume_settings(settings, given)
+        settings = check(settings, group if settings.backend == "mpi" else None)  # e.g. workers vs cores
+    engine, engine_text = choose_engine(settings)
+    settings, start = STARTS[kind_of(settings)](settings, ckpt, state)
+    if settings.seq_len > start.cfg.block_size:
+        raise DataError(f"--seq-len {settings.seq_len} is above the model's context of {start.cfg.block_size}")
+    train_path, val_path = open_data(settings, start.cfg)
+    if settings.out_dir is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        settings = dataclasses.replace(settings, out_dir=os.path.join("runs", stamp))
+    strategy = STRATEGIES[settings.parallel]
+    ranks = group.local_size, group.size
+    plan = plan_for(settings, start, engine, strategy, ranks)
     def lighter():
-        return [(flags, plan_for(cfg, dataclasses.replace(s, **changes), group.local_size, group.size, engine,
-                                 strategy)) for flags, changes in lighter_settings(s, group.size)]
-    warning = check_resources(plan, s.out_dir if group.is_root else os.devnull, lighter=lighter)
+        return [(flags, plan_for(dataclasses.replace(settings, **changes), start, engine, strategy, ranks))
+                for flags, changes in lighter_settings(settings, group.size)]
+    warning = check_resources(plan, settings.out_dir if group.is_root else os.devnull, lighter=lighter)
     if group.is_root:
-        lock = prepare_out_dir(s, lock)
+        lock = prepare_out_dir(settings, lock)
         try:
-            with atomic_write(os.path.join(s.out_dir, "run.json"), "w") as f:
-                json.dump(run_settings(s), f, indent=2)
+            with atomic_write(os.path.join(settings.out_dir, "run.json"), "w") as f:
+                json.dump(run_settings(settings), f, indent=2)
         except OSError as e:
-            raise write_failed(os.path.join(s.out_dir, "run.json"), e, s.out_dir) from None
+            raise write_failed(os.path.join(settings.out_dir, "run.json"), e, settings.out_dir) from None
     log(f"coregpt: {plan.describe()}")
     if warning:
         log(f"coregpt: {warning}")
-    return Run(s, cfg, tensors, ckpt, state, train_path, val_path, engine, engine_text, strategy, lock, base)
+    return Run(settings, start, train_path, val_path, engine, engine_text, strategy, lock)
 
 
-def train(s, given=(), group=None):
-    """Run training for settings `s`; `given` names the settings set by flags;
+def train(settings, given=(), group=None):
+    """Run training for `settings`; `given` names the settings set by flags;
     `group` is the MPI group under --backend mpi.  -> the run directory."""
     group = group or LocalGroup()
     Console.quiet = not group.is_root
     try:
-        run = setup(s, given, group)
+        run = setup(settings, given, group)
         error = None
     except (ConfigError, DataError, WeightsError, ResourceError) as e:
         error = e
@@ -174,55 +162,61 @@ def train(s, given=(), group=None):
             os.close(run.lock)
 
 
+def header(run, group):
+    """The header's lines on the model, the batch and what trains."""
+    settings, cfg = run.settings, run.start.cfg
+    log(f"coregpt: {cfg.n_layer} layers, {cfg.n_embd} channels, {cfg.n_head} heads; "
+        f"batch {settings.batch_size}x{settings.seq_len}"
+        + (f"x{settings.grad_accum} accumulated" if settings.grad_accum > 1 else "")
+        + (f" on {group.size} MPI ranks x" if group.size > 1 else " on")
+        + f" {settings.workers} worker(s) x {settings.threads_per_worker} thread(s), {settings.parallel} parallel"
+        + (", recomputing activations" if settings.recompute else "") + "; "
+        + f"run dir {settings.out_dir}")
+    trains = run.start.trains.describe()
+    if trains:
+        log(f"coregpt: {trains}")
+
+
+def start_pool(run, group, cores):
+    """The run's WorkerPool (its workers started)."""
+    settings, start = run.settings, run.start
+    rows = settings.batch_size // group.size
+    shape = PoolShape(start.cfg, start.trains, rows, settings.seq_len, run.engine, run.strategy, settings.workers,
+                      settings.recompute, settings.grad_accum > 1)
+    optim = dict(kind=settings.optim, beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps,
+                 weight_decay=settings.weight_decay)
+    return WorkerPool(shape, Batches(run.train_path, run.val_path, settings.batch_size, group.rank * rows),
+                      threads=settings.threads_per_worker, optim=optim, profile=settings.profile, cores=cores)
+
+
 def run_pool(run, group):
     """Start the workers, load the weights, run the steps -> the run directory."""
-    s, cfg = run.settings, run.cfg
-    start = run.state["step"] if run.state else 0
-    if start >= s.steps and s.resume:
-        log(f"coregpt: {s.out_dir} is already at step {start} of {s.steps}; raise --steps to continue")
-        return s.out_dir
-    metrics = Metrics(s.out_dir, start) if group.is_root else NoMetrics()
-    log(f"coregpt: {cfg.n_layer} layers, {cfg.n_embd} channels, {cfg.n_head} heads; "
-        f"batch {s.batch_size}x{s.seq_len}"
-        + (f"x{s.grad_accum} accumulated" if s.grad_accum > 1 else "")
-        + (f" on {group.size} MPI ranks x" if group.size > 1 else " on")
-        + f" {s.workers} worker(s) x {s.threads_per_worker} thread(s), {s.parallel} parallel"
-        + (", recomputing activations" if s.recompute else "") + "; "
-        + f"run dir {s.out_dir}")
-    lora = lora_of(s, cfg.family)
-    if lora:
-        log(f"coregpt: LoRA r={lora.rank}, alpha={lora.alpha:g} on {', '.join(lora.targets)}"
-            + (f", dropout {lora.dropout:g}" if lora.dropout else "") + f"; {parameter_counts(cfg, lora)}")
+    settings, start = run.settings, run.start
+    if start.step >= settings.steps and settings.resume:
+        log(f"coregpt: {settings.out_dir} is already at step {start.step} of {settings.steps}; "
+            f"raise --steps to continue")
+        return settings.out_dir
+    metrics = Metrics(settings.out_dir, start.step) if group.is_root else NoMetrics()
+    header(run, group)
     topo = read_topology()
-    cores = place(topo, s.workers, s.threads_per_worker, s.smt, first_worker=group.local_rank * s.workers,
-                  total_workers=group.local_size * s.workers) if topo.pinning else None
-    log(f"coregpt: {topo.describe(s.smt)}; "
+    cores = place(topo, settings.workers, settings.threads_per_worker, settings.smt,
+                  first_worker=group.local_rank * settings.workers,
+                  total_workers=group.local_size * settings.workers) if topo.pinning else None
+    log(f"coregpt: {topo.describe(settings.smt)}; "
         + ("  ".join(f"worker {r}: cpus {','.join(map(str, c))}" for r, c in enumerate(cores)) if cores
            else "workers not pinned"))
     pool = None
     try:
         with StopRequest() as stop:
-            pool = WorkerPool(cfg, s.workers, s.threads_per_worker, pool_rows=s.batch_size // group.size,
-                              seq_len=s.seq_len, batch_rows=s.batch_size, train=run.train_path,
-                              val=run.val_path, optim=dict(kind=s.optim, beta1=s.beta1, beta2=s.beta2,
-                                                           eps=s.eps, weight_decay=s.weight_decay),
-                              engine=run.engine, strategy=run.strategy, profile=s.profile,
-                              recompute=s.recompute, lora=lora, accumulating=s.grad_accum > 1,
-                              first_row=group.rank * (s.batch_size // group.size), cores=cores)
+            pool = start_pool(run, group, cores)
             log(f"coregpt: matmuls: {run.engine_text}; workers' BLAS: {pool.blas or 'none found'}")
             arrays = pool.trained(), pool.optimizer_views()
-            if lora:
-                load_lora(run, pool)
-            else:
-                load_state(cfg, s, arrays, run.tensors, run.ckpt)
-            run.tensors = None
+            start.fill(pool, arrays, run.engine, settings.seed)
             pool.request(msg.Cast())  # the bf16 copy of the loaded weights, if any
-            StepLoop(s, cfg, pool, group, metrics, arrays, stop, run.val_path,
-                     weights=sampling_weights(run, pool) if lora else None,
-                     base=run.base.record if lora else None).run(start, run.state or {})
+            StepLoop(settings, start, pool, group, metrics, arrays, stop, run.val_path).run(start.step,
+                                                                                          start.state or {})
             if group.size > 1:  # every rank applied the same updates: check they agree to the bit
-                trained = pool.adapters if lora else pool.params
-                digest = hashlib.blake2b(trained.array.data, digest_size=16).digest()
+                digest = hashlib.blake2b(pool.trained_arena.array.data, digest_size=16).digest()
                 if not group.identical(digest):
                     raise RunError("the ranks' weights differ after training; the checkpoint is rank 0's")
                 log(f"coregpt: all {group.size} ranks hold bit-identical weights (blake2b {digest.hex()})")
@@ -231,16 +225,5 @@ def run_pool(run, group):
         if pool is not None:
             pool.close()
     if group.is_root:
-        plot_quietly(s.out_dir)
-    return s.out_dir
-
-
-def load_state(cfg, s, arrays, tensors, ckpt):
-    params, optimizer = arrays
-    if ckpt is not None:
-        stream_checkpoint(ckpt, cfg, params, optimizer)
-    elif tensors is None:
-        family_of(cfg).init_params(cfg, params, s.seed)
-    else:
-        for name, view in params.items():
-            view[...] = tensors[name]
+        plot_quietly(settings.out_dir)
+    return settings.out_dir

@@ -1,6 +1,7 @@
 """Each component owns its concern: GPT-2's names live in the GPT-2 family (and llm.c's
 format, which is GPT-2's by definition), the families import nothing from workers/
-or launch/, and which optimizer runs is known only to the optimizers' registry.
+or launch/, which optimizer runs is known only to the optimizers' registry, and
+whether LoRA trains only to LoRA's modules.
 The checks walk the syntax tree: string constants (not docstrings) and the names of
 variables, attributes, arguments, functions and classes."""
 import ast
@@ -68,6 +69,45 @@ def test_no_optimizer_named_outside_the_optimizers():
     assert optimizer_names() == []
 
 
+# LoRA's what-trains component: its math, layout and model sites; peft's files; its
+# frozen base; where its weights come from; and the one place the choice is made
+LORA_MODULES = ("trainer.lora", "trainer.lora_training", "trainer.peft", "trainer.base", "launch.adapters", "trainer.trainable")
+
+
+def branch_tests(tree):
+    """Every expression a tree branches on: if / while / conditional-expression
+    tests, each operand of `and` / `or`, comprehension filters, match subjects."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.If, ast.IfExp, ast.While)):
+            yield node.test
+        elif isinstance(node, ast.BoolOp):
+            yield from node.values
+        elif isinstance(node, ast.comprehension):
+            yield from node.ifs
+        elif isinstance(node, ast.Match):
+            yield node.subject
+
+
+def lora_branches(repo=None):
+    """-> ['module:line: text'] of every branch outside LoRA's modules whose test names
+    LoRA (an identifier or string containing "lora")."""
+    found = []
+    for module, path in sorted(python_modules(*([repo] if repo else [])).items()):
+        if module.startswith(LORA_MODULES):
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for test in branch_tests(tree):
+            found += [f"{module}:{line}: {text!r}" for line, text in words(test) if "lora" in text.lower()]
+    return sorted(set(found))
+
+
+def test_no_lora_branch_outside_its_component():
+    """Full training or LoRA is chosen once (trainer/trainable.py); everything else
+    asks the chosen component and never branches on which it is."""
+    assert lora_branches() == []
+
+
 def module_state(repo=None):
     """-> ['module:line'] of every `global` statement and every module-level name bound
     to an empty dict, list or set (a cache to be filled) in trainer/."""
@@ -108,6 +148,11 @@ def test_the_checks_see_names_in_strings_and_identifiers(tmp_path):
     assert gpt2_names(str(tmp_path)) == ["trainer.head:2: 'wte'", "trainer.head:3: 'h.'",
                                          "trainer.head:3: '.ln_1'"]
     assert optimizer_names(str(tmp_path)) == ["workers.pool:2: 'adamw8bit'"]
+    (tmp_path / "workers" / "worker.py").write_text(
+        "a = b if s.lora_rank else c\nif x and 'lora' in kind:\n    pass\nnames = [n for n in t if n.endswith('.lora_A')]\n"
+        "lora = make()\nrun(lora)\n")
+    assert lora_branches(str(tmp_path)) == ["workers.worker:1: 'lora_rank'", "workers.worker:2: 'lora'",
+                                            "workers.worker:4: '.lora_A'"]
     (tmp_path / "trainer" / "gemm.py").write_text("_engine = None\n_cache = {}\nTABLE = {'a': 1}\nSEEN = set()\n"
                                                   "def install(e):\n    global _engine\n    _engine = e\n")
     assert module_state(str(tmp_path)) == ["trainer.gemm:2", "trainer.gemm:4", "trainer.gemm:6"]

@@ -126,10 +126,11 @@ def one_step(case, lora, dropout_key=None):
     mine, grads = adapter_layout(cfg, lora).allocate()[1], adapter_layout(cfg, lora).allocate()[1]
     for name, view in mine.items():
         view[...] = adapters[name]
-    model = GPT(cfg, B, T, params, grads, lora=lora, adapters=mine, layers=Layers(Engine("numpy")))
-    model.load_batch(tokens)
-    if dropout_key is not None:
-        model.dropout_key = dropout_key
+    from trainer.lora_training import LoraTraining
+    from trainer.trainable import Weights
+    weights = Weights(params, trains=LoraTraining(cfg, lora), trained=mine)
+    model = GPT(cfg, B, T, weights, grads, layers=Layers(Engine("numpy")))
+    model.load_batch(tokens, dropout_key or (0, 0))
     loss = model.forward(1.0 / (B * T)) / (B * T)
     model.backward()
     return loss, grads
@@ -166,7 +167,7 @@ def test_training_matches_peft(case, runs, parallel, workers):
 
 def test_header_counts_as_peft_prints():
     """GPT-2 124M with r=8 on c_attn: peft's print_trainable_parameters line."""
-    from launch.adapters import parameter_counts
+    from trainer.lora import parameter_counts
     from trainer.lora import Lora
     from trainer.models.gpt2 import PRESETS, GPTConfig
     line = parameter_counts(GPTConfig(**PRESETS["gpt2"]), Lora(8, 8.0, ("attn.c_attn",)))

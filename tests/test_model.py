@@ -8,6 +8,7 @@ from trainer import gemm
 from trainer.gemm import Engine
 from trainer.model import Layers
 from trainer.models.gpt2 import Model as GPT
+from trainer.trainable import Full, Weights
 from workers.hybrid import assign
 from trainer.models import param_layout
 from trainer.models.gpt2 import PRESETS, GPTConfig, init_params as init_gpt2
@@ -23,7 +24,7 @@ def compare_gradients(n_layer, n_head, n_embd, n_ctx, B, T, seed=0):
     for name, value in state.items():
         params[name][...] = value.numpy()
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, B * T + 1)
-    model = GPT(cfg, B, T, params, grads, layers=Layers(Engine("numpy")))
+    model = GPT(cfg, B, T, Weights(params, Full(cfg)), grads, layers=Layers(Engine("numpy")))
     model.load_batch(tokens)
     loss = model.forward(1.0 / (B * T)) / (B * T)
     model.backward()
@@ -69,7 +70,7 @@ def test_recompute_changes_no_number(n_layer):
     results = []
     for recompute in (False, True):
         _, grads = layout.allocate()
-        model = GPT(cfg, 4, 32, params, grads, recompute=recompute, layers=Layers(Engine("numpy")))
+        model = GPT(cfg, 4, 32, Weights(params, Full(cfg)), grads, recompute=recompute, layers=Layers(Engine("numpy")))
         model.load_batch(tokens)
         results.append((model.forward(1.0 / 128), grads))
         model.backward()
@@ -84,7 +85,7 @@ def test_forward_is_causal():
     cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
     _, params = param_layout(cfg).allocate()
     init_gpt2(cfg, params, seed=1)
-    model = GPT(cfg, 1, 16, params, layers=Layers(Engine("numpy")))
+    model = GPT(cfg, 1, 16, Weights(params, Full(cfg)), layers=Layers(Engine("numpy")))
     tokens = np.arange(17) * 101
     model.load_batch(tokens)
     model.forward()
@@ -119,7 +120,7 @@ def test_weight_gradient_tasks_cover_every_parameter_once(n_parts):
     layout = param_layout(cfg)
     written = np.zeros(layout.size, dtype=np.int64)
     loads = {}  # (layer, part) -> weight-gradient elements
-    for part, groups in enumerate(assign(cfg, n_parts)):
+    for part, groups in enumerate(assign(Full(cfg), n_parts)):
         for layer, tasks in groups.items():
             for task in tasks:
                 for name, lo, hi in task.params:

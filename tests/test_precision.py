@@ -17,6 +17,7 @@ from torch_gpt2 import TorchGPT2, random_state
 from trainer import gemm
 from trainer.model import Layers
 from trainer.models.gpt2 import Model as GPT
+from trainer.trainable import Full, Weights
 from trainer.models import param_layout
 from trainer.models.gpt2 import PRESETS, GPTConfig
 
@@ -244,7 +245,7 @@ def test_gpt2_124m_bf16_gradients_align_with_fp32():
     low = layout.views(low_flat)
     for name in params:
         engine.to_low(low[name], params[name])
-    model = GPT(cfg, B, T, params, grads, low_params=low, layers=Layers(engine))
+    model = GPT(cfg, B, T, Weights(params, Full(cfg), low), grads, layers=Layers(engine))
     model.load_batch(tokens)
     model.forward(1.0 / (B * T))
     model.backward()

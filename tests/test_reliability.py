@@ -267,7 +267,9 @@ def test_shared_memory_and_socket_permissions(files):
     from trainer.models.gpt2 import GPTConfig
     from workers import messages as msg
     from workers.hybrid import Hybrid
-    from workers.pool import WorkerPool
+    from trainer.trainable import Full
+    from workers.pool import Batches, WorkerPool
+    from workers.strategy import PoolShape
     from workers.shm import SharedArena
     arena = SharedArena.create(1000)
     try:
@@ -278,9 +280,9 @@ def test_shared_memory_and_socket_permissions(files):
         arena.unlink()
         arena.close()
     cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
-    pool = WorkerPool(cfg, 1, 1, pool_rows=4, seq_len=32, batch_rows=4, train=str(files / "tokens.bin"),
-                      val=None, optim=dict(kind="adamw", beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1),
-                      engine=Engine("numpy"), strategy=Hybrid)
+    shape = PoolShape(cfg, Full(cfg), 4, 32, Engine("numpy"), Hybrid, 1)
+    pool = WorkerPool(shape, Batches(str(files / "tokens.bin"), None, 4), threads=1,
+                      optim=dict(kind="adamw", beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1))
     try:
         assert pool.socket_dir_mode == 0o700
         assert os.path.basename(pool.socket_dir).startswith("coregpt-")

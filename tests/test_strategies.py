@@ -12,7 +12,9 @@ from trainer.gemm import Engine
 from trainer.models import param_layout
 from trainer.models.gpt2 import GPTConfig
 from workers import messages as msg
-from workers.pool import WorkerPool
+from trainer.trainable import Full
+from workers.pool import Batches, WorkerPool
+from workers.strategy import PoolShape
 from workers.strategies import STRATEGIES
 
 B, T = 12, 16  # 12 rows: divisible by 1, 2, 3 and 4 workers
@@ -40,9 +42,9 @@ def pool_gradients(path, state, parallel, workers, recompute=False, rows=B):
     """One step of the pool on the first window -> ({name: gradient}, Σ g² the workers report)."""
     cfg = GPTConfig(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"],
                     block_size=TINY["n_ctx"])
-    pool = WorkerPool(cfg, workers, 1, pool_rows=rows, seq_len=T, batch_rows=rows, train=str(path), val=None,
-                      optim=dict(kind="adamw", beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1), engine=Engine("numpy"),
-                      strategy=STRATEGIES[parallel], recompute=recompute)
+    shape = PoolShape(cfg, Full(cfg), rows, T, Engine("numpy"), STRATEGIES[parallel], workers, recompute)
+    pool = WorkerPool(shape, Batches(str(path), None, rows), threads=1,
+                      optim=dict(kind="adamw", beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1))
     try:
         params = param_layout(cfg).views(pool.params.array)
         for name, value in state.items():

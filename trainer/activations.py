@@ -18,6 +18,8 @@ after dresidual[l] is written).  With recompute (activation checkpointing) so do
 every other per-layer activation but the blocks' inputs (residual): the backward
 refills them by running the block's forward again.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from trainer.errors import knob
@@ -36,57 +38,67 @@ def head_rows(N, n_parts):
     return min(N, n_parts * max(1, knob("COREGPT_HEAD_ROWS", HEAD_ROWS) // n_parts))
 
 
-def activation_shapes(cfg, B, T, training, n_parts=1, lora=None):
-    """[(name, shape, row axis)] of every activation of B batch rows shared by n_parts
-    workers, as the model family's spec names them (its activation_shapes)."""
-    return cfg.family.activation_shapes(cfg, B, T, training, head_rows(B * T, n_parts), lora)
+class Table(NamedTuple):
+    """What an activation table holds: the activations of the model `cfg` (its
+    family's spec) and of what trains (`trains`, trainer/trainable.py: LoRA adds
+    its own), for B batch rows of T tokens shared by n_parts workers; training: with
+    the gradients; recompute: see above."""
+    cfg: object
+    trains: object
+    B: int
+    T: int
+    training: bool
+    recompute: bool = False
+    n_parts: int = 1
 
 
-# LoRA's u.{target} and du.{target}: only matmuls read them; du is a gradient
-LORA = ("u.", "du.")
+def activation_shapes(table):
+    """[(name, shape, row axis)] of every activation of the table (see the family's
+    activation_shapes), what trains adds last."""
+    cfg, B, T = table.cfg, table.B, table.T
+    return (cfg.family.activation_shapes(cfg, B, T, table.training, head_rows(B * T, table.n_parts))
+            + table.trains.activation_shapes(B, T, table.training))
 
 
-def low_copy(spec, name):
-    return name in spec.LOW_COPIES or name.startswith(LORA)
+def low_copy(table, name):
+    return name in table.cfg.family.LOW_COPIES or name in table.trains.LOW_COPIES
 
 
-def low_only(spec, name):
-    return name in spec.LOW_ONLY or name.startswith(LORA)
+def low_only(table, name):
+    return name in table.cfg.family.LOW_ONLY or name in table.trains.LOW_ONLY
 
 
-def stored_layers(spec, name, layers, recompute):
+def stored_layers(table, name, layers):
     """How many of an activation's `layers` are stored (see above)."""
+    spec = table.cfg.family
     if name == spec.RESIDUAL_GRADIENT:
         return 2
-    gradient = name in spec.GRADIENTS or name.startswith("du.")
-    return 1 if gradient or (recompute and name != spec.RESIDUAL) else layers
+    gradient = name in spec.GRADIENTS or name in table.trains.GRADIENTS
+    return 1 if gradient or (table.recompute and name != spec.RESIDUAL) else layers
 
 
-def stored(spec, shapes, recompute):
+def stored(table, shapes):
     """shapes as stored (see stored_layers)."""
-    return [(name, (stored_layers(spec, name, shape[0], recompute),) + shape[1:] if axis == 1 else shape, axis)
+    return [(name, (stored_layers(table, name, shape[0]),) + shape[1:] if axis == 1 else shape, axis)
             for name, shape, axis in shapes]
 
 
-def low_shapes(cfg, B, T, training, recompute=False, n_parts=1, lora=None):
-    return stored(cfg.family, [shape for shape in activation_shapes(cfg, B, T, training, n_parts, lora)
-                               if low_copy(cfg.family, shape[0])], recompute)
+def low_shapes(table):
+    return stored(table, [shape for shape in activation_shapes(table) if low_copy(table, shape[0])])
 
 
-def low_layout(cfg, B, T, training, recompute=False, n_parts=1, lora=None):
+def low_layout(table):
     """The layout of the bf16 copies' arena."""
-    return Layout([(name, shape) for name, shape, _ in low_shapes(cfg, B, T, training, recompute, n_parts, lora)])
+    return Layout([(name, shape) for name, shape, _ in low_shapes(table)])
 
 
-def shared_shapes(cfg, B, T, training, low, recompute=False, n_parts=1, lora=None):
+def shared_shapes(table, low):
     """The activations that live in the fp32 arena, as stored."""
-    return stored(cfg.family, [shape for shape in activation_shapes(cfg, B, T, training, n_parts, lora)
-                               if not (low and low_only(cfg.family, shape[0]))], recompute)
+    return stored(table, [shape for shape in activation_shapes(table) if not (low and low_only(table, shape[0]))])
 
 
-def activation_layout(cfg, B, T, training, low=False, recompute=False, n_parts=1, lora=None):
-    return Layout([(name, shape) for name, shape, _ in
-                   shared_shapes(cfg, B, T, training, low, recompute, n_parts, lora)])
+def activation_layout(table, low=False):
+    return Layout([(name, shape) for name, shape, _ in shared_shapes(table, low)])
 
 
 class Turns:
@@ -147,34 +159,31 @@ def views_of(arena, shapes, layers, part, n_parts):
 
 
 class Activations:
-    """The table for `rows` batch rows of T tokens (every worker's, when shared), of
-    whose token rows worker `part` of n_parts owns a contiguous 1/n_parts.  `arena` and
-    `low_arena` (shared memory in a pool) are allocated here when not given;
-    low_dtype turns on the bf16 copies, which `engine` (trainer.gemm.Engine) makes;
-    recompute: see above; lora: LoRA's activations."""
+    """The activations of `table` (a Table), of whose token rows worker `part` owns a
+    contiguous 1/n_parts.  `arena` and `low_arena` (shared memory in a pool) are
+    allocated here when not given; low_dtype turns on the bf16 copies, which
+    `engine` (trainer.gemm.Engine) makes."""
 
-    def __init__(self, cfg, rows, T, training, engine, *, low_dtype=None, arena=None, low_arena=None,
-                 part=0, n_parts=1, recompute=False, lora=None):
-        self.rows, self.part, self.n_parts, self.recompute = rows, part, n_parts, recompute
+    def __init__(self, table, engine, *, low_dtype=None, arena=None, low_arena=None, part=0):
+        rows, T, n_parts = table.B, table.T, table.n_parts
+        self.rows, self.part, self.n_parts, self.recompute = rows, part, n_parts, table.recompute
         self.engine = engine
         self.tokens = share(rows * T, part, n_parts)  # this worker's token rows lo…hi
         self.low, self.low_dtype = low_dtype is not None, low_dtype
-        layers = {name: shape[0] for name, shape, _ in activation_shapes(cfg, rows, T, training, lora=lora)}
-        shapes = shared_shapes(cfg, rows, T, training, self.low, recompute, n_parts, lora)
+        layers = {name: shape[0] for name, shape, _ in activation_shapes(table)}
+        shapes = shared_shapes(table, self.low)
         if arena is None:
-            arena = np.zeros(activation_layout(cfg, rows, T, training, self.low, recompute, n_parts, lora).size,
-                             dtype=np.float32)
+            arena = np.zeros(activation_layout(table, self.low).size, dtype=np.float32)
         self.full, self.mine = views_of(arena, shapes, layers, part, n_parts)
         self.low_full = self.low_mine = None
         if self.low:
-            lows = low_shapes(cfg, rows, T, training, recompute, n_parts, lora)
+            lows = low_shapes(table)
             if low_arena is None:
-                low_arena = np.zeros(low_layout(cfg, rows, T, training, recompute, n_parts, lora).size,
-                                     dtype=low_dtype)
+                low_arena = np.zeros(low_layout(table).size, dtype=low_dtype)
             self.low_full, self.low_mine = views_of(low_arena, lows, layers, part, n_parts)
             self.mine.update({name: one_layer_scratch((layers[name],) + shape[1:] if axis == 1 else shape,
                                                       axis, part, n_parts)
-                              for name, shape, axis in lows if low_only(cfg.family, name)})
+                              for name, shape, axis in lows if low_only(table, name)})
         # what matmuls read: the bf16 copies, or the fp32 rows themselves
         self.matmul_inputs = self.low_full if self.low else self.full
         self.matmul_mine = self.low_mine if self.low else self.mine

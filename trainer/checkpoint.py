@@ -13,20 +13,14 @@ import os
 import shutil
 
 from trainer.files import atomic_write
-from trainer import models
-from trainer.lora import adapter_shapes
 from trainer.optimizers import OPTIMIZERS
-from trainer.peft import peft_name, save_peft
-from trainer.weights import WeightsError, latest_checkpoint, read_hf_config, save_model
-
-def trained_shapes(cfg, lora):
-    return models.param_shapes(cfg) if lora is None else adapter_shapes(cfg, lora)
+from trainer.weights import WeightsError, latest_checkpoint, read_hf_config
 
 
-def optimizer_tensors(cfg, optim, lora=None):
+def optimizer_tensors(trains, optim):
     """{prefix: {parameter: (shape, safetensors dtype)}} of the state optimizer `optim`
-    (a name in trainer/optimizers.py) keeps for each trained tensor."""
-    return OPTIMIZERS[optim].tensors(trained_shapes(cfg, lora))
+    (a name in trainer/optimizers.py) keeps for each tensor of what trains."""
+    return OPTIMIZERS[optim].tensors(list(trains.layout.shapes.items()))
 
 
 def fsync_dir(path):
@@ -37,10 +31,10 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def save_checkpoint(run_dir, step, cfg, params, optimizer, state, lora=None):
-    """params: {hf_name: array} (with LoRA the adapters); optimizer: {prefix:
-    {name: array}} (as optimizer_tensors names them); state: JSON-able run state
-    (with LoRA its "base") -> checkpoint path."""
+def save_checkpoint(run_dir, step, trains, tensors, optimizer, state):
+    """tensors: {name: array} of what trains (trainer/trainable.py: the parameters,
+    or LoRA's adapters); optimizer: {prefix: {name: array}} (as optimizer_tensors
+    names them); state: JSON-able run state (with LoRA its "base") -> checkpoint path."""
     from safetensors.numpy import save_file
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
@@ -51,15 +45,7 @@ def save_checkpoint(run_dir, step, cfg, params, optimizer, state, lora=None):
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}-{os.getpid()}")
     os.makedirs(tmp)
     try:
-        if lora is None:
-            save_model(tmp, cfg, params)
-        else:
-            base = state["base"].get("path") or f"{cfg.model_type} init, seed {state['base']['seed']}"
-            if base.endswith("/model.safetensors"):
-                base = os.path.dirname(base)  # the directory from_pretrained takes
-            save_peft(tmp, cfg, lora, params, base)
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(cfg.to_hf(), f, indent=2)
+        trains.save(tmp, tensors, state)
         save_file({prefix + name: a for prefix, views in optimizer.items() for name, a in views.items()},
                   os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -106,14 +92,6 @@ def saved_setting(run_dir, key):
     return read_state(ckpt)["config"].get(key) if ckpt else None
 
 
-def model_file(cfg, lora):
-    """(file, {tensor name in the file: (shape, dtype)}) of a checkpoint's weights."""
-    if lora is None:
-        return "model.safetensors", {name: (shape, "F32") for name, shape in models.param_shapes(cfg)}
-    return "adapter_model.safetensors", {peft_name(cfg, name): (shape, "F32")
-                                         for name, shape in adapter_shapes(cfg, lora)}
-
-
 def checkpoint_config(ckpt_dir):
     """The model config a checkpoint's config.json holds."""
     try:
@@ -122,14 +100,13 @@ def checkpoint_config(ckpt_dir):
         raise WeightsError(f"{ckpt_dir}: unreadable config.json ({e})") from None
 
 
-def check_checkpoint(ckpt_dir, optim, lora=None):
-    """-> the config of a checkpoint to resume, once its files' headers show every
-    parameter and every tensor of optimizer `optim`'s state with its shape and dtype
-    (no tensor is read: see stream_checkpoint)."""
+def check_checkpoint(ckpt_dir, optim, trains):
+    """A checkpoint to resume, of the model checkpoint_config read, is whole: its
+    files' headers show every tensor of what trains (`trains`) and of optimizer
+    `optim`'s state with its shape and dtype (no tensor is read: see stream_checkpoint)."""
     from safetensors import SafetensorError, safe_open
-    cfg = checkpoint_config(ckpt_dir)
-    weights, expected = model_file(cfg, lora)
-    files = ((weights, {"": expected}), ("optimizer.safetensors", optimizer_tensors(cfg, optim, lora)))
+    weights, expected = trains.checkpoint_file()
+    files = ((weights, {"": expected}), ("optimizer.safetensors", optimizer_tensors(trains, optim)))
     for file, expected in files:
         path = os.path.join(ckpt_dir, file)
         try:
@@ -149,17 +126,15 @@ def check_checkpoint(ckpt_dir, optim, lora=None):
                     raise WeightsError(f"{path}: tensor {name} has shape {found[name][0]}, expected {shape}")
                 if found[name][1] != dtype:
                     raise WeightsError(f"{path}: tensor {name} is {found[name][1]}, expected {dtype}")
-    return cfg
 
 
-def stream_checkpoint(ckpt_dir, cfg, params, optimizer, lora=None):
+def stream_checkpoint(ckpt_dir, trains, tensors, optimizer):
     """Read a checkpoint (checked by check_checkpoint) into the views {name: view} of
-    params and {prefix: {name: view}} of optimizer: each tensor's bytes go from the file
-    straight into its view, with no copy in between and no mapping of the file (mapped pages would count as the
-    coordinator's memory), so loading needs nothing beside the arenas.  With LoRA
-    params are the adapters'."""
-    weights = {"": params} if lora is None else {"": {peft_name(cfg, k): v for k, v in params.items()}}
-    for file, views_of in (("adapter_model.safetensors" if lora else "model.safetensors", weights),
+    what trains (`tensors`) and {prefix: {name: view}} of optimizer: each tensor's
+    bytes go from the file straight into its view, with no copy in between and no
+    mapping of the file (mapped pages would count as the coordinator's memory), so
+    loading needs nothing beside the arenas."""
+    for file, views_of in ((trains.checkpoint_file()[0], {"": trains.file_views(tensors)}),
                            ("optimizer.safetensors", optimizer)):
         path = os.path.join(ckpt_dir, file)
         with open(path, "rb") as f:

@@ -10,6 +10,7 @@ bf16 inputs); `Layers(engine)` is every layer with it bound, which is what a mod
 calls.  Attention, blocked and without the T x T matrix, has its own module.
 """
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 
@@ -263,3 +264,32 @@ class Layers:
             setattr(self, name, partial(globals()[name], engine))
         self.attention_forward = partial(attention.attention_forward, self.attention)
         self.attention_backward = partial(attention.attention_backward, self.attention)
+
+
+class WeightTask(NamedTuple):
+    """One weight gradient computed over the rows of every worker, as a model
+    family's weight_tasks cuts them: rows lo…hi of one of its matrices (`name`) in
+    `layer` (None: outside the blocks)."""
+    name: str
+    layer: int | None
+    lo: int
+    hi: int
+    cost: int  # weight elements, to balance tasks
+    params: tuple  # ((parameter, first row, end row or None), ...) it writes
+
+
+def matmul_alone(fn, out, inp, weight, transposed=False):
+    """The split of a model alone with its rows: all of out = fn(inp, weight) here.
+    (transposed: fn multiplies by weight.T; a split that cuts columns needs to know.)"""
+    fn(out, inp, weight)
+
+
+class Parallel(NamedTuple):
+    """How a parallel strategy runs a model: `split`, the hook every matmul goes
+    through (matmul_alone, or the hybrid's share of it between barriers); `sync`, the
+    barrier attention needs when the workers split a batch row."""
+    split: object = matmul_alone
+    sync: object = None
+
+
+ALONE = Parallel()

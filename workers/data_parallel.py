@@ -10,8 +10,6 @@ the later ones added.
 import numpy as np
 
 from trainer.activations import activation_layout, low_layout
-from trainer.lora import trainable_layout
-from trainer.models import family_of
 from workers.barrier import PipeProgress
 from workers.messages import StepReport
 from workers.reduce import ReduceScatter, bucket_ranges, located, staging
@@ -31,19 +29,20 @@ def buckets_of(tasks):
     return [layers[l] for l in sorted(layers, reverse=True)] + ([embedding] if embedding else [])
 
 
-def gradient_buckets(cfg, lora):
-    """-> (the trainable layout, its reduction buckets (buckets_of), their ranges, the
-    indices of those written before the backward starts: the embedding's, by the lm head)."""
-    layout, buckets = trainable_layout(cfg, lora), buckets_of(family_of(cfg).weight_tasks(cfg, lora=lora))
+def gradient_buckets(trains):
+    """-> (the layout of what trains, its reduction buckets (buckets_of), their ranges,
+    the indices of those written before the backward starts: the embedding's, by the
+    lm head)."""
+    layout, buckets = trains.layout, buckets_of(trains.weight_tasks())
     early = [j for j, tasks in enumerate(buckets) if tasks and tasks[0].layer is None]
     return layout, buckets, bucket_ranges(layout, buckets), early
 
 
-def gradient_buffers(cfg, lora, n_workers, accumulating):
+def gradient_buffers(trains, n_workers, accumulating):
     """[(what, floats)] of the workers' gradient buffers beside the pool's: staged
     where that is smaller, then also worker 0's with gradient accumulation; else
     whole ones for workers 1… (accumulating in them, through the scratch)."""
-    layout, _, ranges, early = gradient_buckets(cfg, lora)
+    layout, _, ranges, early = gradient_buckets(trains)
     staged = staging(ranges, early)[1]
     if staged >= layout.size:
         return [(f"gradients of worker {r}", layout.size) for r in range(1, n_workers)]
@@ -68,22 +67,23 @@ class DataParallel(Strategy):
     summary = "each worker its own rows, gradients reduce-scattered"
 
     @staticmethod
-    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None, accumulating=False):
-        if n_workers == 1:
+    def arena_sizes(shape):
+        if shape.n_workers == 1:
             return []
-        return [(what, size, "float32") for what, size in gradient_buffers(cfg, lora, n_workers, accumulating)]
+        return [(what, size, "float32")
+                for what, size in gradient_buffers(shape.trains, shape.n_workers, shape.accumulating)]
 
     @staticmethod
-    def scratch_floats(cfg, n_workers, lora=None, accumulating=False):
-        staged_all = n_workers > 1 and "gradients of worker 0" in dict(
-            gradient_buffers(cfg, lora, n_workers, accumulating))
-        return 0 if staged_all else Strategy.scratch_floats(cfg, n_workers, lora, accumulating)
+    def scratch_floats(shape):
+        staged_all = shape.n_workers > 1 and "gradients of worker 0" in dict(
+            gradient_buffers(shape.trains, shape.n_workers, shape.accumulating))
+        return 0 if staged_all else Strategy.scratch_floats(shape)
 
     @staticmethod
-    def private_bytes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
-        rows = pool_rows // n_workers
-        low = 2 * low_layout(cfg, rows, seq_len, True, recompute, lora=lora).size if engine.low else 0
-        return 4 * activation_layout(cfg, rows, seq_len, True, engine.low, recompute, lora=lora).size + low
+    def private_bytes(shape):
+        table, engine = shape.table(shape.rows // shape.n_workers), shape.engine
+        low = 2 * low_layout(table).size if engine.low else 0
+        return 4 * activation_layout(table, engine.low).size + low
 
     def __init__(self, worker):
         super().__init__(worker)
@@ -92,7 +92,7 @@ class DataParallel(Strategy):
         self.staged_all = "gradients of worker 0" in w.elements
         names = [f"gradients of worker {r}" for r in range(0 if self.staged_all else 1, w.n_workers)]
         self.buffers = [SharedArena.attach(w.arena_names[o], w.elements[o]) for o in names]  # kept: mapped
-        layout, self.buckets, ranges, early = gradient_buckets(w.cfg, w.lora)
+        layout, self.buckets, ranges, early = gradient_buckets(w.trains)
         placement, _, waits = staging(ranges, early)
         sources = [b.array for b in self.buffers]  # what the reduction adds to the pool's gradient
         placements = [None if w.elements[o] == layout.size else placement for o in names]

@@ -7,8 +7,8 @@ task and computed over the rows of every worker, so none needs summing.
 """
 import time
 
-from trainer.activations import Activations, activation_layout, low_layout, rows_of
-from trainer.models import family_of
+from trainer.activations import Activations, Table, activation_layout, low_layout, rows_of
+from trainer.model import Parallel
 from workers.barrier import PipeBarrier
 from workers.messages import StepReport
 from workers.shm import SharedArena
@@ -52,12 +52,12 @@ def balance(tasks, n_parts):
     return parts
 
 
-def assign(cfg, n_parts, lora=None):
+def assign(trains, n_parts):
     """-> [{layer (None: the embedding's): [task]} by part].  Each layer's weight
     gradients run between two barriers, so each layer's are balanced on their own:
     every matrix is cut into n_parts slices of rows, and the embedding into n_parts
     slices of the vocabulary, which balances them to within a few rows."""
-    tasks = family_of(cfg).weight_tasks(cfg, n_parts, n_parts, lora)
+    tasks = trains.weight_tasks(n_parts, n_parts)
     layers = {layer: [t for t in tasks if t.layer == layer] for layer in dict.fromkeys(t.layer for t in tasks)}
     shares = {layer: balance(group, n_parts) for layer, group in layers.items()}
     return [{layer: share[r] for layer, share in shares.items()} for r in range(n_parts)]
@@ -72,11 +72,11 @@ class Hybrid(Strategy):
         return 1  # token rows, and attention's (row, head) pairs: a batch of 1 splits too
 
     @staticmethod
-    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None, accumulating=False):
-        shape = (cfg, pool_rows, seq_len, True)
-        sizes = [("activations", activation_layout(*shape, engine.low, recompute, n_workers, lora).size, "float32")]
+    def arena_sizes(shape):
+        table, engine = shape.table(shape.rows, shape.n_workers), shape.engine
+        sizes = [("activations", activation_layout(table, engine.low).size, "float32")]
         if engine.low:
-            sizes.append(("bf16 activations", low_layout(*shape, recompute, n_workers, lora).size, engine.low_dtype))
+            sizes.append(("bf16 activations", low_layout(table).size, engine.low_dtype))
         return sizes
 
     def __init__(self, worker):
@@ -89,14 +89,14 @@ class Hybrid(Strategy):
         if w.engine.low:
             self.low_arena = SharedArena.attach(w.arena_names["bf16 activations"], w.elements["bf16 activations"],
                                                 w.engine.low_dtype)
-        acts = Activations(w.cfg, w.pool_rows, w.seq_len, True, w.engine,
-                           low_dtype=w.engine.low_dtype if w.engine.low else None, arena=self.arena.array,
-                           low_arena=self.low_arena.array if self.low_arena else None,
-                           part=w.rank, n_parts=w.n_workers, recompute=w.recompute, lora=w.lora)
-        self.grads = w.trainable.views(w.grads.array)
-        self.model = self.make_model(w.pool_rows, self.grads, acts=acts, sync=self.barrier,
-                                     split=ColumnSplit(self.barrier, w.rank, w.n_workers))
-        self.tasks = assign(w.cfg, w.n_workers, w.lora)[w.rank]
+        table = Table(w.cfg, w.trains, w.pool_rows, w.seq_len, True, w.recompute, w.n_workers)
+        acts = Activations(table, w.engine, low_dtype=w.engine.low_dtype if w.engine.low else None,
+                           arena=self.arena.array, low_arena=self.low_arena.array if self.low_arena else None,
+                           part=w.rank)
+        self.grads = w.trains.layout.views(w.grads.array)
+        self.model = self.make_model(w.pool_rows, self.grads, acts=acts,
+                                     parallel=Parallel(ColumnSplit(self.barrier, w.rank, w.n_workers), self.barrier))
+        self.tasks = assign(w.trains, w.n_workers)[w.rank]
         self.model.head_slices = [(task.lo, task.hi) for task in self.tasks.get(None, [])]  # its embedding tasks'
 
     def rows(self):

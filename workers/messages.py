@@ -23,7 +23,7 @@ class Init:
     cores: list | None
     profile: bool
     recompute: bool  # activation checkpointing
-    lora: list | None  # trainer.lora.Lora's fields: only its adapters train
+    training: dict  # what trains: its record() (trainer/trainable.py)
     gemm: str  # the engine's name
     parallel: str  # the strategy's name
     arenas: dict  # what -> shared-memory name

@@ -8,11 +8,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import zmq
 
 from trainer.errors import WorkerError
-from trainer.lora import base_layout, trainable_layout
 from trainer.models import param_layout
 from trainer.optimizers import DEFAULT as DEFAULT_OPTIMIZER, OPTIMIZERS
 from workers import messages as msg
@@ -42,87 +42,92 @@ def blas_coretype():
     return "Zen" if amd_avx512 else None
 
 
-def arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute=False, optim=DEFAULT_OPTIMIZER,
-                lora=None, accumulating=False):
-    """[(what, elements, dtype)] of a pool's shared arenas, in creation order: what
-    every pool has (parameters; with LoRA the adapters; the optimizer's state and the
-    gradients AdamW reads, of what trains; with bf16 matmuls the bf16 copies of the
-    weights and adapters), then what its strategy adds."""
-    trainable = trainable_layout(cfg, lora)
-    sizes = [("params", base_layout(cfg, lora, engine.low).size, "float32")]
-    if lora is not None:
-        sizes.append(("adapters", trainable.size, "float32"))
-    sizes += OPTIMIZERS[optim].arenas(trainable) + [("gradients", trainable.size, "float32")]
+def arena_sizes(shape, optim=DEFAULT_OPTIMIZER):
+    """[(what, elements, dtype)] of the shared arenas of a pool of `shape` (a
+    workers.strategy.PoolShape), in creation order: what every pool has (the fp32
+    weights and what trains adds to them, the optimizer `optim`'s state and the
+    gradients of what trains, with bf16 matmuls the bf16 copies of the weights and of
+    what trains adds), then what its strategy adds."""
+    trains, engine = shape.trains, shape.engine
+    trained = trains.layout
+    sizes = trains.weight_arenas(engine.low) + OPTIMIZERS[optim].arenas(trained)
+    sizes.append(("gradients", trained.size, "float32"))
     if engine.low:
-        sizes.append(("bf16 weights", param_layout(cfg).size, engine.low_dtype))
-        if lora is not None:
-            sizes.append(("bf16 adapters", trainable.size, engine.low_dtype))
-    return sizes + strategy.arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute, lora, accumulating)
+        sizes.append(("bf16 weights", param_layout(shape.cfg).size, engine.low_dtype))
+        sizes += trains.low_arenas(engine)
+    return sizes + shape.strategy.arena_sizes(shape)
+
+
+class Batches(NamedTuple):
+    """Where a pool's tokens come from: the train and val token files, the global
+    batch's rows, and the first of this pool's (after the pools of earlier MPI ranks)."""
+    train: str
+    val: str | None
+    batch_rows: int
+    first_row: int = 0
 
 
 class WorkerPool:
-    def __init__(self, cfg, n_workers, threads, *, pool_rows, seq_len, batch_rows, train, val, optim,
-                 engine, strategy, profile=False, recompute=False, first_row=0, cores=None, lora=None,
-                 accumulating=False):
-        """pool_rows: batch rows of the pool, rows first_row… of each batch (first_row > 0
-        for the pools of later MPI ranks), shared by the workers as `strategy` says; engine:
-        the trainer.gemm.Engine chosen for the run; strategy: a workers.strategy class;
-        cores: the logical CPUs of each worker (None: not pinned); lora: a
-        trainer.lora.Lora, or None for full fine-tuning; accumulating: steps of several
-        micro-batches."""
-        self.n, self.lora = n_workers, lora
-        self.layout = param_layout(cfg)  # of the model's parameters
-        self.base = base_layout(cfg, lora, engine.low)  # ... held in fp32 (params)
-        self.trainable = trainable_layout(cfg, lora)  # ... of what trains
+    def __init__(self, shape, batches, *, threads, optim, profile=False, cores=None):
+        """shape: what the pool is made for (workers.strategy.PoolShape); batches:
+        where its tokens come from (Batches); threads: each worker's; optim: the
+        optimizer's kind and hyper-parameters (messages.Init); cores: the logical CPUs
+        of each worker (None: not pinned)."""
+        self.n, self.trains = shape.n_workers, shape.trains
+        self.layout = param_layout(shape.cfg)  # of the model's parameters
+        self.base = self.trains.base_layout(shape.engine.low)  # ... held in fp32 (params)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
-            sizes = arena_sizes(cfg, pool_rows, seq_len, engine, strategy, n_workers, recompute,
-                                optim["kind"], lora, accumulating)
+            sizes = arena_sizes(shape, optim["kind"])
             for _, size, dtype in sizes:  # one by one, so close() frees any made
                 self.arenas.append(SharedArena.create(size, dtype))
             # workers find each arena by what arena_sizes calls it
             arena = {what: a for (what, _, _), a in zip(sizes, self.arenas)}
             self.params, self.grads = arena["params"], arena["gradients"]
-            self.optimizer = OPTIMIZERS[optim["kind"]](self.trainable, {what: a.array for what, a in arena.items()},
-                                                       engine)
-            self.adapters, self.low = arena.get("adapters"), arena.get("bf16 weights")  # LoRA's, bf16's
-            names = {what: a.name for what, a in arena.items()}
-            elements = {what: n for what, n, _ in sizes}
-            self.tmpdir = self.socket_dir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
+            self.trained_arena = arena[self.trains.trained_arena]  # what the optimizer updates
+            self.optimizer = OPTIMIZERS[optim["kind"]](self.trains.layout, {what: a.array for what, a in arena.items()},
+                                                       shape.engine)
+            self.low = arena.get("bf16 weights")
+            self.socket_dir = self.tmpdir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
             self.socket_dir_mode = os.stat(self.tmpdir).st_mode & 0o777
-            endpoint = f"ipc://{self.tmpdir}/control"
-            self.ctx = zmq.Context()
-            self.router = self.ctx.socket(zmq.ROUTER)
-            self.router.setsockopt(zmq.LINGER, 0)
-            self.router.bind(endpoint)
-            barrier_ends = self._start(endpoint, threads)
-            self._gather(timeout=START_TIMEOUT_S)  # Hello
-            self.blas = self.request([msg.Init(
-                rank=r, n_workers=n_workers, model_type=cfg.model_type, config=cfg.fields(), pool_rows=pool_rows,
-                first_row=first_row,
-                seq_len=seq_len, batch_rows=batch_rows, train=train, val=val, optim=optim, threads=threads,
-                cores=cores[r] if cores else None, profile=profile, recompute=recompute, gemm=engine.name,
-                lora=list(lora) if lora else None,
-                parallel=strategy.name,
-                arenas=names, elements=elements, barrier=barrier_ends[r],
-            ) for r in range(n_workers)], timeout=START_TIMEOUT_S)[0].blas
-            for arena in self.arenas:  # every worker maps them now: drop the names
-                arena.unlink()
-            # every worker is connected too: the socket file is no longer needed, and a
-            # directory that no longer exists cannot be left behind by a kill
-            shutil.rmtree(self.tmpdir)
-            self.tmpdir = None
+            self.start(sizes, shape, batches, dict(threads=threads, optim=optim, profile=profile, cores=cores))
         except BaseException:
             self.close()
             raise
+
+    def start(self, sizes, shape, batches, settings):
+        """Start the workers, hand each its Init, and drop every name they found the pool by."""
+        endpoint = f"ipc://{self.tmpdir}/control"
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(endpoint)
+        barrier_ends = self._start(endpoint, settings["threads"])
+        self._gather(timeout=START_TIMEOUT_S)  # Hello
+        cfg, cores = shape.cfg, settings["cores"]
+        self.blas = self.request([msg.Init(
+            rank=r, n_workers=self.n, model_type=cfg.model_type, config=cfg.fields(), pool_rows=shape.rows,
+            first_row=batches.first_row, seq_len=shape.seq_len, batch_rows=batches.batch_rows,
+            train=batches.train, val=batches.val, optim=settings["optim"], threads=settings["threads"],
+            cores=cores[r] if cores else None, profile=settings["profile"], recompute=shape.recompute,
+            gemm=shape.engine.name, training=self.trains.record(), parallel=shape.strategy.name,
+            arenas={what: a.name for (what, _, _), a in zip(sizes, self.arenas)},
+            elements={what: n for what, n, _ in sizes}, barrier=barrier_ends[r],
+        ) for r in range(self.n)], timeout=START_TIMEOUT_S)[0].blas
+        for arena in self.arenas:  # every worker maps them now: drop the names
+            arena.unlink()
+        # every worker is connected too: the socket file is no longer needed, and a
+        # directory that no longer exists cannot be left behind by a kill
+        shutil.rmtree(self.tmpdir)
+        self.tmpdir = None
 
     def optimizer_views(self):
         """{prefix: {parameter: view}} of the optimizer's state, as checkpoints name it."""
         return self.optimizer.views()
 
     def trained(self):
-        """{name: fp32 view} of what trains: the parameters, or the adapters."""
-        return self.trainable.views((self.params if self.lora is None else self.adapters).array)
+        """{name: fp32 view} of what trains: the parameters, or LoRA's adapters."""
+        return self.trains.layout.views(self.trained_arena.array)
 
     def _start(self, endpoint, threads):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -55,45 +55,35 @@ def free_bytes(path):
     return st.f_bavail * st.f_frsize
 
 
-def plan_for(cfg, s, local_ranks, ranks, engine, strategy):
-    """The Plan of training settings `s` on this machine, with the run's GEMM engine
-    and strategy class."""
-    from trainer.lora import lora_of, trainable_layout
-    from trainer.models import param_layout
+def plan_for(settings, start, engine, strategy, ranks=(1, 1)):
+    """The Plan of training `settings` on this machine, for weights from `start`
+    (launch.start.Start: the model, what trains, what loading them holds), with the
+    run's GEMM engine and strategy class; ranks: (on this machine, in all)."""
     from trainer.optimizers import OPTIMIZERS
     from workers.pool import arena_sizes
-    workers, lora = s.workers, lora_of(s, cfg.family)
-    pool_rows = s.batch_size // ranks
-    arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in
-              arena_sizes(cfg, pool_rows, s.seq_len, engine, strategy, workers, s.recompute, s.optim, lora,
-                          s.grad_accum > 1)]
-    layout = param_layout(cfg)
-    params = trainable_layout(cfg, lora).size  # what gradients, Adam and checkpoints hold
+    from workers.strategy import PoolShape
+    local_ranks, all_ranks = ranks
+    cfg, trains, workers = start.cfg, start.trains, settings.workers
+    pool_rows = settings.batch_size // all_ranks
+    shape = PoolShape(cfg, trains, pool_rows, settings.seq_len, engine, strategy, workers, settings.recompute,
+                      settings.grad_accum > 1)
+    arenas = [(what, n * np.dtype(dtype).itemsize) for what, n, dtype in arena_sizes(shape, settings.optim)]
     # each worker's own buffers: the rows every layernorm weight gradient normalises
     # (N x C), bf16's one-layer fp32 rows, attention's blocks, NumPy's temporaries:
     # 8 floats per row and channel of the pool holds the measured peaks (README);
     # with gradient accumulation also a micro-batch's gradient scratch
-    scratch = strategy.scratch_floats(cfg, workers, lora, s.grad_accum > 1)
-    private = 4 * pool_rows * s.seq_len * cfg.n_embd * 8 + 4 * scratch
-    private += strategy.private_bytes(cfg, pool_rows, s.seq_len, engine, workers, s.recompute, lora)
-    if lora and lora.dropout:  # a worker's masks and dropped inputs (the model's buffers)
-        private += 4 * 4 * pool_rows * s.seq_len * 4 * cfg.n_embd
-    if s.no_checkpoint:
+    private = 4 * pool_rows * settings.seq_len * cfg.n_embd * 8 + 4 * strategy.scratch_floats(shape)
+    private += strategy.private_bytes(shape) + trains.private_bytes(pool_rows, settings.seq_len)
+    if settings.no_checkpoint:
         kept = 0
-    elif s.keep_last:
-        kept = s.keep_last + 1  # the newest is written before the oldest goes
+    elif settings.keep_last:
+        kept = settings.keep_last + 1  # the newest is written before the oldest goes
     else:
-        kept = (s.steps // s.ckpt_every if s.ckpt_every else 0) + 1
-    # what the coordinator holds while it fills the arenas: with --init-from all the
-    # weights; on --resume room for one tensor (each is read straight into the arenas);
-    # GPT-2 init writes in place.  (A checkpoint is written straight from the arenas.)
-    # A LoRA base is read a tensor at a time, as on --resume (an llm.c .bin whole).
-    largest = max(int(np.prod(shape)) for shape in layout.shapes.values())
-    streamed = s.resume or (lora and not (s.init_from or "").endswith(".bin"))
-    loading = 4 * (largest if streamed else layout.size if s.init_from else 0)
-    optimizer = sum(n * np.dtype(dtype).itemsize for _, n, dtype in OPTIMIZERS[s.optim].arenas(
-        trainable_layout(cfg, lora)))
-    return Plan(arenas, params, workers, local_ranks, private, kept, loading, optimizer)
+        kept = (settings.steps // settings.ckpt_every if settings.ckpt_every else 0) + 1
+    # what the coordinator holds while it fills the arenas (start.loading); a
+    # checkpoint is written straight from the arenas
+    optimizer = sum(n * np.dtype(dtype).itemsize for _, n, dtype in OPTIMIZERS[settings.optim].arenas(trains.layout))
+    return Plan(arenas, trains.layout.size, workers, local_ranks, private, kept, 4 * start.loading, optimizer)
 
 
 def lighter_settings(s, ranks):

@@ -18,14 +18,36 @@ and, built inside each worker (`__init__(worker)`),
 Register a new one in workers/strategies.py.
 """
 import time
+from typing import NamedTuple
 
 import numpy as np
 
+from trainer.activations import Table
 from trainer.data import window_start
-from trainer.lora import trainable_layout
+from trainer.model import Parallel
 from trainer.models import family_of
 from trainer.optim import sum_squares
 from trainer.params import Layout
+
+
+class PoolShape(NamedTuple):
+    """What a pool is made for, known before any process starts: the model `cfg`,
+    what trains (trainer/trainable.py), `rows` batch rows of `seq_len` tokens shared
+    by `n_workers` workers, the GEMM engine, the strategy class, activation
+    recompute, and whether steps accumulate several micro-batches."""
+    cfg: object
+    trains: object
+    rows: int
+    seq_len: int
+    engine: object
+    strategy: type
+    n_workers: int
+    recompute: bool = False
+    accumulating: bool = False
+
+    def table(self, rows, n_parts=1):
+        """The training activation table of `rows` of the pool's batch rows, shared by n_parts."""
+        return Table(self.cfg, self.trains, rows, self.seq_len, True, self.recompute, n_parts)
 
 
 def scratch_name(family, name):
@@ -65,18 +87,18 @@ class Strategy:
         return n_workers
 
     @staticmethod
-    def arena_sizes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None, accumulating=False):
-        """[(what, elements, dtype)] of the shared arenas it adds (accumulating: with
-        gradient accumulation)."""
+    def arena_sizes(shape):
+        """[(what, elements, dtype)] of the shared arenas it adds to a pool of `shape`
+        (a PoolShape)."""
         return []
 
     @staticmethod
-    def scratch_floats(cfg, n_workers, lora=None, accumulating=False):
+    def scratch_floats(shape):
         """Floats of each worker's private gradient scratch (see written)."""
-        return scratch_layout(cfg.family, trainable_layout(cfg, lora)).size if accumulating else 0
+        return scratch_layout(shape.cfg.family, shape.trains.layout).size if shape.accumulating else 0
 
     @staticmethod
-    def private_bytes(cfg, pool_rows, seq_len, engine, n_workers, recompute=False, lora=None):
+    def private_bytes(shape):
         """Bytes of activations each worker holds in private memory."""
         return 0
 
@@ -84,24 +106,21 @@ class Strategy:
         self.worker = worker
         self.scratch = None  # gradient views for accumulation, made on first use
 
-    def make_model(self, rows, grads, **kwargs):
-        w = self.worker
-        adapters = w.trainable.views(w.adapters.array) if w.lora else None
-        low_adapters = w.trainable.views(w.adapters_low.array) if w.lora and w.adapters_low else None
-        return family_of(w.cfg).Model(w.cfg, rows, w.seq_len, w.base.views(w.params.array), grads, w.low_params,
-                   layers=w.layers, recompute=w.recompute, lora=w.lora, adapters=adapters,
-                   low_adapters=low_adapters, **kwargs)
+    def make_model(self, rows, grads, acts=None, parallel=Parallel()):
+        worker = self.worker
+        return family_of(worker.cfg).Model(worker.cfg, rows, worker.seq_len, worker.weights, grads,
+                                           layers=worker.layers, acts=acts, parallel=parallel,
+                                           recompute=worker.recompute)
 
     def rows(self):
         """-> (rows, first row in the global batch) of the tokens this worker loads."""
         raise NotImplementedError
 
     def load(self, tokens, window):
-        w = self.worker
+        worker = self.worker
         rows, first = self.rows()
-        start = window_start(window, tokens.size, w.batch_rows * w.seq_len) + first * w.seq_len
-        self.model.load_batch(tokens[start:start + rows * w.seq_len + 1])
-        self.model.dropout_key = (window, first * w.seq_len)  # LoRA dropout's masks: by global token row
+        start = window_start(window, tokens.size, worker.batch_rows * worker.seq_len) + first * worker.seq_len
+        self.model.load_batch(tokens[start:start + rows * worker.seq_len + 1], (window, first * worker.seq_len))
 
     def step(self, window, scale, accumulate, last):
         """One micro-batch -> messages.StepReport."""
@@ -112,7 +131,7 @@ class Strategy:
         first micro-batch of a step; for later ones (gradient accumulation) a private
         scratch (scratch_layout), added to grads by weight_task."""
         if accumulate and self.scratch is None:
-            self.scratch = scratch_views(self.worker.cfg.family, self.worker.trainable)
+            self.scratch = scratch_views(self.worker.cfg.family, self.worker.trains.layout)
         return self.scratch if accumulate else grads
 
     def weight_task(self, task, grads, accumulate):

@@ -15,10 +15,10 @@ from trainer.gemm import Engine
 from trainer.data import open_tokens
 from trainer.optim import sum_squares
 from trainer.optimizers import OPTIMIZERS
-from trainer.lora import Lora, base_layout, trainable_layout
 from trainer.model import Layers
 from trainer.models import config_from_fields, param_layout
 from trainer.profile import TimedLayers
+from trainer.trainable import Weights, of_record
 from workers import messages as msg
 from workers.barrier import PeerGone
 from workers.shm import SharedArena
@@ -39,32 +39,19 @@ class Worker:
             f"{lib['internal_api']} {lib['version']} {lib.get('architecture') or ''}".strip()
             for lib in threadpool_info() if lib["user_api"] == "blas")
         self.cfg = config_from_fields(init.model_type, init.config)
-        self.lora = Lora(*init.lora) if init.lora else None
+        self.trains = of_record(self.cfg, init.training)  # what trains
         self.layout = param_layout(self.cfg)  # the model's parameters
-        self.base = base_layout(self.cfg, self.lora, self.engine.low)  # ... held in fp32
-        self.trainable = layout = trainable_layout(self.cfg, self.lora)  # what gradients and Adam cover
+        layout = self.trains.layout  # what gradients and the optimizer cover
         self.arena_names, self.elements, self.barrier_ends = init.arenas, init.elements, init.barrier
         self.pool_rows, self.first_row = init.pool_rows, init.first_row
         self.seq_len, self.batch_rows, self.recompute = init.seq_len, init.batch_rows, init.recompute
-        # the arena objects are kept: dropping one would unmap it
-        attach = lambda what, dtype=np.float32: SharedArena.attach(  # noqa: E731
-            self.arena_names[what], self.elements[what], dtype)
-        self.params, self.grads = attach("params"), attach("gradients")
-        self.adapters = attach("adapters") if self.lora else None
-        # what trains, in fp32 and (bf16 matmuls) its bf16 copy: the parameters, or the adapters
-        self.trained, self.trained_low = self.adapters if self.lora else self.params, None
+        self.attached = {}  # what -> SharedArena, kept: dropping one would unmap it
+        self.params, self.grads = self.attach("params"), self.attach("gradients")
         self.optim = init.optim  # its kind (a name in OPTIMIZERS) and hyper-parameters
         kind = OPTIMIZERS[self.optim["kind"]]
-        self.optimizer_arenas = {what: attach(what, np.dtype(dtype)) for what, _, dtype in kind.arenas(layout)}
-        self.optimizer = kind(layout, {what: a.array for what, a in self.optimizer_arenas.items()}, self.engine)
-        self.params_low = self.low_params = self.adapters_low = None
-        if self.engine.low:
-            self.params_low = SharedArena.attach(self.arena_names["bf16 weights"], self.layout.size,
-                                                 self.engine.low_dtype)
-            self.low_params = self.layout.views(self.params_low.array)
-            if self.lora:
-                self.adapters_low = attach("bf16 adapters", self.engine.low_dtype)
-            self.trained_low = self.adapters_low if self.lora else self.params_low
+        self.optimizer = kind(layout, {what: self.attach(what, np.dtype(dtype)).array
+                                       for what, _, dtype in kind.arenas(layout)}, self.engine)
+        self.weights = self.weight_views()
         self.lo, self.hi = kind.shards(layout, self.n_workers)[self.rank]
         # (tensor, start, end) of each parameter's part of this worker's shard
         self.segments = [(name, max(first, self.lo), min(first + int(np.prod(shape)), self.hi))
@@ -75,6 +62,25 @@ class Worker:
         self.val = open_tokens(init.val) if init.val else None
         self.layers = TimedLayers(Layers(self.engine)) if init.profile else Layers(self.engine)
         self.strategy = STRATEGIES[init.parallel](self)
+
+    def attach(self, what, dtype=np.float32):
+        """The pool's arena `what` (mapped once)."""
+        if what not in self.attached:
+            self.attached[what] = SharedArena.attach(self.arena_names[what], self.elements[what], dtype)
+        return self.attached[what]
+
+    def weight_views(self):
+        """-> trainer.trainable.Weights over the arenas; also sets self.trained and
+        self.trained_low, what trains in fp32 and (bf16 matmuls, else None) bf16:
+        the parameters, or what the what-trains adds (LoRA's adapters)."""
+        trains, low_dtype = self.trains, self.engine.low_dtype
+        layout = trains.layout
+        self.trained = self.attach(trains.trained_arena)
+        self.trained_low = self.attach(trains.low_trained_arena, low_dtype) if self.engine.low else None
+        low_params = self.layout.views(self.attach("bf16 weights", low_dtype).array) if self.engine.low else None
+        return Weights(trains.base_layout(self.engine.low).views(self.params.array), trains, low_params,
+                       layout.views(self.trained.array),
+                       layout.views(self.trained_low.array) if self.trained_low else None)
 
     def evaluate(self, windows):
         loss = 0.0
@@ -96,7 +102,7 @@ class Worker:
         low = self.trained_low.array if self.trained_low else None
         o = self.optim
         for name, s, e in self.segments:
-            decays = len(self.trainable.shapes[name]) == 2  # weight decay on 2-D tensors only
+            decays = len(self.trains.layout.shapes[name]) == 2  # weight decay on 2-D tensors only
             hyper = dict(lr=lr, t=t, beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"],
                          weight_decay=o["weight_decay"] if decays else 0.0, grad_scale=scale)
             self.optimizer.update(name, s, e, p[s:e], g[s:e], None if low is None else low[s:e], **hyper)

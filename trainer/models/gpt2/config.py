@@ -157,8 +157,10 @@ def infer_config(shapes, path):
                      block_size=shapes["wpe.weight"][0], vocab_size=V).check()
 
 
+BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's Conv1D layers
+
 # LoRA as peft applies it to GPT-2's Conv1D layers
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LORA_TARGETS = BLOCK_MATRICES
 LORA_DEFAULT = "c_attn"  # peft's default for GPT-2
 # what --lora-targets accepts for each target: peft's module-name suffixes
 LORA_ALIASES = {"c_attn": "attn.c_attn", "attn.c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj",
@@ -183,7 +185,7 @@ def target_weight(layer, target):
 
 def block_matrix(name):
     """A block's Conv1D weight: only matmuls read it."""
-    return name.startswith("h.") and name.endswith(tuple(f"{t}.weight" for t in LORA_TARGETS))
+    return name.startswith("h.") and name.endswith(tuple(f"{t}.weight" for t in BLOCK_MATRICES))
 
 
 def lora_delta(a, b):
@@ -192,13 +194,11 @@ def lora_delta(a, b):
 
 
 # The activation spec (trainer/activations.py builds the arena from it)
-def activation_shapes(cfg, B, T, training, head_rows, lora=None):
+def activation_shapes(cfg, B, T, training, head_rows):
     """[(name, shape, row axis)] of every activation of B batch rows: the row axis is
     the one split between workers (the N = B·T token rows; for lse the B·NH (row,
     head) pairs of attention), after the layer axis if any (a row axis of 1 means a
-    layer axis first).  head_rows: rows of the lm head's logits chunk.  With LoRA
-    (trainer.lora.Lora), each target's u = (alpha/r) x A^T (N, r) and, training, its
-    gradient du."""
+    layer axis first).  head_rows: rows of the lm head's logits chunk."""
     L, C, NH, V, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B * T
     shapes = [
         ("residual", (L + 1, N, C), 1),
@@ -218,9 +218,6 @@ def activation_shapes(cfg, B, T, training, head_rows, lora=None):
             ("norm", (N, C), 0), ("dnorm", (N, C), 0), ("datty", (N, C), 0),
             ("gelu_th", (N, 4 * C), 0), ("gelu_slope", (N, 4 * C), 0),
         ]
-    for target in lora.targets if lora else ():
-        shapes += [("u." + target, (L, N, lora.rank), 1)] + (
-            [("du." + target, (L, N, lora.rank), 1)] if training else [])
     return shapes
 
 

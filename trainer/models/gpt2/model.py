@@ -19,15 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from trainer.activations import Activations, rows_of, share
-from trainer.lora import dropout_mask
-from trainer.models.gpt2.config import LORA_TARGETS, lora_fans
-
-
-def matmul_alone(fn, out, inp, weight, transposed=False):
-    """The split of a model alone with its rows: all of out = fn(inp, weight) here.
-    (transposed: fn multiplies by weight.T; a split that cuts columns needs to know.)"""
-    fn(out, inp, weight)
+from trainer.activations import Activations, Table, rows_of, share
+from trainer.model import ALONE, WeightTask
 
 
 class Matrix(NamedTuple):
@@ -48,19 +41,6 @@ MATRICES = {
 }
 
 
-class WeightTask(NamedTuple):
-    """One weight gradient computed over the rows of every worker: rows lo…hi of a
-    block's matrix (the first slice also takes its bias and the layernorm before
-    it), or rows lo…hi of the tied embedding (the first slice also takes wpe and
-    ln_f)."""
-    name: str  # "wte" or a key of MATRICES
-    layer: int | None
-    lo: int
-    hi: int
-    cost: int  # weight elements, to balance tasks
-    params: tuple  # ((parameter, first row, end row or None), ...) it writes
-
-
 def attention_pieces(B, n_head, part, n_parts):
     """Worker `part`'s share of the B·n_head (row, head) pairs, contiguous in row
     order, as rectangles [(b0, b1, h0, h1)]: whole rows where it can."""
@@ -77,15 +57,12 @@ def attention_pieces(B, n_head, part, n_parts):
     return pieces
 
 
-def weight_tasks(cfg, vocab_parts=1, matrix_parts=1, lora=None):
+def weight_tasks(cfg, vocab_parts=1, matrix_parts=1):
     """Every weight-gradient task of a step in parameter-layout order; the embedding
-    is cut into vocab_parts slices of its rows, each block matrix into matrix_parts.
-    With LoRA only the adapters train: one task per target and layer, writing its A and B."""
+    is cut into vocab_parts slices of its rows (a task named "wte"; its first slice
+    also takes wpe and ln_f), each block matrix into matrix_parts (the first slice
+    also takes its bias and the layernorm before it)."""
     C, V = cfg.n_embd, cfg.vocab_size
-    if lora is not None:
-        return [WeightTask(t, l, 0, lora.rank, sum(lora_fans(cfg, t)) * lora.rank,
-                           tuple((f"h.{l}.{t}.lora_{k}", 0, None) for k in "AB"))
-                for l in range(cfg.n_layer) for t in lora.targets]
     cuts = [V * k // vocab_parts for k in range(vocab_parts + 1)]
     tasks = []
     for lo, hi in zip(cuts, cuts[1:]):
@@ -133,32 +110,30 @@ def blocks_of(cfg, params, weights):
 
 class GPT:
     """The model for B rows of T tokens (every worker's, when a pool shares the
-    activation table `acts`; this worker's share of them is acts.tokens).  params
-    (and grads, to train) are dicts of views; low_params (bf16 views of the weights)
-    turns on bf16 matmuls.  acts is allocated here when not given.  split: the
-    matmul hook (see above).
+    activation table `acts`; this worker's share of them is acts.tokens).
+    weights (trainer.trainable.Weights): the parameters' views, what trains (every
+    parameter, or LoRA's adapters at its matrix sites: `sites`) and their bf16
+    copies (which turn on bf16 matmuls); grads (views of what trains), to train.  acts is allocated here when not given (recompute: keep only each block's
+    input and run the block's forward again inside its backward; a given table says
+    itself).  parallel (trainer.model.Parallel): the matmul split and the barrier
+    attention needs when the workers split a batch row (see above).
     layers: trainer.model.Layers (its layers with the GEMM engine they multiply on),
-    or a stand-in with the same functions (the profiler's).
-    recompute (for a table made here; a given one says itself): keep only each
-    block's input and run the block's forward again inside its backward.
-    sync: the barrier attention needs when the workers split a batch row (above).
-    lora (trainer.lora.Lora): the base weights are frozen and adapters (low_adapters:
-    their bf16 copies) beside its targets train; grads then holds the adapters'."""
+    or a stand-in with the same functions (the profiler's)."""
+    MATRICES = MATRICES  # the matrix sites, for what trains beside them
 
-    def __init__(self, cfg, B, T, params, grads=None, low_params=None, *, layers, acts=None,
-                 split=matmul_alone, recompute=False, sync=None,
-                 lora=None, adapters=None, low_adapters=None):
+    def __init__(self, cfg, B, T, weights, grads=None, *, layers, acts=None, parallel=ALONE, recompute=False):
         if T > cfg.block_size:
             raise ValueError(f"seq-len {T} is above the model's context of {cfg.block_size}")
-        self.cfg, self.B, self.T, self.params, self.grads = cfg, B, T, params, grads
-        self.split, self.layers = split, layers
+        self.cfg, self.B, self.T, self.params, self.grads = cfg, B, T, weights.params, grads
+        self.split, self.layers = parallel.split, layers
+        self.trains = weights.trains
         training = grads is not None
         if acts is None:
-            acts = Activations(cfg, B, T, training, layers.engine, recompute=recompute, lora=lora,
-                               low_dtype=None if low_params is None else low_params["wte.weight"].dtype)
+            acts = Activations(Table(cfg, self.trains, B, T, training, recompute), layers.engine,
+                               low_dtype=None if weights.low is None else weights.low["wte.weight"].dtype)
         self.acts = acts
-        self.weights = params if low_params is None else low_params  # what matmuls read
-        self.blocks = blocks_of(cfg, params, self.weights)
+        self.weights = self.params if weights.low is None else weights.low  # what matmuls read
+        self.blocks = blocks_of(cfg, self.params, self.weights)
         if training:  # layernorm weight gradients normalise the rows of all workers
             self.norm_all = np.zeros((B * T, cfg.n_embd), dtype=np.float32)
         self.rows = np.arange(B * T)
@@ -167,20 +142,17 @@ class GPT:
         self.idx = self.idx_all.reshape(-1)[self.first:end]
         self.targets_all = np.zeros(B * T, dtype=np.int64)
         self.pieces = attention_pieces(B, cfg.n_head, acts.part, acts.n_parts)
-        self.sync = sync if B % acts.n_parts else lambda: None
-        # the vocabulary rows of the embedding's gradient this worker computes
-        self.head_slices = [(0, cfg.vocab_size)] if lora is None else []
-        self.lora, self.adapters = lora, None
-        self.dropping, self.dropout_key, self.buffers = False, (0, 0), {}  # (micro-batch, first token row)
-        if lora is not None:  # [{target: (A, B) as matmuls read them}] by layer
-            read = adapters if low_adapters is None else low_adapters
-            self.adapters = [{t: (read[f"h.{l}.{t}.lora_A"], read[f"h.{l}.{t}.lora_B"]) for t in lora.targets}
-                             for l in range(cfg.n_layer)]
+        self.sync = parallel.sync if B % acts.n_parts else lambda: None
+        self.head_slices = self.trains.head_rows()  # the embedding rows whose gradient this worker computes
+        self.batch_key = (0, 0)  # (micro-batch, first token row): what per-batch draws (dropout) key on
+        self.sites = self.trains.sites(self, weights)
 
-    def load_batch(self, tokens):
-        """tokens: the consecutive token ids of every worker's rows, plus one (any int dtype)."""
+    def load_batch(self, tokens, key=(0, 0)):
+        """tokens: the consecutive token ids of every worker's rows, plus one (any int
+        dtype); key: (micro-batch, first token row in the global batch)."""
         self.idx_all.reshape(-1)[...] = tokens[:self.idx_all.size]
         self.targets_all[...] = tokens[1:self.idx_all.size + 1]
+        self.batch_key = key
 
     def forward(self, loss_scale=None, grads=None):
         """-> Σ of −log p(target) over this worker's share of the rows (see head).
@@ -189,7 +161,7 @@ class GPT:
         for backward_inputs to go on from.  Biases and residuals are added on this
         worker's rows."""
         nn, mine, p, L = self.layers, self.acts.mine, self.params, self.cfg.n_layer
-        self.dropping = loss_scale is not None and self.lora is not None and self.lora.dropout > 0
+        self.sites.start(loss_scale is not None)
         nn.encoder_forward(mine.residual[0], self.idx, p["wte.weight"], p["wpe.weight"], self.first, self.T)
         for l, block in enumerate(self.blocks):
             self.block_forward(l, block)
@@ -232,7 +204,7 @@ class GPT:
         nn.layernorm_forward(mine.ln1[l], mine.ln1_mean[l], mine.ln1_rstd[l], mine.residual[l], b.ln_1_w, b.ln_1_b)
         split(nn.matmul_forward, full.qkv[l], made("ln1", l), b.attn_w)
         mine.qkv[l] += b.attn_b
-        self.lora_forward(l, "attn.c_attn", mine.qkv[l])
+        self.sites.forward(l, "attn.c_attn", mine.qkv[l])
         self.sync()  # every worker's rows of qkv have their bias
         for heads, qkv, atty, lse, _, _ in self.attention_views(l):
             nn.attention_forward(atty, lse, qkv, self.cfg.n_head, heads_of=heads)
@@ -241,73 +213,21 @@ class GPT:
         resid2 = mine.resid2[l]
         resid2 += b.attn_proj_b
         resid2 += mine.residual[l]
-        self.lora_forward(l, "attn.c_proj", resid2)
+        self.sites.forward(l, "attn.c_proj", resid2)
         nn.layernorm_forward(mine.ln2[l], mine.ln2_mean[l], mine.ln2_rstd[l], resid2, b.ln_2_w, b.ln_2_b)
         split(nn.matmul_forward, full.fch[l], made("ln2", l), b.fc_w)
         mine.fch[l] += b.fc_b
-        self.lora_forward(l, "mlp.c_fc", mine.fch[l])
+        self.sites.forward(l, "mlp.c_fc", mine.fch[l])
         nn.gelu_forward(mine.fch_gelu[l], mine.fch[l])
         if again:  # the backward reads fch_gelu's bf16 copy, and u of the projection after it
             made("fch_gelu", l)
-            self.lora_forward(l, "mlp.c_proj", None)
+            self.sites.forward(l, "mlp.c_proj", None)
             return
         split(nn.matmul_forward, full.residual[l + 1], made("fch_gelu", l), b.fc_proj_w)
         out = mine.residual[l + 1]
         out += b.fc_proj_b
         out += resid2
-        self.lora_forward(l, "mlp.c_proj", out)
-
-    def lora_forward(self, l, target, out):
-        """out (this worker's rows of the frozen layer's output) += s · x A^T B^T, if
-        `target` has an adapter; out None: only u (for the backward's recompute)."""
-        if self.lora is None or target not in self.lora.targets:
-            return
-        nn, acts, (a, b) = self.layers, self.acts, self.adapters[l][target]
-        x = acts.matmul_mine[MATRICES[target].inp][l]  # made by the frozen layer's matmul
-        if self.dropping:
-            x = self.dropped(l, target, acts.mine[MATRICES[target].inp][l], self.first)
-        nn.lora_down_forward(acts.mine["u." + target][l], x, a, self.lora.scale)
-        u = acts.made_mine("u." + target, l)
-        if out is not None:
-            nn.lora_up_forward(out, u, b)
-
-    def lora_backward(self, l, target, dx, dout):
-        """dx (this worker's rows of the frozen layer's input gradient) += du A, du = s · dout B."""
-        if self.lora is None or target not in self.lora.targets:
-            return
-        nn, acts, (a, b) = self.layers, self.acts, self.adapters[l][target]
-        nn.lora_up_backward(acts.mine["du." + target][l], dout, b, self.lora.scale)
-        du = acts.made_mine("du." + target, l)
-        if self.dropping:
-            mask = self.mask(l, target, self.first, dx.shape)
-            nn.lora_down_backward_dropped(dx, du, a, mask, self.buffer("dropped", dx.shape))
-        else:
-            nn.lora_down_backward(dx, du, a)
-
-    def buffer(self, name, shape, dtype=np.float32):
-        """A scratch array of this model, made on first use (dropout's)."""
-        key = (name, tuple(shape), np.dtype(dtype))
-        if key not in self.buffers:
-            self.buffers[key] = np.empty(shape, dtype=dtype)
-        return self.buffers[key]
-
-    def mask(self, l, target, first, shape):
-        """The dropout mask of token rows first… of this model's batch, for layer l's target."""
-        mask = self.buffer("mask", shape)
-        window, first_token = self.dropout_key
-        dropout_mask(mask, self.lora.dropout, (self.lora.seed, window, l, LORA_TARGETS.index(target)),
-                     first_token + first)
-        return mask
-
-    def dropped(self, l, target, x, first):
-        """dropout(x) of token rows first… (x fp32 or bf16), as matmuls read it."""
-        out = self.buffer("dropped input", x.shape)
-        np.multiply(x, self.mask(l, target, first, x.shape), out=out, dtype=np.float32)
-        if not self.acts.low:
-            return out
-        low = self.buffer("dropped input, bf16", x.shape, self.acts.low_dtype)
-        self.layers.engine.to_low(low, out)
-        return low
+        self.sites.forward(l, "mlp.c_proj", out)
 
     def attention_views(self, l):
         """-> for each of this worker's attention pieces (b0, b1, h0, h1): (h0, h1)
@@ -325,7 +245,7 @@ class GPT:
     def backward(self):
         """Every gradient of the loss_scale given to forward into self.grads
         (overwritten), for a model alone with its rows."""
-        tasks = weight_tasks(self.cfg, lora=self.lora)
+        tasks = self.trains.weight_tasks()
         def run(layer):
             for task in tasks:
                 if task.layer == layer:
@@ -354,27 +274,31 @@ class GPT:
         nn, mine, full, made, split = self.layers, self.acts.mine, self.acts.full, self.acts.made, self.split
         ln_scratch = (mine.norm, mine.dnorm, mine.rowtmp)
         split(nn.matmul_backward, full.dfch[l], made("dresidual", l + 1), b.fc_proj_w, True)
-        self.lora_backward(l, "mlp.c_proj", mine.dfch[l], self.acts.matmul_mine["dresidual"][l + 1])
+        self.sites.backward(l, "mlp.c_proj", mine.dfch[l], self.acts.matmul_mine["dresidual"][l + 1])
         nn.gelu_backward(mine.dfch[l], mine.fch[l], mine.gelu_th, mine.gelu_slope)
         split(nn.matmul_backward, full.dln2[l], made("dfch", l), b.fc_w, True)
-        self.lora_backward(l, "mlp.c_fc", mine.dln2[l], self.acts.matmul_mine["dfch"][l])
+        self.sites.backward(l, "mlp.c_fc", mine.dln2[l], self.acts.matmul_mine["dfch"][l])
         nn.layernorm_backward(mine.dresid2[l], mine.dresidual[l + 1], mine.dln2[l], mine.resid2[l],
                               mine.ln2_mean[l], mine.ln2_rstd[l], b.ln_2_w, *ln_scratch)
         split(nn.matmul_backward, full.datty, made("dresid2", l), b.attn_proj_w, True)
-        if self.lora and "attn.c_proj" in self.lora.targets:
-            self.lora_backward(l, "attn.c_proj", mine.datty, self.acts.matmul_mine["dresid2"][l])
+        if self.sites.backward(l, "attn.c_proj", mine.datty, self.acts.matmul_mine["dresid2"][l]):
             self.sync()  # attention may read other workers' rows of datty
         for heads, qkv, atty, lse, dqkv, datty in self.attention_views(l):
             nn.attention_backward(dqkv, datty, qkv, atty, lse, self.cfg.n_head, heads_of=heads)
         self.sync()  # all of dqkv is in before this worker converts its rows
         split(nn.matmul_backward, full.dln1[l], made("dqkv", l), b.attn_w, True)
-        self.lora_backward(l, "attn.c_attn", mine.dln1[l], self.acts.matmul_mine["dqkv"][l])
+        self.sites.backward(l, "attn.c_attn", mine.dln1[l], self.acts.matmul_mine["dqkv"][l])
         nn.layernorm_backward(mine.dresidual[l], mine.dresid2[l], mine.dln1[l], mine.residual[l],
                               mine.ln1_mean[l], mine.ln1_rstd[l], b.ln_1_w, *ln_scratch)
 
     def backward_weights(self, task, grads):
-        """One WeightTask's gradients into the views `grads` (overwritten), from the
-        rows of every worker; run once backward_inputs has finished on all of them."""
+        """One of what trains' weight-gradient tasks into the views `grads`
+        (overwritten), from the rows of every worker; run once backward_inputs has
+        finished on all of them."""
+        self.sites.weights_backward(task, grads)
+
+    def matrix_weights_backward(self, task, grads):
+        """One of weight_tasks' tasks (see backward_weights)."""
         nn, full, low = self.layers, self.acts.full, self.acts.matmul_inputs
         if task.name == "wte":  # the head wrote this slice of dwte (see head_slices)
             lo, dwte = task.lo, grads["wte.weight"][task.lo:task.hi]
@@ -389,14 +313,6 @@ class GPT:
         dout, width = full[matrix.dout][l + matrix.dout_layer], full[matrix.dout].shape[-1]
         low_dout = low[matrix.dout][l + matrix.dout_layer].reshape(-1, width)
         inp = low[matrix.inp][l]
-        if self.lora is not None:  # the adapter's A and B; the frozen weight has no gradient
-            name = h + task.name
-            inp = inp.reshape(-1, inp.shape[-1])
-            if self.dropping:  # every worker's rows, dropped as their forward dropped them
-                inp = self.dropped(l, task.name, inp, 0)
-            nn.lora_weights_backward(grads[name + ".lora_A"], grads[name + ".lora_B"], low["du." + task.name][l],
-                                     low_dout, low["u." + task.name][l], inp)
-            return
         nn.matmul_weights_backward(grads[h + task.name + ".weight"][lo:hi], low_dout,
                                    inp.reshape(-1, inp.shape[-1])[:, lo:hi])
         if lo > 0:
