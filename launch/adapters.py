@@ -11,7 +11,8 @@ from launch.start import Start, largest_tensor, scratch_config, whole_model
 from trainer.base import adapter_dir, open_base, read_base_record, recorded_base
 from trainer.checkpoint import check_checkpoint, checkpoint_config, stream_checkpoint
 from trainer.errors import ConfigError
-from trainer.lora import LoraTraining, check_adapters, init_adapters, lora_of, merged
+from trainer.lora import check_adapters, init_adapters, lora_of, merged
+from trainer.lora_training import LoraTraining
 from trainer.peft import read_peft
 from trainer.weights import read_hf_config
 
