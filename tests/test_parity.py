@@ -128,9 +128,10 @@ def test_data_staged_gradients_equal_whole_buffers(case, runs, workers, monkeypa
     the runs above keep whole buffers.  Same sums in the same order: bitwise the same
     losses and weights, and so also PyTorch's."""
     from trainer.models.gpt2 import GPTConfig
+    from trainer.trainable import Full
     from workers.data_parallel import gradient_buffers
     cfg = GPTConfig(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"], block_size=TINY["n_ctx"])
-    worker_1 = lambda: dict(gradient_buffers(cfg, None, workers, False))["gradients of worker 1"]  # noqa: E731
+    worker_1 = lambda: dict(gradient_buffers(Full(cfg), workers, False))["gradients of worker 1"]  # noqa: E731
     whole = worker_1()
     monkeypatch.setenv("COREGPT_GRAD_RING", "1")
     assert worker_1() < whole
