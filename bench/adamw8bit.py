@@ -19,7 +19,7 @@ sys.path.insert(0, REPO)
 
 from trainer.adamw8bit import State8, side_layout  # noqa: E402
 from trainer.gemm import Engine  # noqa: E402
-from trainer.optim import BLOCK, adamw_update  # noqa: E402
+from trainer.optim import BLOCK, Hyper, adamw_update  # noqa: E402
 from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, GPTConfig, PRESETS
 from trainer.models import param_layout  # noqa: E402
 
@@ -36,19 +36,20 @@ def main():
     grads = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
     m, v, tmp = np.zeros(n, np.float32), np.zeros(n, np.float32), np.empty(BLOCK, np.float32)
     state = State8(layout, np.zeros(n, np.uint8), np.zeros(n, np.uint8), np.zeros(side_layout(layout).size, np.float32))
-    hyper = dict(engine=Engine("numpy"), lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, grad_scale=1.0)
+    engine = Engine("numpy")
+
+    def hyper(t, shape):
+        return Hyper(lr=1e-4, t=t, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1 if len(shape) == 2 else 0.0)
 
     def fp32(t):
         for name, shape in layout.shapes.items():
             lo, hi = layout.offsets[name], layout.offsets[name] + int(np.prod(shape))
-            adamw_update(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], tmp, t=t,
-                         weight_decay=0.1 if len(shape) == 2 else 0.0, **hyper)
+            adamw_update(params[lo:hi], grads[lo:hi], m[lo:hi], v[lo:hi], tmp, hyper(t, shape), engine=engine)
 
     def eight_bit(t):
         for name, shape in layout.shapes.items():
             lo, hi = layout.offsets[name], layout.offsets[name] + int(np.prod(shape))
-            state.update(name, lo, hi, params[lo:hi], grads[lo:hi], t=t,
-                         weight_decay=0.1 if len(shape) == 2 else 0.0, **hyper)
+            state.update(name, lo, hi, params[lo:hi], grads[lo:hi], None, hyper(t, shape), engine=engine)
 
     times = {"fp32 moments": [], "8-bit moments": []}
     with threadpool_limits(1):

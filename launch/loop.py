@@ -9,6 +9,7 @@ import time
 from launch.console import log
 from launch.rundir import checkpoint
 from trainer.optim import clip_scale, lr_at
+from trainer.optimizers import OPTIMIZERS
 from trainer.profile import clock, layer_table
 from trainer.sample import sample_text
 from trainer.errors import RunError
@@ -51,39 +52,40 @@ class Interrupted(Exception):
 
 
 class StepLoop:
-    def __init__(self, s, start, pool, group, metrics, arrays, stop, val_path):
+    def __init__(self, settings, start, pool, group, metrics, arrays, stop, val_path):
         """start: where the weights came from (launch.start.Start: the model, what
         trains, what to sample from and what checkpoints keep of it); arrays: (trained
         tensors, optimizer state) as checkpoints hold them."""
-        self.s, self.start, self.cfg, self.pool, self.group, self.metrics = s, start, start.cfg, pool, group, metrics
+        self.settings, self.start, self.cfg = settings, start, start.cfg
+        self.pool, self.group, self.metrics = pool, group, metrics
         self.arrays, self.stop, self.val_path = arrays, stop, val_path
         self.weights = start.sampling_weights(pool)
-        self.batch_tokens = s.batch_size * s.seq_len
-        self.step_tokens = self.batch_tokens * s.grad_accum
+        self.batch_tokens = settings.batch_size * settings.seq_len
+        self.step_tokens = self.batch_tokens * settings.grad_accum
 
     def run(self, start, state):
-        s = self.s
+        settings = self.settings
         self.counts = {"updates": state.get("adam_steps", start), "skipped": state.get("skipped_nonfinite", 0)}
         step, self.began = start, time.perf_counter()
         first = None  # each worker's layer seconds after the run's first step (profiling)
-        for step in range(start + 1, s.steps + 1):
+        for step in range(start + 1, settings.steps + 1):
             self.train_step(step, start)
-            if s.profile and step == start + 1 < s.steps:
+            if settings.profile and step == start + 1 < settings.steps:
                 first = self.layer_seconds()
-            last = step == s.steps
-            if self.val_path and s.eval_every and (step % s.eval_every == 0 or last):
+            last = step == settings.steps
+            if self.val_path and settings.eval_every and (step % settings.eval_every == 0 or last):
                 self.evaluate(step)
-            if s.sample_every and (step % s.sample_every == 0 or last) and self.group.is_root:
-                text = sample_text(self.cfg, self.weights(), "\n", max_new_tokens=64, seed=s.seed)
-                log(f"step {step:>6}/{s.steps} | sample:\n{text}\n")
+            if settings.sample_every and (step % settings.sample_every == 0 or last) and self.group.is_root:
+                text = sample_text(self.cfg, self.weights(), "\n", max_new_tokens=64, seed=settings.seed)
+                log(f"step {step:>6}/{settings.steps} | sample:\n{text}\n")
             if self.group.any(self.stop.signum is not None):  # every rank stops after the same step
-                if not s.no_checkpoint and self.group.is_root:
+                if not settings.no_checkpoint and self.group.is_root:
                     log(f"coregpt: checkpoint {self.checkpoint(step)}")
-                raise Interrupted(self.stop.signum or signal.SIGINT, step, s.out_dir)
-            if s.ckpt_every and step % s.ckpt_every == 0 and not last and not s.no_checkpoint \
+                raise Interrupted(self.stop.signum or signal.SIGINT, step, settings.out_dir)
+            if settings.ckpt_every and step % settings.ckpt_every == 0 and not last and not settings.no_checkpoint \
                     and self.group.is_root:
                 self.checkpoint(step)
-        if s.profile and step > start:
+        if settings.profile and step > start:
             layers, steps, which = self.layer_seconds(), step - start, ""
             if first is not None:  # taken after the first of several steps, all of which ran
                 # the first step's one-time costs (oneDNN building its primitives, pages
@@ -93,7 +95,7 @@ class StepLoop:
                 which = f", step {step}" if steps == 1 else f", steps {start + 2}-{step}"
             log(f"coregpt: time inside each worker by layer type (mean over workers{which})\n"
                 + layer_table(layers, steps))
-        if not s.no_checkpoint and step > start and self.group.is_root:
+        if not settings.no_checkpoint and step > start and self.group.is_root:
             log(f"coregpt: checkpoint {self.checkpoint(step)}")
 
     def layer_seconds(self):
@@ -102,11 +104,12 @@ class StepLoop:
 
     def gradients(self, step):
         """Every micro-batch's Step round -> (mean loss, grad norm, phase seconds)."""
-        s, pool, group = self.s, self.pool, self.group
+        settings, pool, group = self.settings, self.pool, self.group
         loss, phases = 0.0, dict.fromkeys(PHASES, 0.0)
-        for micro in range(s.grad_accum):
-            reports = pool.request(msg.Step(window=(step - 1) * s.grad_accum + micro, scale=1.0 / self.step_tokens,
-                                            accumulate=micro > 0, last=micro == s.grad_accum - 1))
+        for micro in range(settings.grad_accum):
+            reports = pool.request(msg.Step(window=(step - 1) * settings.grad_accum + micro,
+                                            scale=1.0 / self.step_tokens,
+                                            accumulate=micro > 0, last=micro == settings.grad_accum - 1))
             loss += sum(r.loss for r in reports)
             for phase in ("forward", "backward", "convert", "reduce"):
                 phases[phase] += max(getattr(r, phase + "_s") for r in reports)
@@ -120,42 +123,43 @@ class StepLoop:
         return loss, math.sqrt(sum(sumsq)), phases
 
     def train_step(self, step, start):
-        s, counts, t0 = self.s, self.counts, time.perf_counter()
+        settings, counts, t0 = self.settings, self.counts, time.perf_counter()
         loss, grad_norm, phases = self.gradients(step)
-        lr = lr_at(step, s.lr, s.lr_schedule, s.warmup, s.steps, s.min_lr)
+        lr = lr_at(step, settings.lr, settings.lr_schedule, settings.warmup, settings.steps, settings.min_lr)
         if math.isfinite(loss) and math.isfinite(grad_norm):
-            counts["updates"] += 1  # AdamW's own step count: skipped steps do not advance it
-            reports = self.pool.request(msg.Update(lr=lr, scale=clip_scale(grad_norm, s.grad_clip),
-                                                   t=counts["updates"]))
+            counts["updates"] += 1  # the optimizer's own step count: skipped steps do not advance it
+            clip = clip_scale(grad_norm, settings.grad_clip)
+            hyper = OPTIMIZERS[settings.optim].hyper(settings, lr, counts["updates"], clip)
+            reports = self.pool.request(msg.Update(hyper))
             phases["update"] = max(r.seconds - r.convert_s for r in reports)
             phases["convert"] += max(r.convert_s for r in reports)
             dt = time.perf_counter() - t0
             row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                    "step_ms": round(dt * 1000, 3), "tokens_per_s": round(self.step_tokens / dt, 1)}
-            if s.profile:
+            if settings.profile:
                 phases["waiting"] = dt - sum(phases.values())  # messages, imbalance, coordinator
                 row["profile_ms"] = {k: round(1000 * v, 3) for k, v in phases.items()}
             self.metrics.write(row)
             elapsed = time.perf_counter() - self.began
-            log(f"step {step:>6}/{s.steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} "
+            log(f"step {step:>6}/{settings.steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} "
                 f"| {dt * 1000:.0f} ms | {self.step_tokens / dt:,.0f} tok/s | {clock(elapsed)} elapsed, ETA "
-                f"{clock(elapsed / (step - start) * (s.steps - step))}")
-        elif s.skip_nonfinite:
+                f"{clock(elapsed / (step - start) * (settings.steps - step))}")
+        elif settings.skip_nonfinite:
             counts["skipped"] += 1
             self.metrics.write({"step": step, "loss": None, "lr": lr, "grad_norm": None,
                                 "skipped_nonfinite": counts["skipped"]})
-            log(f"step {step:>6}/{s.steps} | loss {loss} / grad norm {grad_norm} not finite: "
+            log(f"step {step:>6}/{settings.steps} | loss {loss} / grad norm {grad_norm} not finite: "
                 f"step skipped ({counts['skipped']} so far)")
         else:
             raise RunError(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; "
                            f"the step was not applied (lower --lr, or pass --skip-nonfinite)")
 
     def evaluate(self, step):
-        s = self.s
-        val = self.group.sum(sum(r.loss for r in self.pool.request(msg.Eval(windows=s.eval_steps))))
-        val /= s.eval_steps * self.batch_tokens
+        settings = self.settings
+        val = self.group.sum(sum(r.loss for r in self.pool.request(msg.Eval(windows=settings.eval_steps))))
+        val /= settings.eval_steps * self.batch_tokens
         self.metrics.write({"step": step, "val_loss": val})
-        log(f"step {step:>6}/{s.steps} | val loss {val:.4f}")
+        log(f"step {step:>6}/{settings.steps} | val loss {val:.4f}")
 
     def checkpoint(self, step):
-        return checkpoint(self.s, self.start, step, self.arrays, self.counts)
+        return checkpoint(self.settings, self.start, step, self.arrays, self.counts)

@@ -47,37 +47,37 @@ RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every
                 "profile")
 
 
-def resume_settings(s, given):
+def resume_settings(settings, given):
     """-> (settings of the run being resumed, with the flags this invocation gave
     for what may change between sessions (steps, logging, workers); checkpoint; state)."""
-    ckpt = latest_checkpoint(s.out_dir) if os.path.isdir(s.out_dir) else None
+    ckpt = latest_checkpoint(settings.out_dir) if os.path.isdir(settings.out_dir) else None
     if ckpt is None:
-        raise DataError(f"--resume: {s.out_dir} has no checkpoint to resume from")
+        raise DataError(f"--resume: {settings.out_dir} has no checkpoint to resume from")
     state = read_state(ckpt)
     saved = {k: v for k, v in state["config"].items() if k in SETTINGS}
     saved.setdefault("optim", DEFAULT_OPTIMIZER)  # a checkpoint from before --optim
-    saved.update({k: getattr(s, k) for k in given if k in RESUME_KEEPS})
+    saved.update({k: getattr(settings, k) for k in given if k in RESUME_KEEPS})
     if "workers" in given and "threads_per_worker" not in given:
         saved["threads_per_worker"] = None  # derive it again for the new worker count
-    saved.update(resume=True, out_dir=s.out_dir, backend=s.backend)
+    saved.update(resume=True, out_dir=settings.out_dir, backend=settings.backend)
     ignored = sorted(k for k in given if k not in RESUME_KEEPS and k not in ("resume", "out_dir"))
     if ignored:
         log("coregpt: --resume keeps the run's settings; ignored: "
             + " ".join("--" + k.replace("_", "-") for k in ignored))
-    return dataclasses.replace(s, **saved), ckpt, state
+    return dataclasses.replace(settings, **saved), ckpt, state
 
 
-def open_data(s, cfg):
-    train_path, val_path = resolve_data(s.data, prepare_shakespeare)
+def open_data(settings, cfg):
+    train_path, val_path = resolve_data(settings.data, prepare_shakespeare)
     train = open_tokens(train_path)
-    check_tokens(train, train_path, s.batch_size * s.seq_len, cfg.vocab_size)
-    if s.val_data:
-        val_path = s.val_data
-    if val_path and s.eval_every:
+    check_tokens(train, train_path, settings.batch_size * settings.seq_len, cfg.vocab_size)
+    if settings.val_data:
+        val_path = settings.val_data
+    if val_path and settings.eval_every:
         try:
-            check_tokens(open_tokens(val_path), val_path, s.batch_size * s.seq_len, cfg.vocab_size)
+            check_tokens(open_tokens(val_path), val_path, settings.batch_size * settings.seq_len, cfg.vocab_size)
         except DataError as e:
-            if s.val_data:
+            if settings.val_data:
                 raise
             log(f"coregpt: evaluation disabled: {e}")
             val_path = None
@@ -99,10 +99,10 @@ class Run:
     lock: int | None  # the run directory's lock (rank 0), held until the run ends
 
 
-def choose_engine(s):
+def choose_engine(settings):
     """The GEMM engine of the run, chosen once: an engine this machine lacks is bad input."""
     try:
-        name, text = choose(s.precision, s.gemm)
+        name, text = choose(settings.precision, settings.gemm)
         return Engine(name), text
     except EngineError as e:
         raise ConfigError(str(e)) from None
@@ -183,10 +183,9 @@ def start_pool(run, group, cores):
     rows = settings.batch_size // group.size
     shape = PoolShape(start.cfg, start.trains, rows, settings.seq_len, run.engine, run.strategy, settings.workers,
                       settings.recompute, settings.grad_accum > 1)
-    optim = dict(kind=settings.optim, beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps,
-                 weight_decay=settings.weight_decay)
     return WorkerPool(shape, Batches(run.train_path, run.val_path, settings.batch_size, group.rank * rows),
-                      threads=settings.threads_per_worker, optim=optim, profile=settings.profile, cores=cores)
+                      threads=settings.threads_per_worker, optim=settings.optim, profile=settings.profile,
+                      cores=cores)
 
 
 def run_pool(run, group):

@@ -10,6 +10,7 @@ from bitsandbytes import functional as F
 from conftest import launch, read_metrics, write_token_file
 from trainer import adamw8bit
 from trainer.gemm import Engine
+from trainer.optim import Hyper
 from trainer.adamw8bit import QBLOCK, SIGNED, UNSIGNED, State8, block_bounds
 from trainer.params import Layout, shard_bounds
 
@@ -88,9 +89,9 @@ def test_twenty_steps_match_bitsandbytes():
         theirs.step()
         for name, shape in SHAPES:
             first, size = layout.offsets[name], int(np.prod(shape))
-            state.update(name, first, first + size, params[first:first + size], grads[name].reshape(-1),
-                         engine=Engine("numpy"), lr=lr, t=t, beta1=betas[0], beta2=betas[1], eps=eps,
-                         weight_decay=wd if len(shape) == 2 else 0.0, grad_scale=1.0)
+            state.update(name, first, first + size, params[first:first + size], grads[name].reshape(-1), None,
+                         Hyper(lr=lr, t=t, beta1=betas[0], beta2=betas[1], eps=eps,
+                               weight_decay=wd if len(shape) == 2 else 0.0), engine=Engine("numpy"))
         mine = state.views()
         for name, shape in SHAPES:
             p = torch_params[name].detach().numpy()

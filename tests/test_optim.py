@@ -30,8 +30,8 @@ def test_adamw_steps_match_pytorch(engine, weight_decay):
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
-        optim.adamw_update(p, g, m, v, tmp, engine=engine, lr=lr, t=t, beta1=betas[0], beta2=betas[1], eps=eps,
-                           weight_decay=weight_decay, grad_scale=scale, p_low=low if engine.low else None)
+        optim.adamw_update(p, g, m, v, tmp, optim.Hyper(lr, t, betas[0], betas[1], eps, weight_decay, scale),
+                           engine=engine, p_low=low if engine.low else None)
         want = theirs.detach().numpy()
         state = opt.state[theirs]
         # the weights: at most one ulp of the largest a step (the fused pass rounds
@@ -51,8 +51,9 @@ def test_adamw_steps_match_pytorch(engine, weight_decay):
 def test_adamw_fused_runs_where_onednn_is(engine, expected):
     """The fused path covers the whole blocks (and only them) when oneDNN is loaded."""
     arrays = [np.ones(optim.FUSED_BLOCK + 10, np.float32) for _ in range(4)]
-    done = optim.adamw_fused(engine, *arrays, None, beta1=0.9, beta2=0.95, m_coef=0.1, v_coef=0.05,
-                             inv_bc2=1.0, eps=1e-8, step_size=1e-3, decay=1.0)
+    done = optim.adamw_fused(engine, *arrays, None, optim.Coefficients(beta1=0.9, beta2=0.95, m_coef=0.1, v_coef=0.05,
+                                                                       inv_bc2=1.0, eps=1e-8, step_size=1e-3,
+                                                                       decay=1.0))
     assert done == expected, engine.name
 
 
@@ -65,8 +66,8 @@ def test_a_changing_lr_keeps_few_primitives(engine):
     m, v, tmp = np.zeros(n, np.float32), np.zeros(n, np.float32), np.empty(optim.BLOCK, np.float32)
     for t in range(1, 3 * engine.primitives.BINARY_KEPT):
         before = p.copy()
-        optim.adamw_update(p, g, m, v, tmp, engine=engine, lr=1e-3 / t, t=t, beta1=0.9, beta2=0.95, eps=1e-8,
-                           weight_decay=0.1, grad_scale=1.0)
+        optim.adamw_update(p, g, m, v, tmp, optim.Hyper(lr=1e-3 / t, t=t, beta1=0.9, beta2=0.95, eps=1e-8,
+                                                        weight_decay=0.1), engine=engine)
         # Δp = lr·(1 + λp): m̂ / √v̂ = 1 for a constant gradient; Δp read to an ulp of p
         assert np.allclose(before - p, 1e-3 / t * (1 + 0.1 * before), rtol=1e-4, atol=2.5e-7), t
     assert len(engine.primitives.made_binary) <= engine.primitives.BINARY_KEPT

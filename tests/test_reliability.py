@@ -282,7 +282,7 @@ def test_shared_memory_and_socket_permissions(files):
     cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
     shape = PoolShape(cfg, Full(cfg), 4, 32, Engine("numpy"), Hybrid, 1)
     pool = WorkerPool(shape, Batches(str(files / "tokens.bin"), None, 4), threads=1,
-                      optim=dict(kind="adamw", beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1))
+                      optim="adamw")
     try:
         assert pool.socket_dir_mode == 0o700
         assert os.path.basename(pool.socket_dir).startswith("coregpt-")

@@ -44,7 +44,7 @@ def pool_gradients(path, state, parallel, workers, recompute=False, rows=B):
                     block_size=TINY["n_ctx"])
     shape = PoolShape(cfg, Full(cfg), rows, T, Engine("numpy"), STRATEGIES[parallel], workers, recompute)
     pool = WorkerPool(shape, Batches(str(path), None, rows), threads=1,
-                      optim=dict(kind="adamw", beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1))
+                      optim="adamw")
     try:
         params = param_layout(cfg).views(pool.params.array)
         for name, value in state.items():

@@ -148,14 +148,15 @@ class State8:
                     views[f"{moment}."][name] = self.side[f"{moment}.{name}"]
         return views
 
-    def update(self, name, lo, hi, p, g, p_low=None, **adamw):
-        """AdamW on elements lo…hi of parameter `name` (flat p, g and p_low are those
-        elements); lo is a block start (block_bounds)."""
+    def update(self, name, lo, hi, p, g, p_low, hyper, *, engine):
+        """AdamW (hyper: trainer.optim.Hyper, on `engine`) on elements lo…hi of
+        parameter `name` (flat p, g and p_low are those elements); lo is a block
+        start (block_bounds)."""
         shape, first = self.layout.shapes[name], self.layout.offsets[name]
         m_moment, v_moment, normed, index = self.scratch
         if not quantized(shape):
             m, v = (self.side[f"{k}.{name}"].reshape(-1)[lo - first:hi - first] for k in ("m", "v"))
-            adamw_update(p, g, m, v, normed, p_low=p_low, **adamw)
+            adamw_update(p, g, m, v, normed, hyper, engine=engine, p_low=p_low)
             return
         m_absmax, v_absmax = self.side[f"m_absmax.{name}"], self.side[f"v_absmax.{name}"]
         for s in range(lo, hi, CHUNK):
@@ -165,6 +166,7 @@ class State8:
             m, v = m_moment[:n], v_moment[:n]
             SIGNED.dequantize(self.m_codes[s:e], m_absmax[blocks], m)
             UNSIGNED.dequantize(self.v_codes[s:e], v_absmax[blocks], v)
-            adamw_update(p[here], g[here], m, v, normed, p_low=None if p_low is None else p_low[here], **adamw)
+            adamw_update(p[here], g[here], m, v, normed, hyper, engine=engine,
+                         p_low=None if p_low is None else p_low[here])
             SIGNED.quantize(m, self.m_codes[s:e], m_absmax[blocks], normed[:n], index[:n])
             UNSIGNED.quantize(v, self.v_codes[s:e], v_absmax[blocks], normed[:n], index[:n])

@@ -1,5 +1,6 @@
 """AdamW (torch.optim.AdamW semantics), global-norm clipping and the LR schedule."""
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,21 +41,47 @@ def clip_scale(grad_norm, max_norm):
     return float(min(np.float32(1.0), np.float32(max_norm) / np.float32(grad_norm + 1e-6)))
 
 
-def adamw_update(p, g, m, v, tmp, *, engine, lr, t, beta1, beta2, eps, weight_decay, grad_scale,
-                 p_low=None):
-    """One AdamW step over flat float32 slices, block by block so each block
-    is read from memory once.  The clipping scale grad_scale is folded into the
-    moments' coefficients, so g is only read (writing it back would add 4 of the
-    30 bytes per parameter the step moves); tmp is a scratch of at least BLOCK
-    floats; p_low, if given, receives the updated p rounded to bf16 (the weights
-    bf16 matmuls read, by `engine`).  Where the engine has oneDNN, whole FUSED_BLOCKs
-    take three fused passes each (adamw_fused), the rest NumPy's fourteen."""
+class Hyper(NamedTuple):
+    """One AdamW step's hyper-parameters: t is the optimizer's step count; the
+    gradients are multiplied by grad_scale (the clip factor)."""
+    lr: float
+    t: int
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    grad_scale: float = 1.0
+
+
+class Coefficients(NamedTuple):
+    """AdamW's step as adamw_fused applies it: m = β₁m + c₁g, v = β₂v + c₂g²,
+    p = decay·p − step_size · m / (√(v · inv_bc2) + eps)."""
+    beta1: float
+    beta2: float
+    m_coef: np.float32
+    v_coef: np.float32
+    inv_bc2: float
+    eps: float
+    step_size: float
+    decay: float
+
+
+def adamw_update(p, g, m, v, tmp, hyper, *, engine, p_low=None):
+    """One AdamW step (hyper: Hyper) over flat float32 slices, block by block so
+    each block is read from memory once.  The clipping scale grad_scale is folded
+    into the moments' coefficients, so g is only read (writing it back would add 4
+    of the 30 bytes per parameter the step moves); tmp is a scratch of at least
+    BLOCK floats; p_low, if given, receives the updated p rounded to bf16 (the
+    weights bf16 matmuls read, by `engine`).  Where the engine has oneDNN, whole
+    FUSED_BLOCKs take three fused passes each (adamw_fused), the rest NumPy's
+    fourteen."""
+    lr, t, beta1, beta2, eps, weight_decay, grad_scale = hyper
     step_size = lr / (1.0 - beta1 ** t)
     inv_bc2_sqrt = 1.0 / math.sqrt(1.0 - beta2 ** t)
     decay = 1.0 - lr * weight_decay
     m_coef, v_coef = np.float32((1.0 - beta1) * grad_scale), np.float32((1.0 - beta2) * grad_scale ** 2)
-    fused = adamw_fused(engine, p, g, m, v, p_low, beta1=beta1, beta2=beta2, m_coef=m_coef, v_coef=v_coef,
-                        inv_bc2=inv_bc2_sqrt ** 2, eps=eps, step_size=step_size, decay=decay)
+    fused = adamw_fused(engine, p, g, m, v, p_low, Coefficients(beta1, beta2, m_coef, v_coef, inv_bc2_sqrt ** 2,
+                                                                eps, step_size, decay))
     for s in range(fused, p.size, BLOCK):
         e = min(s + BLOCK, p.size)
         pb, gb, mb, vb, tb = p[s:e], g[s:e], m[s:e], v[s:e], tmp[:e - s]
@@ -77,8 +104,8 @@ def adamw_update(p, g, m, v, tmp, *, engine, lr, t, beta1, beta2, eps, weight_de
             engine.to_low(p_low[s:e], pb)
 
 
-def adamw_fused(engine, p, g, m, v, p_low, *, beta1, beta2, m_coef, v_coef, inv_bc2, eps, step_size, decay):
-    """AdamW on the whole FUSED_BLOCKs at the start of the slices, each in three oneDNN
+def adamw_fused(engine, p, g, m, v, p_low, coefficients):
+    """AdamW (Coefficients) on the whole FUSED_BLOCKs at the start of the slices, each in three oneDNN
     passes that read and write every array once (on a Zen 4 ~1.3 ns a parameter, about
     what memory allows, against ~2.1 for NumPy's fourteen): m = β₁m + c₁g,
     v = β₂v + c₂g², then p = (1 − lr·λ)p − step · m / (√(v / (1 − β₂ᵗ)) + ε), the
@@ -87,6 +114,7 @@ def adamw_fused(engine, p, g, m, v, p_low, *, beta1, beta2, m_coef, v_coef, inv_
     end = p.size - p.size % FUSED_BLOCK
     if end == 0 or engine.primitives is None:
         return 0
+    beta1, beta2, m_coef, v_coef, inv_bc2, eps, step_size, decay = coefficients
     scalars = np.array([m_coef, v_coef, inv_bc2, eps, -step_size], dtype=np.float32)
     c1, c2, inv_bc2, eps, minus_step = (scalars[i:i + 1] for i in range(5))
     for s in range(0, end, FUSED_BLOCK):

@@ -4,12 +4,14 @@ process starts, the shared arenas its state needs for a parameter layout
 workers' shards (`shards`), what its state is called in a checkpoint (`tensors`),
 and which registered optimizer needs less memory (`lighter`, for the memory
 error's advice); built over the arenas' arrays it gives the checkpoint's views of
-its state and updates one shard segment at a time.  The update rule is
-optim.py's AdamW (torch.optim.AdamW's semantics) for both."""
+its state and updates one shard segment at a time, with the hyper-parameters the
+coordinator sends each step (`hyper`: its settings, and the step's lr, step count
+and clip factor).  The update rule is optim.py's AdamW (torch.optim.AdamW's
+semantics) for both."""
 import numpy as np
 
 from trainer import adamw8bit
-from trainer.optim import BLOCK, adamw_update
+from trainer.optim import BLOCK, Hyper, adamw_update
 from trainer.params import shard_bounds
 
 
@@ -35,6 +37,18 @@ class AdamW:
         tensors [(name, shape)] in a checkpoint."""
         return {f"{moment}.": {name: (shape, "F32") for name, shape in shapes} for moment in "mv"}
 
+    @staticmethod
+    def hyper(settings, lr, step, clip):
+        """The hyper-parameters of optimizer step `step` (1-based) of a run: what an
+        Update message carries."""
+        return dict(lr=lr, t=step, beta1=settings.beta1, beta2=settings.beta2, eps=settings.eps,
+                    weight_decay=settings.weight_decay, grad_scale=clip)
+
+    def step_of(self, name, hyper):
+        """The Hyper of tensor `name`: weight decay on 2-D tensors only (torch's usual groups)."""
+        decays = len(self.layout.shapes[name]) == 2
+        return Hyper(**dict(hyper, weight_decay=hyper["weight_decay"] if decays else 0.0))
+
     def __init__(self, layout, arrays, engine):
         """arrays: {what: array} of the arenas `arenas` names; engine: the GEMM engine
         (its fused passes, and the bf16 copy of the weights)."""
@@ -45,10 +59,11 @@ class AdamW:
         """{prefix: {parameter: view}} of the state, as checkpoints name it."""
         return {"m.": self.layout.views(self.m), "v.": self.layout.views(self.v)}
 
-    def update(self, name, lo, hi, p, g, p_low, **hyper):
+    def update(self, name, lo, hi, p, g, p_low, hyper):
         """AdamW on elements lo…hi of the layout, all of parameter `name` (p, g, p_low
-        are those elements)."""
-        adamw_update(p, g, self.m[lo:hi], self.v[lo:hi], self.tmp, p_low=p_low, engine=self.engine, **hyper)
+        are those elements); hyper: as hyper() gives them."""
+        adamw_update(p, g, self.m[lo:hi], self.v[lo:hi], self.tmp, self.step_of(name, hyper), engine=self.engine,
+                     p_low=p_low)
 
 
 class AdamW8bit(AdamW):
@@ -84,13 +99,13 @@ class AdamW8bit(AdamW):
 
     def __init__(self, layout, arrays, engine):
         self.state = adamw8bit.State8(layout, arrays["Adam m"], arrays["Adam v"], arrays["Adam absmax"])
-        self.engine = engine
+        self.layout, self.engine = layout, engine
 
     def views(self):
         return self.state.views()
 
-    def update(self, name, lo, hi, p, g, p_low, **hyper):
-        self.state.update(name, lo, hi, p, g, p_low, engine=self.engine, **hyper)
+    def update(self, name, lo, hi, p, g, p_low, hyper):
+        self.state.update(name, lo, hi, p, g, p_low, self.step_of(name, hyper), engine=self.engine)
 
 
 OPTIMIZERS = {optimizer.name: optimizer for optimizer in (AdamW, AdamW8bit)}

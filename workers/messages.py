@@ -18,7 +18,7 @@ class Init:
     batch_rows: int  # the global batch
     train: str
     val: str | None
-    optim: dict  # kind (a name in trainer/optimizers.py), beta1, beta2, eps, weight_decay
+    optim: str  # the optimizer's name in trainer/optimizers.py
     threads: int
     cores: list | None
     profile: bool
@@ -47,9 +47,8 @@ class SumSq:
 
 @dataclass
 class Update:
-    lr: float
-    scale: float  # the clip factor
-    t: int  # AdamW's step count
+    """One optimizer step on each worker's shard."""
+    hyper: dict  # the optimizer's hyper-parameters for this step (its hyper())
 
 
 @dataclass

@@ -71,22 +71,22 @@ class WorkerPool:
     def __init__(self, shape, batches, *, threads, optim, profile=False, cores=None):
         """shape: what the pool is made for (workers.strategy.PoolShape); batches:
         where its tokens come from (Batches); threads: each worker's; optim: the
-        optimizer's kind and hyper-parameters (messages.Init); cores: the logical CPUs
-        of each worker (None: not pinned)."""
+        optimizer's name (trainer/optimizers.py); cores: the logical CPUs of each
+        worker (None: not pinned)."""
         self.n, self.trains = shape.n_workers, shape.trains
         self.layout = param_layout(shape.cfg)  # of the model's parameters
         self.base = self.trains.base_layout(shape.engine.low)  # ... held in fp32 (params)
         self.procs, self.arenas, self.tmpdir, self.ctx, self.router = [], [], None, None, None
         try:
-            sizes = arena_sizes(shape, optim["kind"])
+            sizes = arena_sizes(shape, optim)
             for _, size, dtype in sizes:  # one by one, so close() frees any made
                 self.arenas.append(SharedArena.create(size, dtype))
             # workers find each arena by what arena_sizes calls it
             arena = {what: a for (what, _, _), a in zip(sizes, self.arenas)}
             self.params, self.grads = arena["params"], arena["gradients"]
             self.trained_arena = arena[self.trains.trained_arena]  # what the optimizer updates
-            self.optimizer = OPTIMIZERS[optim["kind"]](self.trains.layout, {what: a.array for what, a in arena.items()},
-                                                       shape.engine)
+            self.optimizer = OPTIMIZERS[optim](self.trains.layout, {what: a.array for what, a in arena.items()},
+                                               shape.engine)
             self.low = arena.get("bf16 weights")
             self.socket_dir = self.tmpdir = tempfile.mkdtemp(prefix="coregpt-")  # mode 0700
             self.socket_dir_mode = os.stat(self.tmpdir).st_mode & 0o777

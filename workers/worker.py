@@ -47,8 +47,7 @@ class Worker:
         self.seq_len, self.batch_rows, self.recompute = init.seq_len, init.batch_rows, init.recompute
         self.attached = {}  # what -> SharedArena, kept: dropping one would unmap it
         self.params, self.grads = self.attach("params"), self.attach("gradients")
-        self.optim = init.optim  # its kind (a name in OPTIMIZERS) and hyper-parameters
-        kind = OPTIMIZERS[self.optim["kind"]]
+        kind = OPTIMIZERS[init.optim]
         self.optimizer = kind(layout, {what: self.attach(what, np.dtype(dtype)).array
                                        for what, _, dtype in kind.arenas(layout)}, self.engine)
         self.weights = self.weight_views()
@@ -94,18 +93,16 @@ class Worker:
         t0 = time.perf_counter()
         return msg.SumSqReport(sum_squares(self.grads.array[self.lo:self.hi]), time.perf_counter() - t0)
 
-    def update(self, lr, scale, t):
-        """AdamW on this worker's shard; with bf16 matmuls it also writes the shard's
-        bf16 copy, block by block while the block is in cache."""
+    def update(self, hyper):
+        """The optimizer's step (hyper: its hyper-parameters) on this worker's shard;
+        with bf16 matmuls it also writes the shard's bf16 copy, block by block while
+        the block is in cache."""
         t0, conv0 = time.perf_counter(), self.engine.convert_seconds
-        p, g = self.trained.array, self.grads.array
+        params, grads = self.trained.array, self.grads.array
         low = self.trained_low.array if self.trained_low else None
-        o = self.optim
-        for name, s, e in self.segments:
-            decays = len(self.trains.layout.shapes[name]) == 2  # weight decay on 2-D tensors only
-            hyper = dict(lr=lr, t=t, beta1=o["beta1"], beta2=o["beta2"], eps=o["eps"],
-                         weight_decay=o["weight_decay"] if decays else 0.0, grad_scale=scale)
-            self.optimizer.update(name, s, e, p[s:e], g[s:e], None if low is None else low[s:e], **hyper)
+        for name, lo, hi in self.segments:
+            self.optimizer.update(name, lo, hi, params[lo:hi], grads[lo:hi], None if low is None else low[lo:hi],
+                                  hyper)
         return msg.UpdateReport(time.perf_counter() - t0, self.engine.convert_seconds - conv0)
 
     def cast(self):
@@ -121,8 +118,8 @@ class Worker:
                 return self.strategy.step(window, scale, accumulate, last)
             case msg.SumSq():
                 return self.sumsq()
-            case msg.Update(lr, scale, t):
-                return self.update(lr, scale, t)
+            case msg.Update(hyper):
+                return self.update(hyper)
             case msg.Cast():
                 return self.cast()
             case msg.Eval(windows):
