@@ -163,6 +163,7 @@ class Activations:
     contiguous 1/n_parts.  `arena` and `low_arena` (shared memory in a pool) are
     allocated here when not given; low_dtype turns on the bf16 copies, which
     `engine` (trainer.gemm.Engine) makes."""
+    past = 0  # positions before the first row, read from a KV cache (KVCache's rows)
 
     def __init__(self, table, engine, *, low_dtype=None, arena=None, low_arena=None, part=0):
         rows, T, n_parts = table.B, table.T, table.n_parts
@@ -208,3 +209,42 @@ class Activations:
             self.engine.to_low(rows_of(self.low_full[name][:rows], 0, self.part, self.n_parts),
                                rows_of(self.full[name][:rows], 0, self.part, self.n_parts))
         return self.matmul_inputs[name][:rows]
+
+
+class CachedRows(Activations):
+    """KVCache.at's table: fp32 views it is given, one worker's (no bf16 copies)."""
+
+    def __init__(self, views, past, n, engine):
+        self.rows, self.part, self.n_parts, self.recompute, self.engine = 1, 0, 1, False, engine
+        self.past, self.tokens = past, (0, n)
+        self.low, self.low_dtype, self.low_full, self.low_mine = False, None, None, None
+        self.full = self.mine = self.matmul_inputs = self.matmul_mine = views
+
+
+class KVCache:
+    """The activations of one sequence sampled a few positions at a time: the
+    family's CACHED activation (GPT-2's qkv: keys and values) of every layer and
+    every position so far, and for the rest one layer's room (two for the blocks'
+    inputs) of the positions of one call.  `table` is the evaluation Table of one
+    row of the model's context; at(start, n) -> the rows of positions start…start+n−1."""
+
+    def __init__(self, table, engine):
+        self.table, self.engine = table, engine
+        spec = table.cfg.family
+        self.buffers = {name: np.zeros(shape if name == spec.CACHED else
+                                       (min(shape[0], 2) if name == spec.RESIDUAL else 1,) + shape[1:]
+                                       if axis == 1 else shape, dtype=np.float32)
+                        for name, shape, axis in activation_shapes(table)}
+
+    def at(self, start, n):
+        table = self.table._replace(T=n)
+        spec, views = table.cfg.family, Views()
+        for name, shape, axis in activation_shapes(table):
+            buffer = self.buffers[name]
+            if name == spec.CACHED:
+                views[name] = buffer[:, :start + n]
+                continue
+            stored = (buffer.shape[0],) + shape[1:] if axis == 1 else shape
+            view = buffer.reshape(-1)[:int(np.prod(stored))].reshape(stored)
+            views[name] = every_layer(view, shape[0]) if axis == 1 else view
+        return CachedRows(views, start, n, self.engine)

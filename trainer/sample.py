@@ -1,24 +1,34 @@
 """Text generation with a key/value cache: the prompt is run once, then each
-new token costs one position (the model family's CachedModel)."""
+new token costs one position.  The model is the family's own (the forward that
+trains), over a trainer.activations.KVCache."""
 import numpy as np
 
+from trainer.activations import KVCache, Table
 from trainer.corpus import EOT
+from trainer.gemm import Engine
+from trainer.model import Layers
+from trainer.models import family_of
+from trainer.trainable import Full, Weights
 
 
 class Sampler:
-    """engine: the GEMM engine it multiplies on (default NumPy's fp32 BLAS, the
-    coordinator's)."""
+    """params: {name: fp32 array} of the model `cfg`; engine: the GEMM engine it
+    multiplies on (default NumPy's fp32 BLAS, the coordinator's)."""
 
     def __init__(self, cfg, params, engine=None):
-        from trainer.gemm import Engine
-        from trainer.model import Layers
-        from trainer.models import family_of
-        self.cfg = cfg
-        self.model = family_of(cfg).CachedModel(cfg, params, Layers(engine or Engine("numpy")))
+        self.cfg, self.layers = cfg, Layers(engine or Engine("numpy"))
+        trains = Full(cfg)
+        self.weights = Weights(params, trains)
+        self.cache = KVCache(Table(cfg, trains, 1, cfg.block_size, False), self.layers.engine)
+        self.logits = np.empty(cfg.vocab_size, dtype=np.float32)
 
     def forward(self, tokens, start):
         """Run positions start … start+n−1 (earlier ones are cached) -> logits (V,) of the last."""
-        return self.model.forward(tokens, start)
+        n = len(tokens)
+        model = family_of(self.cfg).Model(self.cfg, 1, n, self.weights, layers=self.layers,
+                                          acts=self.cache.at(start, n))
+        model.load_batch(np.append(np.asarray(tokens, dtype=np.int64), 0))  # no target is read
+        return model.next_logits(self.logits)
 
     def generate(self, prompt, max_new_tokens, temperature, top_k, seed):
         """prompt: token ids -> the new token ids.  temperature 0 is greedy."""

@@ -228,3 +228,4 @@ LOW_COPIES = ("ln1", "atty", "ln2", "fch_gelu", "lnf", "dqkv", "dresid2", "dfch"
 LOW_ONLY = ("ln1", "ln2", "fch_gelu", "lnf")
 GRADIENTS = ("dresid2", "dln1", "dln2", "dqkv", "dfch")  # one layer's room each
 RESIDUAL, RESIDUAL_GRADIENT = "residual", "dresidual"  # the blocks' inputs; their gradient (two layers' room)
+CACHED = "qkv"  # what sampling keeps of earlier positions: their keys and values (trainer.activations.KVCache)

@@ -162,12 +162,31 @@ class GPT:
         worker's rows."""
         nn, mine, p, L = self.layers, self.acts.mine, self.params, self.cfg.n_layer
         self.sites.start(loss_scale is not None)
-        nn.encoder_forward(mine.residual[0], self.idx, p["wte.weight"], p["wpe.weight"], self.first, self.T)
-        for l, block in enumerate(self.blocks):
-            self.block_forward(l, block)
+        self.blocks_forward()
         nn.layernorm_forward(mine.lnf, mine.lnf_mean, mine.lnf_rstd, mine.residual[L],
                              p["ln_f.weight"], p["ln_f.bias"])
         return self.head(loss_scale, self.grads if grads is None else grads)
+
+    def blocks_forward(self):
+        """The embeddings of this worker's token rows, then every block: residual[0]
+        -> residual[L].  Positions count from acts.past (the rows a KV cache holds)."""
+        nn, p, past = self.layers, self.params, self.acts.past
+        nn.encoder_forward(self.acts.mine.residual[0], self.idx, p["wte.weight"], p["wpe.weight"],
+                           past + self.first, past + self.T)
+        for l, block in enumerate(self.blocks):
+            self.block_forward(l, block)
+
+    def next_logits(self, out):
+        """Sampling (acts: a trainer.activations.KVCache's rows, which keep every
+        layer's keys and values): out (V,) = the logits of the token after the last
+        row loaded (load_batch)."""
+        nn, mine, p, L = self.layers, self.acts.mine, self.params, self.cfg.n_layer
+        self.blocks_forward()
+        last = mine.residual[L][self.T - 1:]
+        nn.layernorm_forward(mine.lnf[:1], mine.lnf_mean[:1], mine.lnf_rstd[:1], last, p["ln_f.weight"],
+                             p["ln_f.bias"])
+        np.matmul(p["wte.weight"], mine.lnf[0], out=out)
+        return out
 
     def head(self, loss_scale, grads):
         """The tied lm head and cross-entropy, a chunk of rows at a time (Liger
@@ -201,13 +220,15 @@ class GPT:
         """residual[l] -> residual[l+1] (llm.c's gpt2_forward, one layer).  again: the
         recompute inside the backward, which stops at what the backward reads."""
         nn, mine, full, made, split = self.layers, self.acts.mine, self.acts.full, self.acts.made, self.split
+        past = self.acts.past  # earlier positions' keys and values, in qkv before these rows' (sampling)
         nn.layernorm_forward(mine.ln1[l], mine.ln1_mean[l], mine.ln1_rstd[l], mine.residual[l], b.ln_1_w, b.ln_1_b)
-        split(nn.matmul_forward, full.qkv[l], made("ln1", l), b.attn_w)
-        mine.qkv[l] += b.attn_b
-        self.sites.forward(l, "attn.c_attn", mine.qkv[l])
+        split(nn.matmul_forward, full.qkv[l][past:], made("ln1", l), b.attn_w)
+        rows_qkv = mine.qkv[l][past:]
+        rows_qkv += b.attn_b
+        self.sites.forward(l, "attn.c_attn", rows_qkv)
         self.sync()  # every worker's rows of qkv have their bias
         for heads, qkv, atty, lse, _, _ in self.attention_views(l):
-            nn.attention_forward(atty, lse, qkv, self.cfg.n_head, heads_of=heads)
+            nn.attention_forward(atty, lse, qkv, self.cfg.n_head, past, heads_of=heads)
         self.sync()  # all of atty is in before this worker converts its rows
         split(nn.matmul_forward, full.resid2[l], made("atty", l), b.attn_proj_w)
         resid2 = mine.resid2[l]
@@ -231,12 +252,14 @@ class GPT:
 
     def attention_views(self, l):
         """-> for each of this worker's attention pieces (b0, b1, h0, h1): (h0, h1)
-        and batch rows b0…b1 of layer l's qkv, atty, lse (heads h0…h1), dqkv and
-        datty (None when not training), each (rows, T, width)."""
+        and batch rows b0…b1 of layer l's qkv (rows, past + T, width: with the
+        positions a KV cache holds), atty, lse (heads h0…h1), dqkv and datty (None
+        when not training), each (rows, T, width)."""
         full, B, T = self.acts.full, self.B, self.T
         def rows(name, *layer):
             return full[name][layer].reshape(B, T, -1) if name in full else None
-        qkv, atty, dqkv, datty = rows("qkv", l), rows("atty", l), rows("dqkv", l), rows("datty")
+        qkv = full.qkv[l].reshape(B, self.acts.past + T, -1)  # with the cached positions'
+        atty, dqkv, datty = rows("atty", l), rows("dqkv", l), rows("datty")
         lse = full.lse[l].reshape(B, self.cfg.n_head, T)
         for b0, b1, h0, h1 in self.pieces:
             yield ((h0, h1), qkv[b0:b1], atty[b0:b1], lse[b0:b1, h0:h1],
