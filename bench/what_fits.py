@@ -34,12 +34,12 @@ FLAGS = ["--precision", "bf16", "--recompute"]
 
 def planned(model, column, B, T, workers):
     lora = dict(lora_rank=8) if column == "lora" else {}
-    s = check(Settings(model=model, batch_size=B, seq_len=T, workers=workers, precision="bf16", recompute=True,
+    settings = check(Settings(model=model, batch_size=B, seq_len=T, workers=workers, precision="bf16", recompute=True,
                        optim="adamw" if column == "lora" else column, threads_per_worker=1, oversubscribe=True,
                        no_checkpoint=True, **lora))
-    _, start = STARTS[kind_of(s)](s, None, None)  # the preset from scratch (LoRA's base too)
-    engine, _ = choose_engine(s)
-    return plan_for(s, start, engine, STRATEGIES[s.parallel]).memory / 1e9
+    _, start = STARTS[kind_of(settings)](settings, None, None)  # the preset from scratch (LoRA's base too)
+    engine, _ = choose_engine(settings)
+    return plan_for(settings, start, engine, STRATEGIES[settings.parallel]).memory / 1e9
 
 
 def main():

@@ -191,56 +191,71 @@ def check_lora(settings):
         raise ConfigError(str(e)) from None
 
 
-def check(s, group=None):
+def need(ok, message):
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_batch(settings, ranks):
+    """The batch against the workers (each strategy's unit) and the MPI ranks."""
+    unit = STRATEGIES[settings.parallel].batch_unit(settings.workers)  # > 1: each worker takes whole batch rows
+    per_rank = f" x {ranks} MPI ranks" if ranks > 1 else ""
+    need(settings.batch_size % (ranks * unit) == 0,
+         f"--batch-size {settings.batch_size} is not divisible by --workers {settings.workers}{per_rank} "
+         f"(--parallel {settings.parallel} gives each worker whole rows)" if unit > 1 else
+         f"--batch-size {settings.batch_size} is not divisible by the {ranks} MPI ranks")
+    need(settings.seq_len >= 1, f"--seq-len must be at least 1, got {settings.seq_len}")
+    tokens = settings.batch_size // ranks * settings.seq_len
+    need(tokens >= settings.workers,
+         f"--batch-size x --seq-len gives {tokens} tokens a step, fewer than --workers {settings.workers}")
+
+
+def check_cores(settings, local_ranks):
+    """-> settings with --threads-per-worker derived (the cores over every worker on
+    this machine) or checked against the cores."""
+    from workers.placement import read_topology
+    cores = read_topology().available(settings.smt)  # physical cores (or hyperthreads), capped by a CPU quota
+    local_workers = local_ranks * settings.workers  # every worker on this machine
+    if settings.threads_per_worker is None:
+        settings = dataclasses.replace(settings, threads_per_worker=max(1, cores // local_workers))
+    need(settings.threads_per_worker >= 1,
+         f"--threads-per-worker must be at least 1, got {settings.threads_per_worker}")
+    need(settings.oversubscribe or local_workers * settings.threads_per_worker <= cores,
+         f"--workers {settings.workers} × --threads-per-worker {settings.threads_per_worker}"
+         + (f" × {local_ranks} ranks on this machine" if local_ranks > 1 else "")
+         + f" exceeds the {cores} available {'logical CPUs' if settings.smt else 'cores'}; lower them or pass "
+           f"--oversubscribe")
+    return settings
+
+
+def check(settings, group=None):
     """-> the settings checked, with the derived ones filled; `group` is the MPI
     group under --backend mpi (ranks sharing this machine change what fits on it).
     Raises ConfigError.  (The GEMM engine is chosen once, by the run's setup.)"""
     ranks, local_ranks = (group.size, group.local_size) if group else (1, 1)
-    def need(ok, message):
-        if not ok:
-            raise ConfigError(message)
-    need(s.workers >= 1, f"--workers must be at least 1, got {s.workers}")
-    need(s.batch_size >= 1, f"--batch-size must be at least 1, got {s.batch_size}")
-    need(s.backend in ("shm", "mpi"), f"--backend must be shm or mpi, got {s.backend!r}")
-    need(s.precision in PRECISIONS, f"--precision must be fp32 or bf16, got {s.precision!r}")
-    need(s.parallel in STRATEGIES, f"--parallel must be {' or '.join(STRATEGIES)}, got {s.parallel!r}")
-    need(s.gemm in GEMMS, f"--gemm must be one of {', '.join(GEMMS)}, got {s.gemm!r}")
-    unit = STRATEGIES[s.parallel].batch_unit(s.workers)  # > 1: each worker takes whole batch rows
-    per_rank = f" x {ranks} MPI ranks" if ranks > 1 else ""
-    need(s.batch_size % (ranks * unit) == 0,
-         f"--batch-size {s.batch_size} is not divisible by --workers {s.workers}{per_rank} "
-         f"(--parallel {s.parallel} gives each worker whole rows)" if unit > 1 else
-         f"--batch-size {s.batch_size} is not divisible by the {ranks} MPI ranks")
-    need(s.seq_len >= 1, f"--seq-len must be at least 1, got {s.seq_len}")
-    need(s.batch_size // ranks * s.seq_len >= s.workers,
-         f"--batch-size x --seq-len gives {s.batch_size // ranks * s.seq_len} tokens a step, fewer than "
-         f"--workers {s.workers}")
-    need(s.steps >= 0, f"--steps must not be negative, got {s.steps}")
-    need(s.lr >= 0, f"--lr must not be negative, got {s.lr}")
-    need(s.min_lr is None or s.min_lr >= 0, f"--min-lr must not be negative, got {s.min_lr}")
-    need(s.lr_schedule in LR_SCHEDULES,
-         f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {s.lr_schedule!r}")
-    need(s.grad_accum >= 1, f"--grad-accum must be at least 1, got {s.grad_accum}")
+    need(settings.workers >= 1, f"--workers must be at least 1, got {settings.workers}")
+    need(settings.batch_size >= 1, f"--batch-size must be at least 1, got {settings.batch_size}")
+    need(settings.backend in ("shm", "mpi"), f"--backend must be shm or mpi, got {settings.backend!r}")
+    need(settings.precision in PRECISIONS, f"--precision must be fp32 or bf16, got {settings.precision!r}")
+    need(settings.parallel in STRATEGIES, f"--parallel must be {' or '.join(STRATEGIES)}, got {settings.parallel!r}")
+    need(settings.gemm in GEMMS, f"--gemm must be one of {', '.join(GEMMS)}, got {settings.gemm!r}")
+    check_batch(settings, ranks)
+    need(settings.steps >= 0, f"--steps must not be negative, got {settings.steps}")
+    need(settings.lr >= 0, f"--lr must not be negative, got {settings.lr}")
+    need(settings.min_lr is None or settings.min_lr >= 0, f"--min-lr must not be negative, got {settings.min_lr}")
+    need(settings.lr_schedule in LR_SCHEDULES,
+         f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {settings.lr_schedule!r}")
+    need(settings.grad_accum >= 1, f"--grad-accum must be at least 1, got {settings.grad_accum}")
     for name in ("warmup", "eval_every", "eval_steps", "sample_every", "ckpt_every", "keep_last"):
-        need(getattr(s, name) >= 0, f"--{name.replace('_', '-')} must not be negative")
-    need(s.weight_decay >= 0 and s.grad_clip >= 0, "--weight-decay and --grad-clip must not be negative")
-    need(0 <= s.beta1 < 1 and 0 <= s.beta2 < 1 and s.eps > 0, "AdamW needs 0 <= beta < 1 and eps > 0")
-    need(s.optim in OPTIMIZERS, f"--optim must be {' or '.join(OPTIMIZERS)}, got {s.optim!r}")
-    s = check_lora(s)
-    from workers.placement import read_topology
-    cores = read_topology().available(s.smt)  # physical cores (or hyperthreads), capped by a CPU quota
-    local_workers = local_ranks * s.workers  # every worker on this machine
-    if s.threads_per_worker is None:
-        s = dataclasses.replace(s, threads_per_worker=max(1, cores // local_workers))
-    need(s.threads_per_worker >= 1, f"--threads-per-worker must be at least 1, got {s.threads_per_worker}")
-    need(s.oversubscribe or local_workers * s.threads_per_worker <= cores,
-         f"--workers {s.workers} × --threads-per-worker {s.threads_per_worker}"
-         + (f" × {local_ranks} ranks on this machine" if local_ranks > 1 else "")
-         + f" exceeds the {cores} available {'logical CPUs' if s.smt else 'cores'}; lower them or pass "
-           f"--oversubscribe")
-    if s.min_lr is None:
-        s = dataclasses.replace(s, min_lr=s.lr / 10)
-    need(not (s.resume and s.out_dir is None), "--resume needs --out-dir naming the run to continue")
+        need(getattr(settings, name) >= 0, f"--{name.replace('_', '-')} must not be negative")
+    need(settings.weight_decay >= 0 and settings.grad_clip >= 0, "--weight-decay and --grad-clip must not be negative")
+    need(0 <= settings.beta1 < 1 and 0 <= settings.beta2 < 1 and settings.eps > 0,
+         "AdamW needs 0 <= beta < 1 and eps > 0")
+    need(settings.optim in OPTIMIZERS, f"--optim must be {' or '.join(OPTIMIZERS)}, got {settings.optim!r}")
+    settings = check_cores(check_lora(settings), local_ranks)
+    if settings.min_lr is None:
+        settings = dataclasses.replace(settings, min_lr=settings.lr / 10)
+    need(not (settings.resume and settings.out_dir is None), "--resume needs --out-dir naming the run to continue")
     for name in ("COREGPT_ATTENTION_BLOCK", "COREGPT_HEAD_ROWS"):
         knob(name, 1)  # a malformed size is one line here, not a worker failing later
-    return s
+    return settings

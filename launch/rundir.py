@@ -19,19 +19,19 @@ from trainer.weights import latest_checkpoint
 LOCK_FILE = ".lock"
 
 
-def prepare_out_dir(s, lock=None):
+def prepare_out_dir(settings, lock=None):
     """Create and lock the run directory (unless `lock` holds it already) -> the
     lock's file descriptor (the lock lasts while it is open).  Raises DataError
     (exit 2) when the directory is someone else's: a file, a run in progress, a
     finished run (without --resume), or not writable."""
-    if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):
-        raise DataError(f"--out-dir {s.out_dir} is a file, not a directory")
+    if os.path.exists(settings.out_dir) and not os.path.isdir(settings.out_dir):
+        raise DataError(f"--out-dir {settings.out_dir} is a file, not a directory")
     if lock is None:
-        lock = lock_run_dir(s.out_dir)
-    if not s.resume and (os.path.exists(os.path.join(s.out_dir, "metrics.jsonl"))
-                         or os.path.exists(os.path.join(s.out_dir, "checkpoints"))):
+        lock = lock_run_dir(settings.out_dir)
+    if not settings.resume and (os.path.exists(os.path.join(settings.out_dir, "metrics.jsonl"))
+                         or os.path.exists(os.path.join(settings.out_dir, "checkpoints"))):
         os.close(lock)
-        raise DataError(f"--out-dir {s.out_dir} already holds a run; pass --resume to continue it "
+        raise DataError(f"--out-dir {settings.out_dir} already holds a run; pass --resume to continue it "
                         f"or choose another --out-dir")
     return lock
 
@@ -105,25 +105,25 @@ class Metrics:
             pass  # a failed flush was reported by write()
 
 
-def checkpoint(s, start, step, arrays, counts):
+def checkpoint(settings, start, step, arrays, counts):
     """start: where the weights came from (launch.start.Start); arrays: (trained
     tensors, optimizer state)."""
     params, optimizer = arrays
-    state = {"seed": s.seed, "data_window": step * s.grad_accum, "adam_steps": counts["updates"],
-             "skipped_nonfinite": counts["skipped"], "config": run_settings(s), **start.checkpoint_state()}
+    state = {"seed": settings.seed, "data_window": step * settings.grad_accum, "adam_steps": counts["updates"],
+             "skipped_nonfinite": counts["skipped"], "config": run_settings(settings), **start.checkpoint_state()}
     from safetensors import SafetensorError
     try:  # a failed write leaves no partial directory, and `latest` still names the previous one
-        path = save_checkpoint(s.out_dir, step, start.trains, params, optimizer, state)
+        path = save_checkpoint(settings.out_dir, step, start.trains, params, optimizer, state)
     except (OSError, SafetensorError) as e:
-        raise write_failed(f"the step {step} checkpoint in {os.path.join(s.out_dir, 'checkpoints')}",
-                           e, s.out_dir) from None
-    if s.keep_last:
-        prune_checkpoints(s.out_dir, s.keep_last)
+        raise write_failed(f"the step {step} checkpoint in {os.path.join(settings.out_dir, 'checkpoints')}",
+                           e, settings.out_dir) from None
+    if settings.keep_last:
+        prune_checkpoints(settings.out_dir, settings.keep_last)
     return path
 
 
-def run_settings(s):
-    return {k: v for k, v in vars(s).items() if k not in ("resume", "config")}
+def run_settings(settings):
+    return {k: v for k, v in vars(settings).items() if k not in ("resume", "config")}
 
 
 def plot_quietly(run_dir):

@@ -74,10 +74,10 @@ def run_point(point, steps, warmup, train_flags, oversubscribe):
     return fields, "ok"
 
 
-def sweep(argv):
+def parse(argv):
+    """-> (sweep's arguments, the train flags passed through, {axis: values})."""
     import argparse
     from launch.config import Parser
-    from workers.placement import fingerprint, read_topology
     p = Parser(prog="launch sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", default="1,2,4", help="worker counts, e.g. 1,2,4")
     p.add_argument("--threads", default="1,2", help="BLAS threads per worker, e.g. 1,2")
@@ -96,6 +96,12 @@ def sweep(argv):
             "precision": value_list(args.precision, "--precision", str)}
     if args.steps <= args.warmup_steps or args.warmup_steps < 0:
         raise ConfigError("--steps must be larger than --warmup-steps (and that not negative)")
+    return args, train_flags, axes
+
+
+def sweep(argv):
+    from workers.placement import fingerprint, read_topology
+    args, train_flags, axes = parse(argv)
     base = base_settings(train_flags)
     axes["batch_size"] = [b or base["batch_size"] for b in axes["batch_size"]]
     out_dir = args.out_dir or os.path.join("runs", "sweep-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))

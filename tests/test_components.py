@@ -71,7 +71,8 @@ def test_no_optimizer_named_outside_the_optimizers():
 
 # LoRA's what-trains component: its math, layout and model sites; peft's files; its
 # frozen base; where its weights come from; and the one place the choice is made
-LORA_MODULES = ("trainer.lora", "trainer.lora_training", "trainer.peft", "trainer.base", "launch.adapters", "trainer.trainable")
+LORA_MODULES = ("trainer.lora", "trainer.lora_training", "trainer.peft", "trainer.base", "launch.adapters",
+                "trainer.trainable")
 
 
 def branch_tests(tree):
@@ -149,8 +150,8 @@ def test_the_checks_see_names_in_strings_and_identifiers(tmp_path):
                                          "trainer.head:3: '.ln_1'"]
     assert optimizer_names(str(tmp_path)) == ["workers.pool:2: 'adamw8bit'"]
     (tmp_path / "workers" / "worker.py").write_text(
-        "a = b if s.lora_rank else c\nif x and 'lora' in kind:\n    pass\nnames = [n for n in t if n.endswith('.lora_A')]\n"
-        "lora = make()\nrun(lora)\n")
+        "a = b if s.lora_rank else c\nif x and 'lora' in kind:\n    pass\n"
+        "names = [n for n in t if n.endswith('.lora_A')]\nlora = make()\nrun(lora)\n")
     assert lora_branches(str(tmp_path)) == ["workers.worker:1: 'lora_rank'", "workers.worker:2: 'lora'",
                                             "workers.worker:4: '.lora_A'"]
     (tmp_path / "trainer" / "gemm.py").write_text("_engine = None\n_cache = {}\nTABLE = {'a': 1}\nSEEN = set()\n"

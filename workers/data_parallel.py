@@ -13,7 +13,6 @@ from trainer.activations import activation_layout, low_layout
 from workers.barrier import PipeProgress
 from workers.messages import StepReport
 from workers.reduce import ReduceScatter, bucket_ranges, located, staging
-from workers.shm import SharedArena
 from workers.strategy import Stopwatch, Strategy
 
 
@@ -87,28 +86,26 @@ class DataParallel(Strategy):
 
     def __init__(self, worker):
         super().__init__(worker)
-        w = worker
         # the arenas say how: worker 0 staged too (gradient accumulation), the others staged, or whole
-        self.staged_all = "gradients of worker 0" in w.elements
-        names = [f"gradients of worker {r}" for r in range(0 if self.staged_all else 1, w.n_workers)]
-        self.buffers = [SharedArena.attach(w.arena_names[o], w.elements[o]) for o in names]  # kept: mapped
-        layout, self.buckets, ranges, early = gradient_buckets(w.trains)
+        self.staged_all = "gradients of worker 0" in worker.elements
+        names = [f"gradients of worker {r}" for r in range(0 if self.staged_all else 1, worker.n_workers)]
+        layout, self.buckets, ranges, early = gradient_buckets(worker.trains)
         placement, _, waits = staging(ranges, early)
-        sources = [b.array for b in self.buffers]  # what the reduction adds to the pool's gradient
-        placements = [None if w.elements[o] == layout.size else placement for o in names]
+        sources = [worker.attach(name).array for name in names]  # what the reduction adds to the pool's gradient
+        placements = [None if worker.elements[name] == layout.size else placement for name in names]
         # where each worker writes: its buffer; worker 0, unless staged_all, the pool's gradient itself
-        writes = ([] if self.staged_all else [(w.grads.array, None)]) + list(zip(sources, placements))
-        mine, mine_placement = writes[w.rank]
+        writes = ([] if self.staged_all else [(worker.grads.array, None)]) + list(zip(sources, placements))
+        mine, mine_placement = writes[worker.rank]
         self.grads = layout.views(mine) if mine_placement is None else staged_views(layout, mine, placement)
-        self.own_rows = w.pool_rows // w.n_workers  # the batch divides (config.check)
+        self.own_rows = worker.pool_rows // worker.n_workers  # the batch divides (config.check)
         self.model = self.make_model(self.own_rows, self.grads)  # its own rows, private
         self.bucket_of_layer = {tasks[0].layer: tasks for tasks in self.buckets if tasks}
-        self.reducer = ReduceScatter(w.grads.array, sources, placements, w.rank, w.n_workers, ranges, waits,
-                                     PipeProgress(w.barrier_ends), mine_staged=mine_placement is not None)
+        self.reducer = ReduceScatter(worker.grads.array, sources, placements, worker.rank, worker.n_workers, ranges,
+                                     waits, PipeProgress(worker.barrier_ends), mine_staged=mine_placement is not None)
 
     def rows(self):
-        w = self.worker
-        return self.own_rows, w.first_row + w.rank * self.own_rows
+        worker = self.worker
+        return self.own_rows, worker.first_row + worker.rank * self.own_rows
 
     def step(self, window, scale, accumulate, last):
         clock = Stopwatch(lambda: self.reducer.waited, self.worker.engine)

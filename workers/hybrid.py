@@ -11,7 +11,6 @@ from trainer.activations import Activations, Table, activation_layout, low_layou
 from trainer.model import Parallel
 from workers.barrier import PipeBarrier
 from workers.messages import StepReport
-from workers.shm import SharedArena
 from workers.strategy import Stopwatch, Strategy, sumsq_of
 
 
@@ -81,22 +80,18 @@ class Hybrid(Strategy):
 
     def __init__(self, worker):
         super().__init__(worker)
-        w = worker
-        self.barrier = PipeBarrier(w.barrier_ends)
-        # the arena objects are kept: dropping one would unmap it
-        self.arena = SharedArena.attach(w.arena_names["activations"], w.elements["activations"])
-        self.low_arena = None
-        if w.engine.low:
-            self.low_arena = SharedArena.attach(w.arena_names["bf16 activations"], w.elements["bf16 activations"],
-                                                w.engine.low_dtype)
-        table = Table(w.cfg, w.trains, w.pool_rows, w.seq_len, True, w.recompute, w.n_workers)
-        acts = Activations(table, w.engine, low_dtype=w.engine.low_dtype if w.engine.low else None,
-                           arena=self.arena.array, low_arena=self.low_arena.array if self.low_arena else None,
-                           part=w.rank)
-        self.grads = w.trains.layout.views(w.grads.array)
-        self.model = self.make_model(w.pool_rows, self.grads, acts=acts,
-                                     parallel=Parallel(ColumnSplit(self.barrier, w.rank, w.n_workers), self.barrier))
-        self.tasks = assign(w.trains, w.n_workers)[w.rank]
+        self.barrier = PipeBarrier(worker.barrier_ends)
+        engine, low = worker.engine, worker.engine.low
+        table = Table(worker.cfg, worker.trains, worker.pool_rows, worker.seq_len, True, worker.recompute,
+                      worker.n_workers)
+        acts = Activations(table, engine, low_dtype=engine.low_dtype if low else None,
+                           arena=worker.attach("activations").array,
+                           low_arena=worker.attach("bf16 activations", engine.low_dtype).array if low else None,
+                           part=worker.rank)
+        self.grads = worker.trains.layout.views(worker.grads.array)
+        split = ColumnSplit(self.barrier, worker.rank, worker.n_workers)
+        self.model = self.make_model(worker.pool_rows, self.grads, acts=acts, parallel=Parallel(split, self.barrier))
+        self.tasks = assign(worker.trains, worker.n_workers)[worker.rank]
         self.model.head_slices = [(task.lo, task.hi) for task in self.tasks.get(None, [])]  # its embedding tasks'
 
     def rows(self):

@@ -86,29 +86,29 @@ def plan_for(settings, start, engine, strategy, ranks=(1, 1)):
     return Plan(arenas, trains.layout.size, workers, local_ranks, private, kept, 4 * start.loading, optimizer)
 
 
-def lighter_settings(s, ranks):
+def lighter_settings(settings, ranks):
     """Changes to settings `s` that need less memory, cheapest first -> [(flags,
     {setting: value})]: --recompute; 8-bit Adam moments (alone, then with it); then
     the batch per step halved, quartered, … with --grad-accum multiplied to keep the
     batch (each also with --recompute, and with 8-bit moments)."""
     from workers.strategies import STRATEGIES
-    lighter = [] if s.recompute else [("--recompute", {"recompute": True})]
-    rows = ranks * STRATEGIES[s.parallel].batch_unit(s.workers)  # what the batch must divide by
+    lighter = [] if settings.recompute else [("--recompute", {"recompute": True})]
+    rows = ranks * STRATEGIES[settings.parallel].batch_unit(settings.workers)  # what the batch must divide by
     k = 2
-    while s.batch_size % (k * rows) == 0:
-        batch, accum = s.batch_size // k, s.grad_accum * k
+    while settings.batch_size % (k * rows) == 0:
+        batch, accum = settings.batch_size // k, settings.grad_accum * k
         changes = {"batch_size": batch, "grad_accum": accum}
         lighter.append((f"--batch-size {batch} --grad-accum {accum}", changes))
-        if not s.recompute:
+        if not settings.recompute:
             lighter.append((f"--batch-size {batch} --grad-accum {accum} --recompute", {**changes, "recompute": True}))
         k *= 2
     from trainer.optimizers import OPTIMIZERS
-    smaller = OPTIMIZERS[s.optim].lighter  # an optimizer whose state takes less memory
+    smaller = OPTIMIZERS[settings.optim].lighter  # an optimizer whose state takes less memory
     if smaller is None:
         return lighter
     def with_smaller(flags, changes):
         return f"{flags} --optim {smaller}".strip(), {**changes, "optim": smaller}
-    first = [] if s.recompute else lighter[:1]  # --recompute alone: the same numbers, only slower
+    first = [] if settings.recompute else lighter[:1]  # --recompute alone: the same numbers, only slower
     options = first + [with_smaller("", {})] + [with_smaller(*option) for option in first]
     for option in lighter[len(first):]:
         options += [option, with_smaller(*option)]
