@@ -223,3 +223,34 @@ def test_attention_with_a_key_far_above_the_diagonal(fp32_engine, monkeypatch):
     ran = count_online_blocks(monkeypatch)
     check_attention(fp32_engine, qkv, n_head, block)
     assert len(ran) >= T // block - 1  # every query block past the first, at least once
+
+
+def test_kv_cached_sampling_matches_pytorch_through_cache_restarts():
+    """Sampling runs the model's own forward over a KV cache: a few positions at a
+    time, earlier keys and values read from the cache, and when the context is full
+    the cache restarts from the last half.  Every step's logits and the greedy
+    tokens equal PyTorch's full forward over the same context."""
+    from trainer.sample import Sampler
+    n_layer, n_head, n_embd, T, vocab = 2, 2, 32, 8, 97
+    cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=T, vocab_size=vocab)
+    state = random_state(n_layer, n_embd, vocab, T, seed=4)
+    state["wte.weight"] *= 50  # logits far apart: a greedy pick is no coin toss between near-ties
+    _, params = param_layout(cfg).allocate()
+    for name, value in state.items():
+        params[name][...] = value.numpy()
+    reference = TorchGPT2(state, n_layer, n_head)
+    def expected(context):
+        with torch.no_grad():
+            return reference.logits(torch.tensor([context]))[0, -1].numpy()
+    sampler = Sampler(cfg, params)
+    context = [3, 14, 15, 92, 65, 35]
+    np.testing.assert_allclose(sampler.forward(context, 0), expected(context), rtol=0, atol=1e-4)
+    for position, token in ((6, 89), (7, 79)):  # one position at a time, up to the full context
+        context.append(token)
+        np.testing.assert_allclose(sampler.forward([token], position), expected(context), rtol=0, atol=1e-4)
+    tokens, context, want = [5, 9, 2], [5, 9, 2], []
+    for _ in range(20):  # 3 + 20 tokens in a context of 8: the cache restarts several times
+        want.append(int(expected(context).argmax()))
+        tokens.append(want[-1])
+        context = tokens[-(T // 2):] if len(context) == T else context + [want[-1]]
+    assert Sampler(cfg, params).generate([5, 9, 2], 20, temperature=0, top_k=0, seed=0) == want

@@ -4,7 +4,6 @@ trains), over a trainer.activations.KVCache."""
 import numpy as np
 
 from trainer.activations import KVCache, Table
-from trainer.corpus import EOT
 from trainer.gemm import Engine
 from trainer.model import Layers
 from trainer.models import family_of
@@ -34,7 +33,7 @@ class Sampler:
         """prompt: token ids -> the new token ids.  temperature 0 is greedy."""
         rng = np.random.default_rng(seed)
         T = self.cfg.block_size
-        tokens = list(prompt) or [EOT]
+        tokens = list(prompt) or [family_of(self.cfg).EOT]
         context = tokens[-T:]
         logits, pos, new = self.forward(context, 0), len(context), []
         for i in range(max_new_tokens):
@@ -64,7 +63,6 @@ def pick(logits, temperature, top_k, rng):
 
 
 def sample_text(cfg, params, prompt, max_new_tokens=64, temperature=1.0, top_k=40, seed=1337):
-    from trainer.corpus import gpt2_encoding
-    enc = gpt2_encoding()
+    enc = family_of(cfg).tokenizer()
     new = Sampler(cfg, params).generate(enc.encode(prompt), max_new_tokens, temperature, top_k, seed)
     return enc.decode(new)

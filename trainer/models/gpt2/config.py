@@ -13,6 +13,12 @@ from trainer.errors import WeightsError
 MODEL_TYPE = "gpt2"
 VOCAB = 50257
 EOT = 50256  # <|endoftext|>
+
+
+def tokenizer():
+    """GPT-2's BPE (tiktoken's, offline): encode(text) -> ids, decode(ids) -> text."""
+    from trainer.corpus import gpt2_encoding
+    return gpt2_encoding()
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # what --init-from may download
 
 PRESETS = {
