@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import (REPO, coregpt_segments, fit_cores, launch, read_metrics, start_launch, write_corpus,
+from conftest import (REPO, fit_cores, launch, lingering_segments, read_metrics, start_launch, write_corpus,
                       write_tiny_inputs)
 from bench.vs_pytorch import tree_pss_kb  # the sampler behind the README's peak figures
 from workers import resources
@@ -211,7 +211,7 @@ def test_read_only_out_dir_is_one_line(tmp_path):
     lines = error_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert f"--out-dir {mnt / 'run'} cannot be created or written (Read-only file system)" in lines[0]
-    assert coregpt_segments() == []
+    assert lingering_segments() == []
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="PSS is read from Linux's /proc")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (REPO, coregpt_segments, launch, read_metrics, start_launch, tiny_state, worker_processes,
-                      write_hf_dir, write_tiny_dir, write_tiny_inputs, write_token_file)
+from conftest import (REPO, launch, lingering_segments, own, read_metrics, start_launch, tiny_state,
+                      worker_processes, write_hf_dir, write_tiny_dir, write_tiny_inputs, write_token_file)
 
 BATCH = ["--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1, "--eval-every", 0]
 
@@ -110,7 +110,7 @@ def test_named_gpt2_offline_says_to_pass_a_local_path(tmp_path, files):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["sample", "--checkpoint", "{d}/nope"], "--init-from {d}/nope does not exist"),
+    (["sample", "--checkpoint", "{d}/nope"], "--checkpoint {d}/nope does not exist"),
     (["prepare", "--text", "{d}/nope.txt", "--out", "{d}/p1"], "text file {d}/nope.txt does not exist"),
     (["prepare", "--text", "{d}/blank.txt", "--out", "{d}/p2"], "is empty"),
     (["prepare", "--text", "{d}/latin1.txt", "--out", "{d}/p3"], "is not UTF-8 text"),
@@ -173,7 +173,7 @@ def test_killed_worker_is_reported_and_run_resumes(tmp_path, files, parallel):
     assert time.monotonic() - t0 < 10
     assert proc.returncode == 1
     assert "worker 1" in stderr and "SIGKILL" in stderr and "Traceback" not in stderr
-    assert worker_processes() == [] and coregpt_segments() == []
+    assert worker_processes() == [] and lingering_segments() == []
     assert resume_works(run) >= 2
 
 
@@ -185,7 +185,7 @@ def test_killed_coordinator_leaves_nothing_behind(tmp_path, files):
     socket_dir = os.path.dirname(endpoint.removeprefix("ipc://"))
     # by design nothing is left to leak: the socket dir went once the workers connected,
     # the segments lost their names once mapped; only the mappings keep them alive
-    assert not os.path.exists(socket_dir) and coregpt_segments() == []
+    assert not os.path.exists(socket_dir) and lingering_segments() == []
     assert mapped_segments(workers[0]), "the workers map no coregpt segment?"
     proc.kill()
     proc.communicate()
@@ -193,7 +193,8 @@ def test_killed_coordinator_leaves_nothing_behind(tmp_path, files):
     while worker_processes() and time.monotonic() - t0 < 15:
         time.sleep(0.1)
     assert worker_processes() == [], "workers outlived the coordinator by 15 s"
-    holders = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if mapped_segments(pid)]
+    holders = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+               if mapped_segments(pid) and own(pid)]
     assert holders == [], "processes still map coregpt shared memory after the kill"
     assert resume_works(run) >= 2
 
@@ -287,7 +288,7 @@ def test_shared_memory_and_socket_permissions(files):
         assert pool.socket_dir_mode == 0o700
         assert os.path.basename(pool.socket_dir).startswith("coregpt-")
         # both removed as soon as every worker had mapped / connected
-        assert coregpt_segments() == []
+        assert lingering_segments() == []
         assert not os.path.exists(pool.socket_dir)
         assert pool.request(msg.SumSq())[0].sumsq == 0.0  # still talking
     finally:
