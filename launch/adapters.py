@@ -7,7 +7,7 @@ start from the checkpoint on --resume, else from the peft adapter given to
 import dataclasses
 import os
 
-from launch.start import Start, largest_tensor, scratch_config, whole_model
+from launch.start import Start, largest_tensor, resumed, scratch_config, whole_model
 from trainer.base import adapter_dir, open_base, read_base_record, recorded_base
 from trainer.checkpoint import check_checkpoint, checkpoint_config, stream_checkpoint
 from trainer.errors import ConfigError
@@ -89,7 +89,8 @@ def lora_start(settings, ckpt, state):
         base = recorded_base(record, cfg, settings.seed)
         if base.path:
             base.check(record, ckpt)  # the init's digest is checked once its tensors are made
-        return settings, LoraStart(cfg, trains, ckpt, state, loading=loading(base), base=base)
+        return settings, LoraStart(cfg, trains, ckpt, state, loading=loading(base), base=base,
+                                   origin=f"{resumed(ckpt, state)}; frozen base: {described(base)}")
     source, record, tensors = settings.init_from, None, None
     adapter = adapter_dir(source) if source else None
     if adapter:
@@ -102,4 +103,11 @@ def lora_start(settings, ckpt, state):
     trains = LoraTraining(base.cfg, lora_of(settings, base.cfg.family))
     if tensors is not None:
         check_adapters(base.cfg, trains.lora, tensors, settings.init_from)
-    return settings, LoraStart(base.cfg, trains, tensors=tensors, loading=loading(base), base=base)
+    adapters = f"adapters from {settings.init_from}" if tensors is not None else \
+        f"adapters initialised (seed {settings.seed})"
+    return settings, LoraStart(base.cfg, trains, tensors=tensors, loading=loading(base), base=base,
+                               origin=f"{adapters}; frozen base: {described(base)}")
+
+
+def described(base):
+    return base.path or f"{base.cfg.model_type} initialised from scratch (seed {base.seed})"

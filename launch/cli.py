@@ -9,12 +9,35 @@ import sys
 from launch.config import Parser, check, default_config_path, merge, train_parser
 from trainer.errors import ConfigError
 
-COMMANDS = ("train", "prepare", "sample", "export", "plot", "sweep")
+COMMANDS = {
+    "train": "train or fine-tune a model (a fresh run, --init-from weights, or --resume)",
+    "prepare": "tokenize a corpus or your own text into token files",
+    "sample": "generate text from a run, checkpoint or model",
+    "export": "write weights for transformers (hf), llm.c (llmc) or peft",
+    "plot": "draw a run's loss curve (RUN/loss.png)",
+    "sweep": "measure throughput over workers, threads, strategies and precisions",
+}
+
+
+def version():
+    from importlib.metadata import PackageNotFoundError, version as installed
+    try:
+        return installed("coregpt")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def usage():
+    width = max(map(len, COMMANDS))
+    return ("usage: python -m launch [COMMAND] [flags]   (or: coregpt [COMMAND] [flags])\n\ncommands:\n"
+            + "".join(f"  {name:<{width}}  {text}\n" for name, text in COMMANDS.items())
+            + "\nWith no command (or only flags) it trains configs/default.toml.\n"
+              "`python -m launch COMMAND --help` lists a command's flags; --version prints the version.")
 
 
 def prepare_parser():
     p = Parser(prog="launch prepare", description="Tokenize a corpus into llm.c token files "
-               "(train.bin, val.bin: the last 10%% of tokens).")
+               "(train.bin, val.bin: the last 10% of tokens).")
     p.add_argument("corpus", nargs="?", choices=["shakespeare"], help="a named corpus")
     p.add_argument("--text", help="a UTF-8 text file to tokenize instead")
     p.add_argument("--out", help="output directory (default: the coregpt cache, or TEXT's name)")
@@ -71,13 +94,14 @@ def cmd_sample(argv):
     p = Parser(prog="launch sample", description="Generate text from a model (KV-cached).")
     p.add_argument("--checkpoint", required=True, help="anything --init-from takes")
     p.add_argument("--prompt", default="", help="text to continue (default: <|endoftext|>)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate after the prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=40, help="0 keeps the whole vocabulary")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="of the sampling (the same seed, the same text)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         raise ConfigError("--max-new-tokens, --temperature and --top-k must not be negative")
+    exists(args.checkpoint)
     from trainer.base import load_model
     from trainer.sample import sample_text
     cfg, tensors = load_model(args.checkpoint)  # a LoRA run's: its base with the adapter merged
@@ -88,12 +112,14 @@ def cmd_sample(argv):
 
 
 def cmd_export(argv):
-    p = Parser(prog="launch export", description="Export weights for transformers or llm.c.")
+    p = Parser(prog="launch export", description="Export weights for transformers or llm.c, or a LoRA run's "
+               "adapter for peft.")
     p.add_argument("--checkpoint", required=True, help="a run, a checkpoint, or anything --init-from takes")
     p.add_argument("--format", required=True, help="hf (a GPT2LMHeadModel directory), llmc (a v3 fp32 .bin) "
                    "or peft (a LoRA run's adapter, for PeftModel.from_pretrained); hf and llmc merge an adapter")
     p.add_argument("--out", required=True, help="output directory (hf) or file (llmc); must not exist")
     args = p.parse_args(argv)
+    exists(args.checkpoint)
     from trainer.base import Adapted, adapter_dir, load_model
     from trainer.export import EXPORTERS, export, export_peft
     formats = (*EXPORTERS, "peft")
@@ -108,6 +134,13 @@ def cmd_export(argv):
     cfg, tensors = load_model(args.checkpoint)
     print(export(cfg, tensors, args.format, args.out))
     return 0
+
+
+def exists(checkpoint):
+    """--checkpoint names something on disk (or a hub model the weights loader fetches)."""
+    from trainer.models import hub_names
+    if not os.path.exists(checkpoint) and checkpoint not in hub_names():
+        raise ConfigError(f"--checkpoint {checkpoint} does not exist")
 
 
 def cmd_plot(argv):
@@ -126,12 +159,16 @@ def main(argv=None):
     if sys.platform == "win32":
         return fail("coregpt runs on Linux and macOS; on Windows, run it inside WSL "
                     "(the Windows Subsystem for Linux)", 2)
+    if argv[:1] == ["--version"]:
+        print(f"coregpt {version()}")
+        return 0
+    if not argv:
+        print(f"coregpt: no command given: training {default_config_path()} "
+              f"(`python -m launch --help` lists the commands)", file=sys.stderr)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["train", "--config", default_config_path()] + argv
     if argv[0] in ("-h", "--help"):
-        print(f"usage: python -m launch [{'|'.join(COMMANDS)}] [flags]\n"
-              f"  bare `python -m launch [flags]` trains configs/default.toml\n"
-              f"  `python -m launch COMMAND --help` lists a command's flags")
+        print(usage())
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -161,6 +198,11 @@ def main(argv=None):
         return e.exit_code
     except KeyboardInterrupt:
         return fail("interrupted", 130)
+
+
+def console():
+    """The `coregpt` command: the same CLI as `python -m launch`."""
+    sys.exit(main())
 
 
 def fail(message, code):

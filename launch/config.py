@@ -27,7 +27,8 @@ SETTINGS = {
                              "coregpt run or checkpoint, or gpt2[-medium|-large|-xl]"),
     "data": (str, "shakespeare", "'shakespeare', a prepared directory (train.bin, val.bin) or a token file"),
     "val_data": (str, None, "validation token file (default: val.bin beside the training data)"),
-    "batch_size": (int, 8, "global batch in rows, split evenly across workers"),
+    "batch_size": (int, 8, "global batch in rows (--parallel data gives each worker whole rows; hybrid "
+                           "splits any batch)"),
     "seq_len": (int, 64, "tokens per row (T)"),
     "steps": (int, 100, "optimizer steps"),
     "grad_accum": (int, 1, "micro-batches per optimizer step (batch order continues through the file)"),

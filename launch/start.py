@@ -42,6 +42,7 @@ class Start:
     state: dict | None = None
     tensors: dict | None = None
     loading: int = 0
+    origin: str = ""  # for the header: where the weights come from
 
     @property
     def step(self):
@@ -76,11 +77,18 @@ def full_start(settings, ckpt, state):
     if ckpt is not None:
         cfg = checkpoint_config(ckpt)
         check_checkpoint(ckpt, settings.optim, Full(cfg))
-        return settings, Start(cfg, Full(cfg), ckpt, state, loading=largest_tensor(cfg))
+        return settings, Start(cfg, Full(cfg), ckpt, state, loading=largest_tensor(cfg),
+                               origin=resumed(ckpt, state))
     if not settings.init_from:
         cfg = scratch_config(settings)
-        return settings, Start(cfg, Full(cfg))
+        return settings, Start(cfg, Full(cfg), origin=f"initialised from scratch ({settings.model}, seed "
+                                                      f"{settings.seed})")
     cfg, tensors = load_checked(settings.init_from)
-    return settings, Start(cfg, Full(cfg), tensors=tensors, loading=whole_model(cfg))
+    return settings, Start(cfg, Full(cfg), tensors=tensors, loading=whole_model(cfg),
+                           origin=f"initialised from {settings.init_from}")
+
+
+def resumed(ckpt, state):
+    return f"resumed from step {state['step']} of {ckpt}"
 
 

@@ -172,6 +172,7 @@ def header(run, group):
         + f" {settings.workers} worker(s) x {settings.threads_per_worker} thread(s), {settings.parallel} parallel"
         + (", recomputing activations" if settings.recompute else "") + "; "
         + f"run dir {settings.out_dir}")
+    log(f"coregpt: weights {run.start.origin}")
     trains = run.start.trains.describe()
     if trains:
         log(f"coregpt: {trains}")
@@ -225,4 +226,14 @@ def run_pool(run, group):
             pool.close()
     if group.is_root:
         plot_quietly(settings.out_dir)
+        log(f"coregpt: {outputs(settings.out_dir)}")
     return settings.out_dir
+
+
+def outputs(run_dir):
+    """The line that ends a run: where its files are, and how to go on."""
+    files = [name for name in ("metrics.jsonl", "loss.png") if os.path.exists(os.path.join(run_dir, name))]
+    checkpoint = latest_checkpoint(run_dir)
+    return (f"run dir {run_dir}: " + ", ".join(files)
+            + (f", checkpoint {os.path.relpath(checkpoint, run_dir)} (go on with --resume --out-dir {run_dir})"
+               if checkpoint else ""))

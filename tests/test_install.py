@@ -29,6 +29,9 @@ def test_fresh_venv_install_and_default_job(tmp_path):
     where = subprocess.run([python, "-c", "import launch, trainer; print(launch.__file__)"],
                            cwd=empty, env=env, capture_output=True, text=True)
     assert str(venv) in where.stdout, where.stdout + where.stderr
+    version = subprocess.run([str(venv / "bin" / "coregpt"), "--version"], cwd=empty, env=env,
+                             capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout == "coregpt 0.1.0\n", version.stdout + version.stderr
     default_job = ["--workers", "2", "--steps", "3"]
     default_job += fit_cores(default_job)
     done = subprocess.run([python, "-m", "launch", *default_job, "--out-dir", "run"],

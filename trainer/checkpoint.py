@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 
-from trainer.files import atomic_write
+from trainer.files import atomic_write, plain_mode
 from trainer.optimizers import OPTIMIZERS
 from trainer.weights import WeightsError, latest_checkpoint, read_hf_config
 
@@ -48,6 +48,7 @@ def save_checkpoint(run_dir, step, trains, tensors, optimizer, state):
         trains.save(tmp, tensors, state)
         save_file({prefix + name: a for prefix, views in optimizer.items() for name, a in views.items()},
                   os.path.join(tmp, "optimizer.safetensors"))
+        plain_mode(os.path.join(tmp, "optimizer.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(dict(state, step=step), f, indent=2)
         for file in os.listdir(tmp):

@@ -27,6 +27,13 @@ def write_tokens(path, tokens):
         f.write(tokens.astype(np.uint16).tobytes())
 
 
+def looks_like_text(path):
+    """The first KB of the file decodes as UTF-8 without control characters."""
+    with open(path, "rb") as f:
+        text = f.read(1024).decode("utf-8", errors="replace")  # a token file's header has NUL bytes
+    return all(c.isprintable() or c in "\n\r\t" for c in text)
+
+
 def open_tokens(path):
     """Memory-map a token file after checking its header -> uint16 array."""
     if not os.path.isfile(path):
@@ -36,7 +43,9 @@ def open_tokens(path):
         raise DataError(f"{path} is not an llm.c token file: {size} bytes is shorter than the header")
     header = np.fromfile(path, dtype=np.int32, count=256)
     if header[0] != MAGIC:
-        raise DataError(f"{path} is not an llm.c token file: magic {header[0]}, expected {MAGIC}")
+        raise DataError(f"{path} is not an llm.c token file: magic {header[0]}, expected {MAGIC}"
+                        + (f" (a text file? tokenize it first: python -m launch prepare --text {path})"
+                           if looks_like_text(path) else ""))
     if header[1] != VERSION:
         raise DataError(f"{path}: unsupported token file version {header[1]}, expected {VERSION}")
     count = int(header[2])

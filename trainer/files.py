@@ -4,6 +4,14 @@ import contextlib
 import os
 
 
+def plain_mode(path):
+    """Give `path` the mode open() gives a new file (0666 less the umask): safetensors
+    writes its files 0600, which other users of a shared model directory cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     tmp = f"{path}.tmp{os.getpid()}"

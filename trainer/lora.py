@@ -252,8 +252,8 @@ class LoraSites:
         """The dropout mask of token rows first… of the model's batch, for layer l's target."""
         mask = self.buffer("mask", shape)
         window, first_token = self.model.batch_key
-        dropout_mask(mask, self.lora.dropout, (self.lora.seed, window, l, self.model.cfg.family.LORA_TARGETS.index(target)),
-                     first_token + first)
+        key = (self.lora.seed, window, l, self.model.cfg.family.LORA_TARGETS.index(target))
+        dropout_mask(mask, self.lora.dropout, key, first_token + first)
         return mask
 
     def dropped(self, l, target, x, first):

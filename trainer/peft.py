@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from trainer.errors import WeightsError
+from trainer.files import plain_mode
 from trainer.lora import Lora, parse_targets
 from trainer.models import FAMILIES
 
@@ -26,8 +27,10 @@ def peft_config(cfg, lora, base):
 def save_peft(directory, cfg, lora, adapters, base):
     """adapter_model.safetensors + adapter_config.json into an existing directory."""
     from safetensors.numpy import save_file
+    path = os.path.join(directory, "adapter_model.safetensors")
     save_file({peft_name(cfg, k): np.ascontiguousarray(v, dtype=np.float32) for k, v in adapters.items()},
-              os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+              path, metadata={"format": "pt"})
+    plain_mode(path)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(peft_config(cfg, lora, base), f, indent=2)
 

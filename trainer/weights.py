@@ -12,6 +12,7 @@ import socket
 
 from trainer import models
 from trainer.errors import WeightsError
+from trainer.files import plain_mode
 from trainer.llmc import load_llmc
 
 def read_safetensors(path):
@@ -157,5 +158,6 @@ def save_model(directory, cfg, params):
     from safetensors.numpy import save_file
     path = os.path.join(directory, "model.safetensors")
     save_file(dict(params), path, metadata={"format": "pt"})
+    plain_mode(path)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f, indent=2)
