@@ -73,6 +73,12 @@ def digest(path):
     return h.hexdigest()
 
 
+def supports_data_order():
+    done = subprocess.run([sys.executable, "-m", "launch", "train", "--help"], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
+    return "--data-order" in done.stdout
+
+
 def run(root, parallel, workers, precision, extra):
     out = os.path.join(root, f"{parallel}-{workers}-{precision}-{extra}")
     cmd = [sys.executable, "-m", "launch", "train", "--init-from", os.path.join(root, "init"),
@@ -80,6 +86,8 @@ def run(root, parallel, workers, precision, extra):
            "--steps", str(STEPS), "--lr", "1e-3", "--lr-schedule", "constant", "--weight-decay", "0.1",
            "--grad-clip", "1.0", "--workers", str(workers), "--threads-per-worker", "1", "--eval-every", "0",
            "--parallel", parallel, "--precision", precision, "--oversubscribe", "--out-dir", out]
+    if supports_data_order():  # file order, as checkouts from before --data-order read
+        cmd += ["--data-order", "sequential"]
     if extra == "accum":
         cmd[cmd.index("--batch-size") + 1] = str(B // 2)
         cmd += ["--grad-accum", "2"]

@@ -7,6 +7,7 @@ import tomllib
 from importlib import resources
 
 from trainer import models
+from trainer.data import ORDERS
 from trainer.optimizers import DEFAULT as DEFAULT_OPTIMIZER, OPTIMIZERS
 from trainer.errors import ConfigError, knob
 from workers.strategies import STRATEGIES
@@ -31,7 +32,9 @@ SETTINGS = {
                            "splits any batch)"),
     "seq_len": (int, 64, "tokens per row (T)"),
     "steps": (int, 100, "optimizer steps"),
-    "grad_accum": (int, 1, "micro-batches per optimizer step (batch order continues through the file)"),
+    "grad_accum": (int, 1, "micro-batches per optimizer step (each reads the next window of the batch order)"),
+    "data_order": (str, "shuffled", "batch order: shuffled (the file's windows in a new permutation each "
+                                    "epoch, seeded by --seed) or sequential (llm.c's file order)"),
     "lr": (float, 6e-4, "peak learning rate"),
     "lr_schedule": (str, "cosine", "cosine (to --min-lr) or constant, both after --warmup"),
     "warmup": (int, 0, "linear warmup steps"),
@@ -240,6 +243,8 @@ def check(settings, group=None):
     need(settings.precision in PRECISIONS, f"--precision must be fp32 or bf16, got {settings.precision!r}")
     need(settings.parallel in STRATEGIES, f"--parallel must be {' or '.join(STRATEGIES)}, got {settings.parallel!r}")
     need(settings.gemm in GEMMS, f"--gemm must be one of {', '.join(GEMMS)}, got {settings.gemm!r}")
+    need(settings.data_order in ORDERS,
+         f"--data-order must be {' or '.join(ORDERS)}, got {settings.data_order!r}")
     check_batch(settings, ranks)
     need(settings.steps >= 0, f"--steps must not be negative, got {settings.steps}")
     need(settings.lr >= 0, f"--lr must not be negative, got {settings.lr}")

@@ -8,6 +8,7 @@ import time
 
 from launch.console import log
 from launch.rundir import checkpoint
+from trainer.data import open_tokens
 from trainer.optim import clip_scale, lr_at
 from trainer.optimizers import OPTIMIZERS
 from trainer.profile import clock, layer_table
@@ -52,16 +53,17 @@ class Interrupted(Exception):
 
 
 class StepLoop:
-    def __init__(self, settings, start, pool, group, metrics, arrays, stop, val_path):
-        """start: where the weights came from (launch.start.Start: the model, what
-        trains, what to sample from and what checkpoints keep of it); arrays: (trained
-        tensors, optimizer state) as checkpoints hold them."""
-        self.settings, self.start, self.cfg = settings, start, start.cfg
+    def __init__(self, run, pool, group, metrics, arrays, stop):
+        """run: what setup found (launch.train.Run: the settings, where the weights came
+        from, the data); arrays: (trained tensors, optimizer state) as checkpoints hold them."""
+        settings = run.settings
+        self.settings, self.start, self.cfg = settings, run.start, run.start.cfg
         self.pool, self.group, self.metrics = pool, group, metrics
-        self.arrays, self.stop, self.val_path = arrays, stop, val_path
-        self.weights = start.sampling_weights(pool)
+        self.arrays, self.stop, self.val_path = arrays, stop, run.val_path
+        self.weights = run.start.sampling_weights(pool)
         self.batch_tokens = settings.batch_size * settings.seq_len
         self.step_tokens = self.batch_tokens * settings.grad_accum
+        self.windows_per_pass = (open_tokens(run.train_path).size - 1) // self.batch_tokens
 
     def run(self, start, state):
         settings = self.settings
@@ -69,6 +71,7 @@ class StepLoop:
         step, self.began = start, time.perf_counter()
         first = None  # each worker's layer seconds after the run's first step (profiling)
         for step in range(start + 1, settings.steps + 1):
+            self.log_epoch(step)
             self.train_step(step, start)
             if settings.profile and step == start + 1 < settings.steps:
                 first = self.layer_seconds()
@@ -97,6 +100,14 @@ class StepLoop:
                 + layer_table(layers, steps))
         if not settings.no_checkpoint and step > start and self.group.is_root:
             log(f"coregpt: checkpoint {self.checkpoint(step)}")
+
+    def log_epoch(self, step):
+        """A line when one of step's micro-batches begins a new pass over the training windows."""
+        first, per_pass = (step - 1) * self.settings.grad_accum, self.windows_per_pass
+        epoch = (first + self.settings.grad_accum - 1) // per_pass
+        if first and epoch > (first - 1) // per_pass:
+            log(f"coregpt: epoch {epoch + 1} begins at step {step} ({per_pass} windows a pass, "
+                f"{self.settings.data_order})")
 
     def layer_seconds(self):
         """-> each worker's seconds in each layer function so far (--profile)."""

@@ -29,8 +29,11 @@ def prepare_out_dir(settings, lock=None):
     if lock is None:
         lock = lock_run_dir(settings.out_dir)
     if not settings.resume and (os.path.exists(os.path.join(settings.out_dir, "metrics.jsonl"))
-                         or os.path.exists(os.path.join(settings.out_dir, "checkpoints"))):
+                                or os.path.exists(os.path.join(settings.out_dir, "checkpoints"))):
         os.close(lock)
+        if latest_checkpoint(settings.out_dir) is None:  # stopped (Ctrl-C twice) before it wrote one
+            raise DataError(f"--out-dir {settings.out_dir} already holds a run, which stopped before its first "
+                            f"checkpoint (nothing to resume); remove it or choose another --out-dir")
         raise DataError(f"--out-dir {settings.out_dir} already holds a run; pass --resume to continue it "
                         f"or choose another --out-dir")
     return lock

@@ -52,10 +52,14 @@ def resume_settings(settings, given):
     for what may change between sessions (steps, logging, workers); checkpoint; state)."""
     ckpt = latest_checkpoint(settings.out_dir) if os.path.isdir(settings.out_dir) else None
     if ckpt is None:
-        raise DataError(f"--resume: {settings.out_dir} has no checkpoint to resume from")
+        stopped = os.path.exists(os.path.join(settings.out_dir, "metrics.jsonl"))
+        raise DataError(f"--resume: {settings.out_dir} has no checkpoint to resume from"
+                        + ("; its run stopped before its first checkpoint: remove it, or train afresh with "
+                           "another --out-dir" if stopped else ""))
     state = read_state(ckpt)
     saved = {k: v for k, v in state["config"].items() if k in SETTINGS}
     saved.setdefault("optim", DEFAULT_OPTIMIZER)  # a checkpoint from before --optim
+    saved.setdefault("data_order", "sequential")  # ... from before --data-order: it read the file in order
     saved.update({k: getattr(settings, k) for k in given if k in RESUME_KEEPS})
     if "workers" in given and "threads_per_worker" not in given:
         saved["threads_per_worker"] = None  # derive it again for the new worker count
@@ -184,7 +188,9 @@ def start_pool(run, group, cores):
     rows = settings.batch_size // group.size
     shape = PoolShape(start.cfg, start.trains, rows, settings.seq_len, run.engine, run.strategy, settings.workers,
                       settings.recompute, settings.grad_accum > 1)
-    return WorkerPool(shape, Batches(run.train_path, run.val_path, settings.batch_size, group.rank * rows),
+    order_seed = settings.seed if settings.data_order == "shuffled" else None
+    batches = Batches(run.train_path, run.val_path, settings.batch_size, group.rank * rows, order_seed)
+    return WorkerPool(shape, batches,
                       threads=settings.threads_per_worker, optim=settings.optim, profile=settings.profile,
                       cores=cores)
 
@@ -213,8 +219,7 @@ def run_pool(run, group):
             arrays = pool.trained(), pool.optimizer_views()
             start.fill(pool, arrays, run.engine, settings.seed)
             pool.request(msg.Cast())  # the bf16 copy of the loaded weights, if any
-            StepLoop(settings, start, pool, group, metrics, arrays, stop, run.val_path).run(start.step,
-                                                                                          start.state or {})
+            StepLoop(run, pool, group, metrics, arrays, stop).run(start.step, start.state or {})
             if group.size > 1:  # every rank applied the same updates: check they agree to the bit
                 digest = hashlib.blake2b(pool.trained_arena.array.data, digest_size=16).digest()
                 if not group.identical(digest):

@@ -122,3 +122,18 @@ def test_leak_checks_count_only_this_sessions_processes(tmp_path):
     finally:
         other.send_signal(signal.SIGTERM)
         other.wait(timeout=60)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_a_loop_of_advice(tmp_path):
+    """After Ctrl-C twice before the first checkpoint the run directory holds metrics
+    but no checkpoint: neither a fresh run nor --resume sends the user to the other."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 10.9}\n')
+    data = write_corpus(tmp_path, 1, 3000, 1000)
+    fresh = launch("train", *TINY_FLAGS, "--data", data, "--steps", 1, "--out-dir", run)
+    assert fresh.returncode == 2 and "stopped before its first checkpoint" in fresh.stderr, fresh.stderr
+    assert "--resume" not in fresh.stderr
+    resume = launch("train", "--resume", "--out-dir", run)
+    assert resume.returncode == 2 and "stopped before its first checkpoint" in resume.stderr, resume.stderr
+    assert "another --out-dir" in resume.stderr

@@ -141,11 +141,12 @@ def test_grad_accum_equals_larger_batch(tmp_path, tiny, parallel, recompute, rin
     buckets (the tiny model's default ring would save nothing), so every worker
     stages and each micro-batch is reduced into the pool's gradient."""
     big, accum = tmp_path / "big", tmp_path / "accum"
-    train_ok(*flags(tiny, steps=4, batch_size=4, parallel=parallel), "--out-dir", big)
+    # in file order two windows of 2 rows are the one window of 4 rows
+    train_ok(*flags(tiny, steps=4, batch_size=4, parallel=parallel, data_order="sequential"), "--out-dir", big)
     if ring:
         monkeypatch.setenv("COREGPT_GRAD_RING", ring)
-    done = train_ok(*flags(tiny, steps=4, batch_size=2, grad_accum=2, parallel=parallel, recompute=recompute),
-                    "--out-dir", accum)
+    done = train_ok(*flags(tiny, steps=4, batch_size=2, grad_accum=2, parallel=parallel, recompute=recompute,
+                           data_order="sequential"), "--out-dir", accum)
     assert ("gradients of worker 0 " in done.stderr) == bool(ring), done.stderr
     np.testing.assert_allclose(losses(accum), losses(big), rtol=0, atol=1e-5)
     # micro-batches sum a weight's gradient in another order than one GEMM over the whole

@@ -79,8 +79,8 @@ def make_case(root):
 
 def train(root, name, *extra, workers=1, env=None, steps=STEPS):
     out = root / name
-    done = launch("train", "--init-from", root / "adapter", "--data", root / "tokens.bin", "--batch-size", B,
-                  "--seq-len", T, "--steps", steps, "--lr", LR, "--lr-schedule", "constant", "--warmup", 0,
+    done = launch("train", "--init-from", root / "adapter", "--data", root / "tokens.bin", "--data-order",
+                  "sequential", "--batch-size", B, "--seq-len", T, "--steps", steps, "--lr", LR, "--lr-schedule", "constant", "--warmup", 0,
                   "--weight-decay", WD, "--grad-clip", CLIP, "--workers", workers, "--threads-per-worker", 1,
                   "--eval-every", 0, "--out-dir", out, *extra, env=env)
     assert done.returncode == 0, done.stderr
@@ -371,7 +371,8 @@ def test_mpi_two_ranks_match_peft(case):
     from test_mpi import mpi_launch
     root, _, _, _, _, (losses, adapters, _) = case
     out = root / "mpi2"
-    done = mpi_launch(2, "train", "--init-from", root / "adapter", "--data", root / "tokens.bin", "--batch-size", B,
+    done = mpi_launch(2, "train", "--init-from", root / "adapter", "--data", root / "tokens.bin", "--data-order",
+                      "sequential", "--batch-size", B,
                       "--seq-len", T, "--steps", STEPS, "--lr", LR, "--lr-schedule", "constant", "--warmup", 0,
                       "--weight-decay", WD, "--grad-clip", CLIP, "--threads-per-worker", 1, "--eval-every", 0,
                       "--backend", "mpi", "--out-dir", out)

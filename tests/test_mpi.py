@@ -30,7 +30,8 @@ def mpi_launch(n, *args, timeout=600):
 
 
 def parity_flags(root, out, *extra):
-    return ["train", "--init-from", root / "init", "--data", root / "tokens.bin", "--batch-size", B,
+    return ["train", "--init-from", root / "init", "--data", root / "tokens.bin", "--data-order", "sequential",
+            "--batch-size", B,
             "--seq-len", T, "--steps", STEPS, "--lr", LR, "--lr-schedule", "constant", "--warmup", 0,
             "--weight-decay", WD, "--grad-clip", CLIP, "--threads-per-worker", 1, "--eval-every", 0,
             "--out-dir", out, *extra]

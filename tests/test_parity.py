@@ -51,9 +51,10 @@ def case(tmp_path_factory):
 
 
 def train_tiny(root, workers, name, *extra, env=None, B=B, T=T):
-    """-> (losses, final weights, metrics rows, stderr)"""
+    """-> (losses, final weights, metrics rows, stderr), the windows in file order as the
+    PyTorch reference reads them (--data-order sequential)."""
     out = root / name
-    done = launch("train", "--init-from", root / "init", "--data", root / "tokens.bin",
+    done = launch("train", "--init-from", root / "init", "--data", root / "tokens.bin", "--data-order", "sequential",
                   "--batch-size", B, "--seq-len", T, "--steps", STEPS, "--lr", LR,
                   "--lr-schedule", "constant", "--warmup", 0, "--weight-decay", WD,
                   "--grad-clip", CLIP, "--workers", workers, "--threads-per-worker", 1,

@@ -1,9 +1,12 @@
 """llm.c token files and the batch order.
 
 A token file is 256 int32 header words (magic 20240520, version 1, token
-count) followed by the tokens as uint16.  Step s reads the B·T+1 tokens that
-start at window s·B·T, wrapping to the start of the file when the next window
-would run past its end.
+count) followed by the tokens as uint16.  The file holds W = (n − 1) // (B·T)
+windows of B·T+1 tokens (each window's last token is the next one's first).
+Micro-batch w reads window w mod W: in file order (`sequential`, llm.c's: window
+w starts at token (w mod W)·B·T), or in the order of a permutation of the W
+windows drawn for each pass over the file (epoch w // W) from the run's seed
+(`shuffled`, the default).  Every worker and MPI rank draws the same one.
 """
 import os
 
@@ -67,10 +70,26 @@ def check_tokens(tokens, path, batch_tokens, vocab_size):
         raise DataError(f"{path} holds token id {top}, outside the model's vocabulary of {vocab_size}")
 
 
-def window_start(window, n_tokens, batch_tokens):
-    """First token of batch window `window` (0-based) in a file of n_tokens."""
-    windows_per_pass = (n_tokens - 1) // batch_tokens
-    return (window % windows_per_pass) * batch_tokens
+ORDERS = ("shuffled", "sequential")
+
+
+class WindowOrder:
+    """Which window of a file of n_tokens each micro-batch reads (see above);
+    seed None: file order."""
+
+    def __init__(self, n_tokens, batch_tokens, seed=None):
+        self.per_pass, self.batch_tokens, self.seed = (n_tokens - 1) // batch_tokens, batch_tokens, seed
+        self.epoch, self.permutation = None, None  # the last epoch's, drawn once
+
+    def start(self, window):
+        """First token of micro-batch `window` (0-based)."""
+        epoch, index = divmod(window, self.per_pass)
+        if self.seed is not None:
+            if epoch != self.epoch:
+                self.epoch = epoch
+                self.permutation = np.random.default_rng([self.seed, 0xDA7A, epoch]).permutation(self.per_pass)
+            index = int(self.permutation[index])
+        return index * self.batch_tokens
 
 
 def resolve_data(spec, prepare_shakespeare):

@@ -114,7 +114,7 @@ class DataParallel(Strategy):
         reducing = last or self.staged_all
         if self.staged_all:
             self.reducer.fresh, accumulate = not accumulate, False
-        self.load(self.worker.train, window)
+        self.load(self.worker.train, self.worker.train_order, window)
         loss = self.model.forward(scale, self.written(self.grads, accumulate))
         forward_s = clock.lap()
         reduce0 = self.reducer.seconds

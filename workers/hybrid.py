@@ -99,7 +99,7 @@ class Hybrid(Strategy):
 
     def step(self, window, scale, accumulate, last):
         clock = Stopwatch(lambda: self.barrier.seconds, self.worker.engine)
-        self.load(self.worker.train, window)
+        self.load(self.worker.train, self.worker.train_order, window)
         loss = self.model.forward(scale, self.written(self.grads, accumulate))
         forward_s = clock.lap()
         sums = [0.0, 0.0]  # Σ g², seconds summing it

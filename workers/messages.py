@@ -18,6 +18,7 @@ class Init:
     batch_rows: int  # the global batch
     train: str
     val: str | None
+    order_seed: int | None  # of the training windows' order (None: file order)
     optim: str  # the optimizer's name in trainer/optimizers.py
     threads: int
     cores: list | None

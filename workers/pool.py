@@ -60,11 +60,13 @@ def arena_sizes(shape, optim=DEFAULT_OPTIMIZER):
 
 class Batches(NamedTuple):
     """Where a pool's tokens come from: the train and val token files, the global
-    batch's rows, and the first of this pool's (after the pools of earlier MPI ranks)."""
+    batch's rows, the first of this pool's (after the pools of earlier MPI ranks),
+    and the seed of the training windows' order (None: file order; trainer/data.py)."""
     train: str
     val: str | None
     batch_rows: int
     first_row: int = 0
+    order_seed: int | None = None
 
 
 class WorkerPool:
@@ -108,7 +110,8 @@ class WorkerPool:
         self.blas = self.request([msg.Init(
             rank=r, n_workers=self.n, model_type=cfg.model_type, config=cfg.fields(), pool_rows=shape.rows,
             first_row=batches.first_row, seq_len=shape.seq_len, batch_rows=batches.batch_rows,
-            train=batches.train, val=batches.val, optim=settings["optim"], threads=settings["threads"],
+            train=batches.train, val=batches.val, order_seed=batches.order_seed, optim=settings["optim"],
+            threads=settings["threads"],
             cores=cores[r] if cores else None, profile=settings["profile"], recompute=shape.recompute,
             gemm=shape.engine.name, training=self.trains.record(), parallel=shape.strategy.name,
             arenas={what: a.name for (what, _, _), a in zip(sizes, self.arenas)},

@@ -23,7 +23,6 @@ from typing import NamedTuple
 import numpy as np
 
 from trainer.activations import Table
-from trainer.data import window_start
 from trainer.model import Parallel
 from trainer.models import family_of
 from trainer.optim import sum_squares
@@ -116,10 +115,11 @@ class Strategy:
         """-> (rows, first row in the global batch) of the tokens this worker loads."""
         raise NotImplementedError
 
-    def load(self, tokens, window):
+    def load(self, tokens, order, window):
+        """This worker's rows of micro-batch `window` of `tokens` in `order` (a trainer.data.WindowOrder)."""
         worker = self.worker
         rows, first = self.rows()
-        start = window_start(window, tokens.size, worker.batch_rows * worker.seq_len) + first * worker.seq_len
+        start = order.start(window) + first * worker.seq_len
         self.model.load_batch(tokens[start:start + rows * worker.seq_len + 1], (window, first * worker.seq_len))
 
     def step(self, window, scale, accumulate, last):
