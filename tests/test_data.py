@@ -4,7 +4,7 @@ import pytest
 
 from conftest import launch, write_token_file
 from trainer.corpus import gpt2_encoding
-from trainer.data import DataError, open_tokens, window_start
+from trainer.data import DataError, WindowOrder, open_tokens
 
 
 def test_gpt2_bpe_offline():
@@ -61,7 +61,7 @@ def test_token_file_checks(tmp_path):
 
 def test_window_order_wraps_before_running_past_the_end():
     n, bt = 5 * 12 + 7, 12
-    starts = [window_start(s, n, bt) for s in range(8)]
+    starts = [WindowOrder(n, bt).start(s) for s in range(8)]  # file order (--data-order sequential)
     assert starts == [0, 12, 24, 36, 48, 0, 12, 24]
     # a window whose B·T+1 tokens end exactly at the file's end is still used
-    assert [window_start(s, 3 * bt + 1, bt) for s in range(4)] == [0, 12, 24, 0]
+    assert [WindowOrder(3 * bt + 1, bt).start(s) for s in range(4)] == [0, 12, 24, 0]
