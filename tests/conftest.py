@@ -132,16 +132,22 @@ def coregpt_segments():
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith("coregpt-"))
 
 
-def lingering_segments(ignore=(), wait=10.0):
-    """coregpt segments still linked after up to `wait` seconds, less those in `ignore`.
-    A pool unlinks its segments as soon as its workers have mapped them, so one that
-    lingers was leaked; another run starting beside the suite holds its own a moment."""
+def lingering(listing, ignore=(), wait=10.0):
+    """The names listing() still gives after up to `wait` seconds, less those in
+    `ignore`: what a run leaked.  A pool unlinks its segments (and removes its socket
+    directory) as soon as its workers have mapped them (connected); another run
+    starting beside the suite holds its own only a moment."""
     deadline = time.monotonic() + wait
     while True:
-        left = [name for name in coregpt_segments() if name not in ignore]
+        left = [name for name in listing() if name not in ignore]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
+
+
+def lingering_segments(ignore=(), wait=10.0):
+    """coregpt segments still linked after up to `wait` seconds (see lingering)."""
+    return lingering(coregpt_segments, ignore, wait)
 
 
 def own(pid):

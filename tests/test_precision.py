@@ -296,7 +296,8 @@ def test_resume_keeps_bf16_bit_for_bit(tmp_path, bf16_case):
     root = bf16_case[0]
     whole, _, _, _ = train_tiny(root, 2, "bf16-whole", "--precision", "bf16")
     first = tmp_path / "first"
-    common = ["train", "--init-from", root / "init", "--data", root / "tokens.bin", "--batch-size", 4,
+    common = ["train", "--init-from", root / "init", "--data", root / "tokens.bin", "--data-order", "sequential",
+              "--batch-size", 4,
               "--seq-len", 32, "--lr", 1e-3, "--lr-schedule", "constant", "--weight-decay", 0.1,
               "--workers", 2, "--threads-per-worker", 1, "--eval-every", 0]
     assert launch(*common, "--steps", 4, "--precision", "bf16", "--out-dir", first).returncode == 0

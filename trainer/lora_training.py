@@ -4,8 +4,7 @@ model sites are trainer/lora.py's, their checkpoint files peft's (trainer/peft.p
 import json
 import os
 
-from trainer.lora import (LoraSites, adapted, adapter_layout, adapter_shapes, base_layout, parameter_counts,
-                          trainable_count)
+from trainer.lora import LoraSites, adapted, adapter_layout, adapter_shapes, base_layout, parameter_counts
 from trainer.model import WeightTask
 from trainer.peft import peft_name, save_peft
 
@@ -34,9 +33,6 @@ class LoraTraining:
 
     def low_arenas(self, engine):
         return [("bf16 adapters", self.layout.size, engine.low_dtype)]
-
-    def count(self):
-        return trainable_count(self.cfg, self.lora)
 
     def describe(self):
         lora = self.lora

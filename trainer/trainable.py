@@ -75,9 +75,6 @@ class Full:
     def low_arenas(self, engine):
         return []
 
-    def count(self):
-        return self.layout.size
-
     def describe(self):
         """The header's line on what trains (None: nothing to add)."""
         return None
