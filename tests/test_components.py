@@ -34,16 +34,18 @@ def words(tree):
     return found
 
 
+def trees_outside(allowed, repo=None):
+    """-> (module, syntax tree) of every module outside `allowed`, in name order."""
+    for module, path in sorted(python_modules(*([repo] if repo else [])).items()):
+        if not module.startswith(allowed):
+            with open(path) as f:
+                yield module, ast.parse(f.read())
+
+
 def outside(allowed, match, repo=None):
     """-> ['module:line: text'] of every word that `match` accepts in a module outside `allowed`."""
-    found = []
-    for module, path in sorted(python_modules(*([repo] if repo else [])).items()):
-        if module.startswith(allowed):
-            continue
-        with open(path) as f:
-            tree = ast.parse(f.read())
-        found += [f"{module}:{line}: {text!r}" for line, text in words(tree) if match(text)]
-    return found
+    return [f"{module}:{line}: {text!r}" for module, tree in trees_outside(allowed, repo)
+            for line, text in words(tree) if match(text)]
 
 
 def gpt2_names(repo=None):
@@ -93,11 +95,7 @@ def lora_branches(repo=None):
     """-> ['module:line: text'] of every branch outside LoRA's modules whose test names
     LoRA (an identifier or string containing "lora")."""
     found = []
-    for module, path in sorted(python_modules(*([repo] if repo else [])).items()):
-        if module.startswith(LORA_MODULES):
-            continue
-        with open(path) as f:
-            tree = ast.parse(f.read())
+    for module, tree in trees_outside(LORA_MODULES, repo):
         for test in branch_tests(tree):
             found += [f"{module}:{line}: {text!r}" for line, text in words(test) if "lora" in text.lower()]
     return sorted(set(found))
