@@ -1,4 +1,4 @@
-"""`python -m launch COMMAND ...` (train, prepare, sample, export, plot, sweep);
+"""`python -m launch COMMAND ...` (train, prepare, sample, export, eval, plot, sweep);
 bare `python -m launch [flags]` trains configs/default.toml.  Errors are one
 line on stderr: exit 2 for bad input, 1 for a failed run, 130 / 143 after
 Ctrl-C / SIGTERM."""
@@ -14,6 +14,7 @@ COMMANDS = {
     "prepare": "tokenize a corpus or your own text into token files",
     "sample": "generate text from a run, checkpoint or model",
     "export": "write weights for transformers (hf), llm.c (llmc) or peft",
+    "eval": "a model's validation loss and perplexity on a token file",
     "plot": "draw a run's loss curve (RUN/loss.png)",
     "sweep": "measure throughput over workers, threads, strategies and precisions",
 }
@@ -136,6 +137,38 @@ def cmd_export(argv):
     return 0
 
 
+def cmd_eval(argv):
+    p = Parser(prog="launch eval", description="Mean validation loss (nats per token) and perplexity of a "
+               "model on token data, read in windows of --batch-size x --seq-len as a run evaluates.")
+    p.add_argument("--checkpoint", required=True, help="a run (its latest checkpoint), a checkpoint, or anything "
+                   "--init-from takes")
+    p.add_argument("--data", required=True, help="a prepared directory (its val.bin), 'shakespeare', or a token file")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per window")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per row (at most the model's context)")
+    p.add_argument("--windows", type=int, default=0, help="windows to read (0: every whole window of the file)")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.seq_len < 1 or args.windows < 0:
+        raise ConfigError("--batch-size and --seq-len must be at least 1, --windows not negative")
+    exists(args.checkpoint)
+    from trainer.base import load_model
+    from trainer.corpus import prepare_shakespeare
+    from trainer.data import check_tokens, open_tokens, resolve_data
+    from trainer.evaluate import mean_loss, perplexity
+    train, val = resolve_data(args.data, prepare_shakespeare)
+    path = val if os.path.isdir(args.data) or args.data == "shakespeare" else train
+    if path is None:
+        raise ConfigError(f"--data {args.data} has no val.bin; pass the token file to evaluate on")
+    cfg, tensors = load_model(args.checkpoint)
+    if args.seq_len > cfg.block_size:
+        raise ConfigError(f"--seq-len {args.seq_len} is above the model's context of {cfg.block_size}")
+    tokens = open_tokens(path)
+    check_tokens(tokens, path, args.batch_size * args.seq_len, cfg.vocab_size)
+    loss, windows = mean_loss(cfg, tensors, tokens, args.batch_size, args.seq_len, args.windows)
+    print(f"{path}: val loss {loss:.4f}, perplexity {perplexity(loss):.2f} "
+          f"({windows} windows of {args.batch_size}x{args.seq_len} tokens)")
+    return 0
+
+
 def exists(checkpoint):
     """--checkpoint names something on disk (or a hub model the weights loader fetches)."""
     from trainer.models import hub_names
@@ -178,7 +211,7 @@ def main(argv=None):
     try:
         from launch.sweep import sweep
         commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample,
-                    "export": cmd_export, "plot": cmd_plot, "sweep": sweep}
+                    "export": cmd_export, "eval": cmd_eval, "plot": cmd_plot, "sweep": sweep}
         return commands[command](rest)
     except (ConfigError, DataError, WeightsError, ResourceError) as e:
         # the same on every rank (settings) or already agreed by all ranks (setup)

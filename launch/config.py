@@ -66,11 +66,13 @@ SETTINGS = {
     "smt": (bool, False, "count hyperthreads (SMT siblings) as cores; default: one logical CPU per "
                          "physical core"),
     "out_dir": (str, None, "run directory (default runs/<UTC timestamp>)"),
-    "eval_every": (int, 100, "validation loss every N steps and at the end (0 disables)"),
+    "eval_every": (int, 100, "validation loss before step 1, every N steps and at the end (0 disables)"),
     "eval_steps": (int, 10, "batches per validation"),
     "sample_every": (int, 0, "print a sample every N steps (0 disables)"),
     "ckpt_every": (int, 0, "checkpoint every N steps (0: only at the end)"),
-    "keep_last": (int, 0, "keep only the K newest checkpoints (0 keeps all)"),
+    "keep_last": (int, 0, "keep only the K newest checkpoints (0 keeps all; never the latest or best)"),
+    "keep_best": (bool, False, "also checkpoint each evaluation that lowers the validation loss and keep "
+                               "the best as RUN/checkpoints/best"),
     "no_checkpoint": (bool, False, "write no checkpoint"),
     "resume": (bool, False, "continue the run in --out-dir from its latest checkpoint"),
     "seed": (int, 1337, "seed for initialisation and sampling"),
@@ -261,6 +263,8 @@ def check(settings, group=None):
     settings = check_cores(check_lora(settings), local_ranks)
     if settings.min_lr is None:
         settings = dataclasses.replace(settings, min_lr=settings.lr / 10)
+    need(not settings.keep_best or (settings.eval_every and not settings.no_checkpoint),
+         "--keep-best needs evaluations (--eval-every above 0) and checkpoints (no --no-checkpoint)")
     need(not (settings.resume and settings.out_dir is None), "--resume needs --out-dir naming the run to continue")
     for name in ("COREGPT_ATTENTION_BLOCK", "COREGPT_HEAD_ROWS"):
         knob(name, 1)  # a malformed size is one line here, not a worker failing later

@@ -68,7 +68,10 @@ class StepLoop:
     def run(self, start, state):
         settings = self.settings
         self.counts = {"updates": state.get("adam_steps", start), "skipped": state.get("skipped_nonfinite", 0)}
+        self.best, self.saved = state.get("best"), start  # the lowest validation loss; the step last saved
         step, self.began = start, time.perf_counter()
+        if self.val_path and settings.eval_every and start == 0 < settings.steps:
+            self.evaluate(0)  # the loss the run starts from (a fine-tune's base)
         first = None  # each worker's layer seconds after the run's first step (profiling)
         for step in range(start + 1, settings.steps + 1):
             self.log_epoch(step)
@@ -82,11 +85,11 @@ class StepLoop:
                 text = sample_text(self.cfg, self.weights(), "\n", max_new_tokens=64, seed=settings.seed)
                 log(f"step {step:>6}/{settings.steps} | sample:\n{text}\n")
             if self.group.any(self.stop.signum is not None):  # every rank stops after the same step
-                if not settings.no_checkpoint and self.group.is_root:
+                if not settings.no_checkpoint and self.group.is_root and self.saved != step:
                     log(f"coregpt: checkpoint {self.checkpoint(step)}")
                 raise Interrupted(self.stop.signum or signal.SIGINT, step, settings.out_dir)
             if settings.ckpt_every and step % settings.ckpt_every == 0 and not last and not settings.no_checkpoint \
-                    and self.group.is_root:
+                    and self.group.is_root and self.saved != step:
                 self.checkpoint(step)
         if settings.profile and step > start:
             layers, steps, which = self.layer_seconds(), step - start, ""
@@ -98,7 +101,7 @@ class StepLoop:
                 which = f", step {step}" if steps == 1 else f", steps {start + 2}-{step}"
             log(f"coregpt: time inside each worker by layer type (mean over workers{which})\n"
                 + layer_table(layers, steps))
-        if not settings.no_checkpoint and step > start and self.group.is_root:
+        if not settings.no_checkpoint and step > start and self.group.is_root and self.saved != step:
             log(f"coregpt: checkpoint {self.checkpoint(step)}")
 
     def log_epoch(self, step):
@@ -170,7 +173,13 @@ class StepLoop:
         val = self.group.sum(sum(r.loss for r in self.pool.request(msg.Eval(windows=settings.eval_steps))))
         val /= settings.eval_steps * self.batch_tokens
         self.metrics.write({"step": step, "val_loss": val})
-        log(f"step {step:>6}/{settings.steps} | val loss {val:.4f}")
+        improved = settings.keep_best and (self.best is None or val < self.best["val_loss"])
+        log(f"step {step:>6}/{settings.steps} | val loss {val:.4f}" + (" (best so far)" if improved else ""))
+        if improved:  # every rank knows the loss; the root keeps the weights that gave it
+            self.best = {"step": step, "val_loss": val}
+            if self.group.is_root:
+                self.checkpoint(step)
 
     def checkpoint(self, step):
-        return checkpoint(self.settings, self.start, step, self.arrays, self.counts)
+        self.saved = step
+        return checkpoint(self.settings, self.start, step, self.arrays, self.counts, self.best)

@@ -10,7 +10,7 @@ import json
 import os
 
 from launch.console import log
-from trainer.checkpoint import prune_checkpoints, save_checkpoint
+from trainer.checkpoint import mark_best, prune_checkpoints, save_checkpoint
 from trainer.errors import DataError, RunError
 from trainer.files import atomic_write
 from trainer.weights import latest_checkpoint
@@ -108,18 +108,23 @@ class Metrics:
             pass  # a failed flush was reported by write()
 
 
-def checkpoint(settings, start, step, arrays, counts):
+def checkpoint(settings, start, step, arrays, counts, best=None):
     """start: where the weights came from (launch.start.Start); arrays: (trained
-    tensors, optimizer state)."""
+    tensors, optimizer state); best: {"step", "val_loss"} of the lowest validation
+    loss so far (--keep-best), marked as RUN/checkpoints/best when it is this step's."""
     params, optimizer = arrays
     state = {"seed": settings.seed, "data_window": step * settings.grad_accum, "adam_steps": counts["updates"],
              "skipped_nonfinite": counts["skipped"], "config": run_settings(settings), **start.checkpoint_state()}
+    if best is not None:
+        state["best"] = best
     from safetensors import SafetensorError
     try:  # a failed write leaves no partial directory, and `latest` still names the previous one
         path = save_checkpoint(settings.out_dir, step, start.trains, params, optimizer, state)
     except (OSError, SafetensorError) as e:
         raise write_failed(f"the step {step} checkpoint in {os.path.join(settings.out_dir, 'checkpoints')}",
                            e, settings.out_dir) from None
+    if best is not None and best["step"] == step:
+        mark_best(settings.out_dir, path)
     if settings.keep_last:
         prune_checkpoints(settings.out_dir, settings.keep_last)
     return path

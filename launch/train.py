@@ -20,7 +20,7 @@ from launch.rundir import (Metrics, NoMetrics, lock_run_dir, plot_quietly, prepa
                            write_failed)
 from launch.adapters import lora_start
 from launch.start import full_start
-from trainer.checkpoint import read_state
+from trainer.checkpoint import best_checkpoint, read_state
 from trainer.corpus import prepare_shakespeare
 from trainer.data import check_tokens, open_tokens, resolve_data
 from trainer.errors import ConfigError, DataError, EngineError, ResourceError, RunError, WeightsError
@@ -42,7 +42,7 @@ from workers.strategies import STRATEGIES
 STARTS = {"full": full_start, "lora": lora_start}
 
 # what a resumed run may change; everything else is the run's own
-RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every", "keep_last",
+RESUME_KEEPS = ("steps", "eval_every", "eval_steps", "sample_every", "ckpt_every", "keep_last", "keep_best",
                 "no_checkpoint", "workers", "threads_per_worker", "oversubscribe", "skip_nonfinite",
                 "profile")
 
@@ -81,10 +81,13 @@ def open_data(settings, cfg):
         try:
             check_tokens(open_tokens(val_path), val_path, settings.batch_size * settings.seq_len, cfg.vocab_size)
         except DataError as e:
-            if settings.val_data:
+            if settings.val_data or settings.keep_best:
                 raise
             log(f"coregpt: evaluation disabled: {e}")
             val_path = None
+    if settings.keep_best and not val_path:
+        raise DataError(f"--keep-best needs validation data: {settings.data} has no val.bin beside it; "
+                        f"pass --val-data FILE")
     return os.path.abspath(train_path), os.path.abspath(val_path) if val_path else None
 
 
@@ -238,7 +241,9 @@ def run_pool(run, group):
 def outputs(run_dir):
     """The line that ends a run: where its files are, and how to go on."""
     files = [name for name in ("metrics.jsonl", "loss.png") if os.path.exists(os.path.join(run_dir, name))]
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint, best = latest_checkpoint(run_dir), best_checkpoint(run_dir)
     return (f"run dir {run_dir}: " + ", ".join(files)
             + (f", checkpoint {os.path.relpath(checkpoint, run_dir)} (go on with --resume --out-dir {run_dir})"
-               if checkpoint else ""))
+               if checkpoint else "")
+            + (f", best {os.path.relpath(best, run_dir)} (val loss {read_state(best)['best']['val_loss']:.4f})"
+               if best else ""))

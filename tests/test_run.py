@@ -30,7 +30,7 @@ def test_outputs_of_a_run(tmp_path, data_dir):
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
-    assert [r["step"] for r in evals] == [2, 4]
+    assert [r["step"] for r in evals] == [0, 2, 4]  # before step 1 too
     for r in steps:
         assert set(r) == {"step", "loss", "lr", "grad_norm", "step_ms", "tokens_per_s"}
         assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["grad_norm"] > 0

@@ -70,11 +70,22 @@ def save_checkpoint(run_dir, step, trains, tensors, optimizer, state):
     return final
 
 
+def mark_best(run_dir, ckpt_dir):
+    """RUN/checkpoints/best names ckpt_dir (--keep-best), replaced atomically like `latest`."""
+    with atomic_write(os.path.join(run_dir, "checkpoints", "best"), "w") as f:
+        f.write(os.path.basename(ckpt_dir) + "\n")
+
+
+def best_checkpoint(run_dir):
+    """The checkpoint directory RUN/checkpoints/best names, or None."""
+    return latest_checkpoint(run_dir, "best")
+
+
 def prune_checkpoints(run_dir, keep):
-    """Delete all but the `keep` newest step_* checkpoints (never the latest)."""
+    """Delete all but the `keep` newest step_* checkpoints (never the latest or the best)."""
     root = os.path.join(run_dir, "checkpoints")
-    latest = os.path.basename(latest_checkpoint(run_dir) or "")
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_") and d != latest)
+    kept = {os.path.basename(latest_checkpoint(run_dir) or ""), os.path.basename(best_checkpoint(run_dir) or "")}
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_") and d not in kept)
     for name in steps[:max(0, len(steps) - (keep - 1))]:
         shutil.rmtree(os.path.join(root, name))
 

@@ -55,9 +55,9 @@ def load_safetensors(path, hf_config=None):
     return cfg, {name: value for name, value in named if name is not None}
 
 
-def latest_checkpoint(run_dir):
-    """The checkpoint directory RUN/checkpoints/latest names, or None."""
-    latest = os.path.join(run_dir, "checkpoints", "latest")
+def latest_checkpoint(run_dir, pointer="latest"):
+    """The checkpoint directory RUN/checkpoints/latest (or another pointer file) names, or None."""
+    latest = os.path.join(run_dir, "checkpoints", pointer)
     if not os.path.isfile(latest):
         return None
     with open(latest) as f:
