@@ -21,10 +21,8 @@ import tempfile
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from bench.vs_pytorch import coregpt_step_times  # noqa: E402
+import harness  # noqa: F401  (puts the repository on sys.path)
+from harness import coregpt_step_times  # noqa: E402
 from trainer.data import write_tokens  # noqa: E402
 from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS  # noqa: E402
 
@@ -45,7 +43,7 @@ def main():
     args = p.parse_args()
     extra = {"after": shlex.split(args.after_flags), "before": shlex.split(args.before_flags)}
     B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
-    sides = {"after": REPO, "before": os.path.abspath(args.before)}
+    sides = {"after": harness.REPO, "before": os.path.abspath(args.before)}
     precisions = args.precision.split(",")
     tokens = np.random.default_rng(0).integers(0, GPT2_VOCAB, (n + 4) * B * T + 1).astype(np.uint16)
     raw = {(side, prec): [] for side in sides for prec in precisions}

@@ -22,13 +22,10 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import harness  # noqa: E402  (puts the repository on sys.path)
+from harness import REPO  # noqa: E402
 
-from trainer.data import write_tokens  # noqa: E402
-from trainer.models.gpt2 import VOCAB as GPT2_VOCAB  # noqa: E402
 
 
 def uss_kb(pid):
@@ -83,8 +80,8 @@ def main():
     p.add_argument("--check-exact", action="store_true", help="also train the same steps without stopping")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="coregpt-coord-") as tmp:
-        data, out = os.path.join(tmp, "tokens.bin"), os.path.join(tmp, "run")
-        write_tokens(data, np.random.default_rng(0).integers(0, GPT2_VOCAB, 10 * 64 + 1).astype(np.uint16))
+        out = os.path.join(tmp, "run")
+        data = harness.corpus(tmp, 10 * 64 + 1)
         base = [sys.executable, "-m", "launch", "train", "--model", args.model, "--data", data, "--batch-size", "1",
                 "--seq-len", "64", "--workers", "2", "--threads-per-worker", "1", "--eval-every", "0",
                 "--out-dir", out]

@@ -13,14 +13,9 @@ import re
 import sys
 import tempfile
 
-import numpy as np
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from bench.vs_pytorch import coregpt_run, coregpt_step_times  # noqa: E402
-from trainer.data import write_tokens  # noqa: E402
-from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS  # noqa: E402
+import harness  # noqa: F401  (puts the repository on sys.path)
+from harness import coregpt_run, coregpt_step_times  # noqa: E402
+from trainer.models.gpt2 import PRESETS  # noqa: E402
 
 
 def main():
@@ -35,9 +30,7 @@ def main():
     args = p.parse_args()
     B, T = args.batch_size, args.seq_len
     with tempfile.TemporaryDirectory(prefix="coregpt-memory-") as tmp:
-        data = os.path.join(tmp, "tokens.bin")
-        rng = np.random.default_rng(0)
-        write_tokens(data, rng.integers(0, GPT2_VOCAB, (args.steps + 1) * B * T + 1).astype(np.uint16))
+        data = harness.corpus(tmp, (args.steps + 1) * B * T + 1)
         out = os.path.join(tmp, "run") if args.resume else None
         run = coregpt_step_times(args.model, B, T, args.steps, args.workers, data, args.extra, watch_memory=True,
                                  out=out)

@@ -17,20 +17,15 @@ step times, the medians, the ratios and each system's peak memory (PSS, shared m
 once) in a separate untimed run.
 """
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vs_pytorch import REPO, coregpt_step_times, cpu_model, interleaved, medians, run_watched  # noqa: E402
-
-sys.path.insert(0, REPO)
-from trainer.data import write_tokens  # noqa: E402
-from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS  # noqa: E402
+import harness  # noqa: E402  (puts the repository on sys.path)
+from harness import coregpt_step_times, interleaved, medians  # noqa: E402
+from trainer.models.gpt2 import PRESETS  # noqa: E402
 
 PEFT = {"pytorch + peft, bf16 autocast, fused AdamW": False,
         "pytorch + peft, bf16 autocast, fused AdamW, compile": True}
@@ -72,13 +67,10 @@ def peft_step_times(model_name, B, T, steps, threads, tokens, rank, compile):
 
 
 def peft_run(name, args, steps, warmup, watch_memory=False):
-    code, out, err, peak = run_watched(
-        [sys.executable, __file__, "--torch-only", name, "--model", args.model, "--batch-size", str(args.batch_size),
-         "--seq-len", str(args.seq_len), "--steps", str(steps), "--warmup", str(warmup), "--rank", str(args.rank)],
-        None, None, watch_memory)
-    if code:
-        raise SystemExit(f"{name} failed:\n{err[-2000:]}")
-    return json.loads(out), peak
+    """One peft recipe in its own process -> (step times, peak GB or None)."""
+    return harness.child_run(__file__, ["--torch-only", name, "--model", args.model, "--batch-size", args.batch_size,
+                                        "--seq-len", args.seq_len, "--steps", steps, "--warmup", warmup,
+                                        "--rank", args.rank], watch_memory)
 
 
 def main():
@@ -92,13 +84,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="every system runs once per round")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the peft recipe")
     ap.add_argument("--recompute", action="store_true", help="also coregpt's LoRA with --recompute")
+    ap.add_argument("--json", help="where to write the result (default bench/results/DATE-vs_peft-B-T.json)")
     ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt's systems (after --)")
     ap.add_argument("--torch-only", metavar="RECIPE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
-    tokens = np.random.default_rng(0).integers(0, GPT2_VOCAB, n * B * T + 1).astype(np.uint16)
+    tokens = harness.random_tokens(n * B * T + 1)
     if args.torch_only:
-        print(json.dumps(peft_step_times(args.model, B, T, n, 2, tokens, args.rank, PEFT[args.torch_only])))
+        print(harness.json.dumps(peft_step_times(args.model, B, T, n, 2, tokens, args.rank, PEFT[args.torch_only])))
         return
     recipes = [r for r in PEFT if args.compile or not PEFT[r]]
     lora = ["--precision", "bf16", "--lora-rank", str(args.rank), *args.extra]
@@ -106,8 +99,7 @@ def main():
     if args.recompute:
         systems[LORA_RECOMPUTE] = lora + ["--recompute"]
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
-        data = os.path.join(tmp, "tokens.bin")
-        write_tokens(data, tokens)
+        data = harness.corpus(tmp, n * B * T + 1)
         def run(name):
             if name in PEFT:
                 return peft_run(name, args, args.steps, args.warmup)[0]
@@ -116,18 +108,25 @@ def main():
         peaks = {name: peft_run(name, args, 1, 3 if PEFT[name] else 2, watch_memory=True)[1] for name in recipes}
         peaks.update({name: coregpt_step_times(args.model, B, T, 3, 2, data, flags, watch_memory=True).peak
                       for name, flags in systems.items()})
-    print(f"{args.model}, LoRA r={args.rank} on c_attn, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; "
+    print(f"{args.model}, LoRA r={args.rank} on c_attn, B={B}, T={T} on {harness.fingerprint()['cpu']}, {os.cpu_count()} CPUs; "
           f"PyTorch with 2 threads; coregpt's extra flags: {' '.join(args.extra) or 'none'}")
     print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
     med = medians(raw, B * T, width=55)
     best = min(recipes, key=med.get)
-    print(f"coregpt LoRA over the fastest PyTorch + peft recipe ({best}): {med[best] / med[LORA]:.2f}x")
-    print(f"coregpt LoRA over coregpt's full fine-tuning: {med[FULL] / med[LORA]:.2f}x")
+    summary = {f"coregpt LoRA over the fastest PyTorch + peft recipe ({best})": med[best] / med[LORA],
+               "coregpt LoRA over coregpt's full fine-tuning": med[FULL] / med[LORA]}
     if args.recompute:
-        print(f"coregpt LoRA --recompute over the fastest PyTorch + peft recipe: {med[best] / med[LORA_RECOMPUTE]:.2f}x")
+        summary["coregpt LoRA --recompute over the fastest PyTorch + peft recipe"] = med[best] / med[LORA_RECOMPUTE]
+    for line, value in summary.items():
+        print(f"{line}: {value:.2f}x")
     print("peak memory (PSS of the process and its children, shared memory once):")
     for name, peak in peaks.items():
         print(f"  {name:55} {peak:6.2f} GB")
+    harness.save("vs_peft", {"model": args.model, "batch_size": B, "seq_len": T, "lora_rank": args.rank,
+                             "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+                             "pytorch_threads": 2, "coregpt_flags": args.extra},
+                 {name: {"raw": raw[name], "median_s": med[name], "tokens_per_s": B * T / med[name],
+                         "peak_gb": peaks.get(name)} for name in raw}, summary, args.json)
 
 
 if __name__ == "__main__":

@@ -17,26 +17,18 @@ same precision in the run.  A step is forward + backward + clip + AdamW; the fir
 --warmup steps of every process (compilation included) are left out.  Prints
 every raw step time, each system's median over all rounds, the ratios, and the
 peak memory (PSS, shared memory once) of every PyTorch recipe and of coregpt's
-2-worker systems, each in a separate untimed run.
+2-worker systems, each in a separate untimed run, and writes it all as JSON
+(bench/results/; `python bench/report.py` makes docs/benchmarks/ from it).
 """
 import argparse
-import json
 import os
-import platform
-import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from typing import NamedTuple
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from trainer.data import write_tokens  # noqa: E402
+import harness  # noqa: E402  (puts the repository on sys.path)
+from harness import coregpt_step_times, interleaved, medians  # noqa: E402
 from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS  # noqa: E402
 
 TORCH_RECIPES = {
@@ -113,130 +105,11 @@ def torch_step_times(model_name, B, T, steps, threads, tokens, bf16, compile):
     return times
 
 
-def pss_kb(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-    except (OSError, StopIteration):
-        return 0
-
-
-def process_tree(pid):
-    pids, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        try:
-            with open(f"/proc/{parent}/task/{parent}/children") as f:
-                kids = [int(k) for k in f.read().split()]
-        except OSError:
-            kids = []
-        pids.update(kids)
-        frontier += kids
-    return pids
-
-
-def tree_pss_kb(root):
-    """PSS in kB of a process and all its descendants (shared memory counted once),
-    or None if the tree changed while it was read (a process starting or exiting
-    shifts PSS between the others)."""
-    tree = process_tree(root)
-    total = sum(pss_kb(p) for p in tree)
-    return total if process_tree(root) == tree else None
-
-
-def run_watched(cmd, cwd, env, watch_memory):
-    """Run cmd -> (return code, stdout, stderr, peak GB of its process tree's PSS or
-    None).  Reading smaps costs kernel time on the cores being timed, so memory is
-    watched only in runs that are not timed (see tree_pss_kb for dropped samples)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
-
-    def watch():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], tree_pss_kb(proc.pid) or 0)
-            time.sleep(0.1)
-    watcher = threading.Thread(target=watch, daemon=True)
-    if watch_memory:
-        watcher.start()
-    out, err = proc.communicate()
-    if watch_memory:
-        watcher.join()
-    return proc.returncode, out, err, peak[0] / 1e6 if watch_memory else None
-
-
-class CoregptRun(NamedTuple):
-    times: list  # seconds of each step
-    peak: float | None  # GB, when watched
-    log: str  # its stderr (the header, with the memory plan)
-
-
-def coregpt_step_times(model_name, B, T, steps, workers, data, extra, watch_memory=False, repo=REPO, out=None):
-    """`launch train` on `data` -> CoregptRun.  out: the run directory to keep, with
-    its checkpoint (default: a temporary one, no checkpoint)."""
-    with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
-        run_dir = out or os.path.join(tmp, "run")
-        cmd = [sys.executable, "-m", "launch", "train", "--model", model_name, "--data", data,
-               "--batch-size", str(B), "--seq-len", str(T), "--steps", str(steps), "--lr-schedule",
-               "constant", "--workers", str(workers), "--threads-per-worker", "1", "--eval-every", "0",
-               *([] if out else ["--no-checkpoint"]), "--out-dir", run_dir, *extra]
-        return coregpt_run(cmd, run_dir, watch_memory, repo)
-
-
-def coregpt_run(cmd, run_dir, watch_memory=False, repo=REPO):
-    """A `launch train` command writing run_dir -> CoregptRun of the steps it added."""
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    before = os.path.getsize(metrics) if os.path.exists(metrics) else 0
-    code, _, err, peak = run_watched(cmd, repo, dict(os.environ, PYTHONPATH=repo), watch_memory)
-    if code != 0:
-        raise SystemExit(f"coregpt run failed:\n{err[-2000:]}")
-    with open(metrics) as f:
-        f.seek(before)
-        rows = [json.loads(line) for line in f]
-    return CoregptRun([r["step_ms"] / 1000 for r in rows if "step_ms" in r], peak, err)
-
-
 def torch_run(name, args, steps, warmup, watch_memory=False):
-    """One PyTorch recipe in its own process (an idle torch pool must not share the
-    cores) -> (step times, peak GB or None)."""
-    code, out, err, peak = run_watched(
-        [sys.executable, __file__, "--torch-only", name, "--model", args.model, "--batch-size",
-         str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(steps), "--warmup", str(warmup)],
-        None, None, watch_memory)
-    if code:
-        raise SystemExit(f"{name} failed:\n{err[-2000:]}")
-    return json.loads(out), peak
-
-
-def interleaved(names, run, rounds, warmup):
-    """Every system once a round, who goes first rotating; run(name) -> its step times.
-    -> {name: [step times after warm-up, by round]} (each printed as it comes)."""
-    raw = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            raw[name].append(run(name)[warmup:])
-            print(f"round {r + 1}: {name}: " + " ".join(f"{t:.3f}" for t in raw[name][-1]), file=sys.stderr,
-                  flush=True)
-    return raw
-
-
-def medians(raw, tokens, width=50):
-    """Print each system's median, tokens/s, round medians and raw times -> {name: median}."""
-    print(f"{'':{width}} {'s/step':>7} {'tokens/s':>9}  round medians | raw s/step")
-    med = {}
-    for name, rounds in raw.items():
-        med[name] = statistics.median(t for times in rounds for t in times)
-        print(f"{name:{width}} {med[name]:7.3f} {tokens / med[name]:9.1f}  "
-              + " ".join(f"{statistics.median(times):.3f}" for times in rounds) + " | "
-              + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in rounds))
-    return med
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+    """One PyTorch recipe in its own process -> (step times, peak GB or None)."""
+    return harness.child_run(__file__, ["--torch-only", name, "--model", args.model, "--batch-size", args.batch_size,
+                                        "--seq-len", args.seq_len, "--steps", steps, "--warmup", warmup],
+                             watch_memory)
 
 
 def main():
@@ -254,6 +127,7 @@ def main():
     ap.add_argument("--fp32-only", action="store_true",
                     help="leave out the bf16 systems (CPUs without bf16 units, where PyTorch's autocast "
                          "takes minutes a step)")
+    ap.add_argument("--json", help="where to write the result (default bench/results/DATE-vs_pytorch-B-T.json)")
     ap.add_argument("extra", nargs="*", help="extra `launch train` flags for coregpt (after --)")
     ap.add_argument("--torch-only", metavar="RECIPE", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -262,9 +136,9 @@ def main():
     if args.fp32_only and args.recompute:
         ap.error("--recompute adds a bf16 system, which --fp32-only leaves out")
     B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
-    tokens = np.random.default_rng(0).integers(0, GPT2_VOCAB, n * B * T + 1).astype(np.uint16)
+    tokens = harness.random_tokens(n * B * T + 1)
     if args.torch_only:
-        print(json.dumps(torch_step_times(args.model, B, T, n, 2, tokens, **TORCH_RECIPES[args.torch_only])))
+        print(harness.json.dumps(torch_step_times(args.model, B, T, n, 2, tokens, **TORCH_RECIPES[args.torch_only])))
         return
     precisions = {"fp32"} if args.fp32_only else {"bf16"} if args.bf16_only else {"bf16", "fp32"}
     recipes = [r for r in TORCH_RECIPES if (args.compile or not TORCH_RECIPES[r]["compile"])
@@ -274,8 +148,7 @@ def main():
     if args.recompute:
         systems[RECOMPUTE] = (2, ["--precision", "bf16", "--recompute"])
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
-        data = os.path.join(tmp, "tokens.bin")
-        write_tokens(data, tokens)
+        data = harness.corpus(tmp, n * B * T + 1)
         def run(name):
             if name in TORCH_RECIPES:
                 return torch_run(name, args, args.steps, args.warmup)[0]
@@ -288,32 +161,40 @@ def main():
         peaks.update({name: coregpt_step_times(args.model, B, T, 3, 2, data, flags + args.extra,
                                                watch_memory=True).peak
                       for name, (workers, flags) in systems.items() if workers == 2})
-    print(f"{args.model}, B={B}, T={T} on {cpu_model()}, {os.cpu_count()} CPUs; PyTorch with 2 threads")
+    print(f"{args.model}, B={B}, T={T} on {harness.fingerprint()['cpu']}, {os.cpu_count()} CPUs; "
+          f"PyTorch with 2 threads")
     print(f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps each")
     med = medians(raw, B * T)
-    if "bf16" in precisions:
-        best_bf16 = min((n for n in recipes if TORCH_RECIPES[n]["bf16"]), key=med.get)
-        c16 = med["coregpt bf16, 2 workers x 1 thread"]
-        print(f"coregpt bf16 2x1 over the fastest PyTorch bf16 recipe ({best_bf16}): {med[best_bf16] / c16:.2f}x")
-    if "fp32" in precisions:
-        best_fp32 = min((n for n in recipes if not TORCH_RECIPES[n]["bf16"]), key=med.get)
-        c32 = med["coregpt fp32, 2 workers x 1 thread"]
-        print(f"coregpt fp32 2x1 over the fastest PyTorch fp32 recipe ({best_fp32}): {med[best_fp32] / c32:.2f}x")
-    if not args.two_workers_only:
-        scaling = {p: med[f"coregpt {p}, 1 worker x 1 thread"] / med[f"coregpt {p}, 2 workers x 1 thread"]
-                   for p in ("bf16", "fp32") if f"coregpt {p}, 1 worker x 1 thread" in systems}
-        print("scaling 1 -> 2 workers: " + ", ".join(f"{p} {x:.2f}x" for p, x in scaling.items()))
-    if args.recompute:
-        print(f"coregpt bf16 2x1 --recompute over the fastest PyTorch bf16 recipe: "
-              f"{med[best_bf16] / med[RECOMPUTE]:.2f}x; its step over coregpt's without it: "
-              f"{med[RECOMPUTE] / c16:.2f}x")
+    summary = ratios(med, recipes, systems, precisions, args)
+    for line, value in summary.items():
+        print(f"{line}: {value:.2f}x")
     print("peak memory (PSS of the process and its children, shared memory once):")
     for name, peak in peaks.items():
         print(f"  {name:50} {peak:6.2f} GB")
-    precision, eager = ("fp32", "pytorch fp32, fused AdamW") if args.fp32_only else \
-        ("bf16", "pytorch bf16 autocast, fused AdamW")
-    print(f"peak over {eager} (eager)'s: " + ", ".join(
-        f"{name} {peaks[name] / peaks[eager]:.2f}x" for name in systems if name in peaks and precision in name))
+    harness.save("vs_pytorch", {"model": args.model, "batch_size": B, "seq_len": T, "rounds": args.rounds,
+                                "steps": args.steps, "warmup": args.warmup, "pytorch_threads": 2,
+                                "coregpt_flags": args.extra},
+                 {name: {"raw": raw[name], "median_s": med[name], "tokens_per_s": B * T / med[name],
+                         "peak_gb": peaks.get(name)} for name in raw}, summary, args.json)
+
+
+def ratios(med, recipes, systems, precisions, args):
+    """-> {what: ratio}: coregpt against the fastest PyTorch recipe of each precision,
+    1 -> 2 workers, --recompute's cost."""
+    summary = {}
+    for precision in sorted(precisions):
+        fastest = min((n for n in recipes if TORCH_RECIPES[n]["bf16"] == (precision == "bf16")), key=med.get)
+        summary[f"coregpt {precision} 2x1 over the fastest PyTorch {precision} recipe ({fastest})"] = \
+            med[fastest] / med[f"coregpt {precision}, 2 workers x 1 thread"]
+        one = f"coregpt {precision}, 1 worker x 1 thread"
+        if one in systems:
+            summary[f"coregpt {precision}: 1 -> 2 workers"] = med[one] / med[f"coregpt {precision}, 2 workers x 1 thread"]
+    if args.recompute:
+        fastest = min((n for n in recipes if TORCH_RECIPES[n]["bf16"]), key=med.get)
+        summary["coregpt bf16 2x1 --recompute over the fastest PyTorch bf16 recipe"] = med[fastest] / med[RECOMPUTE]
+        summary["coregpt bf16 2x1: step with --recompute over without"] = \
+            med[RECOMPUTE] / med["coregpt bf16, 2 workers x 1 thread"]
+    return summary
 
 
 if __name__ == "__main__":

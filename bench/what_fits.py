@@ -9,22 +9,14 @@ way, 1 step) of every run whose plan fits the memory available here.
 Prints a Markdown table (LoRA's base is GPT-2's initialisation: the memory is the same
 as a pretrained one's)."""
 import argparse
-import os
-import sys
 import tempfile
 
-import numpy as np
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from bench.vs_pytorch import coregpt_step_times  # noqa: E402
+import harness  # noqa: F401  (puts the repository on sys.path)
+from harness import coregpt_step_times  # noqa: E402
 from launch.config import Settings, check  # noqa: E402
 from launch.train import choose_engine  # noqa: E402
-from trainer.data import write_tokens  # noqa: E402
 from launch.train import STARTS  # noqa: E402
 from trainer.trainable import kind_of  # noqa: E402
-from trainer.models.gpt2 import VOCAB as GPT2_VOCAB  # noqa: E402
 from workers.resources import meminfo_available, plan_for  # noqa: E402
 from workers.strategies import STRATEGIES  # noqa: E402
 
@@ -58,8 +50,7 @@ def main():
     print("\n| model | " + " | ".join(f"{column} planned | measured" for column in columns) + " |")
     print("|---|" + "---:|---:|" * len(columns))
     with tempfile.TemporaryDirectory(prefix="coregpt-fits-") as tmp:
-        data = os.path.join(tmp, "tokens.bin")
-        write_tokens(data, np.random.default_rng(0).integers(0, GPT2_VOCAB, 2 * B * T + 1).astype(np.uint16))
+        data = harness.corpus(tmp, 2 * B * T + 1)
         for model in args.models.split(","):
             cells = []
             for column in columns:

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import (REPO, fit_cores, launch, lingering_segments, read_metrics, start_launch, write_corpus,
                       write_tiny_inputs)
-from bench.vs_pytorch import tree_pss_kb  # the sampler behind the README's peak figures
+from bench.harness import tree_pss_kb  # the sampler behind the benchmarks' peak figures
 from workers import resources
 from workers.shm import SharedArena
 
