@@ -9,6 +9,8 @@ import pytest
 
 from conftest import launch, read_metrics, write_corpus
 
+pytestmark = pytest.mark.e2e  # each test runs python -m launch
+
 TINY_FLAGS = ["--n-layer", 2, "--n-head", 4, "--n-embd", 64, "--block-size", 64,
               "--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1]
 
@@ -78,11 +80,13 @@ def test_eval_command_against_transformers(best_run, data_dir, tmp_path):
     expected = reference_loss(tmp_path / "hf", tokens, 4, 32, windows)
     assert loss == pytest.approx(expected, rel=1e-5)
     assert ppl == pytest.approx(np.exp(expected), rel=1e-4)
-    # the run's own evaluation of its last step read the first 3 of these windows
-    three = launch("eval", "--checkpoint", out, "--data", data_dir, "--batch-size", 4, "--seq-len", 32,
-                   "--windows", 3)
-    last = [r["val_loss"] for r in read_metrics(out) if "val_loss" in r][-1]
-    assert float(re.search(r"val loss ([\d.]+)", three.stdout)[1]) == pytest.approx(last, abs=1e-4)
+    # the run's own evaluations read the first 3 of these windows: of its last step, and of its best
+    evals = {r["step"]: r["val_loss"] for r in read_metrics(out) if "val_loss" in r}
+    for checkpoint, step in ((out, 6), (out / "checkpoints" / "best", min(evals, key=evals.get))):
+        three = launch("eval", "--checkpoint", checkpoint, "--data", data_dir, "--batch-size", 4, "--seq-len", 32,
+                       "--windows", 3)
+        assert three.returncode == 0, three.stderr
+        assert float(re.search(r"val loss ([\d.]+)", three.stdout)[1]) == pytest.approx(evals[step], abs=1e-4)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -16,7 +16,7 @@ import numpy as np
 
 from trainer import models
 from trainer.errors import WeightsError
-from trainer.weights import checkpoint_dir, load_checked, read_hf_config, weights_files
+from trainer.weights import checkpoint_dir, load_checked, pointed, read_hf_config, weights_files
 
 HASH_CHUNK = 1 << 24
 
@@ -168,6 +168,7 @@ def read_base_record(directory):
 def adapter_dir(source):
     """The LoRA adapter directory `source` names (a run, a checkpoint, a peft dir), or None."""
     from trainer.peft import is_peft_dir
+    source = pointed(source)
     if not os.path.isdir(source):
         return None
     directory = checkpoint_dir(source)

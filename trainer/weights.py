@@ -65,6 +65,15 @@ def latest_checkpoint(run_dir, pointer="latest"):
     return path if os.path.isdir(path) else None
 
 
+def pointed(source):
+    """RUN/checkpoints/latest or RUN/checkpoints/best (a file naming a checkpoint) ->
+    the checkpoint directory it names; anything else is itself."""
+    folder, name = os.path.split(os.path.normpath(source))
+    if name in ("latest", "best") and os.path.basename(folder) == "checkpoints" and os.path.isfile(source):
+        return latest_checkpoint(os.path.dirname(folder), name) or source
+    return source
+
+
 def checkpoint_dir(path):
     """A coregpt run directory -> its latest checkpoint directory; else path itself."""
     return latest_checkpoint(path) or path
@@ -79,7 +88,8 @@ def load_weights(source):
 def weights_files(source):
     """--init-from SOURCE -> (the weights file it names, its config.json or None):
     gpt2…gpt2-xl from the hub (cached or downloaded), an HF or coregpt directory (a
-    run: its latest checkpoint), a .safetensors or an llm.c .bin."""
+    run: its latest checkpoint; RUN/checkpoints/best), a .safetensors or an llm.c .bin."""
+    source = pointed(source)
     if source in models.hub_names() and not os.path.exists(source):
         return download_hf(source)
     if not os.path.exists(source):
