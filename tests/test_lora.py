@@ -12,85 +12,17 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import TINY, launch, read_metrics, write_tiny_inputs
-from peft_reference import adapter_state, hf_model, loss_of, peft_model
-from test_parity import SMALL_CHUNKS
+from conftest import TINY, launch, read_metrics
+from peft_reference import loss_of, peft_model
+from references import (ALL, ALPHA, B, CLIP, LORA_RUNS as RUNS, LR, RANK, SMALL_CHUNKS, STEPS, T, WD, final,
+                        make_case, tiny_hf, train_adapter as train, windows)
 
-B, T, STEPS, LR, WD, CLIP = 4, 32, 8, 1e-3, 0.1, 1.0
-RANK, ALPHA = 4, 8.0  # alpha / r = 2: the scale is not 1
-ALL = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-N_TOKENS = 5 * B * T + 7
-
-
-def tiny_hf(state):
-    return hf_model(state, TINY["n_layer"], TINY["n_head"], TINY["n_embd"], TINY["n_ctx"], TINY["vocab"])
-
-
-def windows(tokens):
-    """The batch order of DESIGN.md: consecutive windows, wrapping to the start."""
-    pos = 0
-    for _ in range(STEPS):
-        window = torch.from_numpy(tokens[pos:pos + B * T + 1].astype(np.int64))
-        yield window[:-1].view(B, T), window[1:].view(B, T)
-        pos += B * T
-        if pos + B * T + 1 > len(tokens):
-            pos = 0
-
-
-def peft_reference(state, tokens, adapters):
-    """8 steps of peft's LoRA with torch's AdamW (decay on the 2-D adapters, as on every
-    2-D parameter that trains) and clip_grad_norm_ -> (losses, adapters, exact norms)."""
-    model = peft_model(tiny_hf(state), RANK, ALPHA, ALL, adapters)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=WD)
-    losses, norms = [], []
-    for idx, targets in windows(tokens):
-        opt.zero_grad()
-        loss = loss_of(model, idx, targets)
-        loss.backward()
-        norms.append(sum(float((p.grad.double() ** 2).sum()) for p in trained) ** 0.5)
-        torch.nn.utils.clip_grad_norm_(trained, CLIP)
-        opt.step()
-        losses.append(loss.item())
-    return losses, {k: v.numpy() for k, v in adapter_state(model).items()}, norms
+pytestmark = pytest.mark.e2e  # each test runs python -m launch
 
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     return make_case(tmp_path_factory.mktemp("lora"))
-
-
-def make_case(root):
-    """root/init (the base), tokens.bin, adapter/ (peft's own files: A from peft's init,
-    B random) -> (root, base state, tokens, adapters, peft's trainable count, peft_reference)."""
-    state, tokens = write_tiny_inputs(root, seed=0, n_tokens=N_TOKENS)
-    torch.manual_seed(0)
-    model = peft_model(tiny_hf(state), RANK, ALPHA, ALL)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    model.peft_config["default"].base_model_name_or_path = str(root / "init")
-    model.save_pretrained(root / "adapter")
-    adapters = {k: v.numpy() for k, v in adapter_state(model).items()}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return root, state, tokens, adapters, trainable, peft_reference(state, tokens, adapters)
-
-
-def train(root, name, *extra, workers=1, env=None, steps=STEPS):
-    out = root / name
-    done = launch("train", "--init-from", root / "adapter", "--data", root / "tokens.bin", "--data-order",
-                  "sequential", "--batch-size", B, "--seq-len", T, "--steps", steps, "--lr", LR, "--lr-schedule", "constant", "--warmup", 0,
-                  "--weight-decay", WD, "--grad-clip", CLIP, "--workers", workers, "--threads-per-worker", 1,
-                  "--eval-every", 0, "--out-dir", out, *extra, env=env)
-    assert done.returncode == 0, done.stderr
-    return out, done.stderr
-
-
-def final(out, steps=STEPS):
-    ckpt = os.path.join(out, "checkpoints", f"step_{steps:06d}")
-    prefix = "base_model.model.transformer."
-    return {k[len(prefix):-len(".weight")]: v for k, v in load_file(os.path.join(ckpt, "adapter_model.safetensors")).items()}
 
 
 def test_model_gradients_match_peft(case):
@@ -141,7 +73,6 @@ def adapter_state_params(model):
     return {n[len(prefix):-len(".default.weight")]: p for n, p in model.named_parameters() if "lora_" in n}
 
 
-RUNS = [(p, w) for p in ("hybrid", "data") for w in (1, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +296,7 @@ def test_dropout_masks_do_not_depend_on_the_split(case):
     assert abs(losses[0][0] - losses[2][0]) > 1e-4  # the dropout is there
 
 
+@pytest.mark.system  # an MPI job
 def test_mpi_two_ranks_match_peft(case):
     """LoRA under `mpiexec -n 2 --backend mpi` (the adapters' gradients all-reduced):
     peft's losses and adapters, and bit-identical adapters on both ranks."""

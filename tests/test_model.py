@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from references import compare_gradients
 from torch_gpt2 import TorchGPT2, random_state
 from trainer import gemm
 from trainer.gemm import Engine
@@ -14,29 +15,6 @@ from trainer.models import param_layout
 from trainer.models.gpt2 import PRESETS, GPTConfig, init_params as init_gpt2
 
 
-def compare_gradients(n_layer, n_head, n_embd, n_ctx, B, T, seed=0):
-    """-> (loss ours, loss torch, {name: max|Δg| / max|g_torch|})"""
-    cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=n_ctx)
-    state = random_state(n_layer, n_embd, cfg.vocab_size, n_ctx, seed)
-    layout = param_layout(cfg)
-    _, params = layout.allocate()
-    _, grads = layout.allocate()
-    for name, value in state.items():
-        params[name][...] = value.numpy()
-    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, B * T + 1)
-    model = GPT(cfg, B, T, Weights(params, Full(cfg)), grads, layers=Layers(Engine("numpy")))
-    model.load_batch(tokens)
-    loss = model.forward(1.0 / (B * T)) / (B * T)
-    model.backward()
-    reference = TorchGPT2(state, n_layer, n_head)
-    t = torch.from_numpy(tokens)
-    torch_loss = reference(t[:-1].view(B, T), t[1:].view(B, T))
-    torch_loss.backward()
-    rel = {name: float(np.abs(grads[name] - g).max() / np.abs(g).max())
-           for name, g in reference.grads().items()}
-    return loss, torch_loss.item(), rel
-
-
 def test_tiny_gradients_match_pytorch():
     loss, torch_loss, rel = compare_gradients(2, 4, 64, 64, B=4, T=32)
     assert abs(loss - torch_loss) < 1e-5
@@ -45,7 +23,7 @@ def test_tiny_gradients_match_pytorch():
     assert rel[worst] <= 1e-5, (worst, rel[worst])
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_gpt2_124m_gradients_match_pytorch():
     p = PRESETS["gpt2"]
     loss, torch_loss, rel = compare_gradients(p["n_layer"], p["n_head"], p["n_embd"],

@@ -13,7 +13,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import REPO, fit_cores, launch, lingering, read_metrics, worker_processes
-from test_parity import B, CLIP, LR, STEPS, T, WD, case  # noqa: F401  (the parity fixture)
+from references import B, CLIP, LR, STEPS, T, WD
+from test_parity import case  # noqa: F401  (the parity fixture)
+
+pytestmark = pytest.mark.system  # MPI jobs
 
 
 def mpiexec():

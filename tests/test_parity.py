@@ -2,44 +2,13 @@
 issue's parity case): every loss and every final weight within 1e-4, and every
 step's grad_norm within 2e-5 of the exact (float64) norm of PyTorch's gradients;
 with and without --recompute, and at T=32 and at a context of 512."""
-import os
-
 import numpy as np
 import pytest
-import torch
-from safetensors.numpy import load_file
 
-from conftest import TINY, launch, read_metrics, write_tiny_inputs
-from torch_gpt2 import TorchGPT2
+from conftest import TINY, write_tiny_inputs
+from references import LONG_B, LONG_T, N_TOKENS, RUNS, SMALL_CHUNKS, STEPS, STRATEGIES, torch_reference, train_tiny
 
-B, T, STEPS, LR, WD, CLIP = 4, 32, 8, 1e-3, 0.1, 1.0
-# 5 whole windows and a few tokens more: steps 6-8 wrap to the start of the file
-N_TOKENS = 5 * B * T + 7
-# GPT-2's own context scaled down: T=512 is 4 x 4 attention blocks of the default 128
-LONG_B, LONG_T = 2, 512
-
-
-def torch_reference(state, tokens, bf16=False, B=B, T=T):
-    """The batch order of DESIGN.md, written out sequentially; AdamW and
-    clipping straight from torch; bf16: under torch.autocast's bf16 on CPU.
-    -> (losses, final weights, exact gradient norm of every step)"""
-    model = TorchGPT2(state, TINY["n_layer"], TINY["n_head"])
-    opt = model.optimizer(LR, WD)
-    losses, norms, pos = [], [], 0
-    for _ in range(STEPS):
-        window = torch.from_numpy(tokens[pos:pos + B * T + 1].astype(np.int64))
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(window[:-1].view(B, T), window[1:].view(B, T))
-        loss.backward()
-        norms.append(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()) ** 0.5)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        losses.append(loss.item())
-        pos += B * T
-        if pos + B * T + 1 > len(tokens):
-            pos = 0
-    return losses, model.state(), norms
+pytestmark = pytest.mark.e2e  # each test runs python -m launch
 
 
 @pytest.fixture(scope="module")
@@ -48,29 +17,6 @@ def case(tmp_path_factory):
     state, tokens = write_tiny_inputs(root, seed=0, n_tokens=N_TOKENS)
     losses, weights, norms = torch_reference(state, tokens)
     return root, losses, weights, norms
-
-
-def train_tiny(root, workers, name, *extra, env=None, B=B, T=T):
-    """-> (losses, final weights, metrics rows, stderr), the windows in file order as the
-    PyTorch reference reads them (--data-order sequential)."""
-    out = root / name
-    done = launch("train", "--init-from", root / "init", "--data", root / "tokens.bin", "--data-order", "sequential",
-                  "--batch-size", B, "--seq-len", T, "--steps", STEPS, "--lr", LR,
-                  "--lr-schedule", "constant", "--warmup", 0, "--weight-decay", WD,
-                  "--grad-clip", CLIP, "--workers", workers, "--threads-per-worker", 1,
-                  "--eval-every", 0, "--out-dir", out, *extra, env=env)
-    assert done.returncode == 0, done.stderr
-    rows = read_metrics(out)
-    losses = [row["loss"] for row in rows if "loss" in row]
-    weights = load_file(os.path.join(out, "checkpoints", f"step_{STEPS:06d}", "model.safetensors"))
-    return losses, weights, rows, done.stderr
-
-
-STRATEGIES = ["hybrid", "data"]
-RUNS = [(p, w, False) for p in STRATEGIES for w in (1, 2, 4)] + [(p, w, True) for p in STRATEGIES for w in (1, 2)]
-# attention blocks of 8 positions: T=32 spans 4 query x 4 key blocks, 6 of them skipped;
-# the lm head 40 rows at a time: 4 chunks of B·T = 128 rows, the last of 8
-SMALL_CHUNKS = {"COREGPT_ATTENTION_BLOCK": "8", "COREGPT_HEAD_ROWS": "40"}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, launch, read_metrics, write_tiny_inputs
-from test_parity import N_TOKENS, torch_reference, train_tiny
+from references import N_TOKENS, torch_reference, train_tiny
 from torch_gpt2 import TorchGPT2, random_state
 from trainer import gemm
 from trainer.model import Layers
@@ -208,6 +208,7 @@ def bf16_case(tmp_path_factory):
 
 @pytest.mark.parametrize("cap", ["", "AVX2"])
 @pytest.mark.parametrize("workers, parallel", [(1, "hybrid"), (2, "hybrid"), (2, "data")])
+@pytest.mark.e2e
 def test_bf16_training_accuracy(bf16_case, workers, parallel, cap):
     """8 steps, tiny model: every loss within 2e-2 of PyTorch fp32, and no further
     from it than 1.5x PyTorch's own bf16 autocast.  cap=AVX2: oneDNN has no bf16
@@ -222,7 +223,7 @@ def test_bf16_training_accuracy(bf16_case, workers, parallel, cap):
         assert "matmuls: bf16 emulated" in stderr and "--precision fp32 is faster" in stderr
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_gpt2_124m_bf16_gradients_align_with_fp32():
     """Each parameter's bf16 gradient against PyTorch's fp32 autograd: cosine >= 0.999."""
     p = PRESETS["gpt2"]
@@ -255,6 +256,7 @@ def test_gpt2_124m_bf16_gradients_align_with_fp32():
     assert cosine[worst] >= 0.999, (worst, cosine[worst])
 
 
+@pytest.mark.e2e
 def test_bf16_without_the_extra_is_one_line(tmp_path):
     fake = tmp_path / "site" / "ml_dtypes"
     fake.mkdir(parents=True)
@@ -283,6 +285,7 @@ def test_missing_onednn_and_libgomp_are_named(monkeypatch):
         gemm.OneDNN("/somewhere/libdnnl.so.3")
 
 
+@pytest.mark.e2e
 def test_bad_precision_and_gemm_values(tmp_path):
     for flag, value in (("--precision", "fp16"), ("--gemm", "mkl")):
         done = launch("--steps", 1, flag, value, "--out-dir", tmp_path / "run")
@@ -290,6 +293,7 @@ def test_bad_precision_and_gemm_values(tmp_path):
         assert flag in done.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_resume_keeps_bf16_bit_for_bit(tmp_path, bf16_case):
     """A bf16 run stopped after its step-4 checkpoint and resumed without
     --precision continues in bf16: every loss equals an uninterrupted run's."""

@@ -1,8 +1,8 @@
 """Record, or compare, the exact numbers of the parity runs: a refactor that must not
 change results is checked by running this before and after it.
 
-    python bench/digest_runs.py --out before.json              # on the old code
-    python bench/digest_runs.py --out after.json --compare before.json
+    python bench/correctness/digest_runs.py --out before.json              # on the old code
+    python bench/correctness/digest_runs.py --out after.json --compare before.json
 
 Each run is the tiny parity model (2 layers, 64 channels) for 8 steps through
 `python -m launch train`: hybrid and data, 1, 2 and 4 workers, fp32 and bf16; and,
@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 from safetensors.numpy import load_file
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
 from trainer.data import write_tokens  # noqa: E402

@@ -1,10 +1,10 @@
-"""The README's LoRA exactness figures, measured: tests/test_lora.py's parity case
+"""The LoRA exactness figures of docs/exactness.md, measured: tests/test_lora.py's parity case
 (tiny GPT-2, r=4, alpha=8 on all four targets, 8 steps through `python -m launch
 train` from an adapter peft wrote) against transformers + peft with torch's AdamW and
 clip_grad_norm_, for hybrid and data at 1 and 2 workers, and one step's adapter
 gradients in process.
 
-    python bench/exactness_lora.py
+    python bench/correctness/exactness_lora.py
 
 Prints, per run, the largest |loss − peft's|, |adapter weight − peft's| and relative
 |grad_norm − the float64 norm|."""
@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 from conftest import read_metrics  # noqa: E402
-from test_lora import RUNS, final, make_case, train  # noqa: E402
-from test_parity import SMALL_CHUNKS  # noqa: E402
+from references import LORA_RUNS as RUNS, SMALL_CHUNKS, final, make_case, train_adapter as train  # noqa: E402
 
 
 def main():

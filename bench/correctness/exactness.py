@@ -1,4 +1,4 @@
-"""The README's exactness figures, measured: the parity cases of tests/test_parity.py
+"""The exactness figures of docs/exactness.md, measured: the parity cases of tests/test_parity.py
 (tiny GPT-2, 8 steps through `python -m launch train`) against PyTorch 2.13's
 AdamW + clip_grad_norm_: at T=32 for hybrid and data at 1, 2 and 4 workers and,
 with --recompute, at 1 and 2; at a context of 512 (T=512, the default attention
@@ -6,7 +6,7 @@ blocks and lm-head chunks) for both strategies at 1 and 2 workers, with and
 without --recompute; and one step's gradients against autograd on the tiny
 model and at GPT-2 124M shapes (tests/test_model.py).
 
-    python bench/exactness.py [--attention-block 8] [--head-rows 40]
+    python bench/correctness/exactness.py [--attention-block 8] [--head-rows 40]
 
 Prints, per run, the largest |loss − PyTorch's|, |weight − PyTorch's| and relative
 |grad_norm − the float64 norm|, and (T=32) against one hybrid worker's run."""
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 from conftest import write_tiny_inputs  # noqa: E402
-from test_model import compare_gradients  # noqa: E402
-from test_parity import LONG_B, LONG_T, N_TOKENS, RUNS, STRATEGIES, torch_reference, train_tiny  # noqa: E402
+from references import (LONG_B, LONG_T, N_TOKENS, RUNS, STRATEGIES, compare_gradients, torch_reference,  # noqa: E402
+                        train_tiny)
 
 
 def deviations(run, expected):
