@@ -7,20 +7,16 @@ rounds after one warm-up of each.
 
 Prints the median and raw seconds of each, and the bytes of optimizer state."""
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
+import harness  # puts the repository on sys.path
 from trainer.adamw8bit import State8, side_layout  # noqa: E402
 from trainer.gemm import Engine  # noqa: E402
 from trainer.optim import BLOCK, Hyper, adamw_update  # noqa: E402
-from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, GPTConfig, PRESETS
+from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, GPTConfig, PRESETS  # noqa: E402
 from trainer.models import param_layout  # noqa: E402
 
 
@@ -28,6 +24,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2", choices=list(PRESETS))
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json", help="where to write the result (default bench/results/)")
     args = p.parse_args()
     layout = param_layout(GPTConfig(**PRESETS[args.model], vocab_size=GPT2_VOCAB))
     n = layout.size
@@ -64,6 +61,10 @@ def main():
     for name, seconds in times.items():
         print(f"{name}: median {np.median(seconds):.3f} s (raw {' '.join(f'{s:.3f}' for s in seconds)}), "
               f"state {state_bytes[name] / 1e6:,.0f} MB")
+    harness.save("adamw8bit", {"model": args.model, "parameters": n, "rounds": args.rounds, "threads": 1},
+                 rows=[{"moments": name, "median_s": float(np.median(seconds)),
+                        "raw_s": " ".join(f"{s:.3f}" for s in seconds), "state_mb": round(state_bytes[name] / 1e6)}
+                       for name, seconds in times.items()], out=args.json)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ float64 output and q, k, v gradients.  Run it in a worktree of an older commit f
 the figures before a change.
 """
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # puts the repository on sys.path
 from trainer import attention, gemm  # noqa: E402
 
 
@@ -23,6 +21,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", help="where to write the result (default bench/results/)")
     args = ap.parse_args()
     import torch
     from threadpoolctl import threadpool_limits
@@ -46,6 +45,7 @@ def main():
         return 1e3 * float(np.median(times))
     print(f"attention, B={B}, T={T}, 12 heads of 64, one thread")
     engines = ["numpy"] + ([] if gemm.onednn_library() is None else ["onednn", gemm.choose("bf16")[0]])
+    rows = []
     with threadpool_limits(1):
         for name in engines:
             work = attention.Workspace(gemm.Engine(name))
@@ -56,6 +56,10 @@ def main():
                       for ours, want in ((out, exact_out), (dqkv, exact_grad))]
             print(f"{name:14} forward {forward:7.1f} ms  backward {backward:7.1f} ms  "
                   f"error: output {errors[0]:.1e}, gradients {errors[1]:.1e}")
+            rows.append({"engine": name, "forward_ms": forward, "backward_ms": backward,
+                         "output_error": float(errors[0]), "gradient_error": float(errors[1])})
+    harness.save("attention", {"batch_size": B, "seq_len": T, "heads": NH, "rounds": args.rounds}, rows=rows,
+                 out=args.json)
 
 
 if __name__ == "__main__":

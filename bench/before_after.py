@@ -15,16 +15,12 @@ compare two settings of this checkout."""
 import argparse
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 
-import numpy as np
-
-import harness  # noqa: F401  (puts the repository on sys.path)
+import harness  # puts the repository on sys.path
 from harness import coregpt_step_times  # noqa: E402
-from trainer.data import write_tokens  # noqa: E402
-from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS  # noqa: E402
+from trainer.models.gpt2 import PRESETS  # noqa: E402
 
 
 def main():
@@ -40,16 +36,15 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--before-flags", default="", help="extra `launch train` flags of the before side")
     p.add_argument("--after-flags", default="", help="extra `launch train` flags of the after side")
+    p.add_argument("--json", help="where to write the result (default bench/results/)")
     args = p.parse_args()
     extra = {"after": shlex.split(args.after_flags), "before": shlex.split(args.before_flags)}
     B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
     sides = {"after": harness.REPO, "before": os.path.abspath(args.before)}
     precisions = args.precision.split(",")
-    tokens = np.random.default_rng(0).integers(0, GPT2_VOCAB, (n + 4) * B * T + 1).astype(np.uint16)
     raw = {(side, prec): [] for side in sides for prec in precisions}
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
-        data = os.path.join(tmp, "tokens.bin")
-        write_tokens(data, tokens)
+        data = harness.corpus(tmp, (n + 4) * B * T + 1)
         for r in range(args.rounds):
             for prec in precisions:
                 for side in (["after", "before"] if r % 2 == 0 else ["before", "after"]):
@@ -64,14 +59,19 @@ def main():
                  for side in sides for prec in precisions}
     print(f"{args.model}, B={B}, T={T}, {args.workers} workers x 1 thread; median of {args.rounds} rounds x "
           f"{args.steps} steps after {args.warmup} warm-up")
+    names = {(side, prec): " ".join([side, prec] + extra[side]) for side in sides for prec in precisions}
+    med = harness.medians({names[key]: raw[key] for key in raw}, B * T)
+    summary = {}
     for prec in precisions:
-        med = {side: statistics.median(t for times in raw[side, prec] for t in times) for side in sides}
-        for side in sides:
-            label = " ".join([f"{side:>6}"] + extra[side])
-            print(f"{prec} {label}: {med[side]:.3f} s/step, peak {peaks[side, prec]:.2f} GB | raw "
-                  + " / ".join(" ".join(f"{t:.3f}" for t in times) for times in raw[side, prec]))
-        print(f"{prec} after/before: {med['after'] / med['before']:.3f} s/step, "
-              f"{peaks['after', prec] / peaks['before', prec]:.3f} peak")
+        after, before = names["after", prec], names["before", prec]
+        step, peak = med[after] / med[before], peaks["after", prec] / peaks["before", prec]
+        summary.update({f"{prec}: after's step over before's": step, f"{prec}: after's peak over before's": peak})
+        print(f"{prec} after/before: {step:.3f} s/step, {peak:.3f} peak")
+    harness.save("before_after", {"model": args.model, "batch_size": B, "seq_len": T, "workers": args.workers,
+                                  "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+                                  "before": args.before},
+                 harness.timed({names[key]: raw[key] for key in raw}, med, B * T,
+                               {names[key]: peak for key, peak in peaks.items()}), summary, out=args.json)
 
 
 if __name__ == "__main__":

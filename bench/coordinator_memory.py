@@ -12,9 +12,9 @@ run), its peak while the checkpoint is written (training run) or read (resumed r
 and the difference; with --check-exact also whether the resumed run's final
 checkpoint (weights, Adam moments) and losses equal, to the byte, those of a run that
 never stopped."""
+import argparse
 import hashlib
 import json
-import argparse
 import os
 import subprocess
 import sys
@@ -22,10 +22,8 @@ import tempfile
 import threading
 import time
 
-
-import harness  # noqa: E402  (puts the repository on sys.path)
-from harness import REPO  # noqa: E402
-
+import harness  # puts the repository on sys.path
+from harness import REPO
 
 
 def uss_kb(pid):
@@ -78,7 +76,9 @@ def main():
     p.add_argument("--model", default="gpt2-large")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--check-exact", action="store_true", help="also train the same steps without stopping")
+    p.add_argument("--json", help="where to write the result (default bench/results/)")
     args = p.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory(prefix="coregpt-coord-") as tmp:
         out = os.path.join(tmp, "run")
         data = harness.corpus(tmp, 10 * 64 + 1)
@@ -91,6 +91,7 @@ def main():
             steady, peak = phases(*watched(cmd), what)
             print(f"{args.model}: coordinator USS steady {steady:.3f} GB, while the checkpoint is "
                   f"{'written' if what == 'save' else 'read'} {peak:.3f} GB: adds {peak - steady:+.3f} GB", flush=True)
+            rows.append({"checkpoint": what, "steady_uss_gb": steady, "peak_uss_gb": peak, "adds_gb": peak - steady})
         if args.check_exact:
             whole = os.path.join(tmp, "whole")
             cmd = base[:-1] + [whole, "--steps", str(args.steps + 2), "--lr-schedule", "constant"]
@@ -106,6 +107,10 @@ def main():
                       for run in (whole, resumed)]
             print(f"{args.model}: resumed run's final weights and Adam moments byte-identical to an unstopped "
                   f"run's: {same}; losses identical: {losses[0] == losses[1]} ({losses[0]})")
+            rows.append({"checkpoint": "resume against an unstopped run", "byte_identical": same,
+                         "losses_identical": losses[0] == losses[1]})
+    harness.save("coordinator_memory", {"model": args.model, "batch_size": 1, "seq_len": 64, "steps": args.steps},
+                 rows=rows, out=args.json)
 
 
 def digest(path):

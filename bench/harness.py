@@ -180,17 +180,19 @@ def cpu_flags():
     return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
 
 
-def save(bench, settings, systems, summary, out=None):
-    """Write a bench's result as JSON -> its path.  settings: the shape and options
-    measured; systems: {name: {"raw": [[s/step by round]], "median_s": ..., "peak_gb": ...}};
-    summary: {line: value} the bench printed (ratios, scaling)."""
+def save(bench, settings, systems=None, summary=None, rows=None, out=None):
+    """Write a bench's result as JSON -> its path.  settings: what was measured (shape,
+    options); systems: {name: {"raw": [[s/step] by round], "median_s", "peak_gb"}} for
+    a timed comparison; summary: {line: ratio} it printed; rows: [{column: value}] for
+    a table of another kind.  bench/report.py renders every one of them."""
     machine = dict(fingerprint(), cpu_flags=cpu_flags())
     machine.pop("argv", None)
     now = datetime.now(timezone.utc)
     result = {"bench": bench, "date": now.strftime("%Y-%m-%d"), "time": now.strftime("%H:%M:%S UTC"),
               "commit": commit(), "command": "python " + " ".join(
-                  [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-              "machine": machine, "settings": settings, "systems": systems, "summary": summary}
+                  [os.path.relpath(os.path.abspath(sys.argv[0]), REPO)] + sys.argv[1:]),
+              "machine": machine, "settings": settings, "systems": systems or {}, "summary": summary or {},
+              "rows": rows or []}
     path = out or os.path.join(RESULTS, f"{result['date']}-{bench}-{slug(settings)}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -199,5 +201,13 @@ def save(bench, settings, systems, summary, out=None):
     return path
 
 
+def timed(raw, medians, tokens, peaks=None):
+    """-> save()'s systems: each system's raw step times by round, median, tokens/s, peak."""
+    return {name: {"raw": raw[name], "median_s": medians[name], "tokens_per_s": tokens / medians[name],
+                   "peak_gb": (peaks or {}).get(name)} for name in raw}
+
+
 def slug(settings):
-    return "-".join(f"{k[0]}{v}" for k, v in settings.items() if k in ("batch_size", "seq_len")) or "run"
+    """The shape in a result's file name: b4-s64, or the model's name."""
+    parts = [f"{k[0]}{settings[k]}" for k in ("batch_size", "seq_len") if k in settings]
+    return "-".join(parts) or str(settings.get("model", "run"))

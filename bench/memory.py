@@ -13,7 +13,7 @@ import re
 import sys
 import tempfile
 
-import harness  # noqa: F401  (puts the repository on sys.path)
+import harness  # puts the repository on sys.path
 from harness import coregpt_run, coregpt_step_times  # noqa: E402
 from trainer.models.gpt2 import PRESETS  # noqa: E402
 
@@ -26,6 +26,7 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="checkpoint, then resume for one more step")
+    p.add_argument("--json", help="where to write the result (default bench/results/)")
     p.add_argument("extra", nargs="*", help="extra `launch train` flags (after --)")
     args = p.parse_args()
     B, T = args.batch_size, args.seq_len
@@ -43,9 +44,15 @@ def main():
     print(f"planned {shared + private:.2f} GB (shared {shared:.2f}, private {private:.2f}), measured peak "
           f"{run.peak:.2f} GB, planned / measured {(shared + private) / run.peak:.3f}")
     print("s/step: " + " ".join(f"{t:.2f}" for t in run.times))
+    rows = [{"run": "train", "planned_gb": round(shared + private, 3), "measured_peak_gb": round(run.peak, 3),
+             "s_per_step": " ".join(f"{t:.2f}" for t in run.times)}]
     if args.resume:
         print(f"checkpoint written; --resume: measured peak {resumed.peak:.2f} GB, step {args.steps + 1} "
               f"{resumed.times[0]:.2f} s")
+        rows.append({"run": "--resume", "measured_peak_gb": round(resumed.peak, 3),
+                     "s_per_step": f"{resumed.times[0]:.2f}"})
+    harness.save("memory", {"model": args.model, "batch_size": B, "seq_len": T, "workers": args.workers,
+                            "steps": args.steps, "coregpt_flags": args.extra}, rows=rows, out=args.json)
 
 
 if __name__ == "__main__":

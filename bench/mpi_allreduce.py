@@ -4,17 +4,15 @@ arena) between MPI ranks, as the MPI backend does it once per step.
     mpiexec -n 2 python bench/mpi_allreduce.py [--model gpt2] [--repeats 7]
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
+import harness  # puts the repository on sys.path
 from mpi4py import MPI  # noqa: E402
 
-from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS, GPTConfig
+from trainer.models.gpt2 import VOCAB as GPT2_VOCAB, PRESETS, GPTConfig  # noqa: E402
 from trainer.models import param_layout  # noqa: E402
 
 
@@ -22,6 +20,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt2", choices=list(PRESETS))
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", help="where to write the result (default bench/results/)")
     args = ap.parse_args()
     comm = MPI.COMM_WORLD
     size = param_layout(GPTConfig(**PRESETS[args.model], vocab_size=GPT2_VOCAB)).size
@@ -38,6 +37,9 @@ def main():
               f"{comm.Get_size()} ranks: median {1000 * t:.0f} ms "
               f"({4 * size / t / 1e9:.2f} GB/s algorithm bandwidth; raw ms: "
               + " ".join(f"{1000 * x:.0f}" for x in times[1:]) + ")")
+        harness.save("mpi_allreduce", {"model": args.model, "ranks": comm.Get_size(), "floats": size},
+                     rows=[{"median_ms": 1000 * t, "gb_per_s": 4 * size / t / 1e9,
+                            "raw_ms": " ".join(f"{1000 * x:.0f}" for x in times[1:])}], out=args.json)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,7 @@ def main():
     harness.save("vs_peft", {"model": args.model, "batch_size": B, "seq_len": T, "lora_rank": args.rank,
                              "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                              "pytorch_threads": 2, "coregpt_flags": args.extra},
-                 {name: {"raw": raw[name], "median_s": med[name], "tokens_per_s": B * T / med[name],
-                         "peak_gb": peaks.get(name)} for name in raw}, summary, args.json)
+                 harness.timed(raw, med, B * T, peaks), summary, out=args.json)
 
 
 if __name__ == "__main__":

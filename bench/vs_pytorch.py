@@ -174,8 +174,7 @@ def main():
     harness.save("vs_pytorch", {"model": args.model, "batch_size": B, "seq_len": T, "rounds": args.rounds,
                                 "steps": args.steps, "warmup": args.warmup, "pytorch_threads": 2,
                                 "coregpt_flags": args.extra},
-                 {name: {"raw": raw[name], "median_s": med[name], "tokens_per_s": B * T / med[name],
-                         "peak_gb": peaks.get(name)} for name in raw}, summary, args.json)
+                 harness.timed(raw, med, B * T, peaks), summary, out=args.json)
 
 
 def ratios(med, recipes, systems, precisions, args):

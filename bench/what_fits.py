@@ -11,7 +11,7 @@ as a pretrained one's)."""
 import argparse
 import tempfile
 
-import harness  # noqa: F401  (puts the repository on sys.path)
+import harness  # puts the repository on sys.path
 from harness import coregpt_step_times  # noqa: E402
 from launch.config import Settings, check  # noqa: E402
 from launch.train import choose_engine  # noqa: E402
@@ -42,6 +42,7 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--measure", action="store_true", help="run the ones that fit for one step")
     p.add_argument("--columns", default=",".join(COLUMNS), help="of " + ", ".join(COLUMNS))
+    p.add_argument("--json", help="where to write the result (default bench/results/)")
     args = p.parse_args()
     columns = args.columns.split(",")
     B, T, W = args.batch_size, args.seq_len, args.workers
@@ -49,18 +50,22 @@ def main():
     print(f"B={B}, T={T}, {W} workers x 1 thread, {' '.join(FLAGS)}; {available:.1f} GB available here")
     print("\n| model | " + " | ".join(f"{column} planned | measured" for column in columns) + " |")
     print("|---|" + "---:|---:|" * len(columns))
+    rows = []
     with tempfile.TemporaryDirectory(prefix="coregpt-fits-") as tmp:
         data = harness.corpus(tmp, 2 * B * T + 1)
         for model in args.models.split(","):
-            cells = []
+            row = {"model": model}
             for column in columns:
                 plan = planned(model, column, B, T, W)
                 measured = "does not fit" if plan > available else "-"
                 if args.measure and plan <= available:
                     run = coregpt_step_times(model, B, T, 1, W, data, FLAGS + COLUMNS[column], watch_memory=True)
                     measured = f"{run.peak:.2f} GB ({run.times[0]:.0f} s/step)"
-                cells += [f"{plan:.2f} GB", measured]
-            print(f"| {model} | " + " | ".join(cells) + " |", flush=True)
+                row.update({f"{column} planned": f"{plan:.2f} GB", f"{column} measured": measured})
+            rows.append(row)
+            print(f"| {model} | " + " | ".join(list(row.values())[1:]) + " |", flush=True)
+    harness.save("what_fits", {"batch_size": B, "seq_len": T, "workers": W, "flags": FLAGS,
+                               "available_gb": round(available, 1)}, rows=rows, out=args.json)
 
 
 if __name__ == "__main__":
