@@ -91,7 +91,7 @@ def cmd_prepare(argv):
     return 0
 
 
-def cmd_sample(argv):
+def sample_parser():
     p = Parser(prog="launch sample", description="Generate text from a model (KV-cached).")
     p.add_argument("--checkpoint", required=True, help="anything --init-from takes")
     p.add_argument("--prompt", default="", help="text to continue (default: <|endoftext|>)")
@@ -99,7 +99,11 @@ def cmd_sample(argv):
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=40, help="0 keeps the whole vocabulary")
     p.add_argument("--seed", type=int, default=1337, help="of the sampling (the same seed, the same text)")
-    args = p.parse_args(argv)
+    return p
+
+
+def cmd_sample(argv):
+    args = sample_parser().parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         raise ConfigError("--max-new-tokens, --temperature and --top-k must not be negative")
     exists(args.checkpoint)
@@ -112,14 +116,18 @@ def cmd_sample(argv):
     return 0
 
 
-def cmd_export(argv):
+def export_parser():
     p = Parser(prog="launch export", description="Export weights for transformers or llm.c, or a LoRA run's "
                "adapter for peft.")
     p.add_argument("--checkpoint", required=True, help="a run, a checkpoint, or anything --init-from takes")
     p.add_argument("--format", required=True, help="hf (a GPT2LMHeadModel directory), llmc (a v3 fp32 .bin) "
                    "or peft (a LoRA run's adapter, for PeftModel.from_pretrained); hf and llmc merge an adapter")
     p.add_argument("--out", required=True, help="output directory (hf) or file (llmc); must not exist")
-    args = p.parse_args(argv)
+    return p
+
+
+def cmd_export(argv):
+    args = export_parser().parse_args(argv)
     exists(args.checkpoint)
     from trainer.base import Adapted, adapter_dir, load_model
     from trainer.export import EXPORTERS, export, export_peft
@@ -137,7 +145,7 @@ def cmd_export(argv):
     return 0
 
 
-def cmd_eval(argv):
+def eval_parser():
     p = Parser(prog="launch eval", description="Mean validation loss (nats per token) and perplexity of a "
                "model on token data, read in windows of --batch-size x --seq-len as a run evaluates.")
     p.add_argument("--checkpoint", required=True, help="a run (its latest checkpoint), a checkpoint, or anything "
@@ -146,7 +154,11 @@ def cmd_eval(argv):
     p.add_argument("--batch-size", type=int, default=8, help="rows per window")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per row (at most the model's context)")
     p.add_argument("--windows", type=int, default=0, help="windows to read (0: every whole window of the file)")
-    args = p.parse_args(argv)
+    return p
+
+
+def cmd_eval(argv):
+    args = eval_parser().parse_args(argv)
     if args.batch_size < 1 or args.seq_len < 1 or args.windows < 0:
         raise ConfigError("--batch-size and --seq-len must be at least 1, --windows not negative")
     exists(args.checkpoint)
@@ -176,10 +188,14 @@ def exists(checkpoint):
         raise ConfigError(f"--checkpoint {checkpoint} does not exist")
 
 
-def cmd_plot(argv):
+def plot_parser():
     p = Parser(prog="launch plot", description="Write RUN/loss.png from RUN/metrics.jsonl.")
     p.add_argument("run", help="a run directory")
-    args = p.parse_args(argv)
+    return p
+
+
+def cmd_plot(argv):
+    args = plot_parser().parse_args(argv)
     if not os.path.isfile(os.path.join(args.run, "metrics.jsonl")):
         raise ConfigError(f"{args.run} is not a run directory (no metrics.jsonl)")
     from trainer.plot import plot_run

@@ -24,14 +24,15 @@ SETTINGS = {
     "n_head": (int, None, "override the preset's heads"),
     "n_embd": (int, None, "override the preset's channels"),
     "block_size": (int, None, "override the preset's context length"),
-    "init_from": (str, None, "start from weights: HF GPT-2 dir or .safetensors, llm.c .bin, "
-                             "coregpt run or checkpoint, or gpt2[-medium|-large|-xl]"),
+    "init_from": (str, None, "start from weights: an HF directory (config.json + model.safetensors) or "
+                             ".safetensors, an llm.c .bin (v3 fp32, v5 bf16), a coregpt run or checkpoint, a peft "
+                             "adapter directory, or gpt2[-medium|-large|-xl] (downloaded once; offline, a local path)"),
     "data": (str, "shakespeare", "'shakespeare', a prepared directory (train.bin, val.bin) or a token file"),
     "val_data": (str, None, "validation token file (default: val.bin beside the training data)"),
     "batch_size": (int, 8, "global batch in rows (--parallel data gives each worker whole rows; hybrid "
                            "splits any batch)"),
     "seq_len": (int, 64, "tokens per row (T)"),
-    "steps": (int, 100, "optimizer steps"),
+    "steps": (int, 100, "optimizer steps (--resume may raise it)"),
     "grad_accum": (int, 1, "micro-batches per optimizer step (each reads the next window of the batch order)"),
     "data_order": (str, "shuffled", "batch order: shuffled (the file's windows in a new permutation each "
                                     "epoch, seeded by --seed) or sequential (llm.c's file order)"),
@@ -65,7 +66,8 @@ SETTINGS = {
     "oversubscribe": (bool, False, "allow workers × threads above the available cores"),
     "smt": (bool, False, "count hyperthreads (SMT siblings) as cores; default: one logical CPU per "
                          "physical core"),
-    "out_dir": (str, None, "run directory (default runs/<UTC timestamp>)"),
+    "out_dir": (str, None, "run directory (default runs/<UTC timestamp>); an existing run is never "
+                           "overwritten, and one in use by a live run is refused"),
     "eval_every": (int, 100, "validation loss before step 1, every N steps and at the end (0 disables)"),
     "eval_steps": (int, 10, "batches per validation"),
     "sample_every": (int, 0, "print a sample every N steps (0 disables)"),
@@ -74,8 +76,9 @@ SETTINGS = {
     "keep_best": (bool, False, "also checkpoint each evaluation that lowers the validation loss and keep "
                                "the best as RUN/checkpoints/best"),
     "no_checkpoint": (bool, False, "write no checkpoint"),
-    "resume": (bool, False, "continue the run in --out-dir from its latest checkpoint"),
-    "seed": (int, 1337, "seed for initialisation and sampling"),
+    "resume": (bool, False, "continue the run in --out-dir from its latest checkpoint, bit-exactly, with its "
+                            "settings (steps, logging, checkpointing and workers may change)"),
+    "seed": (int, 1337, "seed of the initialisation, the shuffled batch order, LoRA's dropout and samples"),
     "recompute": (bool, False, "keep only each block's input and recompute its forward in the backward "
                                "(activation checkpointing): less memory, about a fifth more time per step"),
     "profile": (bool, False, "log per-step phase times (forward, backward, reduce, update, waiting) "

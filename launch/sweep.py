@@ -74,8 +74,7 @@ def run_point(point, steps, warmup, train_flags, oversubscribe):
     return fields, "ok"
 
 
-def parse(argv):
-    """-> (sweep's arguments, the train flags passed through, {axis: values})."""
+def sweep_parser():
     import argparse
     from launch.config import Parser
     p = Parser(prog="launch sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,7 +87,12 @@ def parse(argv):
     p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the median")
     p.add_argument("--oversubscribe", action="store_true", help="also run workers × threads > cores")
     p.add_argument("--out-dir", help="where the results go (default runs/sweep-<UTC>)")
-    args, train_flags = p.parse_known_args(argv)
+    return p
+
+
+def parse(argv):
+    """-> (sweep's arguments, the train flags passed through, {axis: values})."""
+    args, train_flags = sweep_parser().parse_known_args(argv)
     axes = {"workers": value_list(args.workers, "--workers", int),
             "threads": value_list(args.threads, "--threads", int),
             "parallel": value_list(args.parallel, "--parallel", str),
