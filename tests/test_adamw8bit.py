@@ -130,6 +130,7 @@ def test_shards_split_no_block():
                     assert (start - first) % QBLOCK == 0, (workers, name, start)
 
 
+@pytest.mark.e2e
 def test_training_200_steps_ends_near_fp32(tmp_path):
     """The tiny model, 200 steps from GPT-2 initialisation: the 8-bit run's last loss
     (mean of the last 10 steps) is within 2 % of fp32 AdamW's."""

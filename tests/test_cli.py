@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO, launch, worker_processes, write_corpus, write_tiny_inputs
 
+pytestmark = pytest.mark.e2e  # each test runs python -m launch
+
 TINY_FLAGS = ["--model", "small", "--n-layer", 2, "--n-head", 4, "--n-embd", 64, "--block-size", 64,
               "--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1, "--eval-every", 0,
               "--sample-every", 0]

@@ -16,6 +16,7 @@ def test_gpt2_bpe_offline():
     assert enc.decode(enc.encode(text)) == text
 
 
+@pytest.mark.e2e
 def test_prepare_shakespeare_offline(tmp_path):
     done = launch("prepare", "shakespeare", env={"XDG_CACHE_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
@@ -32,6 +33,7 @@ def test_prepare_shakespeare_offline(tmp_path):
     assert again.returncode == 0 and "downloading" not in again.stderr  # cached
 
 
+@pytest.mark.e2e
 def test_prepare_text_split(tmp_path):
     text = tmp_path / "story.txt"
     text.write_text("Once upon a time there was a tiny GPT. " * 50, encoding="utf-8")

@@ -6,6 +6,8 @@ import pytest
 from conftest import launch, read_metrics, tiny_state, write_tiny_dir, write_token_file
 from trainer.data import WindowOrder
 
+pytestmark = pytest.mark.e2e  # each test runs python -m launch
+
 B, T, WINDOWS = 2, 16, 6
 FLAGS = ["--batch-size", B, "--seq-len", T, "--eval-every", 0, "--sample-every", 0, "--threads-per-worker", 1,
          "--lr-schedule", "constant", "--warmup", 0]

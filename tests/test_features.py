@@ -13,6 +13,8 @@ from safetensors.numpy import load_file
 from conftest import REPO, TINY, launch, read_metrics, start_launch, write_tiny_inputs
 from torch_gpt2 import TorchGPT2
 
+pytestmark = pytest.mark.e2e  # each test runs python -m launch
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("features")

@@ -1,17 +1,24 @@
 """`pip install .` (not editable) into a fresh venv with an empty cache, then the
 default job from an empty directory trains 3 steps; --precision bf16 is refused in
-one line until `pip install '.[bf16]'`, after which it trains too."""
+one line until `pip install '.[bf16]'` (the README's install), after which it trains
+too, and the README's recipe for fine-tuning on your own text runs as written."""
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, fit_cores, read_metrics
 
+pytestmark = pytest.mark.system  # a fresh venv from PyPI, then minutes of training
 
-@pytest.mark.slow
+RECIPE = re.compile(r"<!-- recipe: own-text -->\n```sh\n(.*?)```", re.S)
+
+
 def test_fresh_venv_install_and_default_job(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
@@ -56,3 +63,48 @@ def test_fresh_venv_install_and_default_job(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "coregpt: matmuls: " in done.stderr and "bf16" in done.stderr.split("matmuls: ")[1].split("\n")[0]
     assert [r["step"] for r in read_metrics(empty / "run16") if "loss" in r] == [1, 2, 3]
+    readme_recipe(venv, env, tmp_path / "recipe")
+
+
+def readme_commands():
+    """The README's own-text recipe: one argv a command (continuation lines joined, comments dropped)."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        block = RECIPE.search(f.read())[1]
+    return [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def own_text(path, n_sentences=4000):
+    """A text of our own making: sentences drawn from a small grammar, ~200 KB."""
+    rng = np.random.default_rng(0)
+    who = ["The old sailor", "A young baker", "My neighbour", "The river", "Every child", "The quiet teacher"]
+    did = ["walked to", "sang about", "painted", "remembered", "built a boat near", "wrote a letter from"]
+    where = ["the harbour", "the green hills", "the market square", "the northern lights", "a small garden"]
+    lines = [f"{who[rng.integers(len(who))]} {did[rng.integers(len(did))]} {where[rng.integers(len(where))]}."
+             for _ in range(n_sentences)]
+    path.write_text("\n".join(" ".join(lines[i:i + 5]) for i in range(0, len(lines), 5)) + "\n")
+
+
+def readme_recipe(venv, env, work):
+    """Run the README's recipe in `work` with the venv's python (fit to this machine's cores)."""
+    work.mkdir()
+    own_text(work / "notes.txt")
+    path = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    outputs = []
+    for argv in readme_commands():
+        assert argv[0] == "python", argv
+        argv = [str(venv / "bin" / "python"), *argv[1:]]
+        argv += fit_cores(argv[3:]) if argv[3:4] == ["train"] or argv[3].startswith("-") else []
+        done = subprocess.run(argv, cwd=work, env=dict(env, PATH=path), capture_output=True, text=True,
+                              timeout=1200)
+        assert done.returncode == 0, f"{shlex.join(argv)}:\n{done.stderr[-3000:]}"
+        outputs.append(done.stdout)
+    evals = {r["step"]: r["val_loss"] for r in read_metrics(work / "runs" / "notes") if "val_loss" in r}
+    assert sorted(evals) == [0, 50, 100, 150, 200]
+    best = (work / "runs" / "notes" / "checkpoints" / "best").read_text().strip()
+    assert best == f"step_{min(evals, key=evals.get):06d}" and min(evals.values()) < evals[0] - 1.0
+    assert outputs[3].startswith("The") and len(outputs[3]) > 60  # sample
+    match = re.search(r"val loss ([\d.]+), perplexity", outputs[4])  # eval of the best checkpoint
+    assert match and abs(float(match[1]) - min(evals.values())) < 0.5
+    import transformers
+    model = transformers.GPT2LMHeadModel.from_pretrained(work / "notes-hf")
+    assert model.config.n_layer == 4 and model.config.n_embd == 128

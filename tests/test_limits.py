@@ -19,6 +19,8 @@ from bench.harness import tree_pss_kb  # the sampler behind the benchmarks' peak
 from workers import resources
 from workers.shm import SharedArena
 
+pytestmark = pytest.mark.system  # limits in mount namespaces, measured memory, a simulated macOS
+
 UNSHARE = ["unshare", "--mount", "--propagation", "private"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import launch, read_metrics, start_launch, write_token_file
 
+pytestmark = pytest.mark.e2e  # each test runs python -m launch
+
 SHAPE = ["--model", "small", "--n-layer", 2, "--n-head", 4, "--n-embd", 64, "--block-size", 64, "--seq-len", 32]
 TINY = SHAPE + ["--batch-size", 4]
 

@@ -12,6 +12,8 @@ import torch
 from conftest import (REPO, launch, lingering_segments, own, read_metrics, start_launch, tiny_state,
                       worker_processes, write_hf_dir, write_tiny_dir, write_tiny_inputs, write_token_file)
 
+pytestmark = pytest.mark.e2e  # each test runs python -m launch
+
 BATCH = ["--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1, "--eval-every", 0]
 
 

@@ -9,6 +9,8 @@ from safetensors.numpy import load_file
 
 from conftest import launch, read_metrics, write_corpus
 
+pytestmark = pytest.mark.e2e  # each test runs python -m launch
+
 TINY_FLAGS = ["--model", "small", "--n-layer", 2, "--n-head", 4, "--n-embd", 64, "--block-size", 64,
               "--batch-size", 4, "--seq-len", 32, "--threads-per-worker", 1]
 
