@@ -163,13 +163,9 @@ def cmd_eval(argv):
         raise ConfigError("--batch-size and --seq-len must be at least 1, --windows not negative")
     exists(args.checkpoint)
     from trainer.base import load_model
-    from trainer.corpus import prepare_shakespeare
-    from trainer.data import check_tokens, open_tokens, resolve_data
+    from trainer.data import check_tokens, open_tokens
     from trainer.evaluate import mean_loss, perplexity
-    train, val = resolve_data(args.data, prepare_shakespeare)
-    path = val if os.path.isdir(args.data) or args.data == "shakespeare" else train
-    if path is None:
-        raise ConfigError(f"--data {args.data} has no val.bin; pass the token file to evaluate on")
+    path = evaluation_file(args.data)
     cfg, tensors = load_model(args.checkpoint)
     if args.seq_len > cfg.block_size:
         raise ConfigError(f"--seq-len {args.seq_len} is above the model's context of {cfg.block_size}")
@@ -179,6 +175,19 @@ def cmd_eval(argv):
     print(f"{path}: val loss {loss:.4f}, perplexity {perplexity(loss):.2f} "
           f"({windows} windows of {args.batch_size}x{args.seq_len} tokens)")
     return 0
+
+
+def evaluation_file(spec):
+    """eval's --data -> the token file it reads: a prepared directory's (or the corpus's)
+    val.bin, or the token file named."""
+    from trainer.corpus import prepare_shakespeare
+    from trainer.data import resolve_data
+    train, val = resolve_data(spec, prepare_shakespeare)
+    if train == spec:
+        return spec
+    if val is None:
+        raise ConfigError(f"--data {spec} has no val.bin; pass the token file to evaluate on")
+    return val
 
 
 def exists(checkpoint):
