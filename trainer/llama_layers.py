@@ -1,0 +1,125 @@
+"""The Llama family's layers beyond GPT-2's, in trainer/model.py's style: RMSNorm,
+rotary position embeddings (RoPE, as transformers applies them with rotate_half,
+and Llama 3's frequency scaling) and the SwiGLU MLP's gate.  NumPy float32; every
+function writes into buffers it is given.  Shapes: N rows (B·T tokens), C channels,
+H heads of HS, T positions, F the MLP's width."""
+import math
+
+import numpy as np
+
+
+def rmsnorm_forward(out, rstd, x, w, eps):
+    """x (N,C) -> out (N,C) = x · rstd · w; saves rstd (N,1) = 1/√(mean(x²) + eps)."""
+    np.einsum("nc,nc->n", x, x, out=rstd[:, 0])
+    rstd /= np.float32(x.shape[1])
+    rstd += np.float32(eps)
+    np.sqrt(rstd, out=rstd)
+    np.reciprocal(rstd, out=rstd)
+    np.multiply(x, rstd, out=out)
+    out *= w
+
+
+def rmsnorm_backward(dx, dres, dout, x, rstd, w, norm, dnorm, rowtmp):
+    """dout (N,C) -> dx (N,C) = dres + ∂/∂x (dres None: 0); norm, dnorm (N,C) and
+    rowtmp (N,1) are scratch.  dx = rstd · (dnorm − norm · mean(dnorm · norm))."""
+    np.multiply(x, rstd, out=norm)
+    np.multiply(dout, w, out=dnorm)
+    np.einsum("nc,nc->n", dnorm, norm, out=rowtmp[:, 0])
+    rowtmp /= np.float32(x.shape[1])
+    norm *= rowtmp
+    dnorm -= norm
+    dnorm *= rstd
+    if dres is None:
+        np.copyto(dx, dnorm)
+    else:
+        np.add(dres, dnorm, out=dx)
+
+
+def rmsnorm_weights_backward(dw, dout, x, rstd, norm):
+    """dout, x (N,C) -> dw (C) overwritten; norm (N,C) scratch."""
+    np.multiply(x, rstd, out=norm)
+    norm *= dout
+    np.sum(norm, axis=0, out=dw)
+
+
+def rope_frequencies(head_size, theta, scaling=None):
+    """-> (HS/2,) float32 inverse frequencies θ^(−2i/HS), as transformers computes them
+    in float32; scaling: a config's rope_scaling of type llama3 (factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings) or None."""
+    exponents = np.arange(0, head_size, 2, dtype=np.float32) / np.float32(head_size)
+    inv_freq = np.float32(1.0) / np.power(np.float32(theta), exponents, dtype=np.float32)
+    if scaling is None:
+        return inv_freq
+    factor, low, high = (float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    context = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq.astype(np.float64)
+    # long wavelengths divided by the factor, short ones kept, the band between interpolated
+    scaled = np.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    between = ~(wavelength < context / high) & ~(wavelength > context / low)
+    return np.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled).astype(np.float32)
+
+
+def rope_tables(cos, sin, first, inv_freq):
+    """cos, sin (T, HS/2) <- of the angles p · inv_freq at positions first … first+T−1
+    (the float32 products, as transformers forms them; each half of a head shares them)."""
+    positions = np.arange(first, first + cos.shape[0], dtype=np.float32)
+    angles = np.multiply.outer(positions, inv_freq).astype(np.float32)
+    np.cos(angles.astype(np.float64), out=cos, casting="same_kind")
+    np.sin(angles.astype(np.float64), out=sin, casting="same_kind")
+
+
+def rope_forward(x, cos, sin, tmp):
+    """x (B,T,H,HS) rotated in place: x·cos + rotate_half(x)·sin, rotate_half(x) =
+    (−x₂, x₁) of its halves; cos, sin (T, HS/2); tmp (B,T,H,HS) scratch."""
+    half = x.shape[-1] // 2
+    x1, x2, t1, t2 = x[..., :half], x[..., half:], tmp[..., :half], tmp[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    np.multiply(x2, s, out=t1)
+    np.multiply(x1, s, out=t2)
+    x1 *= c
+    x1 -= t1
+    x2 *= c
+    x2 += t2
+
+
+def rope_backward(dx, cos, sin, tmp):
+    """dx (B,T,H,HS), the gradient of rope_forward's output, turned in place into its
+    input's: each pair (x₁, x₂) was rotated by its angle, so it is rotated back."""
+    half = dx.shape[-1] // 2
+    g1, g2, t1, t2 = dx[..., :half], dx[..., half:], tmp[..., :half], tmp[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    np.multiply(g2, s, out=t1)
+    np.multiply(g1, s, out=t2)
+    g1 *= c
+    g1 += t1
+    g2 *= c
+    g2 -= t2
+
+
+def swiglu_forward(out, gate, up):
+    """gate, up (N,F) -> out (N,F) = silu(gate) · up, silu(g) = g · σ(g)."""
+    sigmoid(out, gate)
+    out *= gate
+    out *= up
+
+
+def swiglu_backward(dgate, dup, dout, gate, up, tmp):
+    """dout (N,F) -> dgate, dup (N,F): dup = dout · silu(g), dgate = dout · up ·
+    (σ(g) + silu(g)·(1 − σ(g))); tmp (N,F) scratch."""
+    sigmoid(tmp, gate)
+    np.multiply(gate, tmp, out=dup)
+    np.subtract(np.float32(1), tmp, out=dgate)
+    dgate *= dup
+    dgate += tmp
+    dgate *= dout
+    dgate *= up
+    dup *= dout
+
+
+def sigmoid(out, x):
+    """out = σ(x) = (1 + tanh(x/2)) / 2: no overflow for any x."""
+    np.multiply(x, np.float32(0.5), out=out)
+    np.tanh(out, out=out)
+    out += np.float32(1)
+    out *= np.float32(0.5)
