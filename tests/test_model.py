@@ -232,3 +232,45 @@ def test_kv_cached_sampling_matches_pytorch_through_cache_restarts():
         tokens.append(want[-1])
         context = tokens[-(T // 2):] if len(context) == T else context + [want[-1]]
     assert Sampler(cfg, params).generate([5, 9, 2], 20, temperature=0, top_k=0, seed=0) == want
+
+
+GQA_SHAPES = [  # B, T, query heads, K/V heads, head size, block
+    (2, 40, 4, 2, 8, 16),
+    (1, 37, 6, 2, 8, 8),  # a short last block, groups of 3
+    (2, 24, 4, 1, 8, 128),  # one K/V head for all
+]
+
+
+@pytest.mark.parametrize("B, T, n_head, n_kv_head, head_size, block", GQA_SHAPES)
+def test_grouped_query_attention_matches_autograd(fp32_engine, B, T, n_head, n_kv_head, head_size, block):
+    """Grouped-query attention (Llama's): each K/V head read by its group of query heads,
+    its gradients the sum over the group; against SDPA with the K/V heads repeated, in
+    float64, and split between two callers by whole groups (as workers share heads)."""
+    from trainer.attention import Workspace, attention_backward, attention_forward
+    work, group, C = Workspace(fp32_engine), n_head // n_kv_head, n_head * head_size
+    rng = np.random.default_rng(T)
+    qkv = rng.normal(0, 1, (B, T, (n_head + 2 * n_kv_head) * head_size)).astype(np.float32)
+    dout = rng.normal(0, 1, (B, T, C)).astype(np.float32)
+    out, lse, dqkv = np.zeros((B, T, C), np.float32), np.zeros((B, n_head, T), np.float32), np.zeros_like(qkv)
+    attention_forward(work, out, lse, qkv, n_head, block=block, n_kv_head=n_kv_head)
+    attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=block, n_kv_head=n_kv_head)
+    reference = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
+    q, k, v = reference.split([C, n_kv_head * head_size, n_kv_head * head_size], dim=2)
+    q = q.view(B, T, n_head, head_size).transpose(1, 2)
+    k, v = (x.view(B, T, n_kv_head, head_size).transpose(1, 2).repeat_interleave(group, dim=1) for x in (k, v))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    y.backward(torch.from_numpy(dout.astype(np.float64)))
+    np.testing.assert_allclose(out, y.detach().numpy(), rtol=0, atol=2e-6)
+    expected = reference.grad.numpy()
+    assert np.abs(dqkv - expected).max() / np.abs(expected).max() <= 2e-6
+    if n_kv_head > 1:  # two callers, each a whole number of groups, write the same dqkv
+        halves, split = np.zeros_like(qkv), n_head // n_kv_head * (n_kv_head // 2)
+        for heads in ((0, split), (split, n_head)):
+            part = np.zeros((B, heads[1] - heads[0], T), np.float32)
+            attention_forward(work, out, part, qkv, n_head, block=block, heads_of=heads, n_kv_head=n_kv_head)
+            attention_backward(work, halves, dout, qkv, out, part, n_head, block=block, heads_of=heads,
+                               n_kv_head=n_kv_head)
+        # (the same sums; oneDNN may round a smaller batch of heads differently)
+        np.testing.assert_allclose(halves, dqkv, rtol=0, atol=1e-6 * np.abs(dqkv).max())
+    with pytest.raises(ValueError, match="split a group"):
+        attention_forward(work, out, lse, qkv, n_head, heads_of=(0, group + 1), n_kv_head=n_kv_head)

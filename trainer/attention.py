@@ -14,7 +14,9 @@ A block's scores are kept transposed, keys x queries: the softmax then reduces a
 broadcasts across rows, which NumPy runs on whole rows (along the contiguous axis
 it would be row by row).
 
-Shapes: qkv (B,T,3C) as the fused q, k, v projection writes it; out (B,T',C) for the T' = T − start
+Shapes: qkv (B,T,3C) as the fused q, k, v projection writes it (with grouped-query
+attention (B,T,(NH+2·NKV)·HS): NKV K/V heads each shared by NH/NKV query heads, whose
+blocks repeat it); out (B,T',C) for the T' = T − start
 queries at positions start… (start > 0 when earlier keys and values are cached);
 lse (B,NH,T').  Each call first copies its heads' q, k, v (and dO) into dense
 blocks of rows (bf16 in bf16), q and dO also transposed: oneDNN's AMX/brgemm
@@ -63,6 +65,21 @@ def heads(x, n_head, parts, heads_of=None):
     return [split[:, :, i, h0:h1].transpose(0, 2, 1, 3) for i in range(parts)]
 
 
+def qkv_heads(qkv, n_head, n_kv_head, heads_of=None):
+    """qkv (B,T,(NH+2·NKV)·HS), the query heads then the key and the value heads ->
+    views q (B,NH',T,HS) of heads_of's query heads and k, v (B,NKV',T,HS) of the K/V
+    heads they read: query head h reads K/V head h // (NH/NKV) (grouped-query
+    attention; NKV = NH is GPT-2's, where this is heads(qkv, NH, 3))."""
+    B, T, width = qkv.shape
+    group, hs = n_head // n_kv_head, width // (n_head + 2 * n_kv_head)
+    h0, h1 = heads_of or (0, n_head)
+    if h0 % group or h1 % group:
+        raise ValueError(f"query heads {h0}…{h1 - 1} split a group of {group} sharing a K/V head")
+    q = qkv[..., :n_head * hs].reshape(B, T, n_head, hs)[:, :, h0:h1].transpose(0, 2, 1, 3)
+    kv = qkv[..., n_head * hs:].reshape(B, T, 2, n_kv_head, hs)[:, :, :, h0 // group:h1 // group]
+    return q, kv[:, :, 0].transpose(0, 2, 1, 3), kv[:, :, 1].transpose(0, 2, 1, 3)
+
+
 def low(work, name, x):
     """x as the attention matmuls read it: in bf16 a scratch bf16 copy (x contiguous)."""
     engine = work.engine
@@ -73,15 +90,19 @@ def low(work, name, x):
     return copy
 
 
-def in_blocks(work, name, view, block, transposed=False):
+def in_blocks(work, name, view, block, transposed=False, group=1):
     """view (B,NH,T,HS) copied into blocks of `block` rows, each dense (B,NH,rows,HS)
     (bf16 in bf16) -> the list of blocks, and with transposed also the list of their
     transposes (B,NH,HS,rows).  oneDNN runs a batched matmul on its AMX/brgemm kernels
     only when every operand is dense; on views of (B,T,3C) rows it takes a generic
-    kernel at half the speed.  NumPy's engine in fp32 (the sampler's) reads views."""
+    kernel at half the speed.  NumPy's engine in fp32 (the sampler's) reads views.
+    group > 1: each head repeated `group` times, once for each query head that reads it."""
     engine, rows, flipped = work.engine, [], []
     for i0 in range(0, view.shape[2], block):
         src = view[:, :, i0:i0 + block]
+        if group > 1:
+            rows.append(repeated(work, (name, i0), src, group))
+            continue
         if not engine.low and engine.primitives is None:
             rows.append(src)
             flipped.append(src.swapaxes(-1, -2))
@@ -93,6 +114,21 @@ def in_blocks(work, name, view, block, transposed=False):
             flipped.append(work.scratch((name, i0, "T"), src.shape[:2] + src.shape[:1:-1], engine.low_dtype))
             np.copyto(bits(flipped[-1]), bits(copy.swapaxes(-1, -2)))
     return (rows, flipped) if transposed else rows
+
+
+def repeated(work, name, src, group):
+    """src (B,NKV,rows,HS) -> a dense (B,NKV·group,rows,HS) copy with each head `group`
+    times over (bf16 in bf16): the K/V heads as the query heads of their groups read them."""
+    engine = work.engine
+    B, n_kv, n, hs = src.shape
+    copy = work.scratch(name, (B, n_kv, group, n, hs), engine.low_dtype)
+    if engine.low:
+        once = work.scratch((name, "once"), src.shape, engine.low_dtype)
+        engine.to_low(once, src)
+        np.copyto(bits(copy), bits(once)[:, :, None])
+    else:
+        np.copyto(copy, src[:, :, None])
+    return copy.reshape(B, n_kv * group, n, hs)
 
 
 def bits(x):
@@ -133,18 +169,20 @@ def masked(work, bk, bq, q0, k0):
 SUM_LIMIT = np.float32(2.0 ** 64)
 
 
-def attention_forward(work, out, lse, qkv, n_head, start=0, block=None, heads_of=None):
-    """qkv (B,T,3C) -> out (B,T−start,C), lse (B,NH,T−start) (NH: of heads_of).
-    Each query block runs shifted_rows, and online_rows where that could overflow."""
-    B, T, C3 = qkv.shape
-    C, n, block = C3 // 3, T - start, block or block_size()
-    hs = C // n_head
+def attention_forward(work, out, lse, qkv, n_head, start=0, block=None, heads_of=None, n_kv_head=None):
+    """qkv (B,T,(NH+2·NKV)·HS) -> out (B,T−start,NH·HS), lse (B,NH,T−start) (NH: of
+    heads_of); NKV = n_kv_head K/V heads (default NH).  Each query block runs
+    shifted_rows, and online_rows where that could overflow."""
+    B, T, width = qkv.shape
+    n_kv_head = n_kv_head or n_head
+    n, block, group = T - start, block or block_size(), n_head // n_kv_head
+    hs = width // (n_head + 2 * n_kv_head)
     scale = np.float32(1.0 / np.sqrt(hs))
-    q, k, v = heads(qkv, n_head, 3, heads_of)
+    q, k, v = qkv_heads(qkv, n_head, n_kv_head, heads_of)
     (y,) = heads(out, n_head, 1, heads_of)
     n_head = q.shape[1]  # the heads run here
     _, q_cols = in_blocks(work, "q", q[:, :, start:], block, transposed=True)
-    k_rows, v_rows = in_blocks(work, "k", k, block), in_blocks(work, "v", v, block)
+    k_rows, v_rows = in_blocks(work, "k", k, block, group=group), in_blocks(work, "v", v, block, group=group)
     for i0, q_t in zip(range(0, n, block), q_cols):
         i1 = min(i0 + block, n)
         bq = i1 - i0
@@ -233,23 +271,25 @@ def online_rows(work, m, l, acc, q_t, key_blocks, q0, scale):
         m[...] = row
 
 
-def attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=None):
-    """dout (B,T,C) -> dqkv (B,T,3C) overwritten (heads_of's); out and lse as the
+def attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=None, n_kv_head=None):
+    """dout (B,T,NH·HS) -> dqkv, shaped as qkv, overwritten (heads_of's, and the K/V
+    heads they read: a K/V head's gradient sums its group's); out and lse as the
     forward left them.  Query blocks outer: each block's lse and D are spread along
     the keys once, for every key block it sees."""
-    B, T, C3 = qkv.shape
-    C, block, heads_all = C3 // 3, block or block_size(), n_head
-    hs = C // n_head
+    B, T, width = qkv.shape
+    n_kv_head = n_kv_head or n_head
+    block, heads_all, group = block or block_size(), n_head, n_head // n_kv_head
+    hs = width // (n_head + 2 * n_kv_head)
     scale = np.float32(1.0 / np.sqrt(hs))
     engine = work.engine
-    q, k, v = heads(qkv, n_head, 3, heads_of)
+    q, k, v = qkv_heads(qkv, n_head, n_kv_head, heads_of)
     (do,), (o,) = heads(dout, n_head, 1, heads_of), heads(out, n_head, 1, heads_of)
     n_head = q.shape[1]  # the heads run here
     d = work.scratch("D", (B, n_head, 1, T))
     np.einsum("bhtd,bhtd->bht", do, o, out=d[:, :, 0])  # D = rowsum(dO ∘ O)
     (q_rows, q_cols), (do_rows, do_cols) = in_blocks(work, "q", q, block, True), in_blocks(work, "dO", do, block, True)
-    k_rows, v_rows = in_blocks(work, "k", k, block), in_blocks(work, "v", v, block)
-    # dq, dk, dv in dense blocks too, copied into dqkv at the end
+    k_rows, v_rows = in_blocks(work, "k", k, block, group=group), in_blocks(work, "v", v, block, group=group)
+    # dq, dk, dv in dense blocks too (dk, dv of every query head), copied into dqkv at the end
     dq, dk, dv = ([work.scratch((name, j0), x.shape) for j0, x in zip(range(0, T, block), k_rows)]
                   for name in ("dq", "dk", "dv"))
     ds_dtype = engine.low_dtype if engine.writes_low else np.float32  # dS straight out of its matmul
@@ -273,9 +313,19 @@ def attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=None, head
             engine.batched(dv[j], p_low, do_rows[i], accumulate=i > j)
             engine.batched(dk[j], ds_low, q_rows[i], accumulate=i > j)
             engine.batched(dq[i], ds_low.swapaxes(-1, -2), k_rows[j], accumulate=j > 0)
-    into = heads(dqkv, heads_all, 3, heads_of)
+    into = qkv_heads(dqkv, heads_all, n_kv_head, heads_of)
     for i0, dq_i, dk_i, dv_i in zip(range(0, T, block), dq, dk, dv):
         i1 = i0 + dq_i.shape[2]
         np.multiply(dq_i, scale, out=into[0][:, :, i0:i1])
+        if group > 1:  # each K/V head: the sum over the query heads of its group
+            dk_i, dv_i = (group_sum(work, name, x, group) for name, x in (("dk sum", dk_i), ("dv sum", dv_i)))
         np.multiply(dk_i, scale, out=into[1][:, :, i0:i1])
         np.copyto(into[2][:, :, i0:i1], dv_i)
+
+
+def group_sum(work, name, x, group):
+    """x (B,NKV·group,rows,HS) -> (B,NKV,rows,HS) scratch: each group of heads summed."""
+    B, heads_run, *rest = x.shape
+    total = work.scratch(name, (B, heads_run // group, *rest))
+    np.sum(x.reshape(B, heads_run // group, group, *rest), axis=2, out=total)
+    return total
