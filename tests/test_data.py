@@ -61,6 +61,29 @@ def test_token_file_checks(tmp_path):
         open_tokens(tmp_path / "missing.bin")
 
 
+def test_llama3_token_files_hold_uint32(tmp_path):
+    """Vocabularies above 65,536 (Llama 3's 128,256) take llm.c's Llama 3 format: the
+    header magic 20240801, version 7, the count, then uint32 ids; GPT-2's stay uint16."""
+    from trainer.data import write_tokens
+    ids = np.array([0, 65535, 65536, 128255, 7])
+    wide = tmp_path / "wide.bin"
+    write_tokens(wide, ids, vocab_size=128256)
+    raw = wide.read_bytes()
+    assert list(np.frombuffer(raw[:12], dtype="<i4")) == [20240801, 7, 5] and len(raw) == 1024 + 4 * 5
+    assert list(np.frombuffer(raw[1024:], dtype="<u4")) == list(ids)
+    assert list(open_tokens(wide)) == list(ids) and open_tokens(wide).dtype == np.uint32
+    narrow = tmp_path / "narrow.bin"
+    write_tokens(narrow, [50256, 1], vocab_size=50257)
+    assert list(np.frombuffer(narrow.read_bytes()[:12], dtype="<i4")) == [20240520, 1, 2]
+    assert len(narrow.read_bytes()) == 1024 + 2 * 2
+    with pytest.raises(DataError, match="below the vocabulary's 50257"):
+        write_tokens(tmp_path / "bad.bin", [50257], vocab_size=50257)
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(raw[:-6])
+    with pytest.raises(DataError, match="header says 5 tokens, file holds 3"):
+        open_tokens(truncated)
+
+
 def test_window_order_wraps_before_running_past_the_end():
     n, bt = 5 * 12 + 7, 12
     starts = [WindowOrder(n, bt).start(s) for s in range(8)]  # file order (--data-order sequential)

@@ -1,7 +1,9 @@
 """llm.c token files and the batch order.
 
-A token file is 256 int32 header words (magic 20240520, version 1, token
-count) followed by the tokens as uint16.  The file holds W = (n − 1) // (B·T)
+A token file is 256 int32 header words (magic, version, token count) followed by
+the tokens: llm.c's GPT-2 format (magic 20240520, version 1) holds them as uint16,
+its Llama 3 format (magic 20240801, version 7) as uint32, for vocabularies above
+65,536.  The file holds W = (n − 1) // (B·T)
 windows of B·T+1 tokens (each window's last token is the next one's first).
 Micro-batch w reads window w mod W: in file order (`sequential`, llm.c's: window
 w starts at token (w mod W)·B·T), or in the order of a permutation of the W
@@ -16,18 +18,23 @@ from trainer.errors import DataError
 from trainer.files import atomic_write
 
 MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
+WIDE_MAGIC, WIDE_VERSION = 20240801, 7  # llm.c's Llama 3 files
+FORMATS = {MAGIC: (VERSION, np.uint16), WIDE_MAGIC: (WIDE_VERSION, np.uint32)}
 
 
-def write_tokens(path, tokens):
-    """Atomically write an llm.c token file (temp name, fsync, rename)."""
+def write_tokens(path, tokens, vocab_size=1 << 16):
+    """Atomically write an llm.c token file (temp name, fsync, rename): uint16 ids in
+    the GPT-2 format where the vocabulary fits them, else uint32 in the Llama 3 one."""
     tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16):
-        raise DataError(f"{path}: token ids must fit in uint16")
+    magic = MAGIC if vocab_size <= 1 << 16 else WIDE_MAGIC
+    version, dtype = FORMATS[magic]
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= min(vocab_size, np.iinfo(dtype).max + 1)):
+        raise DataError(f"{path}: token ids must be below the vocabulary's {vocab_size}")
     header = np.zeros(256, dtype=np.int32)
-    header[:3] = (MAGIC, VERSION, tokens.size)
+    header[:3] = (magic, version, tokens.size)
     with atomic_write(path) as f:
         f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16).tobytes())
+        f.write(tokens.astype(dtype).tobytes())
 
 
 def looks_like_text(path):
@@ -45,19 +52,21 @@ def open_tokens(path):
     if size < HEADER_BYTES:
         raise DataError(f"{path} is not an llm.c token file: {size} bytes is shorter than the header")
     header = np.fromfile(path, dtype=np.int32, count=256)
-    if header[0] != MAGIC:
-        raise DataError(f"{path} is not an llm.c token file: magic {header[0]}, expected {MAGIC}"
+    if header[0] not in FORMATS:
+        raise DataError(f"{path} is not an llm.c token file: magic {header[0]}, expected {MAGIC} "
+                        f"(or {WIDE_MAGIC})"
                         + (f" (a text file? tokenize it first: python -m launch prepare --text {path})"
                            if looks_like_text(path) else ""))
-    if header[1] != VERSION:
-        raise DataError(f"{path}: unsupported token file version {header[1]}, expected {VERSION}")
-    count = int(header[2])
+    version, dtype = FORMATS[int(header[0])]
+    if header[1] != version:
+        raise DataError(f"{path}: unsupported token file version {header[1]}, expected {version}")
+    count, width = int(header[2]), np.dtype(dtype).itemsize
     if count <= 0:
         raise DataError(f"{path} holds no tokens")
-    if HEADER_BYTES + 2 * count > size:
+    if HEADER_BYTES + width * count > size:
         raise DataError(f"{path} is truncated: header says {count} tokens, "
-                        f"file holds {(size - HEADER_BYTES) // 2}")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(count,))
+                        f"file holds {(size - HEADER_BYTES) // width}")
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
 def check_tokens(tokens, path, batch_tokens, vocab_size):
