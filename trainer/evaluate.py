@@ -3,8 +3,6 @@ through the family's own forward (the one that trains), window by window as a
 run's evaluation reads them: window w is B·T+1 tokens from token w·B·T."""
 import math
 
-import numpy as np
-
 from trainer.data import WindowOrder
 from trainer.gemm import Engine
 from trainer.model import Layers
@@ -23,7 +21,7 @@ def mean_loss(cfg, params, tokens, batch_size, seq_len, windows=0):
     total = 0.0
     for window in range(windows):
         first = order.start(window)
-        model.load_batch(np.asarray(tokens[first:first + batch_size * seq_len + 1], dtype=np.int64))
+        model.load_batch(tokens[first:first + batch_size * seq_len + 1])  # read into the model's int64 ids
         total += model.forward()
     return total / (windows * batch_size * seq_len), windows
 

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from trainer.model import norm_input_gradient
+
 
 def rmsnorm_forward(out, rstd, x, w, eps):
     """x (N,C) -> out (N,C) = x · rstd · w; saves rstd (N,1) = 1/√(mean(x²) + eps)."""
@@ -27,12 +29,7 @@ def rmsnorm_backward(dx, dres, dout, x, rstd, w, norm, dnorm, rowtmp):
     np.einsum("nc,nc->n", dnorm, norm, out=rowtmp[:, 0])
     rowtmp /= np.float32(x.shape[1])
     norm *= rowtmp
-    dnorm -= norm
-    dnorm *= rstd
-    if dres is None:
-        np.copyto(dx, dnorm)
-    else:
-        np.add(dres, dnorm, out=dx)
+    norm_input_gradient(dx, dres, dnorm, norm, rstd)
 
 
 def rmsnorm_weights_backward(dw, dout, x, rstd, norm):
@@ -72,29 +69,31 @@ def rope_tables(cos, sin, first, inv_freq):
 def rope_forward(x, cos, sin, tmp):
     """x (B,T,H,HS) rotated in place: x·cos + rotate_half(x)·sin, rotate_half(x) =
     (−x₂, x₁) of its halves; cos, sin (T, HS/2); tmp (B,T,H,HS) scratch."""
+    rotate(x, cos, sin, tmp, back=False)
+
+
+def rope_backward(dx, cos, sin, tmp):
+    """dx (B,T,H,HS), the gradient of rope_forward's output, turned in place into its
+    input's: each pair (x₁, x₂) was rotated by its angle, so it is rotated back."""
+    rotate(dx, cos, sin, tmp, back=True)
+
+
+def rotate(x, cos, sin, tmp, back):
+    """Each pair (x₁, x₂) of x's halves turned by its angle (back: by minus it):
+    x₁·c ∓ x₂·s, x₂·c ± x₁·s."""
     half = x.shape[-1] // 2
     x1, x2, t1, t2 = x[..., :half], x[..., half:], tmp[..., :half], tmp[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
     np.multiply(x2, s, out=t1)
     np.multiply(x1, s, out=t2)
     x1 *= c
-    x1 -= t1
     x2 *= c
-    x2 += t2
-
-
-def rope_backward(dx, cos, sin, tmp):
-    """dx (B,T,H,HS), the gradient of rope_forward's output, turned in place into its
-    input's: each pair (x₁, x₂) was rotated by its angle, so it is rotated back."""
-    half = dx.shape[-1] // 2
-    g1, g2, t1, t2 = dx[..., :half], dx[..., half:], tmp[..., :half], tmp[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    np.multiply(g2, s, out=t1)
-    np.multiply(g1, s, out=t2)
-    g1 *= c
-    g1 += t1
-    g2 *= c
-    g2 -= t2
+    if back:
+        x1 += t1
+        x2 -= t2
+    else:
+        x1 -= t1
+        x2 += t2
 
 
 def swiglu_forward(out, gate, up):

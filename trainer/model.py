@@ -76,7 +76,14 @@ def layernorm_backward(dx, dres, dout, x, mean, rstd, w, norm, dnorm, rowtmp):
     norm *= rowtmp
     np.mean(dnorm, axis=1, keepdims=True, out=rowtmp)
     dnorm -= rowtmp
-    dnorm -= norm
+    norm_input_gradient(dx, dres, dnorm, norm, rstd)
+
+
+def norm_input_gradient(dx, dres, dnorm, along, rstd):
+    """The last step of a normalisation's backward (layernorm's, RMSNorm's): dx (N,C) =
+    dres + rstd · (dnorm − along) (dres None: 0), dnorm the gradient through the weight
+    less what the mean took, `along` its part along the normalised input; dnorm is spent."""
+    dnorm -= along
     dnorm *= rstd
     if dres is None:
         np.copyto(dx, dnorm)
