@@ -6,7 +6,7 @@ import math
 from trainer.data import WindowOrder
 from trainer.gemm import Engine
 from trainer.model import Layers
-from trainer.models import family_of
+from trainer.models import family_of, in_arena
 from trainer.trainable import Full, Weights
 
 
@@ -17,7 +17,7 @@ def mean_loss(cfg, params, tokens, batch_size, seq_len, windows=0):
     checked (trainer.data.check_tokens) by the caller."""
     order = WindowOrder(tokens.size, batch_size * seq_len)
     windows = windows or order.per_pass
-    model = family_of(cfg).Model(cfg, batch_size, seq_len, Weights(params, Full(cfg)), layers=Layers(Engine("numpy")))
+    model = family_of(cfg).Model(cfg, batch_size, seq_len, Weights(in_arena(cfg, params), Full(cfg)), layers=Layers(Engine("numpy")))
     total = 0.0
     for window in range(windows):
         first = order.start(window)

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 
-from trainer.model import norm_input_gradient
 
 
 def rmsnorm_forward(out, rstd, x, w, eps):
@@ -30,6 +29,18 @@ def rmsnorm_backward(dx, dres, dout, x, rstd, w, norm, dnorm, rowtmp):
     rowtmp /= np.float32(x.shape[1])
     norm *= rowtmp
     norm_input_gradient(dx, dres, dnorm, norm, rstd)
+
+
+def norm_input_gradient(dx, dres, dnorm, along, rstd):
+    """The last step of a normalisation's backward (layernorm's, RMSNorm's): dx (N,C) =
+    dres + rstd · (dnorm − along) (dres None: 0), dnorm the gradient through the weight
+    less what the mean took, `along` its part along the normalised input; dnorm is spent."""
+    dnorm -= along
+    dnorm *= rstd
+    if dres is None:
+        np.copyto(dx, dnorm)
+    else:
+        np.add(dres, dnorm, out=dx)
 
 
 def rmsnorm_weights_backward(dw, dout, x, rstd, norm):
@@ -122,3 +133,24 @@ def sigmoid(out, x):
     np.tanh(out, out=out)
     out += np.float32(1)
     out *= np.float32(0.5)
+
+
+# nn.Linear's orientation: weights (out, in), as the Llama family stores them
+def linear_forward(engine, out, inp, w):
+    """out (N,out) = inp (N,in) @ w.T, w (out,in)."""
+    engine.matmul(out, inp, w.T)
+
+
+def linear_backward(engine, dinp, dout, w):
+    """dout (N,out) -> dinp (N,in) = dout @ w, overwritten."""
+    engine.matmul(dinp, dout, w)
+
+
+def linear_weights_backward(engine, dw, dout, inp):
+    """dout (N,out), inp (N,in) -> dw (out,in) = dout.T @ inp, overwritten."""
+    engine.matmul(dw, dout.T, inp)
+
+
+ENGINE_LAYERS = ("linear_forward", "linear_backward", "linear_weights_backward")
+PLAIN_LAYERS = ("rmsnorm_forward", "rmsnorm_backward", "rmsnorm_weights_backward", "rope_forward", "rope_backward",
+                "swiglu_forward", "swiglu_backward")

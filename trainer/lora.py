@@ -233,6 +233,8 @@ class LoraSites:
         full, low, matrix = model.acts.full, model.acts.matmul_inputs, model.MATRICES[target]
         width = full[matrix.dout].shape[-1]
         low_dout = low[matrix.dout][l + matrix.dout_layer].reshape(-1, width)
+        if getattr(matrix, "columns", None):  # the layer's columns of a fused output (Llama's q, k, v)
+            low_dout = low_dout[:, slice(*matrix.columns)]
         inp = low[matrix.inp][l]
         inp = inp.reshape(-1, inp.shape[-1])
         if self.dropping:

@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from trainer import attention
+from trainer import attention, llama_layers
+from trainer.llama_layers import norm_input_gradient
 
 LN_EPS = np.float32(1e-5)
 GELU_S = np.float32(np.sqrt(2.0 / np.pi))
@@ -77,18 +78,6 @@ def layernorm_backward(dx, dres, dout, x, mean, rstd, w, norm, dnorm, rowtmp):
     np.mean(dnorm, axis=1, keepdims=True, out=rowtmp)
     dnorm -= rowtmp
     norm_input_gradient(dx, dres, dnorm, norm, rstd)
-
-
-def norm_input_gradient(dx, dres, dnorm, along, rstd):
-    """The last step of a normalisation's backward (layernorm's, RMSNorm's): dx (N,C) =
-    dres + rstd · (dnorm − along) (dres None: 0), dnorm the gradient through the weight
-    less what the mean took, `along` its part along the normalised input; dnorm is spent."""
-    dnorm -= along
-    dnorm *= rstd
-    if dres is None:
-        np.copyto(dx, dnorm)
-    else:
-        np.add(dres, dnorm, out=dx)
 
 
 def layernorm_weights_backward(dw, db, dout, x, mean, rstd, norm):
@@ -259,16 +248,19 @@ PLAIN_LAYERS = ("encoder_forward", "encoder_backward", "layernorm_forward", "lay
 
 
 class Layers:
-    """Every layer of this module with the GEMM engine it multiplies on bound (and
-    attention with a Workspace of its own): what a model calls as `nn.layer(...)`."""
+    """Every layer of this module and of trainer/llama_layers.py, with the GEMM engine
+    it multiplies on bound (and attention with a Workspace of its own): what a model
+    calls as `nn.layer(...)`."""
 
     def __init__(self, engine):
         self.engine = engine
         self.attention = attention.Workspace(engine)
-        for name in PLAIN_LAYERS:
-            setattr(self, name, globals()[name])
-        for name in ENGINE_LAYERS:
-            setattr(self, name, partial(globals()[name], engine))
+        for module, plain, multiplying in ((globals(), PLAIN_LAYERS, ENGINE_LAYERS),
+                                           (vars(llama_layers), llama_layers.PLAIN_LAYERS, llama_layers.ENGINE_LAYERS)):
+            for name in plain:
+                setattr(self, name, module[name])
+            for name in multiplying:
+                setattr(self, name, partial(module[name], engine))
         self.attention_forward = partial(attention.attention_forward, self.attention)
         self.attention_backward = partial(attention.attention_backward, self.attention)
 

@@ -6,7 +6,7 @@ import numpy as np
 from trainer.activations import KVCache, Table
 from trainer.gemm import Engine
 from trainer.model import Layers
-from trainer.models import family_of
+from trainer.models import family_of, in_arena
 from trainer.trainable import Full, Weights
 
 
@@ -17,7 +17,7 @@ class Sampler:
     def __init__(self, cfg, params, engine=None):
         self.cfg, self.layers = cfg, Layers(engine or Engine("numpy"))
         trains = Full(cfg)
-        self.weights = Weights(params, trains)
+        self.weights = Weights(in_arena(cfg, params), trains)
         self.cache = KVCache(Table(cfg, trains, 1, cfg.block_size, False), self.layers.engine)
         self.logits = np.empty(cfg.vocab_size, dtype=np.float32)
 

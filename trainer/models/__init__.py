@@ -6,23 +6,26 @@ tasks), the KV-cached forward, the LoRA target table.  Everything else asks it
 through this module (or, in trainer/ modules the families themselves import,
 through `cfg.family`, the module of the config's tables)."""
 from trainer.errors import WeightsError
-from trainer.models import gpt2
+from trainer.models import gpt2, llama
 from trainer.params import Layout
 
-FAMILIES = {family.MODEL_TYPE: family for family in (gpt2,)}
+FAMILIES = {family.MODEL_TYPE: family for family in (gpt2, llama)}
+# each Hugging Face model_type a family trains -> the family
+MODEL_TYPES = {model_type: family for family in FAMILIES.values()
+               for model_type in getattr(family, "MODEL_TYPES", (family.MODEL_TYPE,))}
 DEFAULT = gpt2.MODEL_TYPE  # a config.json without model_type, a --model preset name alone
 
 
 def family(model_type):
     """The family package of a Hugging Face model_type; an unknown one is bad input."""
-    if model_type not in FAMILIES:
+    if model_type not in MODEL_TYPES:
         raise WeightsError(f"model_type {model_type!r} is not a family coregpt trains "
-                           f"(it trains {', '.join(FAMILIES)})")
-    return FAMILIES[model_type]
+                           f"(it trains {', '.join(MODEL_TYPES)})")
+    return MODEL_TYPES[model_type]
 
 
 def family_of(cfg):
-    return FAMILIES[cfg.model_type]
+    return MODEL_TYPES[cfg.model_type]
 
 
 def config_from_fields(model_type, fields):
@@ -67,3 +70,20 @@ def param_shapes(cfg):
 
 def param_layout(cfg):
     return Layout(param_shapes(cfg))
+
+
+def in_arena(cfg, tensors):
+    """{name: array} of the model `cfg` as views of one arena in its layout (a family
+    may read neighbouring tensors as one matrix: Llama's q, k, v); tensors already
+    laid out so come back as they are, others are copied in once."""
+    layout = param_layout(cfg)
+    first = tensors[next(iter(layout.offsets))]
+    start = first.__array_interface__["data"][0]
+    if all(tensors[name].dtype == first.dtype and tensors[name].flags.c_contiguous and
+           tensors[name].__array_interface__["data"][0] == start + offset * first.itemsize
+           for name, offset in layout.offsets.items()):
+        return tensors
+    _, views = layout.allocate()
+    for name, view in views.items():
+        view[...] = tensors[name]
+    return views

@@ -1,26 +1,15 @@
-"""GPT-2's model: its math for B rows of T tokens: forward, the activations' gradients, and the
-weights' gradients, over the activation table (activations.py) and parameter views,
-built from model.py's layers.
-
-Every matmul goes through `split`, a hook the parallel strategy supplies: alone (one
-process, or data parallelism) it is the plain matmul; the hybrid strategy runs each
-worker's share of it over the rows of every worker, between barriers.  Before a
-matmul reads an activation, this worker makes the bf16 copy of its own rows
-(`Activations.made`; nothing without bf16).  Row-wise layers run on this worker's
-token rows; attention on its share of the (batch row, head) pairs, which are the
-same rows when the workers divide the batch, and otherwise need `sync` (a barrier)
-before and after it.
-
-Weight gradients are cut into tasks, one ordered list the strategies share
-(`weight_tasks`): the hybrid strategy balances them over workers, data parallelism
-groups them into its reduction buckets.
+"""GPT-2's model: its blocks' forward and backward (LayerNorm, the fused c_attn, GELU),
+learned positions, the head tied to wte and the ordered weight-gradient tasks, over
+trainer/model.py's layers; the outline every family shares (the batch, the head
+fused with cross-entropy, attention's pieces, the backward's order) is
+trainer/decoder.py's.
 """
 from typing import NamedTuple
 
 import numpy as np
 
-from trainer.activations import Activations, Table, rows_of, share
-from trainer.model import ALONE, WeightTask
+from trainer.decoder import Decoder
+from trainer.model import WeightTask
 
 
 class Matrix(NamedTuple):
@@ -39,22 +28,6 @@ MATRICES = {
     "mlp.c_fc": Matrix(1, 4, "ln2", "dfch", 0, ("ln_2", "dln2", "resid2", "ln2_mean", "ln2_rstd")),
     "mlp.c_proj": Matrix(4, 1, "fch_gelu", "dresidual", 1, None),
 }
-
-
-def attention_pieces(B, n_head, part, n_parts):
-    """Worker `part`'s share of the B·n_head (row, head) pairs, contiguous in row
-    order, as rectangles [(b0, b1, h0, h1)]: whole rows where it can."""
-    lo, hi = share(B * n_head, part, n_parts)
-    pieces = []
-    while lo < hi:
-        b, h = divmod(lo, n_head)
-        if h == 0 and hi - lo >= n_head:
-            rows = (hi - lo) // n_head
-            pieces.append((b, b + rows, 0, n_head))
-        else:
-            pieces.append((b, b + 1, h, min(n_head, h + hi - lo)))
-        lo += (pieces[-1][1] - b) * (pieces[-1][3] - h)
-    return pieces
 
 
 def weight_tasks(cfg, vocab_parts=1, matrix_parts=1):
@@ -108,113 +81,31 @@ def blocks_of(cfg, params, weights):
             for l in range(cfg.n_layer)]
 
 
-class GPT:
-    """The model for B rows of T tokens (every worker's, when a pool shares the
-    activation table `acts`; this worker's share of them is acts.tokens).
-    weights (trainer.trainable.Weights): the parameters' views, what trains (every
-    parameter, or LoRA's adapters at its matrix sites: `sites`) and their bf16
-    copies (which turn on bf16 matmuls); grads (views of what trains), to train.  acts is allocated here when not given (recompute: keep only each block's
-    input and run the block's forward again inside its backward; a given table says
-    itself).  parallel (trainer.model.Parallel): the matmul split and the barrier
-    attention needs when the workers split a batch row (see above).
-    layers: trainer.model.Layers (its layers with the GEMM engine they multiply on),
-    or a stand-in with the same functions (the profiler's)."""
+class GPT(Decoder):
+    """GPT-2 for B rows of T tokens (trainer.decoder.Decoder: the arguments, the
+    forward and backward's outline): its blocks, learned positions, LayerNorm and
+    the head tied to wte."""
     MATRICES = MATRICES  # the matrix sites, for what trains beside them
+    HEAD = "wte.weight"
 
-    def __init__(self, cfg, B, T, weights, grads=None, *, layers, acts=None, parallel=ALONE, recompute=False):
-        if T > cfg.block_size:
-            raise ValueError(f"seq-len {T} is above the model's context of {cfg.block_size}")
-        self.cfg, self.B, self.T, self.params, self.grads = cfg, B, T, weights.params, grads
-        self.split, self.layers = parallel.split, layers
-        self.trains = weights.trains
-        training = grads is not None
-        if acts is None:
-            acts = Activations(Table(cfg, self.trains, B, T, training, recompute), layers.engine,
-                               low_dtype=None if weights.low is None else weights.low["wte.weight"].dtype)
-        self.acts = acts
-        self.weights = self.params if weights.low is None else weights.low  # what matmuls read
-        self.blocks = blocks_of(cfg, self.params, self.weights)
-        if training:  # layernorm weight gradients normalise the rows of all workers
-            self.norm_all = np.zeros((B * T, cfg.n_embd), dtype=np.float32)
-        self.rows = np.arange(B * T)
-        self.idx_all = np.zeros((B, T), dtype=np.int64)
-        self.first, end = acts.tokens
-        self.idx = self.idx_all.reshape(-1)[self.first:end]
-        self.targets_all = np.zeros(B * T, dtype=np.int64)
-        self.pieces = attention_pieces(B, cfg.n_head, acts.part, acts.n_parts)
-        self.sync = parallel.sync if B % acts.n_parts else lambda: None
-        self.head_slices = self.trains.head_rows()  # the embedding rows whose gradient this worker computes
-        self.batch_key = (0, 0)  # (micro-batch, first token row): what per-batch draws (dropout) key on
-        self.sites = self.trains.sites(self, weights)
+    def blocks_of(self, params, weights):
+        return blocks_of(self.cfg, params, weights)
 
-    def load_batch(self, tokens, key=(0, 0)):
-        """tokens: the consecutive token ids of every worker's rows, plus one (any int
-        dtype); key: (micro-batch, first token row in the global batch)."""
-        self.idx_all.reshape(-1)[...] = tokens[:self.idx_all.size]
-        self.targets_all[...] = tokens[1:self.idx_all.size + 1]
-        self.batch_key = key
+    def embed(self):
+        p, past = self.params, self.acts.past
+        self.layers.encoder_forward(self.acts.mine.residual[0], self.idx, p["wte.weight"], p["wpe.weight"],
+                                    past + self.first, past + self.T)
 
-    def forward(self, loss_scale=None, grads=None):
-        """-> Σ of −log p(target) over this worker's share of the rows (see head).
-        Training (loss_scale given): also the lm head's gradients, fused with it:
-        dlnf, and this worker's head_slices of grads["wte.weight"] (default self.grads),
-        for backward_inputs to go on from.  Biases and residuals are added on this
-        worker's rows."""
-        nn, mine, p, L = self.layers, self.acts.mine, self.params, self.cfg.n_layer
-        self.sites.start(loss_scale is not None)
-        self.blocks_forward()
-        nn.layernorm_forward(mine.lnf, mine.lnf_mean, mine.lnf_rstd, mine.residual[L],
-                             p["ln_f.weight"], p["ln_f.bias"])
-        return self.head(loss_scale, self.grads if grads is None else grads)
+    def final_norm(self, first, end):
+        """lnf[:end − first] of this worker's rows first…end of the last block's output."""
+        mine, p, n = self.acts.mine, self.params, end - first
+        self.layers.layernorm_forward(mine.lnf[:n], mine.lnf_mean[:n], mine.lnf_rstd[:n],
+                                      mine.residual[self.cfg.n_layer][first:end], p["ln_f.weight"], p["ln_f.bias"])
 
-    def blocks_forward(self):
-        """The embeddings of this worker's token rows, then every block: residual[0]
-        -> residual[L].  Positions count from acts.past (the rows a KV cache holds)."""
-        nn, p, past = self.layers, self.params, self.acts.past
-        nn.encoder_forward(self.acts.mine.residual[0], self.idx, p["wte.weight"], p["wpe.weight"],
-                           past + self.first, past + self.T)
-        for l, block in enumerate(self.blocks):
-            self.block_forward(l, block)
-
-    def next_logits(self, out):
-        """Sampling (acts: a trainer.activations.KVCache's rows, which keep every
-        layer's keys and values): out (V,) = the logits of the token after the last
-        row loaded (load_batch)."""
-        nn, mine, p, L = self.layers, self.acts.mine, self.params, self.cfg.n_layer
-        self.blocks_forward()
-        last = mine.residual[L][self.T - 1:]
-        nn.layernorm_forward(mine.lnf[:1], mine.lnf_mean[:1], mine.lnf_rstd[:1], last, p["ln_f.weight"],
-                             p["ln_f.bias"])
-        np.matmul(p["wte.weight"], mine.lnf[0], out=out)
-        return out
-
-    def head(self, loss_scale, grads):
-        """The tied lm head and cross-entropy, a chunk of rows at a time (Liger
-        Kernel's fused linear cross-entropy): the N x V logits are never all in
-        memory.  Each chunk's logits are a split matmul over the rows of every
-        worker; this worker takes the softmax of its share of the chunk's rows.
-        -> Σ −log p over those shares.  With loss_scale, also each chunk's dlogits,
-        dlnf of its rows, and, added up over chunks, grads["wte.weight"] of this
-        worker's head_slices of the vocabulary."""
-        nn, full, acts = self.layers, self.acts.full, self.acts
-        lnf, wte, part, n_parts = acts.made("lnf"), self.weights["wte.weight"], acts.part, acts.n_parts
-        N, chunk, loss = lnf.shape[0], full.logits.shape[0], 0.0
-        for first in range(0, N, chunk):
-            end = min(first + chunk, N)
-            logits = full.logits[:end - first]
-            self.split(nn.lmhead_forward, logits, lnf[first:end], wte, True)
-            share, targets = (rows_of(x, 0, part, n_parts) for x in (logits, self.targets_all[first:end]))
-            rows = self.rows[:share.shape[0]]
-            loss += nn.crossentropy_forward(share, targets, acts.mine.rowtmp[:rows.size], rows)
-            if loss_scale is None:
-                continue
-            nn.crossentropy_backward(share, targets, rows, loss_scale)
-            dlogits = acts.made_first("logits", end - first)
-            self.split(nn.lmhead_backward, full.dlnf[first:end], dlogits, wte)
-            for lo, hi in self.head_slices:  # every worker's dlogits are in (the split's barrier)
-                nn.lmhead_weights_backward(grads["wte.weight"][lo:hi], dlogits[:, lo:hi], lnf[first:end],
-                                           accumulate=first > 0)
-        return loss
+    def final_norm_backward(self):
+        mine, L = self.acts.mine, self.cfg.n_layer
+        self.layers.layernorm_backward(mine.dresidual[L], None, mine.dlnf, mine.residual[L], mine.lnf_mean,
+                                       mine.lnf_rstd, self.params["ln_f.weight"], mine.norm, mine.dnorm, mine.rowtmp)
 
     def block_forward(self, l, b, again=False):
         """residual[l] -> residual[l+1] (llm.c's gpt2_forward, one layer).  again: the
@@ -226,10 +117,7 @@ class GPT:
         rows_qkv = mine.qkv[l][past:]
         rows_qkv += b.attn_b
         self.sites.forward(l, "attn.c_attn", rows_qkv)
-        self.sync()  # every worker's rows of qkv have their bias
-        for heads, qkv, atty, lse, _, _ in self.attention_views(l):
-            nn.attention_forward(atty, lse, qkv, self.cfg.n_head, past, heads_of=heads)
-        self.sync()  # all of atty is in before this worker converts its rows
+        self.attention_forward(l)
         split(nn.matmul_forward, full.resid2[l], made("atty", l), b.attn_proj_w)
         resid2 = mine.resid2[l]
         resid2 += b.attn_proj_b
@@ -250,48 +138,6 @@ class GPT:
         out += resid2
         self.sites.forward(l, "mlp.c_proj", out)
 
-    def attention_views(self, l):
-        """-> for each of this worker's attention pieces (b0, b1, h0, h1): (h0, h1)
-        and batch rows b0…b1 of layer l's qkv (rows, past + T, width: with the
-        positions a KV cache holds), atty, lse (heads h0…h1), dqkv and datty (None
-        when not training), each (rows, T, width)."""
-        full, B, T = self.acts.full, self.B, self.T
-        def rows(name, *layer):
-            return full[name][layer].reshape(B, T, -1) if name in full else None
-        qkv = full.qkv[l].reshape(B, self.acts.past + T, -1)  # with the cached positions'
-        atty, dqkv, datty = rows("atty", l), rows("dqkv", l), rows("datty")
-        lse = full.lse[l].reshape(B, self.cfg.n_head, T)
-        for b0, b1, h0, h1 in self.pieces:
-            yield ((h0, h1), qkv[b0:b1], atty[b0:b1], lse[b0:b1, h0:h1],
-                   None if dqkv is None else dqkv[b0:b1], None if datty is None else datty[b0:b1])
-
-    def backward(self):
-        """Every gradient of the loss_scale given to forward into self.grads
-        (overwritten), for a model alone with its rows."""
-        tasks = self.trains.weight_tasks()
-        def run(layer):
-            for task in tasks:
-                if task.layer == layer:
-                    self.backward_weights(task, self.grads)
-        self.backward_inputs(run)
-        run(None)  # the embedding's
-
-    def backward_inputs(self, layer_done):
-        """After forward(loss_scale): the gradient of every activation of this
-        worker's rows, layer by layer.  A layer's activation gradients (and with
-        recompute its activations) last only until the next layer's backward:
-        layer_done(l) runs the layer's weight gradients before then; the
-        embedding's follow the last layer's."""
-        nn, mine, p = self.layers, self.acts.mine, self.params
-        L = self.cfg.n_layer
-        nn.layernorm_backward(mine.dresidual[L], None, mine.dlnf, mine.residual[L], mine.lnf_mean, mine.lnf_rstd,
-                              p["ln_f.weight"], mine.norm, mine.dnorm, mine.rowtmp)
-        for l in reversed(range(L)):
-            if self.acts.recompute and l < L - 1:  # the forward left the last layer's in place
-                self.block_forward(l, self.blocks[l], again=True)
-            self.block_backward(l, self.blocks[l])
-            layer_done(l)
-
     def block_backward(self, l, b):
         """dresidual[l+1] -> dresidual[l] and the block's activation gradients."""
         nn, mine, full, made, split = self.layers, self.acts.mine, self.acts.full, self.acts.made, self.split
@@ -306,19 +152,11 @@ class GPT:
         split(nn.matmul_backward, full.datty, made("dresid2", l), b.attn_proj_w, True)
         if self.sites.backward(l, "attn.c_proj", mine.datty, self.acts.matmul_mine["dresid2"][l]):
             self.sync()  # attention may read other workers' rows of datty
-        for heads, qkv, atty, lse, dqkv, datty in self.attention_views(l):
-            nn.attention_backward(dqkv, datty, qkv, atty, lse, self.cfg.n_head, heads_of=heads)
-        self.sync()  # all of dqkv is in before this worker converts its rows
+        self.attention_backward(l)
         split(nn.matmul_backward, full.dln1[l], made("dqkv", l), b.attn_w, True)
         self.sites.backward(l, "attn.c_attn", mine.dln1[l], self.acts.matmul_mine["dqkv"][l])
         nn.layernorm_backward(mine.dresidual[l], mine.dresid2[l], mine.dln1[l], mine.residual[l],
                               mine.ln1_mean[l], mine.ln1_rstd[l], b.ln_1_w, *ln_scratch)
-
-    def backward_weights(self, task, grads):
-        """One of what trains' weight-gradient tasks into the views `grads`
-        (overwritten), from the rows of every worker; run once backward_inputs has
-        finished on all of them."""
-        self.sites.weights_backward(task, grads)
 
     def matrix_weights_backward(self, task, grads):
         """One of weight_tasks' tasks (see backward_weights)."""

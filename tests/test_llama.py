@@ -1,0 +1,131 @@
+"""The Llama family (Llama, Qwen2) against Hugging Face transformers: 8 training steps
+of `python -m launch train` from a directory transformers wrote, every loss and
+final weight within 1e-4 and the grad norm within 2e-5 (relative) of PyTorch's, for
+1 to 4 workers, both strategies, with --recompute and under MPI; bf16 within 1.5x
+the error of transformers' own bf16 autocast; resume bit for bit; greedy sampling
+equal to model.generate's."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from conftest import launch, read_metrics, write_token_file
+from llama_reference import CASES, VOCAB, hf_model, train_reference, write_model_dir
+
+B, T, STEPS, LR, WD, CLIP = 4, 32, 8, 1e-3, 0.1, 1.0
+N_TOKENS = 5 * B * T + 7  # steps 6-8 wrap to the start of the file
+SMALL_CHUNKS = {"COREGPT_ATTENTION_BLOCK": "8", "COREGPT_HEAD_ROWS": "40"}
+# W=3 splits batch rows, and K/V groups, between workers (B=4)
+RUNS = {"llama-gqa-tied-llama3": [("hybrid", 1, False), ("hybrid", 2, False), ("hybrid", 3, False),
+                                  ("hybrid", 4, False), ("data", 1, False), ("data", 2, False), ("data", 4, False),
+                                  ("hybrid", 2, True), ("data", 2, True)],
+        "qwen2-untied-biases": [("hybrid", 1, False), ("hybrid", 3, False), ("data", 2, False),
+                                ("hybrid", 2, True), ("data", 4, True)]}
+
+
+def flags(root, out, *extra):
+    return ["train", "--init-from", root / "init", "--data", root / "tokens.bin", "--data-order", "sequential",
+            "--batch-size", B, "--seq-len", T, "--steps", STEPS, "--lr", LR, "--lr-schedule", "constant",
+            "--warmup", 0, "--weight-decay", WD, "--grad-clip", CLIP, "--threads-per-worker", 1,
+            "--eval-every", 0, "--out-dir", out, *extra]
+
+
+def results(out):
+    """A run's (losses, grad norms, final weights)."""
+    rows = read_metrics(out)
+    weights = load_file(os.path.join(out, "checkpoints", f"step_{STEPS:06d}", "model.safetensors"))
+    return ([row["loss"] for row in rows if "loss" in row], [row["grad_norm"] for row in rows if "grad_norm" in row],
+            weights)
+
+
+def train(root, name, *extra, env=SMALL_CHUNKS):
+    done = launch(*flags(root, root / name, *extra), env=env)
+    assert done.returncode == 0, done.stderr
+    return results(root / name)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    """-> (name, root with init/ and tokens.bin, PyTorch's losses, weights, norms)."""
+    root = tmp_path_factory.mktemp(request.param)
+    model = hf_model(request.param)
+    write_model_dir(root / "init", model)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, N_TOKENS).astype(np.uint16)
+    write_token_file(root / "tokens.bin", tokens)
+    reference = train_reference(model, tokens, B, T, STEPS, LR, WD, CLIP)
+    return request.param, root, tokens, reference
+
+
+def check_against_transformers(run, reference, tied):
+    (losses, norms, weights), (expected_losses, expected_weights, expected_norms) = run, reference
+    np.testing.assert_allclose(losses, expected_losses, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(norms, expected_norms, rtol=2e-5, atol=0)
+    expected = {k: v for k, v in expected_weights.items() if not (tied and k == "lm_head.weight")}
+    assert set(weights) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(weights[name], value, rtol=0, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.e2e
+def test_training_matches_transformers(case):
+    name, root, _, reference = case
+    for parallel, workers, recompute in RUNS[name]:
+        run = train(root, f"{parallel}{workers}{'-recompute' * recompute}", "--parallel", parallel,
+                    "--workers", workers, *(["--recompute"] if recompute else []))
+        check_against_transformers(run, reference, CASES[name]["tie_word_embeddings"])
+
+
+@pytest.mark.e2e
+def test_bf16_within_autocast_error(case):
+    """Every loss no further from transformers' fp32 than 1.5x its own bf16 autocast is."""
+    name, root, tokens, (fp32, _, _) = case
+    autocast = train_reference(hf_model(name), tokens, B, T, STEPS, LR, WD, CLIP, bf16=True)[0]
+    for parallel in ("hybrid", "data"):
+        losses = train(root, f"bf16-{parallel}", "--precision", "bf16", "--parallel", parallel, "--workers", 2)[0]
+        ours, theirs = np.abs(np.subtract(losses, fp32)).max(), np.abs(np.subtract(autocast, fp32)).max()
+        assert ours <= 1.5 * theirs, (parallel, ours, theirs)
+
+
+@pytest.mark.e2e
+def test_resume_is_bit_exact(case):
+    name, root, _, _ = case
+    whole = train(root, "whole", "--workers", 2, "--ckpt-every", 4)
+    done = launch(*flags(root, root / "halves", "--workers", 2, "--steps", 4), env=SMALL_CHUNKS)
+    assert done.returncode == 0, done.stderr
+    done = launch("train", "--resume", "--out-dir", root / "halves", "--steps", STEPS, env=SMALL_CHUNKS)
+    assert done.returncode == 0, done.stderr
+    halves = results(root / "halves")
+    assert halves[0] == whole[0]
+    for key, value in whole[2].items():
+        np.testing.assert_array_equal(halves[2][key], value, err_msg=key)
+
+
+@pytest.mark.system
+def test_mpi_two_ranks_match_transformers(case):
+    from test_mpi import mpi_launch
+    name, root, _, reference = case
+    for parallel in ("hybrid", "data"):
+        out = root / f"mpi-{parallel}"
+        done = mpi_launch(2, *flags(root, out, "--backend", "mpi", "--parallel", parallel, "--workers", 1))
+        assert done.returncode == 0, done.stderr
+        assert "all 2 ranks hold bit-identical weights" in done.stderr
+        check_against_transformers(results(out), reference, CASES[name]["tie_word_embeddings"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_greedy_sampling_equals_generate(name, tmp_path):
+    """32 new tokens, KV-cached a token at a time, past the rope scaling's original context."""
+    from trainer.sample import Sampler
+    from trainer.weights import load_checked
+    model = hf_model(name, seed=3)
+    write_model_dir(tmp_path, model)
+    cfg, tensors = load_checked(str(tmp_path))
+    prompt = [5, 17, 123, 42, 7, 299, 0, 64]
+    ours = Sampler(cfg, tensors).generate(prompt, 32, temperature=0, top_k=None, seed=0)
+    with torch.no_grad():
+        ids = torch.tensor([prompt])  # the mask given: generate would mask the prompt's 0s as padding
+        theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == theirs
