@@ -192,7 +192,10 @@ def merge(config_path, flags):
 def check_lora(settings):
     """-> settings with LoRA's derived ones filled (trainer.lora.checked_settings)."""
     from trainer.lora import checked_settings
-    family = models.presets().get(settings.model, models.family(models.DEFAULT))  # whose layers targets name
+    from trainer.weights import source_family
+    # whose layers the targets name: the model of --init-from, else the --model preset's
+    family = ((settings.init_from and source_family(settings.init_from))
+              or models.presets().get(settings.model, models.family(models.DEFAULT)))
     try:
         return dataclasses.replace(settings, **checked_settings(
             settings.lora_rank, settings.lora_alpha, settings.lora_targets, settings.lora_dropout, family))

@@ -74,6 +74,21 @@ def pointed(source):
     return source
 
 
+def source_family(source):
+    """The model family of what --init-from SOURCE names, from the model_type of its
+    config.json (a directory's, or the one beside a file; llm.c's .bin is GPT-2's);
+    None where that cannot be told yet (loading it will say why)."""
+    source = pointed(str(source))
+    if source.endswith(".bin"):
+        return models.family(models.DEFAULT)
+    directory = checkpoint_dir(source) if os.path.isdir(source) else os.path.dirname(source)
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            return models.family(json.load(f).get("model_type", models.DEFAULT))
+    except (OSError, ValueError, AttributeError, WeightsError):
+        return None
+
+
 def checkpoint_dir(path):
     """A coregpt run directory -> its latest checkpoint directory; else path itself."""
     return latest_checkpoint(path) or path
