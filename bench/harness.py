@@ -29,13 +29,14 @@ from workers.placement import fingerprint  # noqa: E402
 
 
 def random_tokens(n, seed=0, vocab=GPT2_VOCAB):
-    return np.random.default_rng(seed).integers(0, vocab, n).astype(np.uint16)
+    return np.random.default_rng(seed).integers(0, vocab, n).astype(np.uint16 if vocab <= 1 << 16 else np.uint32)
 
 
-def corpus(directory, n, seed=0):
-    """An llm.c token file of n random GPT-2 token ids in `directory` -> its path."""
+def corpus(directory, n, seed=0, vocab=GPT2_VOCAB):
+    """An llm.c token file of n random token ids below `vocab` (GPT-2's by default)
+    in `directory` -> its path."""
     path = os.path.join(directory, "tokens.bin")
-    write_tokens(path, random_tokens(n, seed))
+    write_tokens(path, random_tokens(n, seed, vocab), vocab)
     return path
 
 

@@ -41,6 +41,8 @@ def prepare_parser():
                "(train.bin, val.bin: the last 10% of tokens).")
     p.add_argument("corpus", nargs="?", choices=["shakespeare"], help="a named corpus")
     p.add_argument("--text", help="a UTF-8 text file to tokenize instead")
+    p.add_argument("--tokenizer", help="a model directory whose tokenizer.json tokenizes --text (a Llama-family "
+                   "model's; default GPT-2's BPE); ids above 65,535 are written as uint32")
     p.add_argument("--out", help="output directory (default: the coregpt cache, or TEXT's name)")
     return p
 
@@ -86,7 +88,13 @@ def cmd_prepare(argv):
         print(prepare_shakespeare(args.out))
         return 0
     out = args.out or os.path.splitext(os.path.basename(args.text))[0] + "_tokens"
-    train, val = prepare_text(args.text, out)
+    tokenizer = None
+    if args.tokenizer:
+        from trainer.tokenizer import HFTokenizer
+        if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
+            raise ConfigError(f"--tokenizer {args.tokenizer} holds no tokenizer.json")
+        tokenizer = HFTokenizer(args.tokenizer)
+    train, val = prepare_text(args.text, out, tokenizer)
     print(f"{out}: {train} train tokens, {val} val tokens")
     return 0
 
@@ -98,6 +106,8 @@ def sample_parser():
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate after the prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=40, help="0 keeps the whole vocabulary")
+    p.add_argument("--tokenizer", help="a directory holding the model's tokenizer.json (default: the one beside "
+                   "--checkpoint; GPT-2 has its own)")
     p.add_argument("--seed", type=int, default=1337, help="of the sampling (the same seed, the same text)")
     return p
 
@@ -109,8 +119,10 @@ def cmd_sample(argv):
     exists(args.checkpoint)
     from trainer.base import load_model
     from trainer.sample import sample_text
+    from trainer.tokenizer import tokenizer_of
     cfg, tensors = load_model(args.checkpoint)  # a LoRA run's: its base with the adapter merged
-    text = sample_text(cfg, tensors, args.prompt, args.max_new_tokens, args.temperature,
+    tokenizer = tokenizer_of(cfg, args.checkpoint, args.tokenizer)
+    text = sample_text(cfg, tensors, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                        args.top_k, args.seed)
     print(args.prompt + text)
     return 0
@@ -140,8 +152,9 @@ def cmd_export(argv):
             raise ConfigError(f"--format peft exports a LoRA adapter; {args.checkpoint} is not a LoRA run or adapter")
         print(export_peft(Adapted(directory), args.out))
         return 0
+    from trainer.tokenizer import known_tokenizer
     cfg, tensors = load_model(args.checkpoint)
-    print(export(cfg, tensors, args.format, args.out))
+    print(export(cfg, tensors, args.format, args.out, known_tokenizer(cfg, args.checkpoint)))
     return 0
 
 

@@ -27,6 +27,9 @@ SETTINGS = {
     "init_from": (str, None, "start from weights: an HF directory (config.json + model.safetensors) or "
                              ".safetensors, an llm.c .bin (v3 fp32, v5 bf16), a coregpt run or checkpoint, a peft "
                              "adapter directory, or gpt2[-medium|-large|-xl] (downloaded once; offline, a local path)"),
+    "tokenizer": (str, None, "a directory holding the tokenizer.json the data was prepared with, for a "
+                             "Llama-family model's samples (default: the one beside --init-from); checkpoints "
+                             "carry a copy"),
     "data": (str, "shakespeare", "'shakespeare', a prepared directory (train.bin, val.bin) or a token file"),
     "val_data": (str, None, "validation token file (default: val.bin beside the training data)"),
     "batch_size": (int, 8, "global batch in rows (--parallel data gives each worker whole rows; hybrid "

@@ -81,8 +81,10 @@ class StepLoop:
             last = step == settings.steps
             if self.val_path and settings.eval_every and (step % settings.eval_every == 0 or last):
                 self.evaluate(step)
-            if settings.sample_every and (step % settings.sample_every == 0 or last) and self.group.is_root:
-                text = sample_text(self.cfg, self.weights(), "\n", max_new_tokens=64, seed=settings.seed)
+            if settings.sample_every and (step % settings.sample_every == 0 or last) and self.group.is_root \
+                    and self.start.tokenizer:
+                text = sample_text(self.cfg, self.weights(), self.start.tokenizer, "\n", max_new_tokens=64,
+                                   seed=settings.seed)
                 log(f"step {step:>6}/{settings.steps} | sample:\n{text}\n")
             if self.group.any(self.stop.signum is not None):  # every rank stops after the same step
                 if not settings.no_checkpoint and self.group.is_root and self.saved != step:

@@ -119,7 +119,8 @@ def checkpoint(settings, start, step, arrays, counts, best=None):
         state["best"] = best
     from safetensors import SafetensorError
     try:  # a failed write leaves no partial directory, and `latest` still names the previous one
-        path = save_checkpoint(settings.out_dir, step, start.trains, params, optimizer, state)
+        path = save_checkpoint(settings.out_dir, step, start.trains, params, optimizer, state,
+                               start.tokenizer.carried() if start.tokenizer else None)
     except (OSError, SafetensorError) as e:
         raise write_failed(f"the step {step} checkpoint in {os.path.join(settings.out_dir, 'checkpoints')}",
                            e, settings.out_dir) from None

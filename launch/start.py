@@ -5,10 +5,12 @@ what loading them holds; the run fills the pool's arenas from it (`fill`), sampl
 from it and writes what its checkpoints need to find it again.  A LoRA run's is
 launch/adapters.py's `LoraStart`; launch/train.py's STARTS picks by what trains."""
 import dataclasses
+import os
 
 import numpy as np
 
 from trainer.checkpoint import check_checkpoint, checkpoint_config, stream_checkpoint
+from trainer.errors import DataError
 from trainer.models import family_of, param_layout, param_shapes, preset_config
 from trainer.trainable import Full
 from trainer.weights import load_checked
@@ -43,6 +45,7 @@ class Start:
     tensors: dict | None = None
     loading: int = 0
     origin: str = ""  # for the header: where the weights come from
+    tokenizer: object = None  # what samples are decoded with and checkpoints carry (run_tokenizer)
 
     @property
     def step(self):
@@ -86,6 +89,19 @@ def full_start(settings, ckpt, state):
     cfg, tensors = load_checked(settings.init_from)
     return settings, Start(cfg, Full(cfg), tensors=tensors, loading=whole_model(cfg),
                            origin=f"initialised from {settings.init_from}")
+
+
+def run_tokenizer(settings, ckpt, cfg):
+    """The run's tokenizer (trainer/tokenizer.py): GPT-2's, --tokenizer DIR's, else the
+    one beside the checkpoint resumed or --init-from; None for a Llama-family model
+    with none (its samples are off)."""
+    from trainer.tokenizer import known_tokenizer, tokenizer_of
+    directory, source = settings.tokenizer, ckpt or settings.init_from
+    if not directory:
+        return known_tokenizer(cfg, source)
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        raise DataError(f"--tokenizer {directory} holds no tokenizer.json")
+    return tokenizer_of(cfg, source, directory)
 
 
 def resumed(ckpt, state):

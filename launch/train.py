@@ -19,7 +19,7 @@ from launch.loop import StepLoop, StopRequest
 from launch.rundir import (Metrics, NoMetrics, lock_run_dir, plot_quietly, prepare_out_dir, run_settings,
                            write_failed)
 from launch.adapters import lora_start
-from launch.start import full_start
+from launch.start import full_start, run_tokenizer
 from trainer.checkpoint import best_checkpoint, read_state
 from trainer.corpus import prepare_shakespeare
 from trainer.data import check_tokens, open_tokens, resolve_data
@@ -125,6 +125,7 @@ def setup(settings, given, group):
         settings = check(settings, group if settings.backend == "mpi" else None)  # e.g. workers vs cores
     engine, engine_text = choose_engine(settings)
     settings, start = STARTS[kind_of(settings)](settings, ckpt, state)
+    start.tokenizer = run_tokenizer(settings, ckpt, start.cfg)
     if settings.seq_len > start.cfg.block_size:
         raise DataError(f"--seq-len {settings.seq_len} is above the model's context of {start.cfg.block_size}")
     train_path, val_path = open_data(settings, start.cfg)

@@ -129,3 +129,48 @@ def test_greedy_sampling_equals_generate(name, tmp_path):
         theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
                                 pad_token_id=0)[0, len(prompt):].tolist()
     assert ours == theirs
+
+
+def test_sharded_bf16_directories_load_exactly(tmp_path):
+    """How the hub ships these models: bf16 tensors in shards named by
+    model.safetensors.index.json; read whole (--init-from) and streamed (a LoRA base)."""
+    from trainer.base import open_base
+    from trainer.weights import load_checked
+    model = hf_model("qwen2-untied-biases").to(torch.bfloat16)
+    model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    expected = {name: value.float().numpy() for name, value in model.state_dict().items()}
+    cfg, tensors = load_checked(str(tmp_path))
+    assert cfg.qkv_bias and not cfg.tied and set(tensors) == set(expected)
+    streamed = {name: tensor.copy() for name, tensor in open_base(str(tmp_path)).tensors()}
+    for name, value in expected.items():
+        np.testing.assert_array_equal(tensors[name], value, err_msg=name)
+        np.testing.assert_array_equal(streamed[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("change, refused", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+    ({"use_sliding_window": True}, "sliding-window attention"),
+    ({"num_local_experts": 8}, "mixture of experts"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"attention_bias": True}, "attention_bias (biases beyond Qwen2's q/k/v)"),
+    ({"head_dim": 32}, "head_dim 32 other than hidden_size / num_attention_heads"),
+    ({"model_type": "mistral"}, None),
+])
+def test_unbuilt_configs_are_one_line(tmp_path, change, refused):
+    import json
+    from conftest import launch
+    model = hf_model("llama-gqa-tied-llama3")
+    write_model_dir(tmp_path / "model", model)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config.update(change)
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    write_token_file(tmp_path / "tokens.bin", np.arange(1000) % VOCAB)
+    done = launch("train", "--init-from", tmp_path / "model", "--data", tmp_path / "tokens.bin", "--steps", 1,
+                  "--out-dir", tmp_path / "run")
+    assert done.returncode == 2
+    expected = (f"{tmp_path / 'model' / 'config.json'}: {config['model_type']} config asks for {refused}, which "
+                f"coregpt does not train" if refused else
+                f"{tmp_path / 'model' / 'config.json'}: model_type 'mistral' is not a family coregpt trains "
+                f"(it trains gpt2, llama, qwen2)")
+    assert done.stderr.strip().splitlines() == [f"coregpt: error: {expected}"]

@@ -16,7 +16,8 @@ import numpy as np
 
 from trainer import models
 from trainer.errors import WeightsError
-from trainer.weights import checkpoint_dir, load_checked, pointed, read_hf_config, weights_files
+from trainer.weights import (checkpoint_dir, load_checked, pointed, read_entry, read_hf_config, tensor_entries,
+                             weights_files)
 
 HASH_CHUNK = 1 << 24
 
@@ -79,29 +80,17 @@ def open_base(source, cfg=None, seed=None):
     return Base(cfg, path=path)
 
 
-def safetensors_header(path):
-    """-> (byte offset of the data, {name: entry}) of a .safetensors file."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, MemoryError) as e:
-        raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    return 8 + size, header
-
-
 def read_config(path, config):
     """The config of a .safetensors base: its config.json, else its tensors' shapes."""
     if config is not None:
         return read_hf_config(config)
-    _, header = safetensors_header(path)
-    return models.infer_config({name: tuple(entry["shape"]) for name, entry in header.items()}, path)
+    return models.infer_config({name: entry[4] for name, entry in tensor_entries(path).items()}, path)
 
 
 def stream_safetensors(path, cfg):
-    """Every parameter of cfg from a float32 .safetensors file, one tensor at a time."""
-    start, raw = safetensors_header(path)
+    """Every parameter of cfg from a .safetensors file (or a sharded model's index),
+    one tensor at a time, as float32."""
+    raw = tensor_entries(path)
     named = ((cfg.family.tensor_name(name), entry) for name, entry in raw.items())
     header = {name: entry for name, entry in named if name is not None}
     shapes = models.param_shapes(cfg)
@@ -109,18 +98,11 @@ def stream_safetensors(path, cfg):
         entry = header.get(name)
         if entry is None:
             raise WeightsError(f"{path}: tensor {name} is missing")
-        if tuple(entry["shape"]) != shape or entry["dtype"] != "F32":
-            raise WeightsError(f"{path}: tensor {name} is {entry['dtype']} {tuple(entry['shape'])}, "
-                               f"expected F32 {shape}")
+        if entry[4] != shape:
+            raise WeightsError(f"{path}: tensor {name} has shape {entry[4]}, expected {shape}")
     buffer = np.empty(max(int(np.prod(shape)) for _, shape in shapes), dtype=np.float32)
-    with open(path, "rb") as f:
-        for name, shape in shapes:
-            begin, end = header[name]["data_offsets"]
-            tensor = buffer[:int(np.prod(shape))]
-            f.seek(start + begin)
-            if end - begin != tensor.nbytes or f.readinto(memoryview(tensor).cast("B")) != tensor.nbytes:
-                raise WeightsError(f"{path}: tensor {name} is truncated")
-            yield name, tensor.reshape(shape)
+    for name, shape in shapes:
+        yield name, read_entry(name, header[name], buffer[:int(np.prod(shape))])
 
 
 class Adapted:

@@ -31,10 +31,11 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def save_checkpoint(run_dir, step, trains, tensors, optimizer, state):
+def save_checkpoint(run_dir, step, trains, tensors, optimizer, state, files=None):
     """tensors: {name: array} of what trains (trainer/trainable.py: the parameters,
     or LoRA's adapters); optimizer: {prefix: {name: array}} (as optimizer_tensors
-    names them); state: JSON-able run state (with LoRA its "base") -> checkpoint path."""
+    names them); state: JSON-able run state (with LoRA its "base"); files: {name:
+    path} copied in (a tokenizer's) -> checkpoint path."""
     from safetensors.numpy import save_file
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
@@ -46,6 +47,8 @@ def save_checkpoint(run_dir, step, trains, tensors, optimizer, state):
     os.makedirs(tmp)
     try:
         trains.save(tmp, tensors, state)
+        for file, source in (files or {}).items():
+            shutil.copyfile(source, os.path.join(tmp, file))
         save_file({prefix + name: a for prefix, views in optimizer.items() for name, a in views.items()},
                   os.path.join(tmp, "optimizer.safetensors"))
         plain_mode(os.path.join(tmp, "optimizer.safetensors"))

@@ -45,16 +45,19 @@ def encode_documents(texts):
     return np.concatenate(pieces)
 
 
-def write_split(tokens, out_dir):
-    """Last VAL_FRACTION of the tokens is val.bin, the rest train.bin."""
+def write_split(tokens, out_dir, vocab_size=1 << 16):
+    """Last VAL_FRACTION of the tokens is val.bin, the rest train.bin (uint32 ids
+    where the vocabulary needs them, trainer.data.write_tokens)."""
     n_val = max(1, int(len(tokens) * VAL_FRACTION))
     os.makedirs(out_dir, exist_ok=True)
-    write_tokens(os.path.join(out_dir, "train.bin"), tokens[:-n_val])
-    write_tokens(os.path.join(out_dir, "val.bin"), tokens[-n_val:])
+    write_tokens(os.path.join(out_dir, "train.bin"), tokens[:-n_val], vocab_size)
+    write_tokens(os.path.join(out_dir, "val.bin"), tokens[-n_val:], vocab_size)
     return len(tokens) - n_val, n_val
 
 
-def prepare_text(path, out_dir):
+def prepare_text(path, out_dir, tokenizer=None):
+    """A UTF-8 text file as one document -> train.bin and val.bin in out_dir, by
+    `tokenizer` (trainer.tokenizer's; default GPT-2's BPE)."""
     if not os.path.isfile(path):
         raise DataError(f"text file {path} does not exist")
     try:
@@ -64,10 +67,13 @@ def prepare_text(path, out_dir):
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         raise DataError(f"{path} is empty")
-    tokens = encode_documents([text])
+    if tokenizer is None:
+        tokens, vocab_size = encode_documents([text]), 1 << 16
+    else:
+        tokens, vocab_size = np.array(tokenizer.document(text), dtype=np.int64), tokenizer.vocab_size
     if len(tokens) < 3:
         raise DataError(f"{path} is too short to split into train and val")
-    return write_split(tokens, out_dir)
+    return write_split(tokens, out_dir, vocab_size)
 
 
 def prepare_shakespeare(out_dir=None):

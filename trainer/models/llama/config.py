@@ -14,7 +14,7 @@ from trainer.errors import WeightsError
 MODEL_TYPE = "llama"
 MODEL_TYPES = ("llama", "qwen2")  # Qwen2 is Llama with q/k/v biases
 HUB_NAMES = ()
-EOT = 0  # a prompt-less sample starts from the configured bos token (see Config.bos)
+BUILTIN_TOKENIZER = False  # each model brings its tokenizer.json (trainer/tokenizer.py)
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -118,10 +118,11 @@ class LlamaConfig:
 
 
 def rope_of(hf):
-    """{rope_type, rope_theta, llama3's keys} from rope_scaling (older configs, with
+    """{rope_type, rope_theta, llama3's keys} from rope_scaling (the hub's configs, with
     rope_theta beside it) or rope_parameters (transformers 5's)."""
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    parameters = hf.get("rope_parameters") or {}
+    rope = dict(hf.get("rope_scaling") or parameters)
+    rope.setdefault("rope_theta", hf.get("rope_theta") or parameters.get("rope_theta") or 10000.0)
     rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
     return rope
 
@@ -240,14 +241,6 @@ def infer_config(shapes, path):
     if "model.embed_tokens.weight" in shapes:
         raise WeightsError(f"{path}: Llama-family weights need their config.json beside them")
     raise WeightsError(f"{path} has no tensor model.embed_tokens.weight: not Llama-family weights")
-
-
-def tokenizer():
-    raise WeightsError("a Llama-family model samples with its own tokenizer.json (pass --tokenizer DIR)")
-
-
-def tokenizer_files():
-    return {}
 
 
 # LoRA as peft applies it to the blocks' nn.Linear layers
