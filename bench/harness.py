@@ -209,6 +209,7 @@ def timed(raw, medians, tokens, peaks=None):
 
 
 def slug(settings):
-    """The shape in a result's file name: b4-s64, or the model's name."""
-    parts = [f"{k[0]}{settings[k]}" for k in ("batch_size", "seq_len") if k in settings]
-    return "-".join(parts) or str(settings.get("model", "run"))
+    """The model and shape in a result's file name: gpt2-b4-s64 (a bench's one model), b4-s64."""
+    parts = [str(settings["model"])] if isinstance(settings.get("model"), str) else []
+    parts += [f"{k[0]}{settings[k]}" for k in ("batch_size", "seq_len") if k in settings]
+    return "-".join(parts) or "run"

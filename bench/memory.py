@@ -15,12 +15,12 @@ import tempfile
 
 import harness  # puts the repository on sys.path
 from harness import coregpt_run, coregpt_step_times  # noqa: E402
-from trainer.models.gpt2 import PRESETS  # noqa: E402
+from trainer.models import preset_config, presets  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gpt2", choices=list(PRESETS))
+    p.add_argument("--model", default="gpt2", choices=list(presets()))
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=3)
@@ -31,7 +31,7 @@ def main():
     args = p.parse_args()
     B, T = args.batch_size, args.seq_len
     with tempfile.TemporaryDirectory(prefix="coregpt-memory-") as tmp:
-        data = harness.corpus(tmp, (args.steps + 1) * B * T + 1)
+        data = harness.corpus(tmp, (args.steps + 1) * B * T + 1, vocab=preset_config(args.model, {}).vocab_size)
         out = os.path.join(tmp, "run") if args.resume else None
         run = coregpt_step_times(args.model, B, T, args.steps, args.workers, data, args.extra, watch_memory=True,
                                  out=out)

@@ -1,13 +1,13 @@
 """What fits in memory: for each preset, full training with AdamW and with
-`--optim adamw8bit`, and LoRA r=8 on c_attn (AdamW), at B=1, T=1024, bf16,
+`--optim adamw8bit`, and LoRA r=8 on peft's default targets (AdamW), at B=1, T=1024, bf16,
 --recompute, 2 workers (hybrid): the header's planned peak, and with --measure the
 measured peak (PSS of coordinator and workers, shared memory once; bench/memory.py's
 way, 1 step) of every run whose plan fits the memory available here.
 
     python bench/what_fits.py [--measure] [--models gpt2,gpt2-xl] [--columns lora]
 
-Prints a Markdown table (LoRA's base is GPT-2's initialisation: the memory is the same
-as a pretrained one's)."""
+Prints a Markdown table (LoRA's base is the family's initialisation: the memory is the same
+as a pretrained one's; the presets default to every one but `small`)."""
 import argparse
 import tempfile
 
@@ -16,6 +16,7 @@ from harness import coregpt_step_times  # noqa: E402
 from launch.config import Settings, check  # noqa: E402
 from launch.train import choose_engine  # noqa: E402
 from launch.train import STARTS  # noqa: E402
+from trainer.models import preset_config, presets  # noqa: E402
 from trainer.trainable import kind_of  # noqa: E402
 from workers.resources import meminfo_available, plan_for  # noqa: E402
 from workers.strategies import STRATEGIES  # noqa: E402
@@ -36,7 +37,7 @@ def planned(model, column, B, T, workers):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="gpt2,gpt2-medium,gpt2-large,gpt2-xl")
+    p.add_argument("--models", default=",".join(name for name in presets() if name != "small"))
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--workers", type=int, default=2)
@@ -52,8 +53,8 @@ def main():
     print("|---|" + "---:|---:|" * len(columns))
     rows = []
     with tempfile.TemporaryDirectory(prefix="coregpt-fits-") as tmp:
-        data = harness.corpus(tmp, 2 * B * T + 1)
         for model in args.models.split(","):
+            data = harness.corpus(tmp, 2 * B * T + 1, vocab=preset_config(model, {}).vocab_size)
             row = {"model": model}
             for column in columns:
                 plan = planned(model, column, B, T, W)

@@ -13,6 +13,7 @@ from trainer.errors import ResourceError
 
 PROCESS_BYTES = 60 * 2 ** 20  # one Python process with NumPy, pyzmq and the BLAS libraries
 MB, GB = 1e6, 1e9
+ACTIVATIONS = ("activations", "bf16 activations")  # shared arenas first touched by a step
 WEIGHTS = ("params", "adapters", "gradients", "bf16 weights", "bf16 adapters")  # arenas of any batch
 
 
@@ -125,8 +126,13 @@ class Plan:
         self.weights = sum(b for what, b in arenas if what in WEIGHTS or what.startswith("Adam"))
         self.shm = local_ranks * sum(b for _, b in arenas)
         self.params = params
-        coordinator = PROCESS_BYTES + loading  # loading: weights (and Adam state) read from files
-        self.private = local_ranks * (coordinator + workers * (PROCESS_BYTES + private_per_worker))
+        processes = local_ranks * (1 + workers) * PROCESS_BYTES
+        # the coordinator holds what it loads (weights, Adam state read from files) only
+        # while it fills the arenas, before any activation is touched: the peak is the
+        # larger of that moment and the steps'
+        filling = self.shm - local_ranks * sum(b for what, b in arenas if what in ACTIVATIONS) + local_ranks * loading
+        steps = self.shm + local_ranks * workers * private_per_worker
+        self.private = processes + max(filling, steps) - self.shm
         self.memory = self.shm + self.private
         self.optimizer = 8 * params if optimizer is None else optimizer
         self.checkpoint = 4 * params + self.optimizer + 2 ** 20  # weights, optimizer state, JSON
