@@ -132,7 +132,7 @@ def export_parser():
     p = Parser(prog="launch export", description="Export weights for transformers or llm.c, or a LoRA run's "
                "adapter for peft.")
     p.add_argument("--checkpoint", required=True, help="a run, a checkpoint, or anything --init-from takes")
-    p.add_argument("--format", required=True, help="hf (a GPT2LMHeadModel directory), llmc (a v3 fp32 .bin) "
+    p.add_argument("--format", required=True, help="hf (a transformers model directory), llmc (GPT-2's v3 fp32 .bin) "
                    "or peft (a LoRA run's adapter, for PeftModel.from_pretrained); hf and llmc merge an adapter")
     p.add_argument("--out", required=True, help="output directory (hf) or file (llmc); must not exist")
     return p

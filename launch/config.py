@@ -116,7 +116,7 @@ def join_negative_numbers(argv):
 
 
 def train_parser():
-    p = Parser(prog="launch train", description="Train or fine-tune a GPT-2 on CPU workers.",
+    p = Parser(prog="launch train", description="Train or fine-tune a GPT-2 or Llama-family model on CPU workers.",
                argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="TOML file of settings (keys as below, with underscores)")
     for name, (kind, default, help_text) in SETTINGS.items():

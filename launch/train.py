@@ -173,7 +173,7 @@ def train(settings, given=(), group=None):
 def header(run, group):
     """The header's lines on the model, the batch and what trains."""
     settings, cfg = run.settings, run.start.cfg
-    log(f"coregpt: {cfg.n_layer} layers, {cfg.n_embd} channels, {cfg.n_head} heads; "
+    log(f"coregpt: {cfg.describe()}; "
         f"batch {settings.batch_size}x{settings.seq_len}"
         + (f"x{settings.grad_accum} accumulated" if settings.grad_accum > 1 else "")
         + (f" on {group.size} MPI ranks x" if group.size > 1 else " on")
@@ -181,6 +181,11 @@ def header(run, group):
         + (", recomputing activations" if settings.recompute else "") + "; "
         + f"run dir {settings.out_dir}")
     log(f"coregpt: weights {run.start.origin}")
+    tokenizer = run.start.tokenizer
+    if tokenizer is None:
+        log("coregpt: no tokenizer.json beside the model: samples are off (--tokenizer DIR names one)")
+    elif tokenizer.describe():
+        log(f"coregpt: {tokenizer.describe()}")
     trains = run.start.trains.describe()
     if trains:
         log(f"coregpt: {trains}")

@@ -174,3 +174,64 @@ def test_unbuilt_configs_are_one_line(tmp_path, change, refused):
                 f"{tmp_path / 'model' / 'config.json'}: model_type 'mistral' is not a family coregpt trains "
                 f"(it trains gpt2, llama, qwen2)")
     assert done.stderr.strip().splitlines() == [f"coregpt: error: {expected}"]
+
+
+@pytest.mark.e2e
+def test_grad_accum_and_8bit_adam(case):
+    """--batch-size 2 --grad-accum 2 reads the reference's windows as two micro-batches:
+    its numbers within the same bounds; 8-bit AdamW's moments move the weights by a
+    fraction of lr a step from AdamW's."""
+    name, root, _, reference = case
+    tied = CASES[name]["tie_word_embeddings"]
+    accumulated = train(root, "accum", "--batch-size", 2, "--grad-accum", 2, "--workers", 2)
+    check_against_transformers(accumulated, reference, tied)
+    losses, _, weights = train(root, "adamw8bit", "--optim", "adamw8bit", "--workers", 2)
+    np.testing.assert_allclose(losses, reference[0], rtol=0, atol=2e-3)
+    assert max(np.abs(weights[k] - v).max() for k, v in reference[1].items() if k in weights) < STEPS * LR
+
+
+@pytest.mark.e2e
+def test_export_loads_in_transformers(case, tmp_path):
+    """export --format hf: AutoModelForCausalLM loads it from its config.json alone,
+    every weight present, and its logits are coregpt's."""
+    from transformers import AutoModelForCausalLM
+    from trainer.sample import Sampler
+    from trainer.weights import load_checked
+    name, root, _, _ = case
+    train(root, "export-source", "--workers", 2)
+    done = launch("export", "--checkpoint", root / "export-source", "--format", "hf", "--out", tmp_path / "hf")
+    assert done.returncode == 0, done.stderr
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(model).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[CASES[name]["kind"]]
+    tokens = list(range(7, 47))
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([tokens])).logits[0, -1].numpy()
+    cfg, tensors = load_checked(str(tmp_path / "hf"))
+    np.testing.assert_allclose(Sampler(cfg, tensors).forward(tokens, 0), expected, rtol=0, atol=1e-4)
+
+
+def test_llmc_export_is_refused_in_one_line(tmp_path):
+    from conftest import launch
+    write_model_dir(tmp_path / "model", hf_model("qwen2-untied-biases"))
+    done = launch("export", "--checkpoint", tmp_path / "model", "--format", "llmc", "--out", tmp_path / "x.bin")
+    assert done.returncode == 2 and not (tmp_path / "x.bin").exists()
+    assert done.stderr.strip().splitlines() == [
+        "coregpt: error: --format llmc holds GPT-2 models only; a qwen2 model exports as hf (or peft, a LoRA "
+        "run's adapter)"]
+
+
+@pytest.mark.parametrize("preset, params", [("smollm2-135m", 134_515_008), ("smollm2-360m", 361_821_120),
+                                            ("qwen2.5-0.5b", 494_032_768), ("llama-3.2-1b", 1_235_814_400)])
+def test_presets_are_the_published_shapes(preset, params):
+    """transformers builds each preset's config.json (on the meta device): the same
+    tensors, names and shapes, and the published parameter count."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trainer.models import param_shapes, preset_config
+    cfg = preset_config(preset, {})
+    hf = cfg.to_hf()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf))
+    theirs = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert dict(param_shapes(cfg)) == theirs
+    assert sum(int(np.prod(shape)) for _, shape in param_shapes(cfg)) == params

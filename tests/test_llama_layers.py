@@ -55,7 +55,7 @@ def test_rope_matches_transformers(scaling, heads, head_size, theta, first):
     inv_freq = rope_frequencies(head_size, theta, scaling)
     np.testing.assert_allclose(inv_freq, rotary.inv_freq.numpy(), rtol=2e-7)
     cos, sin = np.empty((T, head_size // 2), F32), np.empty((T, head_size // 2), F32)
-    rope_tables(cos, sin, first, inv_freq)
+    rope_tables(cos, sin, np.arange(first, first + cos.shape[0]), inv_freq)
     assert np.abs(cos - cos_t[0, :, :head_size // 2].numpy()).max() < 1e-6
     assert np.abs(sin - sin_t[0, :, head_size // 2:].numpy()).max() < 1e-6
 

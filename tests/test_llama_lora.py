@@ -126,5 +126,5 @@ def test_targets_of_the_other_family_are_one_line(case, tmp_path):
                   "--lora-targets", "c_attn", "--steps", 1, "--out-dir", tmp_path / "run")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "coregpt: error: --lora-targets: unknown target 'c_attn'; choose from q_proj, k_proj, v_proj, o_proj, gate_proj, "
-        "up_proj, down_proj"]
+        "coregpt: error: --lora-targets: unknown target 'c_attn'; choose from q_proj, k_proj, v_proj, o_proj, "
+        "gate_proj, up_proj, down_proj"]

@@ -54,6 +54,9 @@ def export_peft(adapted, out):
 
 def export(cfg, tensors, fmt, out, tokenizer=None):
     """fmt: a key of EXPORTERS; tokenizer: what an hf export writes beside the weights."""
+    if fmt not in cfg.family.EXPORTS:
+        raise WeightsError(f"--format {fmt} holds GPT-2 models only; a {cfg.model_type} model exports as "
+                           f"{', '.join(cfg.family.EXPORTS)} (or peft, a LoRA run's adapter)")
     check_out(out)
     if fmt == "hf":
         export_hf(out, cfg, tensors, tokenizer)

@@ -68,11 +68,10 @@ def rope_frequencies(head_size, theta, scaling=None):
     return np.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled).astype(np.float32)
 
 
-def rope_tables(cos, sin, first, inv_freq):
-    """cos, sin (T, HS/2) <- of the angles p · inv_freq at positions first … first+T−1
-    (the float32 products, as transformers forms them; each half of a head shares them)."""
-    positions = np.arange(first, first + cos.shape[0], dtype=np.float32)
-    angles = np.multiply.outer(positions, inv_freq).astype(np.float32)
+def rope_tables(cos, sin, positions, inv_freq):
+    """cos, sin (n, HS/2) <- of the angles p · inv_freq at the n positions p (the float32
+    products, as transformers forms them; each half of a head shares them)."""
+    angles = np.multiply.outer(np.asarray(positions, dtype=np.float32), inv_freq).astype(np.float32)
     np.cos(angles.astype(np.float64), out=cos, casting="same_kind")
     np.sin(angles.astype(np.float64), out=sin, casting="same_kind")
 

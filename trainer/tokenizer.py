@@ -39,6 +39,10 @@ class GPT2Tokenizer:
         """What checkpoints copy of it: nothing, it is built in."""
         return {}
 
+    def describe(self):
+        """The header's line on it (None: nothing to say)."""
+        return None
+
 
 class HFTokenizer:
     """directory/tokenizer.json; BOS and EOS as its tokenizer_config.json (or the
@@ -83,6 +87,10 @@ class HFTokenizer:
                 if os.path.isfile(os.path.join(self.directory, name))}
 
     carried = files  # every checkpoint is a whole Hugging Face model directory
+
+    def describe(self):
+        return (f"tokenizer {os.path.join(self.directory, 'tokenizer.json')} ({self.vocab_size:,} tokens), "
+                f"copied into each checkpoint")
 
 
 def read_json(path):

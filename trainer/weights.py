@@ -146,9 +146,13 @@ def source_family(source):
         return models.family(models.DEFAULT)
     directory = checkpoint_dir(source) if os.path.isdir(source) else os.path.dirname(source)
     try:
-        with open(os.path.join(directory, "config.json")) as f:
-            return models.family(json.load(f).get("model_type", models.DEFAULT))
-    except (OSError, ValueError, AttributeError, WeightsError):
+        if os.path.isfile(os.path.join(directory, "config.json")):
+            with open(os.path.join(directory, "config.json")) as f:
+                return models.family(json.load(f).get("model_type", models.DEFAULT))
+        with open(os.path.join(directory, "adapter_config.json")) as f:  # a peft adapter: its base's
+            base = json.load(f)["base_model_name_or_path"]
+        return source_family(base) if os.path.exists(base) else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, WeightsError):
         return None
 
 

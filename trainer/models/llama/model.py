@@ -10,9 +10,9 @@ from typing import NamedTuple
 import numpy as np
 
 from trainer.decoder import Decoder
-from trainer.llama_layers import rope_frequencies
+from trainer.llama_layers import rope_frequencies, rope_tables
 from trainer.model import WeightTask
-from trainer.models.llama.config import LINEARS, head_name, linear_shapes
+from trainer.models.llama.config import LINEARS, LLAMA3_KEYS, head_name, linear_shapes
 
 
 class Site(NamedTuple):
@@ -135,11 +135,9 @@ class Llama(Decoder):
         super().__init__(cfg, B, T, weights, grads, **kwargs)
         # the angles of this worker's token rows: positions restart at each batch row
         positions = self.acts.past + (self.first + np.arange(self.idx.size)) % T
-        angles = np.multiply.outer(positions.astype(np.float32), rope_frequencies(
-            cfg.head_size, cfg.rope_theta, None if cfg.rope_scaling is None else dict(zip(
-                ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-                cfg.rope_scaling)))).astype(np.float32)
-        self.cos, self.sin = (f(angles.astype(np.float64)).astype(np.float32) for f in (np.cos, np.sin))
+        scaling = None if cfg.rope_scaling is None else dict(zip(LLAMA3_KEYS, cfg.rope_scaling))
+        self.cos, self.sin = (np.empty((positions.size, cfg.head_size // 2), dtype=np.float32) for _ in range(2))
+        rope_tables(self.cos, self.sin, positions, rope_frequencies(cfg.head_size, cfg.rope_theta, scaling))
 
     def blocks_of(self, params, weights):
         return blocks_of(self.cfg, params, weights)
