@@ -3,11 +3,12 @@ and machine, interleaved in rounds (the machine is shared and noisy).
 
     pip install torch==2.13.0 transformers peft     # benchmark-only
     python bench/vs_peft.py [--rounds 2] [--steps 3] [--warmup 3] [--compile]
-                            [--batch-size 2 --seq-len 1024] [--rank 8] [--recompute]
+                            [--batch-size 2 --seq-len 1024] [--rank 8] [--recompute] [--precision fp32]
                             [-- --parallel data]
 
 Each round runs every system once, in its own process: transformers' GPT2LMHeadModel
-(SDPA attention) with peft's LoRA (r, alpha = r, on c_attn), bf16 autocast and fused
+(SDPA attention) with peft's LoRA (r, alpha = r, on c_attn), bf16 autocast (fp32 with
+--precision fp32: the faster on CPUs without bf16 units) and fused
 AdamW over the adapters, 2 threads; with --compile also torch.compile of it; coregpt
 bf16, 2 workers x 1 thread, with --lora-rank r (and with --recompute also with it), and
 coregpt's full fine-tuning bf16 2 x 1 at the same shape (flags after -- go to every
@@ -27,14 +28,15 @@ import harness  # noqa: E402  (puts the repository on sys.path)
 from harness import coregpt_step_times, interleaved, medians  # noqa: E402
 from trainer.models.gpt2 import PRESETS  # noqa: E402
 
-PEFT = {"pytorch + peft, bf16 autocast, fused AdamW": False,
-        "pytorch + peft, bf16 autocast, fused AdamW, compile": True}
-LORA = "coregpt LoRA bf16, 2 workers x 1 thread"
-LORA_RECOMPUTE = LORA + ", --recompute"
-FULL = "coregpt full fine-tuning bf16, 2 workers x 1 thread"
+def systems_of(precision):
+    """-> ({peft recipe: compiled}, coregpt LoRA, LoRA --recompute, full) names at `precision`."""
+    recipe = "bf16 autocast" if precision == "bf16" else "fp32"
+    lora = f"coregpt LoRA {precision}, 2 workers x 1 thread"
+    return ({f"pytorch + peft, {recipe}, fused AdamW": False, f"pytorch + peft, {recipe}, fused AdamW, compile": True},
+            lora, lora + ", --recompute", f"coregpt full fine-tuning {precision}, 2 workers x 1 thread")
 
 
-def peft_step_times(model_name, B, T, steps, threads, tokens, rank, compile):
+def peft_step_times(model_name, B, T, steps, threads, tokens, rank, compile, bf16=True):
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
@@ -56,7 +58,7 @@ def peft_step_times(model_name, B, T, steps, threads, tokens, rank, compile):
         window = torch.from_numpy(tokens[s * B * T:(s + 1) * B * T + 1].astype(np.int64))
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = forward(input_ids=window[:-1].view(B, T)).logits
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), window[1:])
         loss.backward()
@@ -70,7 +72,7 @@ def peft_run(name, args, steps, warmup, watch_memory=False):
     """One peft recipe in its own process -> (step times, peak GB or None)."""
     return harness.child_run(__file__, ["--torch-only", name, "--model", args.model, "--batch-size", args.batch_size,
                                         "--seq-len", args.seq_len, "--steps", steps, "--warmup", warmup,
-                                        "--rank", args.rank], watch_memory)
+                                        "--rank", args.rank, "--precision", args.precision], watch_memory)
 
 
 def main():
@@ -79,6 +81,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="of every system")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process, after warm-up")
     ap.add_argument("--warmup", type=int, default=3, help="steps left out (torch.compile needs 3)")
     ap.add_argument("--rounds", type=int, default=2, help="every system runs once per round")
@@ -90,12 +93,14 @@ def main():
     args = ap.parse_args()
     B, T, n = args.batch_size, args.seq_len, args.steps + args.warmup
     tokens = harness.random_tokens(n * B * T + 1)
+    PEFT, LORA, LORA_RECOMPUTE, FULL = systems_of(args.precision)
     if args.torch_only:
-        print(harness.json.dumps(peft_step_times(args.model, B, T, n, 2, tokens, args.rank, PEFT[args.torch_only])))
+        print(harness.json.dumps(peft_step_times(args.model, B, T, n, 2, tokens, args.rank, PEFT[args.torch_only],
+                                                 args.precision == "bf16")))
         return
     recipes = [r for r in PEFT if args.compile or not PEFT[r]]
-    lora = ["--precision", "bf16", "--lora-rank", str(args.rank), *args.extra]
-    systems = {LORA: lora, FULL: ["--precision", "bf16", *args.extra]}
+    lora = ["--precision", args.precision, "--lora-rank", str(args.rank), *args.extra]
+    systems = {LORA: lora, FULL: ["--precision", args.precision, *args.extra]}
     if args.recompute:
         systems[LORA_RECOMPUTE] = lora + ["--recompute"]
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
@@ -123,6 +128,7 @@ def main():
     for name, peak in peaks.items():
         print(f"  {name:55} {peak:6.2f} GB")
     harness.save("vs_peft", {"model": args.model, "batch_size": B, "seq_len": T, "lora_rank": args.rank,
+                             "precision": args.precision,
                              "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                              "pytorch_threads": 2, "coregpt_flags": args.extra},
                  harness.timed(raw, med, B * T, peaks), summary, out=args.json)

@@ -86,6 +86,8 @@ def main():
     systems = {FULL: (args.model, flags), LORA: (args.model, flags + ["--lora-rank", str(args.rank)]),
                GPT2: ("gpt2", flags)}
     with tempfile.TemporaryDirectory(prefix="coregpt-bench-") as tmp:
+        for model in (args.model, "gpt2"):
+            os.makedirs(os.path.join(tmp, model))
         data = {model: harness.corpus(os.path.join(tmp, model), n * B * T + 1, vocab=v)
                 for model, v in ((args.model, vocab), ("gpt2", 50257))}
         def run(name):
