@@ -61,8 +61,10 @@ def read_entry(name, entry, out=None):
         f.seek(begin)
         if end - begin != raw.nbytes or f.readinto(memoryview(raw).cast("B")) != raw.nbytes:
             raise WeightsError(f"{file}: tensor {name} is truncated")
-    if dtype == "BF16":  # the top half of a float32's bits
-        np.left_shift(raw.astype(np.uint32), 16, out=out.view(np.uint32))
+    if dtype == "BF16":  # the top half of a float32's bits, widened in place
+        bits = out.view(np.uint32)
+        bits[...] = raw
+        bits <<= 16
     elif dtype == "F16":
         out[...] = raw
     return out.reshape(shape)
