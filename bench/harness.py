@@ -135,6 +135,34 @@ def child_run(script, args, watch_memory=False):
     return json.loads(out), peak
 
 
+def torch_steps(loss_of, trained, opt, tokens, B, T, steps, bf16):
+    """PyTorch training steps (forward, backward, clip_grad_norm_ to 1, the optimizer)
+    on consecutive windows of `tokens`, under bf16 autocast if asked -> [seconds per
+    step].  loss_of(idx, targets) -> the mean cross-entropy, (B, T) int64 tensors."""
+    import torch
+    times = []
+    for s in range(steps):
+        window = torch.from_numpy(tokens[s * B * T:(s + 1) * B * T + 1].astype(np.int64))
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(window[:-1].view(B, T), window[1:].view(B, T))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def hf_loss(forward):
+    """loss_of for a transformers causal LM (or its compiled forward)."""
+    import torch.nn.functional as F
+    def loss_of(idx, targets):
+        logits = forward(input_ids=idx).logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+    return loss_of
+
+
 def interleaved(names, run, rounds, warmup):
     """Every system once a round, who goes first rotating; run(name) -> its step times.
     -> {name: [step times after warm-up, by round]} (each printed as it comes)."""

@@ -23,9 +23,6 @@ peak memory (PSS, shared memory once) of every PyTorch recipe and of coregpt's
 import argparse
 import os
 import tempfile
-import time
-
-import numpy as np
 
 import harness  # noqa: E402  (puts the repository on sys.path)
 from harness import coregpt_step_times, interleaved, medians  # noqa: E402
@@ -91,18 +88,7 @@ def torch_step_times(model_name, B, T, steps, threads, tokens, bf16, compile):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
     forward = torch.compile(model) if compile else model
-    times = []
-    for s in range(steps):
-        window = torch.from_numpy(tokens[s * B * T:(s + 1) * B * T + 1].astype(np.int64))
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = forward(window[:-1].view(B, T), window[1:].view(B, T))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return times
+    return harness.torch_steps(forward, list(model.parameters()), opt, tokens, B, T, steps, bf16)
 
 
 def torch_run(name, args, steps, warmup, watch_memory=False):

@@ -17,9 +17,6 @@ Prints the raw step times, the medians and the ratios."""
 import argparse
 import os
 import tempfile
-import time
-
-import numpy as np
 
 import harness  # noqa: E402  (puts the repository on sys.path)
 from harness import coregpt_step_times, interleaved, medians  # noqa: E402
@@ -31,7 +28,6 @@ FULL, LORA, GPT2 = "coregpt full", "coregpt LoRA", "coregpt GPT-2 124M full"
 
 def torch_step_times(model_name, B, T, steps, tokens, rank, lora, bf16, compile):
     import torch
-    import torch.nn.functional as F
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -45,19 +41,7 @@ def torch_step_times(model_name, B, T, steps, tokens, rank, lora, bf16, compile)
     trained = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trained, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
     forward = torch.compile(model) if compile else model
-    times = []
-    for s in range(steps):
-        window = torch.from_numpy(tokens[s * B * T:(s + 1) * B * T + 1].astype(np.int64))
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = forward(input_ids=window[:-1].view(B, T)).logits
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), window[1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return times
+    return harness.torch_steps(harness.hf_loss(forward), trained, opt, tokens, B, T, steps, bf16)
 
 
 def main():
