@@ -235,3 +235,14 @@ def test_presets_are_the_published_shapes(preset, params):
     theirs = {name: tuple(p.shape) for name, p in model.named_parameters()}
     assert dict(param_shapes(cfg)) == theirs
     assert sum(int(np.prod(shape)) for _, shape in param_shapes(cfg)) == params
+
+
+def test_a_bare_safetensors_needs_its_config(tmp_path):
+    from trainer.errors import WeightsError
+    from trainer.weights import load_checked
+    write_model_dir(tmp_path, hf_model("llama-gqa-tied-llama3"))
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(WeightsError) as refused:
+        load_checked(str(tmp_path / "model.safetensors"))
+    assert str(refused.value) == (f"{tmp_path / 'model.safetensors'}: Llama-family weights need their config.json "
+                                  f"beside them (their heads and rope are not in the tensors)")

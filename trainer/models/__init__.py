@@ -47,16 +47,11 @@ def preset_config(name, overrides, vocab_size=None):
 
 
 def infer_config(shapes, path):
-    """A bare .safetensors: {name in the file: shape} -> the config of the first family
-    that recognises its tensors (each family's infer_config, on its names)."""
-    errors = []
-    for fam in FAMILIES.values():
-        named = {fam.tensor_name(name): shape for name, shape in shapes.items()}
-        try:
-            return fam.infer_config({name: shape for name, shape in named.items() if name is not None}, path)
-        except WeightsError as e:
-            errors.append(e)
-    raise errors[0]
+    """A bare .safetensors: {name in the file: shape} -> the config of the family whose
+    token embedding it holds (its infer_config, on its names; else GPT-2's says why not)."""
+    named = {fam: {fam.tensor_name(name): shape for name, shape in shapes.items()} for fam in FAMILIES.values()}
+    fam = next((fam for fam, names in named.items() if fam.EMBEDDING in names), family(DEFAULT))
+    return fam.infer_config({name: shape for name, shape in named[fam].items() if name is not None}, path)
 
 
 def hub_names():

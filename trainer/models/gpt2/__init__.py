@@ -4,7 +4,7 @@ peft files, the LoRA target table, the activation spec, the tokenizer; model.py:
 forward and backward (one forward for training, evaluation and KV-cached sampling),
 the tied head, the ordered weight-gradient tasks."""
 from trainer.models.gpt2.config import (  # noqa: F401
-    BUILTIN_TOKENIZER, EOT, EXPORTS, FAN_IN_FAN_OUT, HUB_NAMES, LORA_ALIASES, LORA_CHOICES, LORA_DEFAULT,
+    BUILTIN_TOKENIZER, EMBEDDING, EOT, EXPORTS, FAN_IN_FAN_OUT, HUB_NAMES, LORA_ALIASES, LORA_CHOICES, LORA_DEFAULT,
     LORA_TARGETS, MODEL_TYPE,
     PEFT_PREFIX, PRESETS, VOCAB, GPTConfig, block_matrix, block_tensor, infer_config, init_params, init_tensors,
     lora_delta, lora_fans, param_shapes, preset, target_weight, tensor_name, tokenizer,

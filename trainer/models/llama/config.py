@@ -14,6 +14,7 @@ from trainer.errors import WeightsError
 MODEL_TYPE = "llama"
 MODEL_TYPES = ("llama", "qwen2")  # Qwen2 is Llama with q/k/v biases
 HUB_NAMES = ()
+EMBEDDING = "model.embed_tokens.weight"  # the tensor that says a file holds this family's weights
 EXPORTS = ("hf",)  # export --format (and peft for a LoRA run's adapter)
 BUILTIN_TOKENIZER = False  # each model brings its tokenizer.json (trainer/tokenizer.py)
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -245,9 +246,8 @@ def tensor_name(hf_name):
 
 def infer_config(shapes, path):
     """A bare .safetensors cannot say its heads: the family needs config.json."""
-    if "model.embed_tokens.weight" in shapes:
-        raise WeightsError(f"{path}: Llama-family weights need their config.json beside them")
-    raise WeightsError(f"{path} has no tensor model.embed_tokens.weight: not Llama-family weights")
+    raise WeightsError(f"{path}: Llama-family weights need their config.json beside them (their heads and "
+                       f"rope are not in the tensors)")
 
 
 # LoRA as peft applies it to the blocks' nn.Linear layers
