@@ -2,8 +2,10 @@
 of `python -m launch train` from a directory transformers wrote, every loss and
 final weight within 1e-4 and the grad norm within 2e-5 (relative) of PyTorch's, for
 1 to 4 workers, both strategies, with --recompute and under MPI; bf16 within 1.5x
-the error of transformers' own bf16 autocast; resume bit for bit; greedy sampling
-equal to model.generate's."""
+the error of transformers' own bf16 autocast; resume bit for bit; grad-accum and 8-bit
+Adam; the hf export loaded by AutoModelForCausalLM; greedy sampling equal to
+model.generate's.  Also: sharded bf16 directories read exactly, the presets'
+published shapes, and what is not built refused in one line."""
 import os
 
 import numpy as np
@@ -49,7 +51,8 @@ def train(root, name, *extra, env=SMALL_CHUNKS):
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
-    """-> (name, root with init/ and tokens.bin, PyTorch's losses, weights, norms)."""
+    """-> (name, root with init/ and tokens.bin, the tokens, train_reference's
+    (losses, final weights, gradient norms))."""
     root = tmp_path_factory.mktemp(request.param)
     model = hf_model(request.param)
     write_model_dir(root / "init", model)
