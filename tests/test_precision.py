@@ -29,9 +29,13 @@ def as_bf16(x):
     return torch.from_numpy(x).to(torch.bfloat16).double().numpy()
 
 
+@pytest.mark.parametrize("widen", [gemm.WIDEN, 1000], ids=["whole", "in blocks"])
 @pytest.mark.parametrize("engine", sorted(set(ENGINES)), indirect=True)
-def test_gemm_operand_layouts(engine):
-    """Plain, transposed and column-sliced operands, as the model passes them."""
+def test_gemm_operand_layouts(engine, widen, monkeypatch):
+    """Plain, transposed and column-sliced operands, as the model passes them, the
+    weight (w) stored as the engine stores weights' copies (bf16 where it emulates
+    bf16: widened whole, or a block of rows or columns at a time)."""
+    monkeypatch.setattr(gemm, "WIDEN", widen)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((96, 80), dtype=np.float32)
     w = rng.standard_normal((80, 120), dtype=np.float32)
@@ -39,7 +43,7 @@ def test_gemm_operand_layouts(engine):
     cases = [("plain", a, w, slice(None)), ("a transposed", a.T.copy().T, w, slice(None)),
              ("w transposed", a, w.T.copy().T, slice(None)), ("column block", a, w, slice(40, 100))]
     for label, x, y, cols in cases:
-        lx, ly = np.empty(x.shape, engine.low_dtype), np.empty(y.shape, engine.low_dtype)
+        lx, ly = np.empty(x.shape, engine.low_dtype), np.empty(y.shape, engine.weight_dtype)
         engine.to_low(lx, np.ascontiguousarray(x)) if engine.low else None
         engine.to_low(ly, np.ascontiguousarray(y)) if engine.low else None
         ox, oy = (lx, ly) if engine.low else (x, y)

@@ -66,9 +66,8 @@ class Decoder:
         self.trains = weights.trains
         training = grads is not None
         if acts is None:
-            low_dtype = None if weights.low is None else next(iter(weights.low.values())).dtype
             acts = Activations(Table(cfg, self.trains, B, T, training, recompute), layers.engine,
-                               low_dtype=low_dtype)
+                               low_dtype=None if weights.low is None else layers.engine.low_dtype)
         self.acts = acts
         self.weights = self.params if weights.low is None else weights.low  # what matmuls read
         self.blocks = self.blocks_of(self.params, self.weights)

@@ -11,11 +11,14 @@ Workspace, AdamW, the activation table):
   onednn-bf16   bf16 inputs, fp32 accumulation and output: oneDNN's matmul primitive
                 where the CPU has AMX (its brgemm kernels use the tile units), else
                 dnnl_gemm_bf16bf16f32; fast only with bf16 units (AVX512_BF16, AMX)
-  emulated-bf16 the same numerics anywhere: inputs rounded to bf16 but stored as
-                float32, then the fp32 GEMM (onednn if it is fast here, else numpy)
+  emulated-bf16 the same numerics anywhere: inputs rounded to bf16, then the fp32
+                GEMM (onednn if it is fast here, else numpy); activations' copies
+                are stored as float32, weights' as bf16 (half the memory, widened
+                exactly a block at a time as a GEMM reads them)
 
 bf16 operands are made by `to_low(dst, src)` where an activation or weight is
-produced; the engine's `low_dtype` says how they are stored.  `batched(out, a, b)`
+produced; the engine's `low_dtype` says how activations' are stored, `weight_dtype`
+how weights' are.  `batched(out, a, b)`
 is matmul for stacks of small matrices (attention's blocks, every (row, head) pair
 at once): one oneDNN matmul primitive per call where oneDNN is loaded, else NumPy's.
 `binary(out, op, a, b)` is one element-wise pass with post-ops (AdamW's fused update),
@@ -35,6 +38,7 @@ from trainer.onednn import ISA_AMX, ISA_AVX512_BF16, ISA_AVX512_CORE, OneDNN, on
 
 BF16_INSTALL = "pip install 'coregpt[bf16]'"
 BLOCK = 1 << 16  # elements rounded per pass by the emulated engine (stays in L2)
+WIDEN = 1 << 22  # floats of a bf16 weight the emulated engine widens for one fp32 GEMM (16 MB)
 NUMPY_OPS = {"add": np.add, "mul": np.multiply, "div": np.divide, "sub": np.subtract}
 
 
@@ -146,7 +150,7 @@ class Engine:
     def __init__(self, name):
         self.name = name
         self.convert_seconds = 0.0  # spent in to_low: the profile's "convert" phase
-        self.low_dtype = np.dtype(np.float32)
+        self.low_dtype = self.weight_dtype = np.dtype(np.float32)
         self.sgemm = None
         self.cblas = False  # not looked for yet
         if name in ("onednn", "emulated-bf16") and onednn_library():
@@ -156,12 +160,14 @@ class Engine:
         self.amx = False
         if name == "onednn-bf16":
             self.dnn = onednn()
-            self.low_dtype = bf16_dtype()
+            self.low_dtype = self.weight_dtype = bf16_dtype()
             # with AMX oneDNN's matmul primitive (brgemm on the tile units) runs GPT-2's
             # GEMMs 1.1-2.7x faster than dnnl_gemm_bf16bf16f32 (AVX512_BF16 only)
             self.amx = self.dnn.has(ISA_AMX)
         if name == "emulated-bf16":
             self.scratch = np.empty(BLOCK, dtype=bf16_dtype())
+            self.weight_dtype = bf16_dtype()
+            self.wide = np.empty(WIDEN, dtype=np.float32)  # a block of a weight, widened
         # stacks of small matmuls: oneDNN's primitive wherever this engine loaded oneDNN
         dnn = self.dnn if name == "onednn-bf16" else self.sgemm
         self.primitives = dnn.batched() if dnn is not None else None
@@ -179,7 +185,9 @@ class Engine:
 
     def matmul(self, out, a, b, accumulate=False):
         beta = 1.0 if accumulate else 0.0
-        if a.dtype != np.float32 and self.amx:
+        if a.dtype != b.dtype:  # the emulated engine: b is a bf16 weight
+            self.widened(out, a, b, accumulate)
+        elif a.dtype != np.float32 and self.amx:
             self.primitives.run(out, a, b, accumulate)
         elif a.dtype != np.float32:
             self.dnn.gemm(self.dnn.lib.dnnl_gemm_bf16bf16f32, out, a, b, beta)
@@ -194,6 +202,32 @@ class Engine:
                 self.cblas.gemm(out, a, b, beta)
             else:
                 out += a @ b
+
+    def widened(self, out, a, b, accumulate):
+        """out (+)= a @ b for a float32 and b a bf16 weight (or its transpose): b a
+        block of WIDEN floats at a time, widened to float32 exactly (its rows where
+        they are contiguous, summed into out; else its transpose's rows, columns of
+        out), then the fp32 GEMM on it."""
+        K, N = b.shape
+        if K * N <= WIDEN:
+            self.matmul(out, a, self.widen(b), accumulate)
+        elif b.strides[0] == b.itemsize:  # a transposed weight
+            step = max(1, WIDEN // K)
+            for j in range(0, N, step):
+                self.matmul(out[:, j:j + step], a, self.widen(b[:, j:j + step]), accumulate)
+        else:
+            step = max(1, WIDEN // N)
+            for k in range(0, K, step):
+                self.matmul(out, a[:, k:k + step], self.widen(b[k:k + step]), accumulate or k > 0)
+
+    def widen(self, low):
+        """A 2-D bf16 view -> the same values in float32, in the engine's scratch
+        (bf16 is the top half of a float32: a shift, no rounding)."""
+        flipped = low.strides[0] == low.itemsize and low.shape[0] > 1  # a transposed weight
+        src = low.T if flipped else low
+        wide = self.wide[:low.size].reshape(src.shape)
+        np.left_shift(src.view(np.uint16), 16, out=wide.view(np.uint32), dtype=np.uint32)
+        return wide.T if flipped else wide
 
     def batched(self, out, a, b, accumulate=False, scale=None, post=()):
         """out (...,M,N) = scale · a (...,M,K) @ b (...,K,N), then each element-wise op of
@@ -239,7 +273,7 @@ class Engine:
         return True
 
     def to_low(self, dst, src):
-        """dst = src rounded to bf16 (stored as bf16, or as float32 when emulated)."""
+        """dst = src rounded to bf16 (stored as bf16, or as float32: dst's dtype)."""
         t0 = time.perf_counter()
         if dst.dtype != np.float32 and self.primitives is not None:
             self.primitives.convert(dst, src)  # ~5x ml_dtypes' cast, the same rounding

@@ -32,7 +32,7 @@ class LoraTraining:
         return [("params", self.base_layout(low).size, "float32"), ("adapters", self.layout.size, "float32")]
 
     def low_arenas(self, engine):
-        return [("bf16 adapters", self.layout.size, engine.low_dtype)]
+        return [("bf16 adapters", self.layout.size, engine.weight_dtype)]
 
     def describe(self):
         lora = self.lora

@@ -53,7 +53,7 @@ def arena_sizes(shape, optim=DEFAULT_OPTIMIZER):
     sizes = trains.weight_arenas(engine.low) + OPTIMIZERS[optim].arenas(trained)
     sizes.append(("gradients", trained.size, "float32"))
     if engine.low:
-        sizes.append(("bf16 weights", param_layout(shape.cfg).size, engine.low_dtype))
+        sizes.append(("bf16 weights", param_layout(shape.cfg).size, engine.weight_dtype))
         sizes += trains.low_arenas(engine)
     return sizes + shape.strategy.arena_sizes(shape)
 

@@ -60,6 +60,7 @@ def plan_for(settings, start, engine, strategy, ranks=(1, 1)):
     """The Plan of training `settings` on this machine, for weights from `start`
     (launch.start.Start: the model, what trains, what loading them holds), with the
     run's GEMM engine and strategy class; ranks: (on this machine, in all)."""
+    from trainer.gemm import WIDEN
     from trainer.optimizers import OPTIMIZERS
     from workers.pool import arena_sizes
     from workers.strategy import PoolShape
@@ -72,8 +73,11 @@ def plan_for(settings, start, engine, strategy, ranks=(1, 1)):
     # each worker's own buffers: the rows every layernorm weight gradient normalises
     # (N x C), bf16's one-layer fp32 rows, attention's blocks, NumPy's temporaries:
     # 8 floats per row and channel of the pool holds the measured peaks (README);
-    # with gradient accumulation also a micro-batch's gradient scratch
+    # with gradient accumulation also a micro-batch's gradient scratch; where bf16 is
+    # emulated, the weights widened for its fp32 GEMMs
     private = 4 * pool_rows * settings.seq_len * cfg.n_embd * 8 + 4 * strategy.scratch_floats(shape)
+    if engine.weight_dtype != engine.low_dtype:
+        private += 4 * WIDEN
     private += strategy.private_bytes(shape) + trains.private_bytes(pool_rows, settings.seq_len)
     if settings.no_checkpoint:
         kept = 0

@@ -75,7 +75,7 @@ class Worker:
         """-> trainer.trainable.Weights over the arenas; also sets self.trained and
         self.trained_low, what trains in fp32 and (bf16 matmuls, else None) bf16:
         the parameters, or what the what-trains adds (LoRA's adapters)."""
-        trains, low_dtype = self.trains, self.engine.low_dtype
+        trains, low_dtype = self.trains, self.engine.weight_dtype
         layout = trains.layout
         self.trained = self.attach(trains.trained_arena)
         self.trained_low = self.attach(trains.low_trained_arena, low_dtype) if self.engine.low else None
