@@ -27,15 +27,17 @@ from trainer.params import Layout
 
 
 # rows of logits at a time: the lm head never holds all N x V of them (the model's head).
-# 256 rows of GPT-2's vocabulary are 51 MB; COREGPT_HEAD_ROWS changes it (the tests
-# shrink it so that a small batch already spans several chunks).
-HEAD_ROWS = 256
+# 256 rows, fewer where the vocabulary is larger than GPT-2's (whose 256 rows are 51 MB,
+# and Llama 3's 128K would be 131 MB); COREGPT_HEAD_ROWS changes it (the tests shrink it
+# so that a small batch already spans several chunks).
+HEAD_ROWS, HEAD_FLOATS = 256, 256 * 50304  # GPT-2 (padded or not): 256
 
 
-def head_rows(N, n_parts):
-    """Rows of the logits' chunk: about HEAD_ROWS, a multiple of the n_parts workers
-    sharing them, at most N."""
-    return min(N, n_parts * max(1, knob("COREGPT_HEAD_ROWS", HEAD_ROWS) // n_parts))
+def head_rows(N, n_parts, vocab):
+    """Rows of the logits' chunk: about HEAD_ROWS (HEAD_FLOATS of logits at most), a
+    multiple of the n_parts workers sharing them, at most N."""
+    rows = knob("COREGPT_HEAD_ROWS", min(HEAD_ROWS, HEAD_FLOATS // vocab))
+    return min(N, n_parts * max(1, rows // n_parts))
 
 
 class Table(NamedTuple):
@@ -56,7 +58,7 @@ def activation_shapes(table):
     """[(name, shape, row axis)] of every activation of the table (see the family's
     activation_shapes), what trains adds last."""
     cfg, B, T = table.cfg, table.B, table.T
-    return (cfg.family.activation_shapes(cfg, B, T, table.training, head_rows(B * T, table.n_parts))
+    return (cfg.family.activation_shapes(cfg, B, T, table.training, head_rows(B * T, table.n_parts, cfg.vocab_size))
             + table.trains.activation_shapes(B, T, table.training))
 
 
