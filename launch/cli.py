@@ -88,9 +88,9 @@ def cmd_prepare(argv):
         print(prepare_shakespeare(args.out))
         return 0
     out = args.out or os.path.splitext(os.path.basename(args.text))[0] + "_tokens"
-    tokenizer = None
+    from trainer.tokenizer import HFTokenizer, gpt2_tokenizer
+    tokenizer = gpt2_tokenizer()
     if args.tokenizer:
-        from trainer.tokenizer import HFTokenizer
         if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
             raise ConfigError(f"--tokenizer {args.tokenizer} holds no tokenizer.json")
         tokenizer = HFTokenizer(args.tokenizer)

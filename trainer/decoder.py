@@ -78,7 +78,7 @@ class Decoder:
         self.first, end = acts.tokens
         self.idx = self.idx_all.reshape(-1)[self.first:end]
         self.targets_all = np.zeros(B * T, dtype=np.int64)
-        self.kv_heads = getattr(cfg, "n_kv_head", cfg.n_head)
+        self.kv_heads = cfg.n_kv_head
         self.pieces = attention_pieces(B, cfg.n_head, acts.part, acts.n_parts, cfg.n_head // self.kv_heads)
         self.sync = parallel.sync if B % acts.n_parts else lambda: None
         self.head_slices = self.trains.head_rows()  # the head weight's rows whose gradient this worker computes

@@ -44,6 +44,11 @@ class GPT2Tokenizer:
         return None
 
 
+def gpt2_tokenizer():
+    from trainer.models import gpt2
+    return GPT2Tokenizer(gpt2)
+
+
 class HFTokenizer:
     """directory/tokenizer.json; BOS and EOS as its tokenizer_config.json (or the
     model's config.json) names them."""

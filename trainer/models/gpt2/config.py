@@ -66,6 +66,10 @@ class GPTConfig:
         for trainer/ modules that the family's model itself imports."""
         return sys.modules[__name__]
 
+    @property
+    def n_kv_head(self):
+        return self.n_head  # each head its own keys and values
+
     def describe(self):
         """The header's words for it."""
         return f"GPT-2: {self.n_layer} layers, {self.n_embd} channels, {self.n_head} heads"
