@@ -41,8 +41,8 @@ def prepare_parser():
                "(train.bin, val.bin: the last 10% of tokens).")
     p.add_argument("corpus", nargs="?", choices=["shakespeare"], help="a named corpus")
     p.add_argument("--text", help="a UTF-8 text file to tokenize instead")
-    p.add_argument("--tokenizer", help="a model directory whose tokenizer.json tokenizes --text (a Llama-family "
-                   "model's; default GPT-2's BPE); ids above 65,535 are written as uint32")
+    p.add_argument("--tokenizer", help="a model directory (or run, or GGUF file) whose tokenizer tokenizes --text "
+                   "(a Llama-family model's; default GPT-2's BPE); ids above 65,535 are written as uint32")
     p.add_argument("--out", help="output directory (default: the coregpt cache, or TEXT's name)")
     return p
 
@@ -81,19 +81,20 @@ def cmd_train(argv):
 
 def cmd_prepare(argv):
     from trainer.corpus import prepare_shakespeare, prepare_text
+    from trainer.tokenizer import HFTokenizer, find_tokenizer, gpt2_tokenizer
     args = prepare_parser().parse_args(argv)
     if bool(args.corpus) == bool(args.text):
         raise ConfigError("prepare takes either 'shakespeare' or --text FILE")
     if args.corpus:
-        print(prepare_shakespeare(args.out))
+        print(prepare_shakespeare(gpt2_tokenizer(), args.out))
         return 0
     out = args.out or os.path.splitext(os.path.basename(args.text))[0] + "_tokens"
-    from trainer.tokenizer import HFTokenizer, gpt2_tokenizer
     tokenizer = gpt2_tokenizer()
     if args.tokenizer:
-        if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
+        directory = find_tokenizer(args.tokenizer) if os.path.exists(args.tokenizer) else None
+        if directory is None:
             raise ConfigError(f"--tokenizer {args.tokenizer} holds no tokenizer.json")
-        tokenizer = HFTokenizer(args.tokenizer)
+        tokenizer = HFTokenizer(directory)
     train, val = prepare_text(args.text, out, tokenizer)
     print(f"{out}: {train} train tokens, {val} val tokens")
     return 0
@@ -195,7 +196,8 @@ def evaluation_file(spec):
     val.bin, or the token file named."""
     from trainer.corpus import prepare_shakespeare
     from trainer.data import resolve_data
-    train, val = resolve_data(spec, prepare_shakespeare)
+    from trainer.tokenizer import gpt2_tokenizer
+    train, val = resolve_data(spec, lambda: prepare_shakespeare(gpt2_tokenizer()))
     if train == spec:
         return spec
     if val is None:

