@@ -8,6 +8,7 @@ import dataclasses
 import os
 
 from launch.start import Start, largest_tensor, resumed, scratch_config, whole_model
+from trainer import gguf_file
 from trainer.base import adapter_dir, open_base, read_base_record, recorded_base
 from trainer.checkpoint import check_checkpoint, checkpoint_config, stream_checkpoint
 from trainer.errors import ConfigError
@@ -110,4 +111,6 @@ def lora_start(settings, ckpt, state):
 
 
 def described(base):
-    return base.path or f"{base.cfg.model_type} initialised from scratch (seed {base.seed})"
+    if base.path is None:
+        return f"{base.cfg.model_type} initialised from scratch (seed {base.seed})"
+    return f"{base.path} ({gguf_file.describe(base.path)})" if gguf_file.is_gguf(base.path) else base.path

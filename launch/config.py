@@ -25,8 +25,9 @@ SETTINGS = {
     "n_embd": (int, None, "override the preset's channels"),
     "block_size": (int, None, "override the preset's context length"),
     "init_from": (str, None, "start from weights: an HF directory (config.json + model.safetensors) or "
-                             ".safetensors, an llm.c .bin (v3 fp32, v5 bf16), a coregpt run or checkpoint, a peft "
-                             "adapter directory, or gpt2[-medium|-large|-xl] (downloaded once; offline, a local path)"),
+                             ".safetensors, an llm.c .bin (v3 fp32, v5 bf16), a GGUF file (dequantized to fp32), a "
+                             "coregpt run or checkpoint, a peft adapter directory, or gpt2[-medium|-large|-xl] "
+                             "(downloaded once; offline, a local path)"),
     "tokenizer": (str, None, "a directory holding the tokenizer.json the data was prepared with, for a "
                              "Llama-family model's samples (default: the one beside --init-from); checkpoints "
                              "carry a copy"),

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from trainer import gguf_file
 from trainer.checkpoint import check_checkpoint, checkpoint_config, stream_checkpoint
 from trainer.errors import DataError
 from trainer.models import family_of, param_layout, param_shapes, preset_config
@@ -87,8 +88,9 @@ def full_start(settings, ckpt, state):
         return settings, Start(cfg, Full(cfg), origin=f"initialised from scratch ({settings.model}, seed "
                                                       f"{settings.seed})")
     cfg, tensors = load_checked(settings.init_from)
+    dequantized = f" ({gguf_file.describe(settings.init_from)})" if gguf_file.is_gguf(settings.init_from) else ""
     return settings, Start(cfg, Full(cfg), tensors=tensors, loading=whole_model(cfg),
-                           origin=f"initialised from {settings.init_from}")
+                           origin=f"initialised from {settings.init_from}{dequantized}")
 
 
 def run_tokenizer(settings, ckpt, cfg):

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from trainer import models
+from trainer import gguf_file, models
 from trainer.errors import WeightsError
 from trainer.weights import (checkpoint_dir, load_checked, pointed, read_entry, read_hf_config, tensor_entries,
                              weights_files)
@@ -52,6 +52,8 @@ class Base:
             self.sha256 = digest.hexdigest()
         elif self.path.endswith(".safetensors"):
             yield from stream_safetensors(self.path, self.cfg)
+        elif gguf_file.is_gguf(self.path):  # dequantized one tensor at a time
+            yield from gguf_file.tensors(self.path, self.cfg)
         else:  # an llm.c .bin: read whole (converting its layout needs every layer's block)
             _, tensors = load_checked(self.path)
             yield from ((name, np.ascontiguousarray(tensors[name], dtype=np.float32))
@@ -70,13 +72,16 @@ class Base:
 
 def open_base(source, cfg=None, seed=None):
     """--init-from SOURCE as a LoRA base (a HF directory or .safetensors, an llm.c
-    .bin, a coregpt run or checkpoint, or gpt2…gpt2-xl from the hub); None: GPT-2's
-    initialisation of `cfg` from `seed`.  -> Base."""
+    .bin, a GGUF file, a coregpt run or checkpoint, or gpt2…gpt2-xl from the hub);
+    None: the family's initialisation of `cfg` from `seed`.  -> Base."""
     if source is None:
         return Base(cfg, seed=seed)
     path, config = weights_files(source)
     path = os.path.abspath(path)
-    cfg = load_checked(path)[0] if path.endswith(".bin") else read_config(path, config)
+    if path.endswith(".bin"):
+        cfg = load_checked(path)[0]
+    else:
+        cfg = gguf_file.read_config(path) if gguf_file.is_gguf(path) else read_config(path, config)
     return Base(cfg, path=path)
 
 

@@ -110,9 +110,12 @@ def read_json(path):
 def find_tokenizer(source):
     """The directory holding the tokenizer.json of the model `source` names (a model
     directory, a run (its latest checkpoint) or checkpoint, a file's own folder, a
-    LoRA adapter's base), or None."""
+    LoRA adapter's base, a GGUF file's metadata written out), or None."""
+    from trainer import gguf_file
     from trainer.weights import checkpoint_dir, pointed
     source = pointed(str(source))
+    if gguf_file.is_gguf(source) and os.path.isfile(source):  # the tokenizer in its metadata
+        return gguf_file.tokenizer_dir(source)
     directory = checkpoint_dir(source) if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
     if os.path.isfile(os.path.join(directory, "tokenizer.json")):
         return directory

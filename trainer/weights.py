@@ -1,5 +1,5 @@
 """Model weights in and out: Hugging Face safetensors (with config.json), llm.c .bin
-(trainer/llmc.py), coregpt checkpoints.
+(trainer/llmc.py), GGUF in (trainer/gguf_file.py), coregpt checkpoints.
 
 Everything is read as plain arrays (safetensors, raw binary, JSON); nothing is
 ever unpickled.  Loaders return (config, {name: float32 array}), the names and the
@@ -12,7 +12,7 @@ import socket
 
 import numpy as np
 
-from trainer import models
+from trainer import gguf_file, models
 from trainer.errors import WeightsError
 from trainer.files import plain_mode
 from trainer.llmc import load_llmc
@@ -146,6 +146,11 @@ def source_family(source):
     source = pointed(str(source))
     if source.endswith(".bin"):
         return models.family(models.DEFAULT)
+    if gguf_file.is_gguf(source) and os.path.isfile(source):
+        try:
+            return models.family(gguf_file.read_config(source).model_type)
+        except WeightsError:
+            return None
     directory = checkpoint_dir(source) if os.path.isdir(source) else os.path.dirname(source)
     try:
         if os.path.isfile(os.path.join(directory, "config.json")):
@@ -164,15 +169,21 @@ def checkpoint_dir(path):
 
 
 def load_weights(source):
-    """--init-from: HF directory or .safetensors, llm.c .bin, coregpt checkpoint or run."""
+    """--init-from: HF directory or .safetensors, llm.c .bin, a GGUF file, coregpt
+    checkpoint or run."""
     path, config = weights_files(source)
-    return load_llmc(path) if path.endswith(".bin") else load_safetensors(path, config)
+    if path.endswith(".bin"):
+        return load_llmc(path)
+    if gguf_file.is_gguf(path):
+        return gguf_file.load(path)
+    return load_safetensors(path, config)
 
 
 def weights_files(source):
     """--init-from SOURCE -> (the weights file it names, its config.json or None):
     gpt2…gpt2-xl from the hub (cached or downloaded), an HF or coregpt directory (a
-    run: its latest checkpoint; RUN/checkpoints/best), a .safetensors or an llm.c .bin."""
+    run: its latest checkpoint; RUN/checkpoints/best), a .safetensors, an llm.c .bin
+    or a GGUF file."""
     source = pointed(source)
     if source in models.hub_names() and not os.path.exists(source):
         return download_hf(source)
@@ -190,7 +201,7 @@ def weights_files(source):
         config = os.path.join(directory, "config.json")
         return model, config if os.path.isfile(config) else None
     refuse_pickle(source)
-    if source.endswith(".bin"):
+    if source.endswith(".bin") or gguf_file.is_gguf(source):  # each holds its own config
         return source, None
     config = os.path.join(os.path.dirname(source), "config.json")
     return source, config if os.path.isfile(config) else None
