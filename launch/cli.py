@@ -1,4 +1,4 @@
-"""`python -m launch COMMAND ...` (train, prepare, sample, export, eval, plot, sweep);
+"""`python -m launch COMMAND ...` (train, prepare, sample, chat, export, eval, plot, sweep);
 bare `python -m launch [flags]` trains configs/default.toml.  Errors are one
 line on stderr: exit 2 for bad input, 1 for a failed run, 130 / 143 after
 Ctrl-C / SIGTERM."""
@@ -13,7 +13,8 @@ COMMANDS = {
     "train": "train or fine-tune a model (a fresh run, --init-from weights, or --resume)",
     "prepare": "tokenize a corpus or your own text into token files",
     "sample": "generate text from a run, checkpoint or model",
-    "export": "write weights for transformers (hf), llm.c (llmc) or peft",
+    "chat": "talk with a model in its chat template, its replies streamed",
+    "export": "write weights for transformers (hf), llm.c (llmc), llama.cpp (gguf) or peft",
     "eval": "a model's validation loss and perplexity on a token file",
     "plot": "draw a run's loss curve (RUN/loss.png)",
     "sweep": "measure throughput over workers, threads, strategies and precisions",
@@ -130,12 +131,14 @@ def cmd_sample(argv):
 
 
 def export_parser():
-    p = Parser(prog="launch export", description="Export weights for transformers or llm.c, or a LoRA run's "
-               "adapter for peft.")
+    p = Parser(prog="launch export", description="Export weights for transformers, llm.c or llama.cpp, or a LoRA "
+               "run's adapter for peft.")
     p.add_argument("--checkpoint", required=True, help="a run, a checkpoint, or anything --init-from takes")
-    p.add_argument("--format", required=True, help="hf (a transformers model directory), llmc (GPT-2's v3 fp32 .bin) "
-                   "or peft (a LoRA run's adapter, for PeftModel.from_pretrained); hf and llmc merge an adapter")
-    p.add_argument("--out", required=True, help="output directory (hf) or file (llmc); must not exist")
+    p.add_argument("--format", required=True, help="hf (a transformers model directory), llmc (GPT-2's v3 fp32 .bin), "
+                   "gguf (llama.cpp's file, with the tokenizer and chat template) or peft (a LoRA run's adapter, for "
+                   "PeftModel.from_pretrained); hf, llmc and gguf merge an adapter")
+    p.add_argument("--type", default="f32", help="how --format gguf stores the matrices: f32, f16, bf16 or q8_0")
+    p.add_argument("--out", required=True, help="output directory (hf) or file (llmc, gguf); must not exist")
     return p
 
 
@@ -155,7 +158,7 @@ def cmd_export(argv):
         return 0
     from trainer.tokenizer import known_tokenizer
     cfg, tensors = load_model(args.checkpoint)
-    print(export(cfg, tensors, args.format, args.out, known_tokenizer(cfg, args.checkpoint)))
+    print(export(cfg, tensors, args.format, args.out, known_tokenizer(cfg, args.checkpoint), args.type))
     return 0
 
 
@@ -249,8 +252,9 @@ def main(argv=None):
     from launch.loop import Interrupted
     from trainer.errors import DataError, ResourceError, RunError, WeightsError, WorkerError
     try:
+        from launch.chat import cmd_chat
         from launch.sweep import sweep
-        commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample,
+        commands = {"train": cmd_train, "prepare": cmd_prepare, "sample": cmd_sample, "chat": cmd_chat,
                     "export": cmd_export, "eval": cmd_eval, "plot": cmd_plot, "sweep": sweep}
         return commands[command](rest)
     except (ConfigError, DataError, WeightsError, ResourceError) as e:

@@ -2,12 +2,13 @@
 (`python -m launch.reference > docs/cli.md`; tests/test_docs.py checks it is current)."""
 import argparse
 
+from launch.chat import chat_parser
 from launch.cli import COMMANDS, eval_parser, export_parser, plot_parser, prepare_parser, sample_parser
 from launch.config import SETTINGS
 from launch.sweep import sweep_parser
 
-PARSERS = {"prepare": prepare_parser, "sample": sample_parser, "export": export_parser, "eval": eval_parser,
-           "plot": plot_parser, "sweep": sweep_parser}
+PARSERS = {"prepare": prepare_parser, "sample": sample_parser, "chat": chat_parser, "export": export_parser,
+           "eval": eval_parser, "plot": plot_parser, "sweep": sweep_parser}
 
 HEADER = """# Command line reference
 

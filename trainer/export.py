@@ -1,4 +1,5 @@
-"""Export weights: a Hugging Face directory, or llm.c's version-3 fp32 .bin (trainer/llmc.py).
+"""Export weights: a Hugging Face directory, llm.c's version-3 fp32 .bin (trainer/llmc.py),
+or a GGUF file (trainer/gguf_export.py).
 Values are copied exactly; every output is written under a temporary name and
 renamed, and an existing output is never overwritten."""
 import os
@@ -26,7 +27,12 @@ def export_hf(directory, cfg, tensors, tokenizer=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-EXPORTERS = {"hf": export_hf, "llmc": export_llmc}
+def export_gguf(out, cfg, tensors, tokenizer=None, kind="f32"):
+    from trainer.gguf_export import export_gguf as write
+    return write(out, cfg, tensors, tokenizer, kind)
+
+
+EXPORTERS = {"hf": export_hf, "llmc": export_llmc, "gguf": export_gguf}
 
 
 def export_peft(adapted, out):
@@ -52,14 +58,17 @@ def export_peft(adapted, out):
     return out
 
 
-def export(cfg, tensors, fmt, out, tokenizer=None):
-    """fmt: a key of EXPORTERS; tokenizer: what an hf export writes beside the weights."""
+def export(cfg, tensors, fmt, out, tokenizer=None, kind="f32"):
+    """fmt: a key of EXPORTERS; tokenizer: what an hf or gguf export writes with the
+    weights; kind: how gguf stores the matrices."""
     if fmt not in cfg.family.EXPORTS:
         raise WeightsError(f"--format {fmt} holds GPT-2 models only; a {cfg.model_type} model exports as "
                            f"{', '.join(cfg.family.EXPORTS)} (or peft, a LoRA run's adapter)")
     check_out(out)
     if fmt == "hf":
         export_hf(out, cfg, tensors, tokenizer)
+    elif fmt == "gguf":
+        export_gguf(out, cfg, tensors, tokenizer, kind)
     else:
         EXPORTERS[fmt](out, cfg, tensors)
     return out

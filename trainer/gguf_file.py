@@ -109,10 +109,11 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLITS = {**{pre: (GPT2_SPLIT,) for pre in ("default", "gpt2", "gpt-2")},
+SPLITS = {**{pre: (GPT2_SPLIT,) for pre in ("gpt-2", "gpt2")},
           **{pre: (r"\p{N}", GPT2_SPLIT) for pre in ("smollm", "starcoder", "refact", "codeshell", "command-r")},
           **{pre: (LLAMA3_SPLIT,) for pre in ("llama3", "llama-v3", "llama-bpe")},
-          **{pre: (QWEN2_SPLIT,) for pre in ("qwen2", "deepseek-r1-qwen")}}
+          **{pre: (QWEN2_SPLIT,) for pre in ("qwen2", "deepseek-r1-qwen")},
+          "default": (r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")}
 WHOLE_WORDS = ("llama3", "llama-v3", "llama-bpe")  # a pre-token in the vocabulary is one token, unmerged
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type
 
@@ -139,10 +140,7 @@ def tokenizer_dir(path):
 
 
 def write_tokenizer(path, directory):
-    """The file's byte-level BPE (tokens, merges, pre-tokenizer, control tokens, BOS
-    where it asks for one) and chat template as a Hugging Face tokenizer in directory."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
+    """The file's byte-level BPE and chat template as a Hugging Face tokenizer in directory."""
     meta = summary(path)[0]
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if kind != "gpt2":
@@ -150,8 +148,26 @@ def write_tokenizer(path, directory):
     if pre not in SPLITS:
         raise WeightsError(f"{path}: pre-tokenizer {pre!r} is not built ({', '.join(sorted(SPLITS))} are)")
     tokens, types = list(meta["tokenizer.ggml.tokens"]), list(meta.get("tokenizer.ggml.token_type") or ())
-    merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges") or ()]
-    tokenizer = Tokenizer(BPE({token: i for i, token in enumerate(tokens)}, merges, ignore_merges=pre in WHOLE_WORDS))
+    merges = list(meta.get("tokenizer.ggml.merges") or ())
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token")) and bos is not None
+    build_tokenizer(tokens, types, merges, pre, bos if add_bos else None).save(
+        os.path.join(directory, "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                "bos_token": None if bos is None else tokens[bos], "eos_token": None if eos is None else tokens[eos],
+                "chat_template": meta.get("tokenizer.chat_template")}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({key: value for key, value in settings.items() if value is not None}, f, indent=2)
+
+
+def build_tokenizer(tokens, types, merges, pre, bos=None):
+    """A `tokenizers` byte-level BPE as llama.cpp runs it: tokens and their types
+    (control ones special), merges ("a b"), the pre-tokenizer's splits; BOS first
+    when bos (its id) is given."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    tokenizer = Tokenizer(BPE({token: i for i, token in enumerate(tokens)}, pairs, ignore_merges=pre in WHOLE_WORDS))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(split), "isolated") for split in SPLITS[pre]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -159,13 +175,7 @@ def write_tokenizer(path, directory):
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t, kind in zip(tokens, types) if kind == CONTROL])
     tokenizer.add_tokens([AddedToken(t, normalized=False) for t, kind in zip(tokens, types) if kind == USER_DEFINED])
-    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+    if bos is not None:
         tokenizer.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
                                                                  special_tokens=[(tokens[bos], bos)])
-    tokenizer.save(os.path.join(directory, "tokenizer.json"))
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                "bos_token": None if bos is None else tokens[bos], "eos_token": None if eos is None else tokens[eos],
-                "chat_template": meta.get("tokenizer.chat_template")}
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({key: value for key, value in settings.items() if value is not None}, f, indent=2)
+    return tokenizer

@@ -19,11 +19,17 @@ class GPT2Tokenizer:
 
     def __init__(self, family):
         self.encoding, self.family = family.tokenizer(), family
-        self.start = self.eos = family.EOT
+        self.start = self.bos = self.eos = family.EOT
         self.vocab_size = family.VOCAB
 
-    def encode(self, text):
+    def encode(self, text, specials=True):
         return self.encoding.encode_ordinary(text)
+
+    def token_id(self, token):
+        return self.eos if token == "<|endoftext|>" else None
+
+    def chat_template(self):
+        return None  # GPT-2 has none (trainer/chat.py's plain one serves)
 
     def decode(self, ids):
         return self.encoding.decode(ids)
@@ -78,8 +84,17 @@ class HFTokenizer:
         found = found[0] if isinstance(found, list) and found else found
         return found if isinstance(found, int) else None
 
-    def encode(self, text):
-        return self.tokenizer.encode(text).ids
+    def encode(self, text, specials=True):
+        """ids of text; specials: with what the post-processor adds (BOS where the model wants it)."""
+        return self.tokenizer.encode(text, add_special_tokens=specials).ids
+
+    def token_id(self, token):
+        return self.tokenizer.token_to_id(token)
+
+    def chat_template(self):
+        """tokenizer_config.json's chat_template (a string), or None."""
+        template = read_json(os.path.join(self.directory, "tokenizer_config.json")).get("chat_template")
+        return template if isinstance(template, str) else None
 
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)

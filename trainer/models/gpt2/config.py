@@ -29,7 +29,7 @@ def tokenizer_files():
 
 
 EMBEDDING = "wte.weight"  # the tensor that says a file holds this family's weights
-EXPORTS = ("hf", "llmc")  # export --format: llm.c's .bin is GPT-2's by definition
+EXPORTS = ("hf", "llmc", "gguf")  # export --format: llm.c's .bin is GPT-2's by definition
 BUILTIN_TOKENIZER = True  # tiktoken's GPT-2 BPE (trainer/tokenizer.py), not a directory's tokenizer.json
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # what --init-from may download
 

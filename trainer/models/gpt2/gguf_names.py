@@ -40,3 +40,16 @@ def tensor_names(cfg):
 def as_transformers(cfg, name, array):
     """A dequantized tensor -> as GPT-2 holds it (its matrices (in, out))."""
     return np.ascontiguousarray(array.T) if name.endswith(MATRICES) else array
+
+
+def write_config(writer, cfg):
+    """cfg's fields as llama.cpp's metadata keys (a gguf.GGUFWriter of architecture gpt2)."""
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(1e-5)
+
+
+as_gguf = as_transformers  # a transpose undoes itself

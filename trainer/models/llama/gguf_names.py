@@ -67,3 +67,27 @@ def unpermute(weight, heads):
     half = weight.shape[0] // heads // 2
     return np.ascontiguousarray(weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2)
                                 .reshape(weight.shape))
+
+
+def write_config(writer, cfg):
+    """cfg's fields as llama.cpp's metadata keys (a gguf.GGUFWriter of cfg's architecture)."""
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(cfg.n_ffn)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_dimension_count(cfg.n_embd // cfg.n_head)
+
+
+def as_gguf(cfg, name, array):
+    """A tensor as transformers holds it -> as llama.cpp stores it (as_transformers undone)."""
+    if cfg.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = cfg.n_head if "q_proj" in name else cfg.n_kv_head
+        half = array.shape[0] // heads // 2
+        return np.ascontiguousarray(array.reshape(heads, 2, half, *array.shape[1:]).swapaxes(1, 2)
+                                    .reshape(array.shape))
+    return array
