@@ -172,15 +172,18 @@ def test_training_from_a_gguf(tmp_path):
 
 
 def test_unbuilt_architecture_and_not_gguf_are_one_line(tmp_path):
-    """A GGUF of an architecture coregpt does not train, and a file that is no GGUF."""
+    """A GGUF of an architecture coregpt does not train, a file that is no GGUF, and
+    one cut short."""
     writer = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     (tmp_path / "text.gguf").write_text("not a gguf\n")
+    whole = tiny_llama(tmp_path, [Q.F16]).read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[:len(whole) // 2])  # a download that stopped half way
     for name, words in (("mamba.gguf", "GGUF architecture 'mamba' is not one coregpt trains"),
-                        ("text.gguf", "not a readable GGUF file")):
+                        ("text.gguf", "not a readable GGUF file"), ("cut.gguf", "not a readable GGUF file")):
         done = launch("train", "--init-from", tmp_path / name, "--steps", "1", "--out-dir", tmp_path / "run")
         assert done.returncode == 2, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and words in done.stderr, done.stderr
