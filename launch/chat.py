@@ -2,10 +2,9 @@
 chat template, its replies streamed as they are sampled (trainer/chat.py).  Reads
 stdin a line a message; at a terminal it prompts, Ctrl-D (or end of input) ends the
 conversation with exit 0."""
-import os
 import sys
 
-from launch.config import Parser
+from launch.config import Parser, exists
 from trainer.errors import ConfigError
 
 
@@ -30,8 +29,7 @@ def cmd_chat(argv):
             or args.context < 2:
         raise ConfigError("--temperature and --top-k must not be negative, --top-p in (0, 1], "
                           "--max-new-tokens at least 1, --context at least 2")
-    if not os.path.exists(args.checkpoint):
-        raise ConfigError(f"--checkpoint {args.checkpoint} does not exist")
+    exists(args.checkpoint)
     from trainer.base import load_model
     from trainer.chat import PLAIN_TEMPLATE, Chat, chooser
     from trainer.tokenizer import tokenizer_of

@@ -6,7 +6,7 @@ import dataclasses
 import os
 import sys
 
-from launch.config import Parser, check, default_config_path, merge, train_parser
+from launch.config import Parser, check, default_config_path, exists, merge, train_parser
 from trainer.errors import ConfigError
 
 COMMANDS = {
@@ -206,13 +206,6 @@ def evaluation_file(spec):
     if val is None:
         raise ConfigError(f"--data {spec} has no val.bin; pass the token file to evaluate on")
     return val
-
-
-def exists(checkpoint):
-    """--checkpoint names something on disk (or a hub model the weights loader fetches)."""
-    from trainer.models import hub_names
-    if not os.path.exists(checkpoint) and checkpoint not in hub_names():
-        raise ConfigError(f"--checkpoint {checkpoint} does not exist")
 
 
 def plot_parser():

@@ -100,6 +100,13 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see `python -m launch {self.prog.split()[-1]} --help`)")
 
 
+def exists(checkpoint):
+    """--checkpoint names something on disk (or a hub model the weights loader fetches)."""
+    from trainer.models import hub_names
+    if not os.path.exists(checkpoint) and checkpoint not in hub_names():
+        raise ConfigError(f"--checkpoint {checkpoint} does not exist")
+
+
 def join_negative_numbers(argv):
     """`--lr -1e-3` -> `--lr=-1e-3`: argparse would take -1e-3 for an option."""
     out = []

@@ -116,25 +116,28 @@ SPLITS = {**{pre: (GPT2_SPLIT,) for pre in ("gpt-2", "gpt2")},
           "default": (r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")}
 WHOLE_WORDS = ("llama3", "llama-v3", "llama-bpe")  # a pre-token in the vocabulary is one token, unmerged
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type
+TOKENIZER_FORMAT = 1  # part of the cache key: a change in how tokenizers are written retires old ones
 
 
 def tokenizer_dir(path):
     """A directory holding the file's tokenizer as tokenizer.json and
     tokenizer_config.json (its special tokens and chat template), written once in
     coregpt's cache for this file (its path, size and time) -> the directory."""
+    import shutil
     from trainer.corpus import cache_dir
     stat = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    directory = os.path.join(cache_dir(), "gguf-tokenizers", key)
+    source = f"{TOKENIZER_FORMAT}\0{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    directory = os.path.join(cache_dir(), "gguf-tokenizers", hashlib.sha256(source.encode()).hexdigest()[:16])
     if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
-        os.makedirs(os.path.dirname(directory), exist_ok=True)
         partial = f"{directory}.{os.getpid()}.partial"
         os.makedirs(partial, exist_ok=True)
-        write_tokenizer(path, partial)
         try:
+            write_tokenizer(path, partial)
             os.replace(partial, directory)
-        except OSError:  # another process wrote it first
-            import shutil
+        except OSError as e:
+            if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):  # not another process's
+                raise WeightsError(f"cannot write {path}'s tokenizer into {directory}: {e.strerror}") from None
+        finally:
             shutil.rmtree(partial, ignore_errors=True)
     return directory
 
@@ -143,6 +146,8 @@ def write_tokenizer(path, directory):
     """The file's byte-level BPE and chat template as a Hugging Face tokenizer in directory."""
     meta = summary(path)[0]
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if not meta.get("tokenizer.ggml.tokens"):
+        raise WeightsError(f"{path}: its metadata holds no tokenizer; pass --tokenizer DIR")
     if kind != "gpt2":
         raise WeightsError(f"{path}: tokenizer model {kind!r} is not built (byte-level BPE, 'gpt2', is)")
     if pre not in SPLITS:
