@@ -116,7 +116,7 @@ def test_named_gpt2_offline_says_to_pass_a_local_path(tmp_path, files):
     (["prepare", "--text", "{d}/nope.txt", "--out", "{d}/p1"], "text file {d}/nope.txt does not exist"),
     (["prepare", "--text", "{d}/blank.txt", "--out", "{d}/p2"], "is empty"),
     (["prepare", "--text", "{d}/latin1.txt", "--out", "{d}/p3"], "is not UTF-8 text"),
-    (["export", "--checkpoint", "{d}/init", "--format", "gguf", "--out", "{d}/e"], "unknown --format 'gguf'"),
+    (["export", "--checkpoint", "{d}/init", "--format", "onnx", "--out", "{d}/e"], "unknown --format 'onnx'"),
     (["frobnicate"], "unknown command 'frobnicate'"),
 ])
 def test_bad_input_other_commands(files, args, message):
