@@ -211,18 +211,24 @@ def smollm2():
     return os.path.join(os.path.dirname(package.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+@pytest.fixture(scope="module")
+def smollm2_transformers(smollm2):
+    """transformers' reading of the file: (its tokenizer, its model), read once."""
+    from pathlib import Path
+    from transformers import AutoTokenizer
+    path = Path(smollm2)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), transformers_gguf(path)
+
+
 @pytest.mark.system
-def test_smollm2_gguf_logits_and_tokens_equal_transformers(smollm2, tmp_path, monkeypatch):
+def test_smollm2_gguf_logits_and_tokens_equal_transformers(smollm2, smollm2_transformers, tmp_path, monkeypatch):
     """The real file: logits at every position of a 64-token chat prompt to 1e-4 of
     transformers' reading of the same file; ~2 KB of mixed-language text tokenized as
     transformers' tokenizer from that file tokenizes it."""
     import dataclasses
-    from pathlib import Path
-    from transformers import AutoTokenizer
     from trainer.tokenizer import HFTokenizer
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # where the file's tokenizer is written out
-    path = Path(smollm2)
-    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    theirs, model = smollm2_transformers
     ours = HFTokenizer(gguf_file.tokenizer_dir(smollm2))
     text = MIXED + MIXED.upper() + MIXED[::-1]  # reversed: combining marks and spaces in odd places
     assert len(text.encode()) > 2000
@@ -235,7 +241,7 @@ def test_smollm2_gguf_logits_and_tokens_equal_transformers(smollm2, tmp_path, mo
     prompt = theirs(rendered, add_special_tokens=False).input_ids[:64]
     assert len(prompt) == 64
     with torch.no_grad():
-        expected = transformers_gguf(path)(torch.tensor([prompt])).logits[0].numpy()
+        expected = model(torch.tensor([prompt])).logits[0].numpy()
     cfg, tensors = gguf_file.load(smollm2)
     sampler = Sampler(dataclasses.replace(cfg, block_size=64), tensors)
     logits = np.stack([sampler.forward([t], i).copy() for i, t in enumerate(prompt)])
@@ -297,22 +303,17 @@ def test_export_gguf_is_read_by_transformers(tmp_path):
 
 
 @pytest.mark.system
-def test_chat_from_a_pipe_answers_as_transformers_generates(smollm2, tmp_path, monkeypatch):
+def test_chat_from_a_pipe_answers_as_transformers_generates(smollm2, smollm2_transformers, tmp_path):
     """`launch chat` on the real GGUF, two messages piped in, greedy: each reply is the
     one transformers' generate gives for the conversation so far (the second comes from
     the KV cache kept over the first turn), and it exits 0 at the end of input; the
     template renders as transformers' apply_chat_template renders it."""
-    from pathlib import Path
-    from transformers import AutoTokenizer
     from trainer.chat import compile_template
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     questions = ["What is the capital of France?", "Name one river that flows through it."]
     done = launch("chat", "--checkpoint", smollm2, "--temperature", "0", "--max-new-tokens", "24",
                   input="\n".join(questions) + "\n", env={"XDG_CACHE_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
-    path = Path(smollm2)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers_gguf(path)
+    tokenizer, model = smollm2_transformers
     messages, expected = [], []
     for question in questions:
         messages.append({"role": "user", "content": question})
