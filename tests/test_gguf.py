@@ -310,7 +310,7 @@ def test_chat_from_a_pipe_answers_as_transformers_generates(smollm2, smollm2_tra
     template renders as transformers' apply_chat_template renders it."""
     from trainer.chat import compile_template
     questions = ["What is the capital of France?", "Name one river that flows through it."]
-    done = launch("chat", "--checkpoint", smollm2, "--temperature", "0", "--max-new-tokens", "24",
+    done = launch("chat", "--checkpoint", smollm2, "--temperature", "0", "--max-new-tokens", "16",
                   input="\n".join(questions) + "\n", env={"XDG_CACHE_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     tokenizer, model = smollm2_transformers
@@ -322,7 +322,7 @@ def test_chat_from_a_pipe_answers_as_transformers_generates(smollm2, smollm2_tra
                                                          eos_token=tokenizer.eos_token) == rendered
         ids = torch.tensor([tokenizer(rendered, add_special_tokens=False).input_ids])
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                                  eos_token_id=tokenizer.eos_token_id)
         reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         expected.append(reply)
