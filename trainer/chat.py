@@ -48,8 +48,8 @@ class Chat:
 
     def __init__(self, cfg, tensors, tokenizer, template, context):
         import dataclasses
-        self.sampler = Sampler(dataclasses.replace(cfg, block_size=min(context, cfg.block_size)), tensors)
         self.context, self.tokenizer = min(context, cfg.block_size), tokenizer
+        self.sampler = Sampler(dataclasses.replace(cfg, block_size=self.context), tensors)
         self.render = compile_template(template)
         self.specials = {f"{kind}_token": tokenizer.decode([i]) for kind, i in
                          (("bos", tokenizer.bos), ("eos", tokenizer.eos)) if i is not None}
