@@ -66,11 +66,7 @@ def storage(gguf, array, kind):
 
 
 def write_vocabulary(writer, cfg, tokenizer):
-    tokens, types, merges = vocabulary(tokenizer)
-    if len(tokens) > cfg.vocab_size:
-        raise WeightsError(f"the tokenizer has {len(tokens):,} tokens, more than the model's {cfg.vocab_size:,}")
-    pad = cfg.vocab_size - len(tokens)  # rows of the embedding no token reaches: llama.cpp's [PAD{id}]
-    tokens, types = tokens + [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)], types + [UNUSED] * pad
+    tokens, types, merges = vocabulary(tokenizer, cfg.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer(tokenizer, tokens, types, merges))
     writer.add_token_list(tokens)
@@ -85,8 +81,9 @@ def write_vocabulary(writer, cfg, tokenizer):
         writer.add_chat_template(template)
 
 
-def vocabulary(tokenizer):
-    """The tokenizer's byte-level BPE -> (tokens by id, their types, merges "a b")."""
+def vocabulary(tokenizer, vocab_size):
+    """The tokenizer's byte-level BPE -> (the model's vocab_size tokens by id (ids no
+    token has: llama.cpp's [PAD{id}], unused), their types, merges "a b")."""
     files = tokenizer.files()
     if "tokenizer.json" not in files:  # GPT-2's own: vocab.json and merges.txt
         with open(files["vocab.json"]) as f:
@@ -104,7 +101,9 @@ def vocabulary(tokenizer):
         vocab, added = model["vocab"], spec.get("added_tokens") or []
         merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     size = max([*vocab.values(), *(a["id"] for a in added)]) + 1
-    tokens, types = [f"[PAD{i}]" for i in range(size)], [UNUSED] * size
+    if size > vocab_size:
+        raise WeightsError(f"the tokenizer has {size:,} tokens, more than the model's {vocab_size:,}")
+    tokens, types = [f"[PAD{i}]" for i in range(vocab_size)], [UNUSED] * vocab_size
     for token, i in vocab.items():
         tokens[i], types[i] = token, NORMAL
     for token in added:

@@ -55,18 +55,25 @@ def tensor_names(cfg):
     return names
 
 
+def rotary_heads(cfg, name):
+    """The heads whose rows llama.cpp interleaves in tensor `name` (a Llama's q or k
+    projection), or None where it keeps transformers' order."""
+    if cfg.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        return cfg.n_head if "q_proj" in name else cfg.n_kv_head
+    return None
+
+
 def as_transformers(cfg, name, array):
     """A dequantized tensor (rows as GGUF's shape says) -> as transformers holds it."""
-    if cfg.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-        return unpermute(array, cfg.n_head if "q_proj" in name else cfg.n_kv_head)
-    return array
+    heads = rotary_heads(cfg, name)
+    return array if heads is None else interleaved(array, heads, undo=True)
 
 
-def unpermute(weight, heads):
-    """Each head's rows from llama.cpp's interleaved pairs back to two halves."""
+def interleaved(weight, heads, undo=False):
+    """Each head's rows from two halves to llama.cpp's interleaved pairs (undo: back)."""
     half = weight.shape[0] // heads // 2
-    return np.ascontiguousarray(weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2)
-                                .reshape(weight.shape))
+    split = (heads, half, 2) if undo else (heads, 2, half)
+    return np.ascontiguousarray(weight.reshape(*split, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape))
 
 
 def write_config(writer, cfg):
@@ -85,9 +92,5 @@ def write_config(writer, cfg):
 
 def as_gguf(cfg, name, array):
     """A tensor as transformers holds it -> as llama.cpp stores it (as_transformers undone)."""
-    if cfg.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-        heads = cfg.n_head if "q_proj" in name else cfg.n_kv_head
-        half = array.shape[0] // heads // 2
-        return np.ascontiguousarray(array.reshape(heads, 2, half, *array.shape[1:]).swapaxes(1, 2)
-                                    .reshape(array.shape))
-    return array
+    heads = rotary_heads(cfg, name)
+    return array if heads is None else interleaved(array, heads)
