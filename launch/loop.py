@@ -8,7 +8,7 @@ import time
 
 from launch.console import log
 from launch.rundir import checkpoint
-from trainer.data import open_tokens
+from trainer.data import WindowOrder, open_data, order_seed
 from trainer.optim import clip_scale, lr_at
 from trainer.optimizers import OPTIMIZERS
 from trainer.profile import clock, layer_table
@@ -63,7 +63,14 @@ class StepLoop:
         self.weights = run.start.sampling_weights(pool)
         self.batch_tokens = settings.batch_size * settings.seq_len
         self.step_tokens = self.batch_tokens * settings.grad_accum
-        self.windows_per_pass = (open_tokens(run.train_path).size - 1) // self.batch_tokens
+        # the loss is the mean over the targets it counts (chat data: its mask's)
+        self.train = open_data(run.train_path)
+        self.order = WindowOrder(self.train.tokens.size, self.batch_tokens, order_seed(settings.data_order, settings.seed))
+        self.windows_per_pass = self.order.per_pass
+        if self.val_path:
+            val = open_data(self.val_path)
+            self.val_targets = sum(val.targets(window * self.batch_tokens, self.batch_tokens)
+                                   for window in range(settings.eval_steps))
 
     def run(self, start, state):
         settings = self.settings
@@ -122,15 +129,16 @@ class StepLoop:
         """Every micro-batch's Step round -> (mean loss, grad norm, phase seconds)."""
         settings, pool, group = self.settings, self.pool, self.group
         loss, phases = 0.0, dict.fromkeys(PHASES, 0.0)
-        for micro in range(settings.grad_accum):
-            reports = pool.request(msg.Step(window=(step - 1) * settings.grad_accum + micro,
-                                            scale=1.0 / self.step_tokens,
+        windows = range((step - 1) * settings.grad_accum, step * settings.grad_accum)
+        targets = max(1, sum(self.train.targets(self.order.start(window), self.batch_tokens) for window in windows))
+        for micro, window in enumerate(windows):
+            reports = pool.request(msg.Step(window=window, scale=1.0 / targets,
                                             accumulate=micro > 0, last=micro == settings.grad_accum - 1))
             loss += sum(r.loss for r in reports)
             for phase in ("forward", "backward", "convert", "reduce"):
                 phases[phase] += max(getattr(r, phase + "_s") for r in reports)
         sumsq = [r.sumsq for r in reports]  # of the last micro-batch: the whole step's gradients
-        loss = group.sum(loss) / self.step_tokens
+        loss = group.sum(loss) / targets
         if group.size > 1:  # across machines; the norm is of the global sum
             t_reduce = time.perf_counter()
             group.allreduce(pool.grads.array)
@@ -173,7 +181,7 @@ class StepLoop:
     def evaluate(self, step):
         settings = self.settings
         val = self.group.sum(sum(r.loss for r in self.pool.request(msg.Eval(windows=settings.eval_steps))))
-        val /= settings.eval_steps * self.batch_tokens
+        val /= max(1, self.val_targets)
         self.metrics.write({"step": step, "val_loss": val})
         improved = settings.keep_best and (self.best is None or val < self.best["val_loss"])
         log(f"step {step:>6}/{settings.steps} | val loss {val:.4f}" + (" (best so far)" if improved else ""))

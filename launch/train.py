@@ -20,9 +20,10 @@ from launch.rundir import (Metrics, NoMetrics, lock_run_dir, plot_quietly, prepa
                            write_failed)
 from launch.adapters import lora_start
 from launch.start import full_start, run_tokenizer
+from trainer.chat_data import chat_seq_len
 from trainer.checkpoint import best_checkpoint, read_state
 from trainer.corpus import prepare_shakespeare
-from trainer.data import check_tokens, open_tokens, resolve_data
+from trainer.data import check_tokens, companion, open_tokens, order_seed, resolve_data
 from trainer.errors import ConfigError, DataError, EngineError, ResourceError, RunError, WeightsError
 from trainer.files import atomic_write
 from trainer.gemm import Engine, choose
@@ -74,6 +75,7 @@ def resume_settings(settings, given):
 
 def open_data(settings, cfg):
     train_path, val_path = resolve_data(settings.data, lambda: prepare_shakespeare(gpt2_tokenizer()))
+    check_packing(train_path, settings.seq_len)
     train = open_tokens(train_path)
     check_tokens(train, train_path, settings.batch_size * settings.seq_len, cfg.vocab_size)
     if settings.val_data:
@@ -90,6 +92,16 @@ def open_data(settings, cfg):
         raise DataError(f"--keep-best needs validation data: {settings.data} has no val.bin beside it; "
                         f"pass --val-data FILE")
     return os.path.abspath(train_path), os.path.abspath(val_path) if val_path else None
+
+
+def check_packing(train_path, seq_len):
+    """Chat data trains at the row length it was packed for."""
+    if not os.path.isfile(companion(train_path, "mask")):
+        return
+    packed = chat_seq_len(os.path.dirname(train_path))
+    if packed != seq_len:
+        raise DataError(f"{train_path} holds chat examples packed into rows of {packed} tokens: train with "
+                        f"--seq-len {packed}, or prepare it again with --seq-len {seq_len}")
 
 
 @dataclasses.dataclass
@@ -198,8 +210,8 @@ def start_pool(run, group, cores):
     rows = settings.batch_size // group.size
     shape = PoolShape(start.cfg, start.trains, rows, settings.seq_len, run.engine, run.strategy, settings.workers,
                       settings.recompute, settings.grad_accum > 1)
-    order_seed = settings.seed if settings.data_order == "shuffled" else None
-    batches = Batches(run.train_path, run.val_path, settings.batch_size, group.rank * rows, order_seed)
+    batches = Batches(run.train_path, run.val_path, settings.batch_size, group.rank * rows,
+                      order_seed(settings.data_order, settings.seed))
     return WorkerPool(shape, batches,
                       threads=settings.threads_per_worker, optim=settings.optim, profile=settings.profile,
                       cores=cores)

@@ -203,6 +203,34 @@ def test_attention_with_a_key_far_above_the_diagonal(fp32_engine, monkeypatch):
     assert len(ran) >= T // block - 1  # every query block past the first, at least once
 
 
+@pytest.mark.parametrize("fallback", [False, True])
+def test_document_masked_attention_matches_autograd(fp32_engine, monkeypatch, fallback):
+    """Packed examples of 1 to 19 tokens (block 8): each query sees only the keys of its
+    own example, against SDPA with the block-diagonal causal mask, on the fast path
+    and on the online fallback forced on every block."""
+    from trainer import attention
+    B, T, n_head, head_size, block = 1, 64, 2, 8, 8
+    lengths = np.random.default_rng(3).integers(1, 20, T)
+    positions = np.concatenate([np.arange(n) for n in lengths])[:T]
+    starts = np.arange(T) - positions
+    if fallback:
+        monkeypatch.setattr(attention, "SUM_LIMIT", np.float32(0))
+    work, qkv, C = attention.Workspace(fp32_engine), random_qkv(B, T, n_head, head_size), n_head * head_size
+    dout = np.random.default_rng(5).normal(0, 1, (B, T, C)).astype(np.float32)
+    out, lse, dqkv = np.zeros((B, T, C), np.float32), np.zeros((B, n_head, T), np.float32), np.zeros_like(qkv)
+    attention.attention_forward(work, out, lse, qkv, n_head, block=block, starts=starts)
+    attention.attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=block, starts=starts)
+    reference = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
+    q, k, v = (x.view(B, T, n_head, head_size).transpose(1, 2) for x in reference.split(C, dim=2))
+    keys, queries = np.arange(T)[None, :], np.arange(T)[:, None]
+    seen = torch.from_numpy((keys <= queries) & (keys >= starts[:, None]))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=seen).transpose(1, 2).reshape(B, T, C)
+    y.backward(torch.from_numpy(dout.astype(np.float64)))
+    np.testing.assert_allclose(out, y.detach().numpy(), rtol=0, atol=2e-6)
+    expected = reference.grad.numpy()
+    assert np.abs(dqkv - expected).max() / np.abs(expected).max() <= 2e-6
+
+
 def test_kv_cached_sampling_matches_pytorch_through_cache_restarts():
     """Sampling runs the model's own forward over a KV cache: a few positions at a
     time, earlier keys and values read from the cache, and when the context is full

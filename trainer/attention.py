@@ -27,6 +27,11 @@ the keys, which oneDNN needs too), and writes dS in bf16 straight from its matmu
 `work` (a Workspace) is the engine and the buffers a process's attention reuses.
 `heads_of` = (h0, h1) runs only those heads (lse then holds only theirs): workers
 sharing a batch row split its heads.
+
+Packed examples (chat data): `starts` (T,) gives each query's first key, the first
+token of its example (one batch row at a time).  A query block skips every key
+block that ends before its first query's example begins, and the blocks that
+straddle a boundary add a mask of it to the causal one.
 """
 import numpy as np
 
@@ -157,9 +162,17 @@ def causal_mask(work, bk, bq, q0, k0):
     return work.masks[key]
 
 
-def masked(work, bk, bq, q0, k0):
-    """The post-op that adds the causal mask of a block (none off the diagonal)."""
-    mask = causal_mask(work, bk, bq, q0, k0)
+def masked(work, bk, bq, q0, k0, doc=None):
+    """The post-op that adds the mask of a block: causal (none off the diagonal),
+    and where doc (the first key of each of its queries) cuts into it, the keys
+    before each query's example too."""
+    if doc is None or k0 >= doc[-1]:
+        mask = causal_mask(work, bk, bq, q0, k0)
+    else:
+        mask = work.scratch("document mask", (1, 1, bk, bq))
+        keys = np.arange(k0, k0 + bk)[:, None]
+        hidden = (keys > np.arange(q0, q0 + bq)[None, :]) | (keys < doc[None, :])
+        np.copyto(mask[0, 0], np.where(hidden, np.float32(-np.inf), np.float32(0)))
     return [] if mask is None else [("add", mask)]
 
 
@@ -169,10 +182,12 @@ def masked(work, bk, bq, q0, k0):
 SUM_LIMIT = np.float32(2.0 ** 64)
 
 
-def attention_forward(work, out, lse, qkv, n_head, start=0, block=None, heads_of=None, n_kv_head=None):
+def attention_forward(work, out, lse, qkv, n_head, start=0, block=None, heads_of=None, n_kv_head=None,
+                      starts=None):
     """qkv (B,T,(NH+2·NKV)·HS) -> out (B,T−start,NH·HS), lse (B,NH,T−start) (NH: of
-    heads_of); NKV = n_kv_head K/V heads (default NH).  Each query block runs
-    shifted_rows, and online_rows where that could overflow."""
+    heads_of); NKV = n_kv_head K/V heads (default NH); starts: packed examples'
+    (see above; B = 1, start = 0).  Each query block runs shifted_rows, and
+    online_rows where that could overflow."""
     B, T, width = qkv.shape
     n_kv_head = n_kv_head or n_head
     n, block, group = T - start, block or block_size(), n_head // n_kv_head
@@ -191,11 +206,14 @@ def attention_forward(work, out, lse, qkv, n_head, start=0, block=None, heads_of
         acc = work.scratch("acc", (B, n_head, bq, hs))  # Σ exp(score − m)·v
         # the keys these queries see, by block: (first position, keys, values); the
         # last block is short in the sampler's cache
+        doc = None if starts is None else starts[i0:i1]
         key_blocks = [(j0, k_rows[j][:, :, :start + i1 - j0], v_rows[j][:, :, :start + i1 - j0])
-                      for j, j0 in enumerate(range(0, start + i1, block))]
-        args = (m, l, acc, q_t, key_blocks, start + i0, scale)
+                      for j, j0 in enumerate(range(0, start + i1, block)) if doc is None or j0 + block > doc[0]]
+        args = (m, l, acc, q_t, key_blocks, start + i0, scale, doc)
         if not shifted_rows(work, *args):
-            online_rows(work, *args)
+            # with examples, the diagonal first: it holds a key of every query
+            online_rows(work, *args[:4], key_blocks if doc is None else key_blocks[-1:] + key_blocks[:-1],
+                        *args[5:])
         acc /= l.swapaxes(-1, -2)
         y[:, :, i0:i1] = acc
         np.log(l, out=l)
@@ -203,10 +221,10 @@ def attention_forward(work, out, lse, qkv, n_head, start=0, block=None, heads_of
         lse[:, :, i0:i1] = l[:, :, 0]
 
 
-def block_scores(work, q_t, k_j, q0, k0, scale):
+def block_scores(work, q_t, k_j, q0, k0, scale, doc):
     """-> the scratch (B,NH,bk,bq) scores of keys k0… x queries q0…, scaled and masked."""
     s = work.scratch("s", k_j.shape[:3] + q_t.shape[-1:])
-    work.engine.batched(s, k_j, q_t, scale=scale, post=masked(work, s.shape[2], s.shape[3], q0, k0))
+    work.engine.batched(s, k_j, q_t, scale=scale, post=masked(work, s.shape[2], s.shape[3], q0, k0, doc))
     return s
 
 
@@ -218,7 +236,7 @@ def softmax_start(work, m, l, acc, s, v_j):
     work.engine.batched(acc, low(work, "p", s).swapaxes(-1, -2), v_j)
 
 
-def shifted_rows(work, m, l, acc, q_t, key_blocks, q0, scale):
+def shifted_rows(work, m, l, acc, q_t, key_blocks, q0, scale, doc):
     """One query block, its last key block (the diagonal) first: that block's max m then
     shifts every other block, whose probabilities exp(score − m) come straight out of
     the scores' matmul (fused post-ops, written in bf16 where the engine can), with no
@@ -228,7 +246,7 @@ def shifted_rows(work, m, l, acc, q_t, key_blocks, q0, scale):
     SUM_LIMIT (a score ~44 above the diagonal's max)."""
     engine = work.engine
     k0, k_last, v_last = key_blocks[-1]
-    s = block_scores(work, q_t, k_last, q0, k0, scale)
+    s = block_scores(work, q_t, k_last, q0, k0, scale, doc)
     np.max(s, axis=-2, keepdims=True, out=m)
     if np.isneginf(m).any():
         return False
@@ -241,20 +259,21 @@ def shifted_rows(work, m, l, acc, q_t, key_blocks, q0, scale):
         p = work.scratch("p shifted", m_rows.shape, engine.low_dtype if engine.writes_low else np.float32)
     with np.errstate(over="ignore", invalid="ignore"):  # what the check below catches
         for j0, k_j, v_j in key_blocks[:-1]:
-            engine.batched(p, k_j, q_t, scale=scale, post=[("sub", m_rows), ("exp", None)])
+            engine.batched(p, k_j, q_t, scale=scale,
+                           post=masked(work, bk, q_t.shape[-1], q0, j0, doc) + [("sub", m_rows), ("exp", None)])
             p_low = p if engine.writes_low else low(work, "p", p)
             engine.batched(acc, p_low.swapaxes(-1, -2), v_j, accumulate=True)
             engine.batched(l, ones, p_low, accumulate=True)  # l += Σ over keys of p as the matmul weighed it
     return bool((l < SUM_LIMIT).all())  # also False for inf and NaN
 
 
-def online_rows(work, m, l, acc, q_t, key_blocks, q0, scale):
-    """One query block by the online softmax (FlashAttention-2's): key blocks in order,
-    a running max m, and what was summed rescaled whenever the max grows."""
+def online_rows(work, m, l, acc, q_t, key_blocks, q0, scale, doc):
+    """One query block by the online softmax (FlashAttention-2's): key blocks in the
+    order given, a running max m, and what was summed rescaled whenever the max grows."""
     row = work.scratch("row", m.shape)
-    for j0, k_j, v_j in key_blocks:
-        s = block_scores(work, q_t, k_j, q0, j0, scale)
-        if j0 == 0:
+    for n, (j0, k_j, v_j) in enumerate(key_blocks):
+        s = block_scores(work, q_t, k_j, q0, j0, scale, doc)
+        if n == 0:
             np.max(s, axis=-2, keepdims=True, out=m)
             softmax_start(work, m, l, acc, s, v_j)
             continue
@@ -271,11 +290,12 @@ def online_rows(work, m, l, acc, q_t, key_blocks, q0, scale):
         m[...] = row
 
 
-def attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=None, n_kv_head=None):
+def attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=None, heads_of=None, n_kv_head=None,
+                       starts=None):
     """dout (B,T,NH·HS) -> dqkv, shaped as qkv, overwritten (heads_of's, and the K/V
     heads they read: a K/V head's gradient sums its group's); out and lse as the
-    forward left them.  Query blocks outer: each block's lse and D are spread along
-    the keys once, for every key block it sees."""
+    forward left them; starts as the forward's.  Query blocks outer: each block's
+    lse and D are spread along the keys once, for every key block it sees."""
     B, T, width = qkv.shape
     n_kv_head = n_kv_head or n_head
     block, heads_all, group = block or block_size(), n_head, n_head // n_kv_head
@@ -296,15 +316,19 @@ def attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=None, head
     for i, i0 in enumerate(range(0, T, block)):
         i1 = min(i0 + block, T)
         bq = i1 - i0
+        doc = None if starts is None else starts[i0:i1]
+        first = 0 if doc is None else doc[0] // block  # the first key block these queries see
         for j, j0 in enumerate(range(0, i1, block)):  # the keys queries i0… see
+            if j < first:
+                continue
             bk = min(block, i1 - j0)
-            if j == 0 or bk < block:
+            if j == first or bk < block:
                 lse_rows = along_keys(work, "lse rows", lse[:, :, None, i0:i1], bk)
                 d_rows = along_keys(work, "D rows", d[..., i0:i1], bk)
             p = work.scratch("p", (B, n_head, bk, bq))  # keys x queries, as in the forward
             # the forward's probabilities, recomputed: exp(score − lse)
             engine.batched(p, k_rows[j], q_cols[i], scale=scale,
-                           post=masked(work, bk, bq, i0, j0) + [("sub", lse_rows), ("exp", None)])
+                           post=masked(work, bk, bq, i0, j0, doc) + [("sub", lse_rows), ("exp", None)])
             ds = work.scratch("ds", (B, n_head, bk, bq), ds_dtype)
             # dS = P ∘ (dP − D); dQ and dK take the 1/√HS once, at the end
             engine.batched(ds, v_rows[j], do_cols[i], post=[("sub", d_rows), ("mul", p)])
@@ -312,7 +336,7 @@ def attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=None, head
             # the first block to reach a gradient writes it, later ones add to it
             engine.batched(dv[j], p_low, do_rows[i], accumulate=i > j)
             engine.batched(dk[j], ds_low, q_rows[i], accumulate=i > j)
-            engine.batched(dq[i], ds_low.swapaxes(-1, -2), k_rows[j], accumulate=j > 0)
+            engine.batched(dq[i], ds_low.swapaxes(-1, -2), k_rows[j], accumulate=j > first)
     into = qkv_heads(dqkv, heads_all, n_kv_head, heads_of)
     for i0, dq_i, dk_i, dv_i in zip(range(0, T, block), dq, dk, dv):
         i1 = i0 + dq_i.shape[2]

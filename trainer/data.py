@@ -9,8 +9,14 @@ Micro-batch w reads window w mod W: in file order (`sequential`, llm.c's: window
 w starts at token (w mod W)·B·T), or in the order of a permutation of the W
 windows drawn for each pass over the file (epoch w // W) from the run's seed
 (`shuffled`, the default).  Every worker and MPI rank draws the same one.
+
+Chat data (trainer/chat_data.py) adds two files of the same length beside a token
+file, in the same format: NAME.mask.bin, 1 where a token is a target the loss
+counts, and NAME.pos.bin, each token's position in its example (positions restart
+at each example, and each example attends only to its own tokens).
 """
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,6 +75,43 @@ def open_tokens(path):
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
+class TokenData(NamedTuple):
+    """A token file and, for chat data, its loss mask and positions (else None)."""
+    tokens: np.ndarray
+    mask: np.ndarray | None = None
+    positions: np.ndarray | None = None
+
+    def window(self, start, n):
+        """n tokens from `start` -> (their ids and the one after, which targets count
+        (None: all), their positions (None: row order))."""
+        tokens = self.tokens[start:start + n + 1]
+        if self.mask is None:
+            return tokens, None, None
+        return tokens, self.mask[start + 1:start + n + 1], self.positions[start:start + n]
+
+    def targets(self, start, n):
+        """How many of window (start, n)'s targets the loss counts."""
+        return n if self.mask is None else int(np.count_nonzero(self.mask[start + 1:start + n + 1]))
+
+
+def companion(path, what):
+    """train.bin -> train.mask.bin (what = "mask"), train.pos.bin ("pos")."""
+    stem = path[:-4] if path.endswith(".bin") else path
+    return f"{stem}.{what}.bin"
+
+
+def open_data(path):
+    """A token file and its chat companions, where they exist -> TokenData."""
+    tokens = open_tokens(path)
+    if not os.path.isfile(companion(path, "mask")):
+        return TokenData(tokens)
+    mask, positions = (open_tokens(companion(path, what)) for what in ("mask", "pos"))
+    if not mask.size == positions.size == tokens.size:
+        raise DataError(f"{path}: its .mask.bin and .pos.bin hold {mask.size} and {positions.size} values "
+                        f"for {tokens.size} tokens (prepare it again)")
+    return TokenData(tokens, mask, positions)
+
+
 def check_tokens(tokens, path, batch_tokens, vocab_size):
     """Reject files too short for one batch or holding ids outside the vocabulary."""
     if tokens.size < batch_tokens + 1:
@@ -80,6 +123,11 @@ def check_tokens(tokens, path, batch_tokens, vocab_size):
 
 
 ORDERS = ("shuffled", "sequential")
+
+
+def order_seed(data_order, seed):
+    """--data-order and --seed -> WindowOrder's seed."""
+    return seed if data_order == "shuffled" else None
 
 
 class WindowOrder:

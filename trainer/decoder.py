@@ -78,6 +78,11 @@ class Decoder:
         self.first, end = acts.tokens
         self.idx = self.idx_all.reshape(-1)[self.first:end]
         self.targets_all = np.zeros(B * T, dtype=np.int64)
+        # chat data (load_batch's mask and positions): which targets count, each token's
+        # position in its example, and the first token of its example (what it attends from)
+        self.documents = False
+        self.counted_all = np.ones(B * T, dtype=bool)
+        self.positions_all, self.starts_all = (np.zeros((B, T), dtype=np.int64) for _ in range(2))
         self.kv_heads = cfg.n_kv_head
         self.pieces = attention_pieces(B, cfg.n_head, acts.part, acts.n_parts, cfg.n_head // self.kv_heads)
         self.sync = parallel.sync if B % acts.n_parts else lambda: None
@@ -85,12 +90,24 @@ class Decoder:
         self.batch_key = (0, 0)  # (micro-batch, first token row): what per-batch draws (dropout) key on
         self.sites = self.trains.sites(self, weights)
 
-    def load_batch(self, tokens, key=(0, 0)):
+    def load_batch(self, tokens, key=(0, 0), mask=None, positions=None):
         """tokens: the consecutive token ids of every worker's rows, plus one (any int
-        dtype); key: (micro-batch, first token row in the global batch)."""
+        dtype); key: (micro-batch, first token row in the global batch).  Chat data
+        (trainer/data.py) also gives mask, which targets the loss counts, and
+        positions, which restart at each example, each attending only to its own."""
         self.idx_all.reshape(-1)[...] = tokens[:self.idx_all.size]
         self.targets_all[...] = tokens[1:self.idx_all.size + 1]
         self.batch_key = key
+        self.documents = positions is not None
+        if self.documents:
+            np.not_equal(mask, 0, out=self.counted_all)
+            self.positions_all.reshape(-1)[...] = positions
+            np.subtract(np.arange(self.T), self.positions_all, out=self.starts_all)
+            np.maximum(self.starts_all, 0, out=self.starts_all)  # a row that begins inside an example
+            self.positions_loaded()
+
+    def positions_loaded(self):
+        """What the family computes from positions_all once per batch (Llama: RoPE's angles)."""
 
     def forward(self, loss_scale=None, grads=None):
         """-> Σ of −log p(target) over this worker's share of the rows (see head).
@@ -132,12 +149,13 @@ class Decoder:
             end = min(first + chunk, N)
             logits = full.logits[:end - first]
             self.split(nn.lmhead_forward, logits, lnf[first:end], head, True)
-            share, targets = (rows_of(x, 0, part, n_parts) for x in (logits, self.targets_all[first:end]))
-            rows = self.rows[:share.shape[0]]
-            loss += nn.crossentropy_forward(share, targets, acts.mine.rowtmp[:rows.size], rows)
+            share, targets, counted = (rows_of(x, 0, part, n_parts) for x in
+                                       (logits, self.targets_all[first:end], self.counted_all[first:end]))
+            rows, counted = self.rows[:share.shape[0]], counted if self.documents else None
+            loss += nn.crossentropy_forward(share, targets, acts.mine.rowtmp[:rows.size], rows, counted)
             if loss_scale is None:
                 continue
-            nn.crossentropy_backward(share, targets, rows, loss_scale)
+            nn.crossentropy_backward(share, targets, rows, loss_scale, counted)
             dlogits = acts.made_first("logits", end - first)
             self.split(nn.lmhead_backward, full.dlnf[first:end], dlogits, head)
             for lo, hi in self.head_slices:  # every worker's dlogits are in (the split's barrier)
@@ -156,23 +174,30 @@ class Decoder:
         qkv = full.qkv[l].reshape(B, self.acts.past + T, -1)  # with the cached positions'
         atty, dqkv, datty = rows("atty", l), rows("dqkv", l), rows("datty")
         lse = full.lse[l].reshape(B, self.cfg.n_head, T)
-        for b0, b1, h0, h1 in self.pieces:
+        for b0, b1, h0, h1, starts in self.attention_rows():
             yield ((h0, h1), qkv[b0:b1], atty[b0:b1], lse[b0:b1, h0:h1],
-                   None if dqkv is None else dqkv[b0:b1], None if datty is None else datty[b0:b1])
+                   None if dqkv is None else dqkv[b0:b1], None if datty is None else datty[b0:b1], starts)
+
+    def attention_rows(self):
+        """This worker's pieces with the first key each query sees (None: causal):
+        with chat data a batch row at a time, each row's examples its own."""
+        if not self.documents:
+            return [piece + (None,) for piece in self.pieces]
+        return [(b, b + 1, h0, h1, self.starts_all[b]) for b0, b1, h0, h1 in self.pieces for b in range(b0, b1)]
 
     def attention_forward(self, l):
         """Layer l's attention on this worker's pieces, between syncs."""
         self.sync()  # every worker's rows of qkv are final
-        for heads, qkv, atty, lse, _, _ in self.attention_views(l):
+        for heads, qkv, atty, lse, _, _, starts in self.attention_views(l):
             self.layers.attention_forward(atty, lse, qkv, self.cfg.n_head, self.acts.past, heads_of=heads,
-                                          n_kv_head=self.kv_heads)
+                                          n_kv_head=self.kv_heads, starts=starts)
         self.sync()  # all of atty is in before this worker converts its rows
 
     def attention_backward(self, l):
         """Layer l's attention backward on this worker's pieces (datty is in), then a sync."""
-        for heads, qkv, atty, lse, dqkv, datty in self.attention_views(l):
+        for heads, qkv, atty, lse, dqkv, datty, starts in self.attention_views(l):
             self.layers.attention_backward(dqkv, datty, qkv, atty, lse, self.cfg.n_head, heads_of=heads,
-                                           n_kv_head=self.kv_heads)
+                                           n_kv_head=self.kv_heads, starts=starts)
         self.sync()  # all of dqkv is in before this worker converts its rows
 
     def backward(self):

@@ -22,27 +22,38 @@ GELU_S = np.float32(np.sqrt(2.0 / np.pi))
 GELU_K = np.float32(0.044715)
 
 
-def encoder_forward(out, idx, tokens, positions, first, T):
+def position_runs(first, T, n, at=None):
+    """-> [(lo, hi, position of row lo)] of the runs of rows first…first+n whose
+    positions count up by one: row mod T, or `at` (n,), each row's own (chat data's)."""
+    if at is None:
+        cuts = [0] + list(range(-first % T or T, n, T))
+        return [(lo, hi, (first + lo) % T) for lo, hi in zip(cuts, cuts[1:] + [n])]
+    cuts = [0] + list(np.flatnonzero(at[1:] != at[:-1] + 1) + 1)
+    return [(lo, hi, int(at[lo])) for lo, hi in zip(cuts, cuts[1:] + [n])]
+
+
+def encoder_forward(out, idx, tokens, positions, first, T, at=None):
     """idx (n,) int, the token rows first…first+n of rows of T -> out (n,C) =
-    tokens[idx] + positions[position], position = row mod T (tokens: the token
-    embedding (V,C), positions: the learned position embedding)"""
+    tokens[idx] + positions[position], position = row mod T or at's (tokens: the
+    token embedding (V,C), positions: the learned position embedding)"""
     np.take(tokens, idx, axis=0, out=out)
-    lo = 0
-    while lo < idx.size:  # one run of positions per batch row touched
-        pos = (first + lo) % T
-        n = min(T - pos, idx.size - lo)
-        out[lo:lo + n] += positions[pos:pos + n]
-        lo += n
+    for lo, hi, pos in position_runs(first, T, idx.size, at):
+        out[lo:hi] += positions[pos:pos + hi - lo]
 
 
-def encoder_backward(dtokens, dpositions, dout, idx, vocab_lo=0):
+def encoder_backward(dtokens, dpositions, dout, idx, vocab_lo=0, at=None):
     """dout (B,T,C) -> adds each row into the dtokens row of its token, for the tokens in
     dtokens's slice of the vocabulary (ids vocab_lo…); dtokens accumulates (the lm head
-    wrote it first).  dpositions, when given, is overwritten."""
-    if dpositions is not None:
+    wrote it first).  dpositions, when given, is overwritten (at: (B,T) positions)."""
+    if dpositions is not None and at is None:
         T = idx.shape[1]
         np.sum(dout, axis=0, out=dpositions[:T])
         dpositions[T:] = 0
+    elif dpositions is not None:
+        dpositions[...] = 0
+        rows = dout.reshape(-1, dout.shape[-1])
+        for lo, hi, pos in position_runs(0, 0, rows.shape[0], at.reshape(-1)):
+            dpositions[pos:pos + hi - lo] += rows[lo:hi]
     ids, rows = idx.reshape(-1), dout.reshape(-1, dout.shape[-1])
     if vocab_lo == 0 and dtokens.shape[0] > ids.max():
         np.add.at(dtokens, ids, rows)
@@ -214,10 +225,11 @@ def gelu_backward(engine, dout, x, th, slope):
 CE_ROWS = 8  # rows of logits whose softmax passes run together: 8 x 50257 fp32 stay in L2
 
 
-def crossentropy_forward(logits, targets, rowtmp, rows):
+def crossentropy_forward(logits, targets, rowtmp, rows, counted=None):
     """logits (N,V) -> softmax probabilities in place; returns Σ −log p[target]
-    as a Python float (accumulated in float64).  A few rows at a time, so the five
-    passes over them read the cache, not memory (each row's values are the same)."""
+    as a Python float (accumulated in float64), over the rows `counted` (N,) bool
+    holds (None: all).  A few rows at a time, so the five passes over them read
+    the cache, not memory (each row's values are the same)."""
     total = 0.0
     for b0 in range(0, logits.shape[0], CE_ROWS):
         b1 = min(b0 + CE_ROWS, logits.shape[0])
@@ -228,14 +240,20 @@ def crossentropy_forward(logits, targets, rowtmp, rows):
         np.exp(x, out=x)
         np.sum(x, axis=1, keepdims=True, out=tmp)
         x /= tmp
-        total += float(np.sum(np.log(tmp[:, 0]), dtype=np.float64) - np.sum(target_logit, dtype=np.float64))
+        lse = tmp[:, 0]
+        if counted is not None:
+            lse, target_logit = lse[counted[b0:b1]], target_logit[counted[b0:b1]]
+        total += float(np.sum(np.log(lse), dtype=np.float64) - np.sum(target_logit, dtype=np.float64))
     return total
 
 
-def crossentropy_backward(probs, targets, rows, scale):
-    """probs (N,V) -> dlogits = (probs − onehot(targets)) · scale, in place."""
+def crossentropy_backward(probs, targets, rows, scale, counted=None):
+    """probs (N,V) -> dlogits = (probs − onehot(targets)) · scale, in place; zero on
+    the rows `counted` leaves out."""
     probs[rows, targets] -= 1
     probs *= np.float32(scale)
+    if counted is not None:
+        probs[~counted] = 0
 
 
 # the layers that multiply, which take the engine first (attention: its Workspace)

@@ -115,12 +115,14 @@ class Strategy:
         """-> (rows, first row in the global batch) of the tokens this worker loads."""
         raise NotImplementedError
 
-    def load(self, tokens, order, window):
-        """This worker's rows of micro-batch `window` of `tokens` in `order` (a trainer.data.WindowOrder)."""
+    def load(self, data, order, window):
+        """This worker's rows of micro-batch `window` of `data` (a trainer.data.TokenData)
+        in `order` (a trainer.data.WindowOrder)."""
         worker = self.worker
         rows, first = self.rows()
         start = order.start(window) + first * worker.seq_len
-        self.model.load_batch(tokens[start:start + rows * worker.seq_len + 1], (window, first * worker.seq_len))
+        tokens, mask, positions = data.window(start, rows * worker.seq_len)
+        self.model.load_batch(tokens, (window, first * worker.seq_len), mask, positions)
 
     def step(self, window, scale, accumulate, last):
         """One micro-batch -> messages.StepReport."""

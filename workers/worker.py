@@ -12,7 +12,7 @@ import numpy as np
 import zmq
 
 from trainer.gemm import Engine
-from trainer.data import WindowOrder, open_tokens
+from trainer.data import WindowOrder, open_data
 from trainer.optim import sum_squares
 from trainer.optimizers import OPTIMIZERS
 from trainer.model import Layers
@@ -57,11 +57,11 @@ class Worker:
                          for name, shape in layout.shapes.items()
                          for first in (layout.offsets[name],)
                          if first < self.hi and first + int(np.prod(shape)) > self.lo]
-        self.train = open_tokens(init.train)
-        self.val = open_tokens(init.val) if init.val else None
+        self.train = open_data(init.train)
+        self.val = open_data(init.val) if init.val else None
         batch_tokens = self.batch_rows * self.seq_len
-        self.train_order = WindowOrder(self.train.size, batch_tokens, init.order_seed)
-        self.val_order = WindowOrder(self.val.size, batch_tokens) if self.val is not None else None
+        self.train_order = WindowOrder(self.train.tokens.size, batch_tokens, init.order_seed)
+        self.val_order = WindowOrder(self.val.tokens.size, batch_tokens) if self.val is not None else None
         self.layers = TimedLayers(Layers(self.engine)) if init.profile else Layers(self.engine)
         self.strategy = STRATEGIES[init.parallel](self)
 

@@ -93,8 +93,9 @@ class GPT(Decoder):
 
     def embed(self):
         p, past = self.params, self.acts.past
+        at = self.positions_all.reshape(-1)[self.first:self.first + self.idx.size] if self.documents else None
         self.layers.encoder_forward(self.acts.mine.residual[0], self.idx, p["wte.weight"], p["wpe.weight"],
-                                    past + self.first, past + self.T)
+                                    past + self.first, past + self.T, at)
 
     def final_norm(self, first, end):
         """lnf[:end − first] of this worker's rows first…end of the last block's output."""
@@ -164,7 +165,8 @@ class GPT(Decoder):
         if task.name == "wte":  # the head wrote this slice of dwte (see head_slices)
             lo, dwte = task.lo, grads["wte.weight"][task.lo:task.hi]
             dresidual0 = full.dresidual[0].reshape(*self.idx_all.shape, self.cfg.n_embd)
-            nn.encoder_backward(dwte, grads["wpe.weight"] if lo == 0 else None, dresidual0, self.idx_all, lo)
+            nn.encoder_backward(dwte, grads["wpe.weight"] if lo == 0 else None, dresidual0, self.idx_all, lo,
+                                self.positions_all if self.documents else None)
             if lo == 0:
                 nn.layernorm_weights_backward(grads["ln_f.weight"], grads["ln_f.bias"], full.dlnf,
                                               full.residual[self.cfg.n_layer], full.lnf_mean, full.lnf_rstd,

@@ -137,7 +137,13 @@ class Llama(Decoder):
         positions = self.acts.past + (self.first + np.arange(self.idx.size)) % T
         scaling = None if cfg.rope_scaling is None else dict(zip(LLAMA3_KEYS, cfg.rope_scaling))
         self.cos, self.sin = (np.empty((positions.size, cfg.head_size // 2), dtype=np.float32) for _ in range(2))
-        rope_tables(self.cos, self.sin, positions, rope_frequencies(cfg.head_size, cfg.rope_theta, scaling))
+        self.inv_freq = rope_frequencies(cfg.head_size, cfg.rope_theta, scaling)
+        rope_tables(self.cos, self.sin, positions, self.inv_freq)
+
+    def positions_loaded(self):
+        """Chat data: the angles of each token's position in its example."""
+        rope_tables(self.cos, self.sin, self.positions_all.reshape(-1)[self.first:self.first + self.idx.size],
+                    self.inv_freq)
 
     def blocks_of(self, params, weights):
         return blocks_of(self.cfg, params, weights)
