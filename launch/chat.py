@@ -31,11 +31,11 @@ def cmd_chat(argv):
                           "--max-new-tokens at least 1, --context at least 2")
     exists(args.checkpoint)
     from trainer.base import load_model
-    from trainer.chat import PLAIN_TEMPLATE, Chat, chooser
+    from trainer.chat import Chat, chooser, template_of
     from trainer.tokenizer import tokenizer_of
     cfg, tensors = load_model(args.checkpoint)  # a LoRA run's: its base with the adapter merged
     tokenizer = tokenizer_of(cfg, args.checkpoint, args.tokenizer)
-    chat = Chat(cfg, tensors, tokenizer, tokenizer.chat_template() or PLAIN_TEMPLATE, args.context)
+    chat = Chat(cfg, tensors, tokenizer, template_of(tokenizer), args.context)
     if args.system:
         chat.say("system", args.system)
     choose = chooser(args.temperature, args.top_k, args.top_p, args.seed)

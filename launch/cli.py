@@ -42,6 +42,12 @@ def prepare_parser():
                "(train.bin, val.bin: the last 10% of tokens).")
     p.add_argument("corpus", nargs="?", choices=["shakespeare"], help="a named corpus")
     p.add_argument("--text", help="a UTF-8 text file to tokenize instead")
+    p.add_argument("--chat", help="a JSONL file of chats or instructions to render with the model's chat template, "
+                   "mask and pack into rows of --seq-len tokens (docs/chat.md)")
+    p.add_argument("--chat-val", help="with --chat: a JSONL file for val.bin (default: the last 10%% of --chat)")
+    p.add_argument("--seq-len", type=int, default=1024, help="with --chat: the rows' length, the --seq-len to train at")
+    p.add_argument("--loss-on", choices=["assistant", "all"], default="assistant",
+                   help="with --chat: the tokens the loss counts (default: the assistant's replies)")
     p.add_argument("--tokenizer", help="a model directory (or run, or GGUF file) whose tokenizer tokenizes --text "
                    "(a Llama-family model's; default GPT-2's BPE); ids above 65,535 are written as uint32")
     p.add_argument("--out", help="output directory (default: the coregpt cache, or TEXT's name)")
@@ -84,20 +90,37 @@ def cmd_prepare(argv):
     from trainer.corpus import prepare_shakespeare, prepare_text
     from trainer.tokenizer import HFTokenizer, find_tokenizer, gpt2_tokenizer
     args = prepare_parser().parse_args(argv)
-    if bool(args.corpus) == bool(args.text):
-        raise ConfigError("prepare takes either 'shakespeare' or --text FILE")
+    if sum(map(bool, (args.corpus, args.text, args.chat))) != 1:
+        raise ConfigError("prepare takes one of 'shakespeare', --text FILE or --chat FILE.jsonl")
     if args.corpus:
         print(prepare_shakespeare(gpt2_tokenizer(), args.out))
         return 0
-    out = args.out or os.path.splitext(os.path.basename(args.text))[0] + "_tokens"
+    source = args.text or args.chat
+    out = args.out or os.path.splitext(os.path.basename(source))[0] + "_tokens"
     tokenizer = gpt2_tokenizer()
     if args.tokenizer:
         directory = find_tokenizer(args.tokenizer) if os.path.exists(args.tokenizer) else None
         if directory is None:
             raise ConfigError(f"--tokenizer {args.tokenizer} holds no tokenizer.json")
         tokenizer = HFTokenizer(directory)
+    if args.chat:
+        return prepare_chat_data(args, out, tokenizer)
     train, val = prepare_text(args.text, out, tokenizer)
     print(f"{out}: {train} train tokens, {val} val tokens")
+    return 0
+
+
+def prepare_chat_data(args, out, tokenizer):
+    from trainer.chat_data import prepare_chat
+    if args.seq_len < 2:
+        raise ConfigError("--seq-len must be at least 2")
+    summary = prepare_chat(args.chat, out, tokenizer, args.seq_len, args.loss_on, args.chat_val)
+    for name in ("train", "val"):
+        part = summary[name]
+        print(f"{out}/{name}.bin: {part['examples']} examples ({part['truncated']} cut to {args.seq_len} tokens) "
+              f"in {part['rows']} rows of {args.seq_len}: {part['tokens']} tokens, {part['trained_tokens']} "
+              f"of them trained on ({args.loss_on})")
+    print(f"train with --data {out} --seq-len {args.seq_len}")
     return 0
 
 

@@ -11,7 +11,9 @@ from trainer.errors import ConfigError
 from trainer.sample import Sampler, pick
 
 # for a model without a template of its own (GPT-2): one plain, documented form
-PLAIN_TEMPLATE = ("{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n"
+# (each reply ends with EOS, so a model fine-tuned on it learns where to stop)
+PLAIN_TEMPLATE = ("{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
+                  "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n\n"
                   "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
 STOPS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>")
 
@@ -42,6 +44,17 @@ def compile_template(source):
     return render
 
 
+def specials_of(tokenizer):
+    """The special tokens a template may write: {"bos_token": text, "eos_token": text}."""
+    return {f"{kind}_token": tokenizer.decode([i]) for kind, i in
+            (("bos", tokenizer.bos), ("eos", tokenizer.eos)) if i is not None}
+
+
+def template_of(tokenizer):
+    """The tokenizer's chat template, or the plain one."""
+    return tokenizer.chat_template() or PLAIN_TEMPLATE
+
+
 class Chat:
     """The conversation so far with the model `cfg`, `tensors` (its context capped at
     `context` tokens), spoken through `tokenizer` and `template` (its source)."""
@@ -51,8 +64,7 @@ class Chat:
         self.context, self.tokenizer = min(context, cfg.block_size), tokenizer
         self.sampler = Sampler(dataclasses.replace(cfg, block_size=self.context), tensors)
         self.render = compile_template(template)
-        self.specials = {f"{kind}_token": tokenizer.decode([i]) for kind, i in
-                         (("bos", tokenizer.bos), ("eos", tokenizer.eos)) if i is not None}
+        self.specials = specials_of(tokenizer)
         self.stops = {tokenizer.eos} | {i for i in map(tokenizer.token_id, STOPS) if i is not None}
         self.messages, self.cached = [], []
 
@@ -89,7 +101,7 @@ class Chat:
         """The conversation's tokens with the assistant's turn opened; the oldest turns
         (after a system message) leave while it and `room` new tokens exceed the context."""
         while True:
-            ids = self.tokenizer.encode(self.render(self.messages, True, **self.specials), specials=False)
+            ids = self.tokenizer.encode_rendered(self.render(self.messages, True, **self.specials))
             first = 1 if self.messages[0]["role"] == "system" else 0
             if len(ids) + min(room, self.context // 2) <= self.context or len(self.messages) - first <= 1:
                 break

@@ -11,7 +11,7 @@ import os
 
 from trainer.errors import DataError
 
-FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 class GPT2Tokenizer:
@@ -24,6 +24,10 @@ class GPT2Tokenizer:
 
     def encode(self, text, specials=True):
         return self.encoding.encode_ordinary(text)
+
+    def encode_rendered(self, text):
+        """A chat template's output: <|endoftext|> in it is the token."""
+        return self.encoding.encode(text, allowed_special={"<|endoftext|>"})
 
     def token_id(self, token):
         return self.eos if token == "<|endoftext|>" else None
@@ -88,13 +92,25 @@ class HFTokenizer:
         """ids of text; specials: with what the post-processor adds (BOS where the model wants it)."""
         return self.tokenizer.encode(text, add_special_tokens=specials).ids
 
+    def encode_rendered(self, text):
+        """A chat template's output: its special tokens are tokens, nothing is added
+        (the template writes BOS where the model wants one), as apply_chat_template."""
+        return self.encode(text, specials=False)
+
     def token_id(self, token):
         return self.tokenizer.token_to_id(token)
 
     def chat_template(self):
-        """tokenizer_config.json's chat_template (a string), or None."""
+        """tokenizer_config.json's chat_template (a string), else chat_template.jinja's
+        (where transformers saves it since 4.43), or None."""
         template = read_json(os.path.join(self.directory, "tokenizer_config.json")).get("chat_template")
-        return template if isinstance(template, str) else None
+        if isinstance(template, str):
+            return template
+        path = os.path.join(self.directory, "chat_template.jinja")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        return None
 
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
