@@ -21,7 +21,8 @@ HEADLINE = re.compile(r"(<!-- headline: (?P<result>\S+) -->\n)(?P<table>.*?)(<!-
 
 
 MODELS = {"gpt2": "GPT-2 124M", "gpt2-medium": "GPT-2 medium (355M)", "gpt2-large": "GPT-2 large (774M)",
-          "gpt2-xl": "GPT-2 XL (1.5B)", "small": "the small default model"}
+          "gpt2-xl": "GPT-2 XL (1.5B)", "small": "the small default model",
+          "smollm2-135m-instruct-q4_1": "SmolLM2-135M-Instruct from its Q4_1 GGUF"}
 
 
 def machine_name(machine):

@@ -1,8 +1,8 @@
 """Packed chat data trains as transformers does when it is given the same rows with
 a block-diagonal 4-D attention mask, position ids restarting at each example and
 labels of -100 on the tokens the loss does not count: 8 steps of a tiny Llama and a
-tiny GPT-2, every loss and final weight within 1e-4, for 1 and 2 workers and both
-strategies.  The attention blocks are 8 tokens, so examples of 3 to 14 tokens make
+tiny GPT-2, every loss and final weight within 1e-4, for 1 to 3 workers, both
+strategies and gradient accumulation.  The attention blocks are 8 tokens, so examples of 3 to 14 tokens make
 the kernel skip blocks and mask the ones that straddle two examples."""
 import json
 
@@ -16,7 +16,10 @@ from llama_reference import hf_model, write_model_dir
 
 VOCAB, B, T, STEPS, LR, WD, CLIP = 300, 4, 32, 8, 1e-3, 0.1, 1.0
 ROWS = 3 * B  # steps 4-8 wrap to the start of the file
-RUNS = [("hybrid", 1), ("hybrid", 2), ("data", 2)]
+# (strategy, workers, flags): W=3 splits a batch row's heads between workers; two
+# micro-batches of 2 rows are the same step as one of 4 (the loss: over the whole step)
+RUNS = [("hybrid", 1, ()), ("hybrid", 2, ()), ("data", 2, ()), ("hybrid", 3, ()),
+        ("data", 2, ("--batch-size", B // 2, "--grad-accum", 2))]
 SMALL_CHUNKS = {"COREGPT_ATTENTION_BLOCK": "8", "COREGPT_HEAD_ROWS": "40"}
 
 
@@ -114,9 +117,10 @@ def train(root, name, *extra):
 @pytest.mark.e2e
 def test_packed_chat_steps_match_transformers(case):
     family, root, (expected_losses, expected) = case
-    for parallel, workers in RUNS:
-        losses, weights = train(root, f"{parallel}{workers}", "--parallel", parallel, "--workers", workers)
-        np.testing.assert_allclose(losses, expected_losses, rtol=0, atol=1e-4, err_msg=f"{parallel}{workers}")
+    for parallel, workers, extra in RUNS:
+        run = f"{parallel}{workers}{'-accum' * bool(extra)}"
+        losses, weights = train(root, run, "--parallel", parallel, "--workers", workers, *extra)
+        np.testing.assert_allclose(losses, expected_losses, rtol=0, atol=1e-4, err_msg=run)
         for name, value in weights.items():
             reference = expected[name if family == "llama" else "transformer." + name]
-            np.testing.assert_allclose(value, reference, rtol=0, atol=1e-4, err_msg=f"{parallel}{workers} {name}")
+            np.testing.assert_allclose(value, reference, rtol=0, atol=1e-4, err_msg=f"{run} {name}")
