@@ -203,15 +203,17 @@ def cmd_eval(argv):
         raise ConfigError("--batch-size and --seq-len must be at least 1, --windows not negative")
     exists(args.checkpoint)
     from trainer.base import load_model
-    from trainer.data import check_tokens, open_tokens
+    from trainer.chat_data import check_packed
+    from trainer.data import check_tokens, open_data
     from trainer.evaluate import mean_loss, perplexity
     path = evaluation_file(args.data)
     cfg, tensors = load_model(args.checkpoint)
     if args.seq_len > cfg.block_size:
         raise ConfigError(f"--seq-len {args.seq_len} is above the model's context of {cfg.block_size}")
-    tokens = open_tokens(path)
-    check_tokens(tokens, path, args.batch_size * args.seq_len, cfg.vocab_size)
-    loss, windows = mean_loss(cfg, tensors, tokens, args.batch_size, args.seq_len, args.windows)
+    check_packed(path, args.seq_len)
+    data = open_data(path)
+    check_tokens(data.tokens, path, args.batch_size * args.seq_len, cfg.vocab_size)
+    loss, windows = mean_loss(cfg, tensors, data, args.batch_size, args.seq_len, args.windows)
     print(f"{path}: val loss {loss:.4f}, perplexity {perplexity(loss):.2f} "
           f"({windows} windows of {args.batch_size}x{args.seq_len} tokens)")
     return 0

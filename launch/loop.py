@@ -65,11 +65,13 @@ class StepLoop:
         self.step_tokens = self.batch_tokens * settings.grad_accum
         # the loss is the mean over the targets it counts (chat data: its mask's)
         self.train = open_data(run.train_path)
-        self.order = WindowOrder(self.train.tokens.size, self.batch_tokens, order_seed(settings.data_order, settings.seed))
+        self.order = WindowOrder(self.train.tokens.size, self.batch_tokens,
+                                 order_seed(settings.data_order, settings.seed))
         self.windows_per_pass = self.order.per_pass
         if self.val_path:
             val = open_data(self.val_path)
-            self.val_targets = sum(val.targets(window * self.batch_tokens, self.batch_tokens)
+            order = WindowOrder(val.tokens.size, self.batch_tokens)  # the workers' validation order
+            self.val_targets = sum(val.targets(order.start(window), self.batch_tokens)
                                    for window in range(settings.eval_steps))
 
     def run(self, start, state):

@@ -20,10 +20,10 @@ from launch.rundir import (Metrics, NoMetrics, lock_run_dir, plot_quietly, prepa
                            write_failed)
 from launch.adapters import lora_start
 from launch.start import full_start, run_tokenizer
-from trainer.chat_data import chat_seq_len
+from trainer.chat_data import check_packed
 from trainer.checkpoint import best_checkpoint, read_state
 from trainer.corpus import prepare_shakespeare
-from trainer.data import check_tokens, companion, open_tokens, order_seed, resolve_data
+from trainer.data import check_tokens, open_tokens, order_seed, resolve_data
 from trainer.errors import ConfigError, DataError, EngineError, ResourceError, RunError, WeightsError
 from trainer.files import atomic_write
 from trainer.gemm import Engine, choose
@@ -75,13 +75,14 @@ def resume_settings(settings, given):
 
 def open_data(settings, cfg):
     train_path, val_path = resolve_data(settings.data, lambda: prepare_shakespeare(gpt2_tokenizer()))
-    check_packing(train_path, settings.seq_len)
+    check_packed(train_path, settings.seq_len)
     train = open_tokens(train_path)
     check_tokens(train, train_path, settings.batch_size * settings.seq_len, cfg.vocab_size)
     if settings.val_data:
         val_path = settings.val_data
     if val_path and settings.eval_every:
         try:
+            check_packed(val_path, settings.seq_len)
             check_tokens(open_tokens(val_path), val_path, settings.batch_size * settings.seq_len, cfg.vocab_size)
         except DataError as e:
             if settings.val_data or settings.keep_best:
@@ -92,16 +93,6 @@ def open_data(settings, cfg):
         raise DataError(f"--keep-best needs validation data: {settings.data} has no val.bin beside it; "
                         f"pass --val-data FILE")
     return os.path.abspath(train_path), os.path.abspath(val_path) if val_path else None
-
-
-def check_packing(train_path, seq_len):
-    """Chat data trains at the row length it was packed for."""
-    if not os.path.isfile(companion(train_path, "mask")):
-        return
-    packed = chat_seq_len(os.path.dirname(train_path))
-    if packed != seq_len:
-        raise DataError(f"{train_path} holds chat examples packed into rows of {packed} tokens: train with "
-                        f"--seq-len {packed}, or prepare it again with --seq-len {seq_len}")
 
 
 @dataclasses.dataclass

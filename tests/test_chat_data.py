@@ -147,7 +147,8 @@ def test_a_template_error_and_a_wrong_seq_len_are_one_line(smollm2_tokenizer, tm
     broken = tmp_path / "broken"
     tokenizer.save_pretrained(broken)
     config = json.loads((broken / "tokenizer_config.json").read_text())
-    config["chat_template"] = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('needs a system') }}{% endif %}"
+    config["chat_template"] = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('needs a system') }}"
+                               "{% endif %}")
     (broken / "tokenizer_config.json").write_text(json.dumps(config))
     (broken / "chat_template.jinja").unlink(missing_ok=True)
     source = write_jsonl(tmp_path / "chats.jsonl", EXAMPLES[1:3])
@@ -158,4 +159,4 @@ def test_a_template_error_and_a_wrong_seq_len_are_one_line(smollm2_tokenizer, tm
     assert done.returncode == 0, done.stderr
     done = launch("train", "--data", tmp_path / "gpt2", "--seq-len", 64, "--steps", 1, "--out-dir", tmp_path / "run")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "packed into rows of 32 tokens: train with --seq-len 32" in done.stderr
+    assert "packed into rows of 32 tokens: use --seq-len 32" in done.stderr

@@ -99,6 +99,8 @@ def case(request, tmp_path_factory):
     (root / "data").mkdir()
     for name, values in (("train", tokens), ("train.mask", mask), ("train.pos", positions)):
         write_token_file(root / "data" / f"{name}.bin", values)
+        # val.bin: the first step's rows, whose loss before any update is the first step's
+        write_token_file(root / "data" / f"{name.replace('train', 'val')}.bin", values[:B * T + 1])
     (root / "data" / "chat.json").write_text(json.dumps({"seq_len": T}))
     return request.param, root, train_reference(model, tokens, mask, positions)
 
@@ -108,10 +110,22 @@ def train(root, name, *extra):
     done = launch("train", "--init-from", root / "init", "--data", root / "data", "--data-order", "sequential",
                   "--batch-size", B, "--seq-len", T, "--steps", STEPS, "--lr", LR, "--lr-schedule", "constant",
                   "--warmup", 0, "--weight-decay", WD, "--grad-clip", CLIP, "--threads-per-worker", 1,
-                  "--eval-every", 0, "--out-dir", out, *extra, env=SMALL_CHUNKS)
+                  "--eval-every", STEPS, "--eval-steps", 1, "--out-dir", out, *extra, env=SMALL_CHUNKS)
     assert done.returncode == 0, done.stderr
-    losses = [row["loss"] for row in read_metrics(out) if "loss" in row]
+    rows = read_metrics(out)
+    losses = [row["loss"] for row in rows if "loss" in row]
+    if "--grad-accum" not in extra:  # val.bin holds the first step's B rows
+        assert rows[0]["step"] == 0 and abs(rows[0]["val_loss"] - losses[0]) < 1e-6, rows[0]
     return losses, load_file(str(out / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors"))
+
+
+@pytest.mark.e2e
+def test_eval_of_packed_chat_data_is_the_masked_loss(case):
+    _, root, (expected_losses, _) = case
+    done = launch("eval", "--checkpoint", root / "init", "--data", root / "data", "--batch-size", B,
+                  "--seq-len", T)
+    assert done.returncode == 0, done.stderr
+    assert f"val loss {expected_losses[0]:.4f}" in done.stdout, (done.stdout, expected_losses[0])
 
 
 @pytest.mark.e2e

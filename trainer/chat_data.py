@@ -187,10 +187,16 @@ def prepare_chat(path, out_dir, tokenizer, seq_len, loss_on="assistant", val_pat
     return summary
 
 
-def chat_seq_len(data_dir):
-    """The rows' length a prepared chat directory was packed for, or None (plain text)."""
-    path = os.path.join(data_dir, "chat.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)["seq_len"]
+def check_packed(path, seq_len):
+    """Chat data (a token file with a loss mask beside it) is read in rows of the
+    length it was packed for (its directory's chat.json says which)."""
+    if not os.path.isfile(companion(path, "mask")):
+        return
+    try:
+        with open(os.path.join(os.path.dirname(path), "chat.json")) as f:
+            packed = json.load(f)["seq_len"]
+    except (OSError, ValueError, KeyError):
+        raise DataError(f"{path} has a loss mask but no readable chat.json beside it (prepare it again)") from None
+    if packed != seq_len:
+        raise DataError(f"{path} holds chat examples packed into rows of {packed} tokens: use --seq-len "
+                        f"{packed}, or prepare it again with --seq-len {seq_len}")

@@ -98,12 +98,15 @@ class Decoder:
         self.idx_all.reshape(-1)[...] = tokens[:self.idx_all.size]
         self.targets_all[...] = tokens[1:self.idx_all.size + 1]
         self.batch_key = key
-        self.documents = positions is not None
+        was, self.documents = self.documents, positions is not None
         if self.documents:
             np.not_equal(mask, 0, out=self.counted_all)
             self.positions_all.reshape(-1)[...] = positions
             np.subtract(np.arange(self.T), self.positions_all, out=self.starts_all)
             np.maximum(self.starts_all, 0, out=self.starts_all)  # a row that begins inside an example
+            self.positions_loaded()
+        elif was:  # plain text after chat data (--val-data): the rows' own positions again
+            self.positions_all[...] = np.arange(self.T)
             self.positions_loaded()
 
     def positions_loaded(self):

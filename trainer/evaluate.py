@@ -10,20 +10,23 @@ from trainer.models import family_of, in_arena
 from trainer.trainable import Full, Weights
 
 
-def mean_loss(cfg, params, tokens, batch_size, seq_len, windows=0):
-    """params: {name: fp32 array} of the model `cfg`; tokens: a token file's ids;
+def mean_loss(cfg, params, data, batch_size, seq_len, windows=0):
+    """params: {name: fp32 array} of the model `cfg`; data: a trainer.data.TokenData;
     windows: how many B×T windows to read (0: every whole window of the file)
-    -> (mean −log p(target) over their tokens, windows read).  The tokens are
-    checked (trainer.data.check_tokens) by the caller."""
-    order = WindowOrder(tokens.size, batch_size * seq_len)
+    -> (mean −log p(target) over the targets they count, windows read).  The
+    tokens are checked (trainer.data.check_tokens) by the caller."""
+    order, n = WindowOrder(data.tokens.size, batch_size * seq_len), batch_size * seq_len
     windows = windows or order.per_pass
-    model = family_of(cfg).Model(cfg, batch_size, seq_len, Weights(in_arena(cfg, params), Full(cfg)), layers=Layers(Engine("numpy")))
-    total = 0.0
+    model = family_of(cfg).Model(cfg, batch_size, seq_len, Weights(in_arena(cfg, params), Full(cfg)),
+                                 layers=Layers(Engine("numpy")))
+    total, counted = 0.0, 0
     for window in range(windows):
         first = order.start(window)
-        model.load_batch(tokens[first:first + batch_size * seq_len + 1])  # read into the model's int64 ids
+        tokens, mask, positions = data.window(first, n)
+        model.load_batch(tokens, (0, 0), mask, positions)
         total += model.forward()
-    return total / (windows * batch_size * seq_len), windows
+        counted += data.targets(first, n)
+    return total / max(1, counted), windows
 
 
 def perplexity(loss):
