@@ -169,8 +169,8 @@ def cmd_export(argv):
     args = export_parser().parse_args(argv)
     exists(args.checkpoint)
     from trainer.base import Adapted, adapter_dir, load_model
-    from trainer.export import EXPORTERS, export, export_peft
-    formats = (*EXPORTERS, "peft")
+    from trainer.export import FORMATS, export, export_peft
+    formats = (*FORMATS, "peft")
     if args.format not in formats:
         raise ConfigError(f"unknown --format {args.format!r}; choose one of {', '.join(formats)}")
     if args.format == "peft":

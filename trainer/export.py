@@ -27,12 +27,7 @@ def export_hf(directory, cfg, tensors, tokenizer=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_gguf(out, cfg, tensors, tokenizer=None, kind="f32"):
-    from trainer.gguf_export import export_gguf as write
-    return write(out, cfg, tensors, tokenizer, kind)
-
-
-EXPORTERS = {"hf": export_hf, "llmc": export_llmc, "gguf": export_gguf}
+FORMATS = ("hf", "llmc", "gguf")
 
 
 def export_peft(adapted, out):
@@ -59,7 +54,7 @@ def export_peft(adapted, out):
 
 
 def export(cfg, tensors, fmt, out, tokenizer=None, kind="f32"):
-    """fmt: a key of EXPORTERS; tokenizer: what an hf or gguf export writes with the
+    """fmt: one of FORMATS; tokenizer: what an hf or gguf export writes with the
     weights; kind: how gguf stores the matrices."""
     if fmt not in cfg.family.EXPORTS:
         raise WeightsError(f"--format {fmt} holds GPT-2 models only; a {cfg.model_type} model exports as "
@@ -68,9 +63,10 @@ def export(cfg, tensors, fmt, out, tokenizer=None, kind="f32"):
     if fmt == "hf":
         export_hf(out, cfg, tensors, tokenizer)
     elif fmt == "gguf":
+        from trainer.gguf_export import export_gguf  # needs the gguf extra
         export_gguf(out, cfg, tensors, tokenizer, kind)
     else:
-        EXPORTERS[fmt](out, cfg, tensors)
+        export_llmc(out, cfg, tensors)
     return out
 
 
