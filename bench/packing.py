@@ -21,12 +21,12 @@ import numpy as np
 import harness  # puts the repository on sys.path
 from harness import coregpt_step_times, interleaved, medians, save, timed  # noqa: E402
 from trainer.chat_data import pack, write_packed  # noqa: E402
-from trainer.models import presets  # noqa: E402
+from trainer.models import preset_config  # noqa: E402
 
 
 def write_data(directory, model, T, rows, mean, seed=0):
     """directory/documents (packed examples, mask and positions) and directory/causal (the same tokens)."""
-    vocab = presets()[model].preset(model, {}).vocab_size
+    vocab = preset_config(model, {}).vocab_size
     rng = np.random.default_rng(seed)
     examples = []
     while sum(t.size for t, _ in examples) < rows * T * 0.97:

@@ -176,6 +176,11 @@ def masked(work, bk, bq, q0, k0, doc=None):
     return [] if mask is None else [("add", mask)]
 
 
+def first_key_block(doc, block):
+    """The first key block queries see whose first keys are doc (None: causal, every block)."""
+    return 0 if doc is None else doc[0] // block
+
+
 # shifted_rows' sums of exp(score − m) must stay below this, else its query block reruns
 # on the online softmax: far below fp32's overflow (3.4e38), so Σ p·v stays finite too
 # for any |v| < 1e19
@@ -208,7 +213,7 @@ def attention_forward(work, out, lse, qkv, n_head, start=0, block=None, heads_of
         # last block is short in the sampler's cache
         doc = None if starts is None else starts[i0:i1]
         key_blocks = [(j0, k_rows[j][:, :, :start + i1 - j0], v_rows[j][:, :, :start + i1 - j0])
-                      for j, j0 in enumerate(range(0, start + i1, block)) if doc is None or j0 + block > doc[0]]
+                      for j, j0 in enumerate(range(0, start + i1, block)) if j >= first_key_block(doc, block)]
         args = (m, l, acc, q_t, key_blocks, start + i0, scale, doc)
         if not shifted_rows(work, *args):
             # with examples, the diagonal first: it holds a key of every query
@@ -317,7 +322,7 @@ def attention_backward(work, dqkv, dout, qkv, out, lse, n_head, block=None, head
         i1 = min(i0 + block, T)
         bq = i1 - i0
         doc = None if starts is None else starts[i0:i1]
-        first = 0 if doc is None else doc[0] // block  # the first key block these queries see
+        first = first_key_block(doc, block)
         for j, j0 in enumerate(range(0, i1, block)):  # the keys queries i0… see
             if j < first:
                 continue

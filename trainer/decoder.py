@@ -112,6 +112,10 @@ class Decoder:
     def positions_loaded(self):
         """What the family computes from positions_all once per batch (Llama: RoPE's angles)."""
 
+    def my_positions(self):
+        """The positions of this worker's token rows (chat data's, from positions_all)."""
+        return self.positions_all.reshape(-1)[self.first:self.first + self.idx.size]
+
     def forward(self, loss_scale=None, grads=None):
         """-> Σ of −log p(target) over this worker's share of the rows (see head).
         Training (loss_scale given): also the lm head's gradients, fused with it:

@@ -93,7 +93,7 @@ class GPT(Decoder):
 
     def embed(self):
         p, past = self.params, self.acts.past
-        at = self.positions_all.reshape(-1)[self.first:self.first + self.idx.size] if self.documents else None
+        at = self.my_positions() if self.documents else None
         self.layers.encoder_forward(self.acts.mine.residual[0], self.idx, p["wte.weight"], p["wpe.weight"],
                                     past + self.first, past + self.T, at)
 

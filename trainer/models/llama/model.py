@@ -142,8 +142,7 @@ class Llama(Decoder):
 
     def positions_loaded(self):
         """Chat data: the angles of each token's position in its example."""
-        rope_tables(self.cos, self.sin, self.positions_all.reshape(-1)[self.first:self.first + self.idx.size],
-                    self.inv_freq)
+        rope_tables(self.cos, self.sin, self.my_positions(), self.inv_freq)
 
     def blocks_of(self, params, weights):
         return blocks_of(self.cfg, params, weights)
