@@ -19,7 +19,7 @@ from launch.train import STARTS  # noqa: E402
 from trainer.models import preset_config, presets  # noqa: E402
 from trainer.trainable import kind_of  # noqa: E402
 from workers.resources import meminfo_available, plan_for  # noqa: E402
-from workers.strategies import STRATEGIES  # noqa: E402
+from workers.strategies import strategy_for  # noqa: E402
 
 COLUMNS = {"adamw": ["--optim", "adamw"], "adamw8bit": ["--optim", "adamw8bit"], "lora": ["--lora-rank", "8"]}
 FLAGS = ["--precision", "bf16", "--recompute"]
@@ -32,7 +32,8 @@ def planned(model, column, B, T, workers):
                        no_checkpoint=True, **lora))
     _, start = STARTS[kind_of(settings)](settings, None, None)  # the preset from scratch (LoRA's base too)
     engine, _ = choose_engine(settings)
-    return plan_for(settings, start, engine, STRATEGIES[settings.parallel]).memory / 1e9
+    strategy, _ = strategy_for(settings, start, engine, (1, 1))  # what the run would take
+    return plan_for(settings, start, engine, strategy).memory / 1e9
 
 
 def main():

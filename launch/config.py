@@ -10,7 +10,7 @@ from trainer import models
 from trainer.data import ORDERS
 from trainer.optimizers import DEFAULT as DEFAULT_OPTIMIZER, OPTIMIZERS
 from trainer.errors import ConfigError, knob
-from workers.strategies import STRATEGIES
+from workers.strategies import AUTO, DATA_TOKENS, STRATEGIES, batch_unit
 
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
@@ -62,8 +62,9 @@ SETTINGS = {
                                "weights, gradients, optimizer and other layers stay fp32"),
     "gemm": (str, "auto", "GEMM engine: auto (oneDNN where it is faster, else NumPy's BLAS), numpy "
                           "or onednn"),
-    "parallel": (str, "hybrid", "how workers share a step: " + " or ".join(
-        f"{name} ({strategy.summary})" for name, strategy in STRATEGIES.items())),
+    "parallel": (str, AUTO, "how workers share a step: " + ", ".join(
+        f"{name} ({strategy.summary})" for name, strategy in STRATEGIES.items())
+        + f" or {AUTO} (data from {DATA_TOKENS} tokens a worker, else hybrid; the header says which)"),
     "backend": (str, "shm", "shm (one machine) or mpi (run under mpiexec; --workers is per rank)"),
     "workers": (int, 1, "worker processes (per rank with --backend mpi)"),
     "threads_per_worker": (int, None, "BLAS threads per worker (default: cores / workers)"),
@@ -221,7 +222,7 @@ def need(ok, message):
 
 def check_batch(settings, ranks):
     """The batch against the workers (each strategy's unit) and the MPI ranks."""
-    unit = STRATEGIES[settings.parallel].batch_unit(settings.workers)  # > 1: each worker takes whole batch rows
+    unit = batch_unit(settings.parallel, settings.workers)  # > 1: each worker takes whole batch rows
     per_rank = f" x {ranks} MPI ranks" if ranks > 1 else ""
     need(settings.batch_size % (ranks * unit) == 0,
          f"--batch-size {settings.batch_size} is not divisible by --workers {settings.workers}{per_rank} "
@@ -260,7 +261,8 @@ def check(settings, group=None):
     need(settings.batch_size >= 1, f"--batch-size must be at least 1, got {settings.batch_size}")
     need(settings.backend in ("shm", "mpi"), f"--backend must be shm or mpi, got {settings.backend!r}")
     need(settings.precision in PRECISIONS, f"--precision must be fp32 or bf16, got {settings.precision!r}")
-    need(settings.parallel in STRATEGIES, f"--parallel must be {' or '.join(STRATEGIES)}, got {settings.parallel!r}")
+    need(settings.parallel in (*STRATEGIES, AUTO),
+         f"--parallel must be {', '.join(STRATEGIES)} or {AUTO}, got {settings.parallel!r}")
     need(settings.gemm in GEMMS, f"--gemm must be one of {', '.join(GEMMS)}, got {settings.gemm!r}")
     need(settings.data_order in ORDERS,
          f"--data-order must be {' or '.join(ORDERS)}, got {settings.data_order!r}")

@@ -37,7 +37,7 @@ from workers.placement import place, read_topology
 from workers.pool import Batches, WorkerPool
 from workers.resources import check as check_resources, lighter_settings, plan_for
 from workers.strategy import PoolShape
-from workers.strategies import STRATEGIES
+from workers.strategies import strategy_for
 
 # where the weights come from, by what trains (trainer.trainable.kind_of): settings, checkpoint,
 # its state -> (settings, start record); the settings change where a peft adapter brings its own
@@ -107,6 +107,7 @@ class Run:
     engine: Engine
     engine_text: str
     strategy: type
+    strategy_why: str | None  # why --parallel auto chose it (None: named by --parallel)
     lock: int | None  # the run directory's lock (rank 0), held until the run ends
 
 
@@ -136,12 +137,13 @@ def setup(settings, given, group):
     if settings.out_dir is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         settings = dataclasses.replace(settings, out_dir=os.path.join("runs", stamp))
-    strategy = STRATEGIES[settings.parallel]
     ranks = group.local_size, group.size
+    strategy, why = strategy_for(settings, start, engine, ranks)
     plan = plan_for(settings, start, engine, strategy, ranks)
     def lighter():
-        return [(flags, plan_for(dataclasses.replace(settings, **changes), start, engine, strategy, ranks))
-                for flags, changes in lighter_settings(settings, group.size)]
+        chosen = dataclasses.replace(settings, parallel=strategy.name)
+        return [(flags, plan_for(dataclasses.replace(chosen, **changes), start, engine, strategy, ranks))
+                for flags, changes in lighter_settings(chosen, group.size)]
     warning = check_resources(plan, settings.out_dir if group.is_root else os.devnull, lighter=lighter)
     if group.is_root:
         lock = prepare_out_dir(settings, lock)
@@ -153,7 +155,8 @@ def setup(settings, given, group):
     log(f"coregpt: {plan.describe()}")
     if warning:
         log(f"coregpt: {warning}")
-    return Run(settings, start, train_path, val_path, engine, engine_text, strategy, lock)
+    return Run(settings, start, train_path, val_path, engine, engine_text, strategy, why, lock)
+
 
 
 def train(settings, given=(), group=None):
@@ -181,7 +184,8 @@ def header(run, group):
         f"batch {settings.batch_size}x{settings.seq_len}"
         + (f"x{settings.grad_accum} accumulated" if settings.grad_accum > 1 else "")
         + (f" on {group.size} MPI ranks x" if group.size > 1 else " on")
-        + f" {settings.workers} worker(s) x {settings.threads_per_worker} thread(s), {settings.parallel} parallel"
+        + f" {settings.workers} worker(s) x {settings.threads_per_worker} thread(s), {run.strategy.name} parallel"
+        + (f" (auto: {run.strategy_why})" if run.strategy_why else "")
         + (", recomputing activations" if settings.recompute else "") + "; "
         + f"run dir {settings.out_dir}")
     log(f"coregpt: weights {run.start.origin}")

@@ -1,5 +1,6 @@
 """What a user sees on screen: the commands' help, the version, where a run's weights
 came from and where its files went, and one clear line for a mistyped path."""
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +77,24 @@ def test_header_says_where_weights_came_from_and_the_end_where_files_are(tmp_pat
     assert scratch.returncode == 0, scratch.stderr
     assert "coregpt: weights initialised from scratch (small, seed 5)\n" in scratch.stderr
     assert f"coregpt: run dir {tmp_path / 'scratch'}: metrics.jsonl, loss.png\n" in scratch.stderr
+
+
+def test_parallel_auto_says_what_it_chose_and_a_resume_chooses_again(tmp_path):
+    """The header names the strategy --parallel auto took and why; run.json keeps
+    `auto`, so a resume with other workers chooses again; a named one is just named."""
+    data, run = write_corpus(tmp_path, 1, 3000, 1000), tmp_path / "run"
+    shape = ["--block-size", 128, "--seq-len", 64, "--data", data]  # 4 rows x 64: 128 tokens a worker of 2
+    first = launch("train", *TINY_FLAGS, *shape, "--workers", 2, "--steps", 1, "--out-dir", run)
+    assert first.returncode == 0, first.stderr
+    assert "2 worker(s) x 1 thread(s), data parallel (auto: 128 tokens a worker, at least 128);" in first.stderr
+    assert json.loads((run / "run.json").read_text())["parallel"] == "auto"
+    again = launch("train", "--resume", "--out-dir", run, "--steps", 2, "--workers", 1)
+    assert again.returncode == 0, again.stderr
+    assert "hybrid parallel (auto: one worker: both strategies run the same step);" in again.stderr
+    named = launch("train", *TINY_FLAGS, *shape, "--workers", 2, "--steps", 1, "--parallel", "hybrid",
+                   "--no-checkpoint", "--out-dir", tmp_path / "named")
+    assert named.returncode == 0, named.stderr
+    assert "2 worker(s) x 1 thread(s), hybrid parallel; run dir" in named.stderr
 
 
 def test_exported_files_have_the_umask_mode(tmp_path):

@@ -15,7 +15,8 @@ from workers import messages as msg
 from trainer.trainable import Full
 from workers.pool import Batches, WorkerPool
 from workers.strategy import PoolShape
-from workers.strategies import STRATEGIES
+from workers import resources
+from workers.strategies import STRATEGIES, choose, strategy_for
 
 B, T = 12, 16  # 12 rows: divisible by 1, 2, 3 and 4 workers
 
@@ -99,3 +100,35 @@ def check(grads, sumsq, expected):
     assert rel[worst] <= 1e-5, (worst, rel[worst])
     exact = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in expected.values()))
     assert abs(np.sqrt(sumsq) / exact - 1) <= 2e-5
+
+
+def test_auto_takes_data_parallelism_from_128_tokens_a_worker():
+    """--parallel auto's rule at the shapes measured with both strategies
+    (docs/performance.md): the hybrid at B=2, T=64 on 2 workers (64 tokens each), data
+    parallelism at B=4, T=64 (128 each) and B=2, T=1024 (1024 each); the hybrid
+    wherever the rows do not divide (B=1, T=1024) and for one worker."""
+    assert choose(2, 2, 64) == ("hybrid", "64 tokens a worker, under 128")
+    assert choose(2, 4, 64) == ("data", "128 tokens a worker, at least 128")
+    assert choose(2, 2, 1024) == ("data", "1024 tokens a worker, at least 128")
+    assert choose(2, 1, 1024) == ("hybrid", "1 row(s) do not divide among 2 workers; only the hybrid splits a row")
+    assert choose(1, 8, 1024)[0] == "hybrid"
+
+
+def test_auto_takes_the_hybrid_where_only_its_plan_fits(monkeypatch):
+    """Data parallelism's per-worker gradient buffers need more memory than the hybrid:
+    with memory between the two plans, auto takes the hybrid and says why."""
+    from launch.config import Settings, check
+    from launch.train import STARTS, choose_engine
+    settings = check(Settings(model="small", batch_size=4, seq_len=256, workers=2, threads_per_worker=1,
+                              oversubscribe=True, no_checkpoint=True, parallel="auto"))
+    _, start = STARTS["full"](settings, None, None)
+    engine, _ = choose_engine(settings)
+    data, hybrid = (resources.plan_for(settings, start, engine, STRATEGIES[name]).memory for name in ("data", "hybrid"))
+    assert data > hybrid
+    monkeypatch.setattr(resources, "cgroup_memory_left", lambda: None)
+    monkeypatch.setattr(resources, "meminfo_available", lambda: 2 * data)
+    assert strategy_for(settings, start, engine, (1, 1)) == (STRATEGIES["data"], "512 tokens a worker, at least 128")
+    monkeypatch.setattr(resources, "meminfo_available", lambda: (data + hybrid) / 2)
+    chosen, why = strategy_for(settings, start, engine, (1, 1))
+    assert chosen is STRATEGIES["hybrid"]
+    assert why == f"data parallelism's {data / 1e9:.1f} GB does not fit here, the hybrid's {hybrid / 1e9:.1f} GB does"

@@ -96,9 +96,9 @@ def lighter_settings(settings, ranks):
     {setting: value})]: --recompute; 8-bit Adam moments (alone, then with it); then
     the batch per step halved, quartered, … with --grad-accum multiplied to keep the
     batch (each also with --recompute, and with 8-bit moments)."""
-    from workers.strategies import STRATEGIES
+    from workers.strategies import batch_unit
     lighter = [] if settings.recompute else [("--recompute", {"recompute": True})]
-    rows = ranks * STRATEGIES[settings.parallel].batch_unit(settings.workers)  # what the batch must divide by
+    rows = ranks * batch_unit(settings.parallel, settings.workers)  # what the batch must divide by
     k = 2
     while settings.batch_size % (k * rows) == 0:
         batch, accum = settings.batch_size // k, settings.grad_accum * k
@@ -149,6 +149,15 @@ class Plan:
 
 
 MACHINE = object()  # "read it from the machine"
+
+
+def fits(plan):
+    """Whether the plan's memory and shared memory fit this machine now."""
+    try:
+        check(plan, None, disk_free=None)
+    except ResourceError:
+        return False
+    return True
 
 
 def check(plan, out_dir, shm_dir="/dev/shm", memory=MACHINE, cgroup=MACHINE, shm_free=MACHINE,
