@@ -11,7 +11,7 @@ from launch.rundir import checkpoint
 from trainer.data import WindowOrder, open_data, order_seed
 from trainer.optim import clip_scale, lr_at
 from trainer.optimizers import OPTIMIZERS
-from trainer.profile import clock, layer_table
+from trainer.profile import clock, layer_table, measure_peaks, phase_line
 from trainer.sample import sample_text
 from trainer.errors import RunError
 from workers import messages as msg
@@ -60,6 +60,7 @@ class StepLoop:
         self.settings, self.start, self.cfg = settings, run.start, run.start.cfg
         self.pool, self.group, self.metrics = pool, group, metrics
         self.arrays, self.stop, self.val_path = arrays, stop, run.val_path
+        self.engine, self.phase_ms = run.engine, []  # --profile: the peaks' engine, each step's phases
         self.weights = run.start.sampling_weights(pool)
         self.batch_tokens = settings.batch_size * settings.seq_len
         self.step_tokens = self.batch_tokens * settings.grad_accum
@@ -103,15 +104,7 @@ class StepLoop:
                     and self.group.is_root and self.saved != step:
                 self.checkpoint(step)
         if settings.profile and step > start:
-            layers, steps, which = self.layer_seconds(), step - start, ""
-            if first is not None:  # taken after the first of several steps, all of which ran
-                # the first step's one-time costs (oneDNN building its primitives, pages
-                # touched the first time) would inflate a short run's table
-                layers = [{name: t - before[name] for name, t in mine.items()} for mine, before in zip(layers, first)]
-                steps = steps - 1
-                which = f", step {step}" if steps == 1 else f", steps {start + 2}-{step}"
-            log(f"coregpt: time inside each worker by layer type (mean over workers{which})\n"
-                + layer_table(layers, steps))
+            self.log_profile(first, start, step)
         if not settings.no_checkpoint and step > start and self.group.is_root and self.saved != step:
             log(f"coregpt: checkpoint {self.checkpoint(step)}")
 
@@ -124,8 +117,27 @@ class StepLoop:
                 f"{self.settings.data_order})")
 
     def layer_seconds(self):
-        """-> each worker's seconds in each layer function so far (--profile)."""
-        return [r.layers for r in self.pool.request(msg.Profile())]
+        """-> each worker's ({layer function: seconds}, {layer function: FLOPs}) so far (--profile)."""
+        return [(r.layers, r.flops) for r in self.pool.request(msg.Profile())]
+
+    def log_profile(self, first, start, step):
+        """--profile's tables: by layer type, the phases, and this machine's peaks."""
+        settings, layers, steps, which = self.settings, self.layer_seconds(), step - start, ""
+        if first is not None:  # taken after the first of several steps, all of which ran
+            # the first step's one-time costs (oneDNN building its primitives, pages
+            # touched the first time) would inflate a short run's table
+            layers = [tuple({name: t - before[name] for name, t in now.items()} for now, before in zip(mine, was))
+                      for mine, was in zip(layers, first)]
+            steps = steps - 1
+            which = f", step {step}" if steps == 1 else f", steps {start + 2}-{step}"
+        log(f"coregpt: time inside each worker by layer type (mean over workers{which})\n"
+            + layer_table(layers, steps))
+        rows = self.phase_ms[-steps:]
+        update_bytes = OPTIMIZERS[settings.optim].bytes_moved * self.start.trains.layout.size
+        gflops, gbs = measure_peaks(self.engine, settings.threads_per_worker)
+        log(f"coregpt: {phase_line(rows, update_bytes, settings.workers)}\n"
+            f"coregpt: this machine's peaks with one worker's {settings.threads_per_worker} thread(s), measured "
+            f"now: {gflops:.0f} GFLOP/s for the engine's GEMM (1024x768 @ 768x3072), {gbs:.1f} GB/s copying memory")
 
     def gradients(self, step):
         """Every micro-batch's Step round -> (mean loss, grad norm, phase seconds)."""
@@ -165,6 +177,7 @@ class StepLoop:
             if settings.profile:
                 phases["waiting"] = dt - sum(phases.values())  # messages, imbalance, coordinator
                 row["profile_ms"] = {k: round(1000 * v, 3) for k, v in phases.items()}
+                self.phase_ms.append(row["profile_ms"])
             self.metrics.write(row)
             elapsed = time.perf_counter() - self.began
             log(f"step {step:>6}/{settings.steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} "

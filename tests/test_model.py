@@ -302,3 +302,39 @@ def test_grouped_query_attention_matches_autograd(fp32_engine, B, T, n_head, n_k
         np.testing.assert_allclose(halves, dqkv, rtol=0, atol=1e-6 * np.abs(dqkv).max())
     with pytest.raises(ValueError, match="split a group"):
         attention_forward(work, out, lse, qkv, n_head, heads_of=(0, group + 1), n_kv_head=n_kv_head)
+
+
+@pytest.mark.parametrize("name", ["numpy", "emulated-bf16"])
+def test_profiler_counts_each_layers_flops(name):
+    """--profile's GFLOP/s: the FLOPs the engine counts inside each layer function over
+    one forward and backward equal GPT-2's from its shapes (per block 12·C² weights,
+    the tied head V·C, all three products of each); attention counts what it computes,
+    at most the full T x T products.  The emulated bf16 engine multiplies a weight in
+    widened blocks: counted once."""
+    from trainer.profile import TimedLayers
+    cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
+    B, T, C, L = 2, 32, cfg.n_embd, cfg.n_layer
+    layout = param_layout(cfg)
+    _, params = layout.allocate()
+    _, grads = layout.allocate()
+    for key, value in random_state(L, C, cfg.vocab_size, 64, 0).items():
+        params[key][...] = value.numpy()
+    engine = Engine(name)
+    low = None
+    if engine.low:  # the bf16 copies the matmuls read
+        low = layout.views(np.empty(layout.size, engine.weight_dtype))
+        for key in params:
+            engine.to_low(low[key], params[key])
+    layers = TimedLayers(Layers(engine))
+    model = GPT(cfg, B, T, Weights(params, Full(cfg), low), grads, layers=layers)
+    model.load_batch(np.random.default_rng(0).integers(0, cfg.vocab_size, B * T + 1))
+    model.forward(1.0 / (B * T))
+    model.backward()
+    N, V = B * T, params["wte.weight"].shape[0]
+    for kind in ("matmul_forward", "matmul_backward", "matmul_weights_backward"):
+        assert layers.flops[kind] == L * 2 * N * 12 * C * C, kind
+    for kind in ("lmhead_forward", "lmhead_backward", "lmhead_weights_backward"):
+        assert layers.flops[kind] == 2 * N * V * C, kind
+    full = L * 2 * (2 * B * T * T * C)  # QK^T and PV over every (query, key)
+    assert 0 < layers.flops["attention_forward"] <= full
+    assert layers.flops["layernorm_forward"] == layers.flops["gelu_backward"] == 0

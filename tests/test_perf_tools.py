@@ -3,6 +3,7 @@ themselves are measured in bench/, never asserted here)."""
 import csv
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -42,6 +43,13 @@ def test_profile_logs_phases_and_layer_table(tmp_path, tokens, precision):
                   "attention_forward", "layernorm_backward", "lmhead_backward",
                   "lmhead_weights_backward", "crossentropy_forward", "all layers"):
         assert layer in table
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:] if line[:1].isalpha()}
+    assert float(rows["matmul_forward"][2]) > 0 and float(rows["attention_backward"][2]) > 0  # GFLOP/s
+    assert len(rows["layernorm_backward"]) == 2  # ms and share: it multiplies nothing
+    assert re.search(r"\ncoregpt: phases, median ms a step: forward \d+, backward \d+, convert \d+, reduce \d+, "
+                     r"update \d+ \([\d.]+ GB/s a worker\), waiting -?\d+\n", done.stderr), done.stderr
+    assert re.search(r"\ncoregpt: this machine's peaks with one worker's 1 thread\(s\), measured now: \d+ GFLOP/s "
+                     r"for the engine's GEMM \(1024x768 @ 768x3072\), [\d.]+ GB/s copying memory\n", done.stderr)
 
 
 @pytest.mark.parametrize("steps, which", [(2, "step 2"), (4, "steps 2-4")])

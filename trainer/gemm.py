@@ -150,6 +150,7 @@ class Engine:
     def __init__(self, name):
         self.name = name
         self.convert_seconds = 0.0  # spent in to_low: the profile's "convert" phase
+        self.flops = 0  # of every product so far: the profile's GFLOP/s
         self.low_dtype = self.weight_dtype = np.dtype(np.float32)
         self.sgemm = None
         self.cblas = False  # not looked for yet
@@ -186,8 +187,10 @@ class Engine:
     def matmul(self, out, a, b, accumulate=False):
         beta = 1.0 if accumulate else 0.0
         if a.dtype != b.dtype:  # the emulated engine: b is a bf16 weight
-            self.widened(out, a, b, accumulate)
-        elif a.dtype != np.float32 and self.amx:
+            self.widened(out, a, b, accumulate)  # its blocks are counted as they multiply
+            return
+        self.flops += 2 * out.size * a.shape[-1]
+        if a.dtype != np.float32 and self.amx:
             self.primitives.run(out, a, b, accumulate)
         elif a.dtype != np.float32:
             self.dnn.gemm(self.dnn.lib.dnnl_gemm_bf16bf16f32, out, a, b, beta)
@@ -235,6 +238,7 @@ class Engine:
         operand broadcast along its size-1 axes, then (with accumulate) += what out held;
         over the leading axes.  a and b strided views of one dtype (float32, or bf16
         copies); out any strided float32 view (or bf16 where oneDNN's bf16 engine runs)."""
+        self.flops += 2 * out.size * a.shape[-1]
         if self.primitives is not None:
             flat = one_batch_axis([out, a, b] + [x for _, x in post if x is not None])
             if flat is not None:  # oneDNN broadcasts an operand over one batch axis at speed, not two

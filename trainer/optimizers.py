@@ -19,6 +19,9 @@ class AdamW:
     name = "adamw"
     summary = "fp32 moments, 8 bytes a parameter"
     lighter = "adamw8bit"
+    # what a step reads and writes a parameter (weight, m and v read and written, the
+    # gradient read): the profile's GB/s (the bf16 copy is the convert phase's)
+    bytes_moved = 28
 
     @staticmethod
     def arenas(layout):
@@ -71,6 +74,7 @@ class AdamW8bit(AdamW):
     name = "adamw8bit"
     summary = "bitsandbytes' AdamW8bit: 8-bit blockwise moments, 2 bytes a parameter"
     lighter = None
+    bytes_moved = 16  # one byte each for m and v
 
     @staticmethod
     def arenas(layout):

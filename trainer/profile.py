@@ -1,10 +1,14 @@
-"""The built-in profiler: per-layer-type times inside a worker, and the
-per-step phase split the coordinator logs.
+"""The built-in profiler: per-layer-type times and GFLOP/s inside a worker, the
+memory-bound phases' GB/s, and this machine's peaks to read them against.
 
 `TimedLayers(layers)` stands in for trainer.model.Layers where the model takes its
 layer functions (`Model(..., layers=...)`), only while profiling is on, so the
 normal path pays nothing."""
+import statistics
 import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
 
 
 class TimedLayers:
@@ -15,31 +19,76 @@ class TimedLayers:
         names = [name for name in dir(layers)
                  if name.endswith(("_forward", "_backward")) and callable(getattr(layers, name))]
         self.seconds = {name: 0.0 for name in names}
+        self.flops = {name: 0 for name in names}  # the products the engine counted inside each
         for name in names:
             setattr(self, name, self._timed(name, getattr(layers, name)))
 
     def _timed(self, name, fn):
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, flops0 = time.perf_counter(), self.engine.flops
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[name] += time.perf_counter() - t0
+                self.flops[name] += self.engine.flops - flops0
         return timed
 
 
 def layer_table(per_worker, steps):
-    """Text table of ms per step by layer type, averaged over workers."""
-    names = sorted(per_worker[0], key=lambda n: -sum(w[n] for w in per_worker))
-    total = sum(sum(w.values()) for w in per_worker) / len(per_worker)
-    width = max(map(len, names))
-    lines = [f"{'layer':<{width}} {'ms/step':>9} {'share':>7}"]
+    """per_worker: each worker's ({layer: seconds}, {layer: FLOPs}) -> text table of
+    ms per step and GFLOP/s by layer type, averaged over workers."""
+    seconds = {name: sum(w[0][name] for w in per_worker) for name in per_worker[0][0]}
+    flops = {name: sum(w[1].get(name, 0) for w in per_worker) for name in seconds}
+    names = sorted(seconds, key=lambda n: -seconds[n])
+    total, width = sum(seconds.values()), max(map(len, names))
+    lines = [f"{'layer':<{width}} {'ms/step':>9} {'share':>7} {'GFLOP/s':>8}"]
     for name in names:
-        ms = sum(w[name] for w in per_worker) / len(per_worker)
-        if ms:
-            lines.append(f"{name:<{width}} {1000 * ms / steps:9.1f} {ms / total:7.1%}")
-    lines.append(f"{'all layers':<{width}} {1000 * total / steps:9.1f}")
+        if seconds[name]:
+            rate = f"{flops[name] / seconds[name] / 1e9:8.1f}" if flops[name] else ""
+            lines.append(f"{name:<{width}} {1000 * seconds[name] / len(per_worker) / steps:9.1f} "
+                         f"{seconds[name] / total:7.1%} {rate}".rstrip())
+    gemm = sum(seconds[n] for n in names if flops[n])
+    lines.append(f"{'all layers':<{width}} {1000 * total / len(per_worker) / steps:9.1f}"
+                 + (f" {'':>7} {sum(flops.values()) / gemm / 1e9:8.1f} (of the layers that multiply)" if gemm else ""))
     return "\n".join(lines)
+
+
+def phase_line(rows, update_bytes, workers):
+    """rows: the profiled steps' {phase: ms}; update_bytes: what one optimizer step
+    reads and writes over all workers -> the phases' median ms per step, with the
+    update's GB/s a worker."""
+    median = {phase: statistics.median(row[phase] for row in rows) for phase in rows[0]}
+    parts = [f"{phase} {ms:.0f}" for phase, ms in median.items()]
+    if median.get("update"):
+        rate = update_bytes / workers / (median["update"] / 1000) / 1e9
+        parts[list(median).index("update")] += f" ({rate:.1f} GB/s a worker)"
+    return "phases, median ms a step: " + ", ".join(parts)
+
+
+def measure_peaks(engine, threads, seconds=0.5):
+    """-> this machine's peaks with one worker's threads, measured now: the engine's
+    GFLOP/s on a GPT-2 MLP product (1024x768 @ 768x3072) in its precision, and the
+    GB/s of copying 256 MB (bytes read plus written)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((1024, 768), dtype=np.float32), rng.standard_normal((768, 3072), dtype=np.float32)
+    out = np.empty((1024, 3072), dtype=np.float32)
+    if engine.low:
+        a, b = a.astype(engine.low_dtype), b.astype(engine.weight_dtype)
+    src = np.ones(2 ** 26, dtype=np.float32)
+    dst = np.empty_like(src)
+    with threadpool_limits(threads):
+        return (2 * out.size * 768 * repeat(lambda: engine.matmul(out, a, b), seconds) / 1e9,
+                2 * src.nbytes * repeat(lambda: np.copyto(dst, src), seconds) / 1e9)
+
+
+def repeat(fn, seconds):
+    """-> how many times a second fn runs, after one warm-up run."""
+    fn()
+    runs, t0 = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - t0 < seconds:
+        fn()
+        runs += 1
+    return runs / (time.perf_counter() - t0)
 
 
 def clock(seconds):

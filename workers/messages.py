@@ -115,6 +115,7 @@ class EvalReport:
 @dataclass
 class ProfileReport:
     layers: dict = field(default_factory=dict)  # layer function -> seconds
+    flops: dict = field(default_factory=dict)  # layer function -> FLOPs of its products
 
 
 @dataclass

@@ -128,8 +128,9 @@ class Worker:
             case msg.Eval(windows):
                 return self.evaluate(windows)
             case msg.Profile():
-                layers = self.layers
-                return msg.ProfileReport(layers.seconds if isinstance(layers, TimedLayers) else {})
+                if isinstance(self.layers, TimedLayers):
+                    return msg.ProfileReport(self.layers.seconds, self.layers.flops)
+                return msg.ProfileReport()
         raise ValueError(f"unknown instruction {message!r}")
 
 
