@@ -141,9 +141,8 @@ def setup(settings, given, group):
     strategy, why = strategy_for(settings, start, engine, ranks)
     plan = plan_for(settings, start, engine, strategy, ranks)
     def lighter():
-        chosen = dataclasses.replace(settings, parallel=strategy.name)
-        return [(flags, plan_for(dataclasses.replace(chosen, **changes), start, engine, strategy, ranks))
-                for flags, changes in lighter_settings(chosen, group.size)]
+        return [(flags, plan_for(dataclasses.replace(settings, **changes), start, engine, strategy, ranks))
+                for flags, changes in lighter_settings(settings, group.size, strategy)]
     warning = check_resources(plan, settings.out_dir if group.is_root else os.devnull, lighter=lighter)
     if group.is_root:
         lock = prepare_out_dir(settings, lock)
@@ -156,7 +155,6 @@ def setup(settings, given, group):
     if warning:
         log(f"coregpt: {warning}")
     return Run(settings, start, train_path, val_path, engine, engine_text, strategy, why, lock)
-
 
 
 def train(settings, given=(), group=None):

@@ -128,18 +128,20 @@ def test_memory_refusal_names_the_cheapest_settings_that_fit(tmp_path, corpus, m
     micro-batches)."""
     from launch import cli
     from launch.config import Settings
+    from workers.strategies import STRATEGIES
+    data, hybrid = STRATEGIES["data"], STRATEGIES["hybrid"]
     s = Settings(batch_size=8, workers=2, parallel="data")  # each worker whole rows: down to 1 row each
-    assert [flags for flags, _ in resources.lighter_settings(s, ranks=1)] == [
+    assert [flags for flags, _ in resources.lighter_settings(s, 1, data)] == [
         "--recompute", "--optim adamw8bit", "--recompute --optim adamw8bit",
         "--batch-size 4 --grad-accum 2", "--batch-size 4 --grad-accum 2 --optim adamw8bit",
         "--batch-size 4 --grad-accum 2 --recompute", "--batch-size 4 --grad-accum 2 --recompute --optim adamw8bit",
         "--batch-size 2 --grad-accum 4", "--batch-size 2 --grad-accum 4 --optim adamw8bit",
         "--batch-size 2 --grad-accum 4 --recompute", "--batch-size 2 --grad-accum 4 --recompute --optim adamw8bit"]
-    hybrid = resources.lighter_settings(Settings(batch_size=8, workers=2, recompute=True), ranks=1)
-    assert [flags for flags, _ in hybrid][-2:] == ["--batch-size 1 --grad-accum 8",  # it splits a row too
+    splits = resources.lighter_settings(Settings(batch_size=8, workers=2, recompute=True), 1, hybrid)
+    assert [flags for flags, _ in splits][-2:] == ["--batch-size 1 --grad-accum 8",  # it splits a row too
                                                    "--batch-size 1 --grad-accum 8 --optim adamw8bit"]
     lightest = Settings(batch_size=2, workers=2, recompute=True, parallel="data", optim="adamw8bit")
-    assert resources.lighter_settings(lightest, ranks=1) == []
+    assert resources.lighter_settings(lightest, 1, data) == []
     plan = lambda gb: resources.Plan([("x", gb * 1e9)], params=1, workers=1, local_ranks=1,  # noqa: E731
                                      private_per_worker=0, checkpoints=0)
     lighter = [("--recompute", plan(12)), ("--batch-size 4 --grad-accum 2", plan(8))]

@@ -65,16 +65,17 @@ def phase_line(rows, update_bytes, workers):
     return "phases, median ms a step: " + ", ".join(parts)
 
 
-def measure_peaks(engine, threads, seconds=0.5):
+def measure_peaks(engine, threads, seconds=0.2):
     """-> this machine's peaks with one worker's threads, measured now: the engine's
     GFLOP/s on a GPT-2 MLP product (1024x768 @ 768x3072) in its precision, and the
-    GB/s of copying 256 MB (bytes read plus written)."""
+    GB/s of copying 64 MB (bytes read plus written: past the caches of most CPUs, yet
+    small beside what a run's plan holds)."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((1024, 768), dtype=np.float32), rng.standard_normal((768, 3072), dtype=np.float32)
     out = np.empty((1024, 3072), dtype=np.float32)
     if engine.low:
         a, b = a.astype(engine.low_dtype), b.astype(engine.weight_dtype)
-    src = np.ones(2 ** 26, dtype=np.float32)
+    src = np.ones(2 ** 24, dtype=np.float32)
     dst = np.empty_like(src)
     with threadpool_limits(threads):
         return (2 * out.size * 768 * repeat(lambda: engine.matmul(out, a, b), seconds) / 1e9,

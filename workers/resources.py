@@ -91,14 +91,14 @@ def plan_for(settings, start, engine, strategy, ranks=(1, 1)):
     return Plan(arenas, trains.layout.size, workers, local_ranks, private, kept, 4 * start.loading, optimizer)
 
 
-def lighter_settings(settings, ranks):
+def lighter_settings(settings, ranks, strategy):
     """Changes to settings `s` that need less memory, cheapest first -> [(flags,
     {setting: value})]: --recompute; 8-bit Adam moments (alone, then with it); then
     the batch per step halved, quartered, … with --grad-accum multiplied to keep the
-    batch (each also with --recompute, and with 8-bit moments)."""
-    from workers.strategies import batch_unit
+    batch (each also with --recompute, and with 8-bit moments); strategy: the run's
+    strategy class."""
     lighter = [] if settings.recompute else [("--recompute", {"recompute": True})]
-    rows = ranks * batch_unit(settings.parallel, settings.workers)  # what the batch must divide by
+    rows = ranks * strategy.batch_unit(settings.workers)  # what the batch must divide by
     k = 2
     while settings.batch_size % (k * rows) == 0:
         batch, accum = settings.batch_size // k, settings.grad_accum * k
