@@ -20,7 +20,7 @@ pytestmark = pytest.mark.system  # a fresh venv from PyPI, then minutes of train
 RECIPE = re.compile(r"<!-- recipe: own-text -->\n```sh\n(.*?)```", re.S)
 # the recipe's first command, the default job, stops here: its 500 steps would take 4 of
 # CI's 20 minutes, and the fine-tune after it starts from whatever base it left
-BASE_STEPS = 100
+BASE_STEPS = 20
 
 
 def test_fresh_venv_install_and_default_job(tmp_path):

@@ -107,10 +107,11 @@ def test_sweep_axes_outputs_and_best_config(tmp_path, tokens):
     assert trained.returncode == 0, trained.stderr
     assert json.loads((tmp_path / "best" / "run.json").read_text())["parallel"] == best["parallel"]
 
-    done = launch(*sweep, "--out-dir", tmp_path / "all", "--oversubscribe", cpus=1)
+    one_batch = [arg if arg != "4,8" else "4" for arg in sweep]
+    done = launch(*one_batch, "--out-dir", tmp_path / "all", "--oversubscribe", cpus=1)
     assert done.returncode == 0, done.stderr
     rows = read_csv(tmp_path / "all" / "sweep.csv")
-    assert [r["status"] for r in rows] == ["ok", "oversubscribed"] * 4
+    assert [r["status"] for r in rows] == ["ok", "oversubscribed"] * 2
     for r in rows:
         assert float(r["tokens_per_s"]) > 0 and float(r["compute_ms"]) > 0
         assert float(r["efficiency"]) == pytest.approx(float(r["speedup"]) / int(r["cores_used"]), abs=1e-3)
@@ -119,7 +120,7 @@ def test_sweep_axes_outputs_and_best_config(tmp_path, tokens):
 
 def test_sweep_ctrl_c_keeps_the_points_measured(tmp_path, tokens):
     out = tmp_path / "sweep"
-    args = ["sweep", "--workers", "1", "--threads", "1", "--batch-size", "4,8,12,16,20,24", "--steps", 400,
+    args = ["sweep", "--workers", "1", "--threads", "1", "--batch-size", "4,8,12,16,20,24", "--steps", 40,
             "--warmup-steps", 1, *SHAPE, "--data", tokens, "--out-dir", out]
     proc = start_launch(*args, start_new_session=True)
     for line in proc.stderr:  # the first point is measured

@@ -206,7 +206,7 @@ def test_one_run_per_directory(tmp_path, files):
     naming the pid that holds it, before it writes anything; the first run goes on
     to its end unharmed.  (A SIGKILLed run's lock goes with it: see the resume
     after the kill above.)"""
-    run, steps = tmp_path / "run", 200
+    run, steps = tmp_path / "run", 100
     first = start_launch(*train_args(files, "--steps", steps, "--out-dir", run))
     try:
         wait_for_steps(first, run, 1)
