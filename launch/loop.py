@@ -137,7 +137,7 @@ class StepLoop:
         gflops, gbs = measure_peaks(self.engine, settings.threads_per_worker)
         log(f"coregpt: {phase_line(rows, update_bytes, settings.workers)}\n"
             f"coregpt: this machine's peaks with one worker's {settings.threads_per_worker} thread(s), measured "
-            f"now: {gflops:.0f} GFLOP/s for the engine's GEMM (1024x768 @ 768x3072), {gbs:.1f} GB/s copying memory")
+            f"now: {gflops:.0f} GFLOP/s for the engine's GEMM (1024x768 @ 768x3072), {gbs:.1f} GB/s adding arrays")
 
     def gradients(self, step):
         """Every micro-batch's Step round -> (mean loss, grad norm, phase seconds)."""

@@ -49,7 +49,7 @@ def test_profile_logs_phases_and_layer_table(tmp_path, tokens, precision):
     assert re.search(r"\ncoregpt: phases, median ms a step: forward \d+, backward \d+, convert \d+, reduce \d+, "
                      r"update \d+ \([\d.]+ GB/s a worker\), waiting -?\d+\n", done.stderr), done.stderr
     assert re.search(r"\ncoregpt: this machine's peaks with one worker's 1 thread\(s\), measured now: \d+ GFLOP/s "
-                     r"for the engine's GEMM \(1024x768 @ 768x3072\), [\d.]+ GB/s copying memory\n", done.stderr)
+                     r"for the engine's GEMM \(1024x768 @ 768x3072\), [\d.]+ GB/s adding arrays\n", done.stderr)
 
 
 @pytest.mark.parametrize("steps, which", [(2, "step 2"), (4, "steps 2-4")])

@@ -68,18 +68,18 @@ def phase_line(rows, update_bytes, workers):
 def measure_peaks(engine, threads, seconds=0.2):
     """-> this machine's peaks with one worker's threads, measured now: the engine's
     GFLOP/s on a GPT-2 MLP product (1024x768 @ 768x3072) in its precision, and the
-    GB/s of copying 64 MB (bytes read plus written: past the caches of most CPUs, yet
-    small beside what a run's plan holds)."""
+    GB/s of adding two 64 MB arrays into a third (bytes read plus written; a plain
+    copy's rate depends on whether the C library streams it past the caches, which the
+    optimizer's passes do not)."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((1024, 768), dtype=np.float32), rng.standard_normal((768, 3072), dtype=np.float32)
     out = np.empty((1024, 3072), dtype=np.float32)
     if engine.low:
         a, b = a.astype(engine.low_dtype), b.astype(engine.weight_dtype)
-    src = np.ones(2 ** 24, dtype=np.float32)
-    dst = np.empty_like(src)
+    x, y, z = (np.ones(2 ** 24, dtype=np.float32) for _ in range(3))  # past most CPUs' caches
     with threadpool_limits(threads):
         return (2 * out.size * 768 * repeat(lambda: engine.matmul(out, a, b), seconds) / 1e9,
-                2 * src.nbytes * repeat(lambda: np.copyto(dst, src), seconds) / 1e9)
+                3 * x.nbytes * repeat(lambda: np.add(x, y, out=z), seconds) / 1e9)
 
 
 def repeat(fn, seconds):
