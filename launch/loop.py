@@ -132,11 +132,12 @@ class StepLoop:
             which = f", step {step}" if steps == 1 else f", steps {start + 2}-{step}"
         log(f"coregpt: time inside each worker by layer type (mean over workers{which})\n"
             + layer_table(layers, steps))
-        rows = self.phase_ms[-steps:]
-        update_bytes = OPTIMIZERS[settings.optim].bytes_moved * self.start.trains.layout.size
+        rows = self.phase_ms[-steps:]  # none where every step was skipped as not finite
+        if rows:
+            update_bytes = OPTIMIZERS[settings.optim].bytes_moved * self.start.trains.layout.size
+            log(f"coregpt: {phase_line(rows, update_bytes, settings.workers)}")
         gflops, gbs = measure_peaks(self.engine, settings.threads_per_worker)
-        log(f"coregpt: {phase_line(rows, update_bytes, settings.workers)}\n"
-            f"coregpt: this machine's peaks with one worker's {settings.threads_per_worker} thread(s), measured "
+        log(f"coregpt: this machine's peaks with one worker's {settings.threads_per_worker} thread(s), measured "
             f"now: {gflops:.0f} GFLOP/s for the engine's GEMM (1024x768 @ 768x3072), {gbs:.1f} GB/s adding arrays")
 
     def gradients(self, step):

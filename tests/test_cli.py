@@ -83,10 +83,10 @@ def test_parallel_auto_says_what_it_chose_and_a_resume_chooses_again(tmp_path):
     """The header names the strategy --parallel auto took and why; run.json keeps
     `auto`, so a resume with other workers chooses again; a named one is just named."""
     data, run = write_corpus(tmp_path, 1, 3000, 1000), tmp_path / "run"
-    shape = ["--block-size", 128, "--seq-len", 64, "--data", data]  # 4 rows x 64: 128 tokens a worker of 2
+    shape = ["--block-size", 128, "--seq-len", 128, "--data", data]  # 4 rows x 128: 256 tokens a worker of 2
     first = launch("train", *TINY_FLAGS, *shape, "--workers", 2, "--steps", 1, "--out-dir", run)
     assert first.returncode == 0, first.stderr
-    assert "2 worker(s) x 1 thread(s), data parallel (auto: 128 tokens a worker, at least 128);" in first.stderr
+    assert "2 worker(s) x 1 thread(s), data parallel (auto: 256 tokens a worker, at least 256);" in first.stderr
     assert json.loads((run / "run.json").read_text())["parallel"] == "auto"
     again = launch("train", "--resume", "--out-dir", run, "--steps", 2, "--workers", 1)
     assert again.returncode == 0, again.stderr

@@ -102,14 +102,14 @@ def check(grads, sumsq, expected):
     assert abs(np.sqrt(sumsq) / exact - 1) <= 2e-5
 
 
-def test_auto_takes_data_parallelism_from_128_tokens_a_worker():
+def test_auto_takes_data_parallelism_from_256_tokens_a_worker():
     """--parallel auto's rule at the shapes measured with both strategies
-    (docs/performance.md): the hybrid at B=2, T=64 on 2 workers (64 tokens each), data
-    parallelism at B=4, T=64 (128 each) and B=2, T=1024 (1024 each); the hybrid
-    wherever the rows do not divide (B=1, T=1024) and for one worker."""
-    assert choose(2, 2, 64) == ("hybrid", "64 tokens a worker, under 128")
-    assert choose(2, 4, 64) == ("data", "128 tokens a worker, at least 128")
-    assert choose(2, 2, 1024) == ("data", "1024 tokens a worker, at least 128")
+    (docs/performance.md): the hybrid at B=4, T=64 on 2 workers (128 tokens each:
+    the two even), data parallelism at B=8, T=64 (256 each) and B=2, T=1024 (1024
+    each); the hybrid wherever the rows do not divide (B=1, T=1024) and for one worker."""
+    assert choose(2, 4, 64) == ("hybrid", "128 tokens a worker, under 256")
+    assert choose(2, 8, 64) == ("data", "256 tokens a worker, at least 256")
+    assert choose(2, 2, 1024) == ("data", "1024 tokens a worker, at least 256")
     assert choose(2, 1, 1024) == ("hybrid", "1 row(s) do not divide among 2 workers; only the hybrid splits a row")
     assert choose(1, 8, 1024)[0] == "hybrid"
 
@@ -127,7 +127,7 @@ def test_auto_takes_the_hybrid_where_only_its_plan_fits(monkeypatch):
     assert data > hybrid
     monkeypatch.setattr(resources, "cgroup_memory_left", lambda: None)
     monkeypatch.setattr(resources, "meminfo_available", lambda: 2 * data)
-    assert strategy_for(settings, start, engine, (1, 1)) == (STRATEGIES["data"], "512 tokens a worker, at least 128")
+    assert strategy_for(settings, start, engine, (1, 1)) == (STRATEGIES["data"], "512 tokens a worker, at least 256")
     monkeypatch.setattr(resources, "meminfo_available", lambda: (data + hybrid) / 2)
     chosen, why = strategy_for(settings, start, engine, (1, 1))
     assert chosen is STRATEGIES["hybrid"]

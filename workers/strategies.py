@@ -10,9 +10,10 @@ AUTO = "auto"
 # per-step cost (reducing a whole gradient buffer) is fixed and its GEMMs are as tall as
 # its own rows, while the hybrid's costs grow with the rows (every worker reads every
 # row's activations; barriers between each layer's phases).  Measured with GPT-2 124M on
-# 2 workers (docs/performance.md): the hybrid faster at 64 tokens a worker, data
-# parallelism from 128 (B=4, T=64) to 1024 (B=2, T=1024).
-DATA_TOKENS = 128
+# 2 workers (docs/performance.md): the hybrid faster at 64 tokens a worker, the two
+# within noise of each other at 128 (B=4, T=64: either was ahead by 7-8 % in different
+# runs), data parallelism faster from 256 on, by 23 % at 1024 (B=2, T=1024).
+DATA_TOKENS = 256
 
 
 def choose(workers, rows, seq_len):
