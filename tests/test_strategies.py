@@ -1,7 +1,8 @@
 """Both parallel strategies through the real worker pool: the gradient arena after
 one step (before any update) against PyTorch autograd, every tensor, and the
 pool's Σ g² against the exact norm; for 1 to 4 workers.  (Through AdamW a wrong
-gradient scale would hide: Adam's first step is sign(g).)"""
+gradient scale would hide: Adam's first step is sign(g).)  And which of them
+--parallel auto takes."""
 import numpy as np
 import pytest
 import torch
@@ -126,6 +127,7 @@ def test_auto_takes_the_hybrid_where_only_its_plan_fits(monkeypatch):
     data, hybrid = (resources.plan_for(settings, start, engine, STRATEGIES[name]).memory for name in ("data", "hybrid"))
     assert data > hybrid
     monkeypatch.setattr(resources, "cgroup_memory_left", lambda: None)
+    monkeypatch.setattr(resources, "free_bytes", lambda path: 10 ** 12)  # whatever this machine's /dev/shm
     monkeypatch.setattr(resources, "meminfo_available", lambda: 2 * data)
     assert strategy_for(settings, start, engine, (1, 1)) == (STRATEGIES["data"], "512 tokens a worker, at least 256")
     monkeypatch.setattr(resources, "meminfo_available", lambda: (data + hybrid) / 2)
