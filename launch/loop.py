@@ -82,12 +82,12 @@ class StepLoop:
         step, self.began = start, time.perf_counter()
         if self.val_path and settings.eval_every and start == 0 < settings.steps:
             self.evaluate(0)  # the loss the run starts from (a fine-tune's base)
-        first = None  # each worker's layer seconds after the run's first step (profiling)
+        first = None  # each worker's layer totals after the run's first step (profiling)
         for step in range(start + 1, settings.steps + 1):
             self.log_epoch(step)
             self.train_step(step, start)
             if settings.profile and step == start + 1 < settings.steps:
-                first = self.layer_seconds()
+                first = self.layer_totals()
             last = step == settings.steps
             if self.val_path and settings.eval_every and (step % settings.eval_every == 0 or last):
                 self.evaluate(step)
@@ -116,13 +116,13 @@ class StepLoop:
             log(f"coregpt: epoch {epoch + 1} begins at step {step} ({per_pass} windows a pass, "
                 f"{self.settings.data_order})")
 
-    def layer_seconds(self):
+    def layer_totals(self):
         """-> each worker's ({layer function: seconds}, {layer function: FLOPs}) so far (--profile)."""
         return [(r.layers, r.flops) for r in self.pool.request(msg.Profile())]
 
     def log_profile(self, first, start, step):
         """--profile's tables: by layer type, the phases, and this machine's peaks."""
-        settings, layers, steps, which = self.settings, self.layer_seconds(), step - start, ""
+        settings, layers, steps, which = self.settings, self.layer_totals(), step - start, ""
         if first is not None:  # taken after the first of several steps, all of which ran
             # the first step's one-time costs (oneDNN building its primitives, pages
             # touched the first time) would inflate a short run's table

@@ -83,6 +83,7 @@ class Decoder:
         self.documents = False
         self.counted_all = np.ones(B * T, dtype=bool)
         self.positions_all, self.starts_all = (np.zeros((B, T), dtype=np.int64) for _ in range(2))
+        self.row_positions = np.arange(T)  # a plain row's positions
         self.kv_heads = cfg.n_kv_head
         self.pieces = attention_pieces(B, cfg.n_head, acts.part, acts.n_parts, cfg.n_head // self.kv_heads)
         self.sync = parallel.sync if B % acts.n_parts else lambda: None
@@ -102,11 +103,11 @@ class Decoder:
         if self.documents:
             np.not_equal(mask, 0, out=self.counted_all)
             self.positions_all.reshape(-1)[...] = positions
-            np.subtract(np.arange(self.T), self.positions_all, out=self.starts_all)
+            np.subtract(self.row_positions, self.positions_all, out=self.starts_all)
             np.maximum(self.starts_all, 0, out=self.starts_all)  # a row that begins inside an example
             self.positions_loaded()
         elif was:  # plain text after chat data (--val-data): the rows' own positions again
-            self.positions_all[...] = np.arange(self.T)
+            self.positions_all[...] = self.row_positions
             self.positions_loaded()
 
     def positions_loaded(self):

@@ -15,7 +15,8 @@ def mean_loss(cfg, params, data, batch_size, seq_len, windows=0):
     windows: how many B×T windows to read (0: every whole window of the file)
     -> (mean −log p(target) over the targets they count, windows read).  The
     tokens are checked (trainer.data.check_tokens) by the caller."""
-    order, n = WindowOrder(data.tokens.size, batch_size * seq_len), batch_size * seq_len
+    n = batch_size * seq_len
+    order = WindowOrder(data.tokens.size, n)
     windows = windows or order.per_pass
     model = family_of(cfg).Model(cfg, batch_size, seq_len, Weights(in_arena(cfg, params), Full(cfg)),
                                  layers=Layers(Engine("numpy")))
