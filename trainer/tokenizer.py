@@ -18,9 +18,14 @@ class GPT2Tokenizer:
     """tiktoken's GPT-2 BPE; documents are <|endoftext|> + their tokens."""
 
     def __init__(self, family):
-        self.encoding, self.family = family.tokenizer(), family
+        self.family = family
         self.start = self.bos = self.eos = family.EOT
         self.vocab_size = family.VOCAB
+
+    @property
+    def encoding(self):
+        """Read on first use (then cached): a run that never samples never reads the BPE."""
+        return self.family.tokenizer()
 
     def encode(self, text, specials=True):
         return self.encoding.encode_ordinary(text)

