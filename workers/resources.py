@@ -12,10 +12,11 @@ import numpy as np
 from trainer.errors import ResourceError
 
 # one Python process with NumPy, pyzmq, the BLAS libraries and its multiprocessing
-# resource tracker; the coordinator also holds tiktoken's ranks and, drawing loss.png,
-# matplotlib (measured: a worker 40 MB, the coordinator 113 MB, PSS less shared memory)
+# resource tracker (a worker measured 40 MB, PSS less shared memory); the coordinator
+# also reads GPT-2's BPE when it first samples (24 MB) and imports matplotlib for
+# loss.png (26 MB): measured 83 MB while sampling
 WORKER_BYTES = 60 * 2 ** 20
-COORDINATOR_BYTES = 128 * 2 ** 20
+COORDINATOR_BYTES = 112 * 2 ** 20
 MB, GB = 1e6, 1e9
 ACTIVATIONS = ("activations", "bf16 activations")  # shared arenas first touched by a step
 WEIGHTS = ("params", "adapters", "gradients", "bf16 weights", "bf16 adapters")  # arenas of any batch
