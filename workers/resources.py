@@ -13,8 +13,8 @@ from trainer.errors import ResourceError
 
 # one Python process with NumPy, pyzmq, the BLAS libraries and its multiprocessing
 # resource tracker (a worker measured 40 MB, PSS less shared memory); the coordinator
-# also reads GPT-2's BPE when it first samples (24 MB) and imports matplotlib for
-# loss.png (26 MB): measured 83 MB while sampling
+# also reads GPT-2's BPE when it first samples (24 MB) and imports matplotlib to draw
+# loss.png (26 MB): measured 83 MB while sampling, ~110 MB drawing after it
 WORKER_BYTES = 60 * 2 ** 20
 COORDINATOR_BYTES = 112 * 2 ** 20
 MB, GB = 1e6, 1e9
