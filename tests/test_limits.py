@@ -219,7 +219,7 @@ def test_read_only_out_dir_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="PSS is read from Linux's /proc")
-@pytest.mark.parametrize("extra", [[], ["--recompute"], ["--parallel", "hybrid"]])
+@pytest.mark.parametrize("extra", [[], ["--recompute"], ["--parallel", "hybrid"], ["--profile"]])
 def test_memory_plan_holds_the_measured_peak(tmp_path, corpus, extra):
     """The header's plan against what a run uses: the default job's shape with 2
     workers, sampling (the coordinator then holds GPT-2's BPE), PSS of the coordinator
@@ -227,7 +227,7 @@ def test_memory_plan_holds_the_measured_peak(tmp_path, corpus, extra):
     rely on it) and not be far above (GPT-2 124M at B=2, T=1024: 4.05 GB planned, 3.94
     measured; here the coordinator's and each worker's allowance for libraries weighs
     more).  The default job's shape runs data parallel, so --parallel hybrid is
-    checked too."""
+    checked too; --profile measures the machine's peaks at the end, in large arrays."""
     args = ["train", "--config", os.path.join(REPO, "configs", "default.toml"), "--data", corpus, "--workers", 2,
             "--threads-per-worker", 1, "--steps", 4, "--eval-every", 0, "--sample-every", 2, "--out-dir",
             tmp_path / "run", *extra]

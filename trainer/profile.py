@@ -65,20 +65,27 @@ def phase_line(rows, update_bytes, workers):
     return "phases, median ms a step: " + ", ".join(parts)
 
 
+GEMM_SHAPE = (1024, 768, 3072)  # M, K, N: a GPT-2 MLP product
+BANDWIDTH_FLOATS = 2 ** 24  # 64 MB an array: past most CPUs' caches
+# what measure_peaks holds (fp32 operands, the three added arrays): the memory plan counts it
+PEAKS_BYTES = 4 * (GEMM_SHAPE[0] * GEMM_SHAPE[1] + GEMM_SHAPE[1] * GEMM_SHAPE[2] + GEMM_SHAPE[0] * GEMM_SHAPE[2]
+                   + 3 * BANDWIDTH_FLOATS)
+
+
 def measure_peaks(engine, threads, seconds=0.2):
     """-> this machine's peaks with one worker's threads, measured now: the engine's
-    GFLOP/s on a GPT-2 MLP product (1024x768 @ 768x3072) in its precision, and the
-    GB/s of adding two 64 MB arrays into a third (bytes read plus written; a plain
-    copy's rate depends on whether the C library streams it past the caches, which the
-    optimizer's passes do not)."""
+    GFLOP/s on GEMM_SHAPE in its precision, and the GB/s of adding two 64 MB arrays
+    into a third (bytes read plus written; a plain copy's rate depends on whether the C
+    library streams it past the caches, which the optimizer's passes do not)."""
+    M, K, N = GEMM_SHAPE
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((1024, 768), dtype=np.float32), rng.standard_normal((768, 3072), dtype=np.float32)
-    out = np.empty((1024, 3072), dtype=np.float32)
+    a, b = rng.standard_normal((M, K), dtype=np.float32), rng.standard_normal((K, N), dtype=np.float32)
+    out = np.empty((M, N), dtype=np.float32)
     if engine.low:
         a, b = a.astype(engine.low_dtype), b.astype(engine.weight_dtype)
-    x, y, z = (np.ones(2 ** 24, dtype=np.float32) for _ in range(3))  # past most CPUs' caches
+    x, y, z = (np.ones(BANDWIDTH_FLOATS, dtype=np.float32) for _ in range(3))
     with threadpool_limits(threads):
-        return (2 * out.size * 768 * repeat(lambda: engine.matmul(out, a, b), seconds) / 1e9,
+        return (2 * M * K * N * repeat(lambda: engine.matmul(out, a, b), seconds) / 1e9,
                 3 * x.nbytes * repeat(lambda: np.add(x, y, out=z), seconds) / 1e9)
 
 

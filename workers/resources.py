@@ -67,6 +67,7 @@ def plan_for(settings, start, engine, strategy, ranks=(1, 1)):
     run's GEMM engine and strategy class; ranks: (on this machine, in all)."""
     from trainer.gemm import WIDEN
     from trainer.optimizers import OPTIMIZERS
+    from trainer.profile import PEAKS_BYTES
     from workers.pool import arena_sizes
     from workers.strategy import PoolShape
     local_ranks, all_ranks = ranks
@@ -93,7 +94,9 @@ def plan_for(settings, start, engine, strategy, ranks=(1, 1)):
     # what the coordinator holds while it fills the arenas (start.loading); a
     # checkpoint is written straight from the arenas
     optimizer = sum(n * np.dtype(dtype).itemsize for _, n, dtype in OPTIMIZERS[settings.optim].arenas(trains.layout))
-    return Plan(arenas, trains.layout.size, workers, local_ranks, private, kept, 4 * start.loading, optimizer)
+    measuring = PEAKS_BYTES + (4 * WIDEN if engine.weight_dtype != engine.low_dtype else 0) if settings.profile else 0
+    return Plan(arenas, trains.layout.size, workers, local_ranks, private, kept, 4 * start.loading, optimizer,
+                measuring)
 
 
 def lighter_settings(settings, ranks, strategy):
@@ -129,8 +132,10 @@ class Plan:
     """Bytes one machine needs for a run: `local_ranks` pools of `workers` workers."""
 
     def __init__(self, arenas, params, workers, local_ranks, private_per_worker, checkpoints, loading=0,
-                 optimizer=None):
-        """optimizer: bytes of the optimizer's state (default: AdamW's fp32 m and v)."""
+                 optimizer=None, measuring=0):
+        """optimizer: bytes of the optimizer's state (default: AdamW's fp32 m and v);
+        measuring: what the coordinator holds while --profile measures the machine's
+        peaks, after the steps, with every arena still in use."""
         self.arenas = arenas  # [(what, bytes)] of one pool
         self.weights = sum(b for what, b in arenas if what in WEIGHTS or what.startswith("Adam"))
         self.shm = local_ranks * sum(b for _, b in arenas)
@@ -140,7 +145,7 @@ class Plan:
         # while it fills the arenas, before any activation is touched: the peak is the
         # larger of that moment and the steps'
         filling = self.shm - local_ranks * sum(b for what, b in arenas if what in ACTIVATIONS) + local_ranks * loading
-        steps = self.shm + local_ranks * workers * private_per_worker
+        steps = self.shm + local_ranks * (workers * private_per_worker + measuring)
         self.private = processes + max(filling, steps) - self.shm
         self.memory = self.shm + self.private
         self.optimizer = 8 * params if optimizer is None else optimizer
